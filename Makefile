@@ -1,0 +1,36 @@
+# Two commands do everything on a fresh machine: `make train` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.mlplab-installed
+# The torch and torchvision releases pip finds on this machine; pyproject.toml declares the compatible ranges.
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+FASHION_MNIST_SYSTEM_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup data train test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+# Fashion-MNIST offline: the Debian package, when this machine has apt and we may use it.
+# Without it, mlplab-train falls back to data/ and then to torchvision's download.
+data:
+	@if [ -d $(FASHION_MNIST_SYSTEM_DIR) ]; then echo "Fashion-MNIST: $(FASHION_MNIST_SYSTEM_DIR)"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || echo "note: apt-get could not install dataset-fashion-mnist"; \
+	else echo "note: $(FASHION_MNIST_SYSTEM_DIR) is absent; run 'sudo apt-get install dataset-fashion-mnist' or let torchvision download"; fi
+
+train: setup data
+	$(BIN)/mlplab-train $(ARGS)
+
+test: setup
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

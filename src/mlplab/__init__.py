@@ -1,0 +1,1 @@
+"""mlplab: configurable MLP experiments with Lightning, Hydra and TensorBoard."""

@@ -1,0 +1,196 @@
+"""The typed boundary between Hydra's config and the code: every value is checked here, before any work."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlplab.data import DATASETS
+from mlplab.module import OPTIMIZERS, SCHEDULERS
+from mlplab.network import ACTIVATIONS, OUTPUT_ACTIVATIONS
+
+ACCELERATORS = ("auto", "cpu", "gpu")
+PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", 16, 32, 64)
+
+
+class ConfigError(ValueError):
+    """A config value that is not allowed; the message names the key and what is allowed."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    depth: int
+    width: int | list[int]
+    activation: str = "relu"
+    dropout: float = 0.0
+    output_activation: str = "none"
+
+    def __post_init__(self) -> None:
+        _require(self.depth >= 0, f"model.depth must be an integer >= 0, got {self.depth}")
+        widths = [self.width] if isinstance(self.width, int) else self.width
+        _require(all(w >= 1 for w in widths), f"model.width must be >= 1 (an integer or a list of them), got {self.width}")
+        _require(
+            isinstance(self.width, int) or len(self.width) == self.depth,
+            f"model.width lists {len(widths)} layer sizes but model.depth is {self.depth}; give one per hidden layer",
+        )
+        _require(self.activation in ACTIVATIONS, f"model.activation must be one of {', '.join(ACTIVATIONS)}; got {self.activation!r}")
+        _require(0 <= self.dropout < 1, f"model.dropout must satisfy 0 <= p < 1, got {self.dropout}")
+        _require(
+            self.output_activation in OUTPUT_ACTIVATIONS,
+            f"model.output_activation must be one of {', '.join(OUTPUT_ACTIVATIONS)}; got {self.output_activation!r}",
+        )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str
+    batch_size: int = 128
+    val_size: int = 5000
+    split_seed: int = 0
+    system_dir: str | None = None
+    download: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.name in DATASETS, f"data.name must be one of {', '.join(DATASETS)}; got {self.name!r}")
+        _require(self.batch_size >= 1, f"data.batch_size must be an integer >= 1, got {self.batch_size}")
+        _require(self.val_size >= 1, f"data.val_size must be an integer >= 1, got {self.val_size}")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: str
+    lr: float
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.name in OPTIMIZERS, f"optimizer.name must be one of {', '.join(OPTIMIZERS)}; got {self.name!r}")
+        _require(self.lr > 0, f"optimizer.lr must be a number > 0, got {self.lr}")
+        _require(self.weight_decay >= 0, f"optimizer.weight_decay must be a number >= 0, got {self.weight_decay}")
+        _require(0 <= self.momentum < 1, f"optimizer.momentum must satisfy 0 <= m < 1, got {self.momentum}")
+        _require(self.momentum == 0 or self.name == "sgd", "optimizer.momentum applies only to optimizer=sgd")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    name: str = "none"
+    min_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.name in SCHEDULERS, f"scheduler.name must be one of {', '.join(SCHEDULERS)}; got {self.name!r}")
+        _require(self.min_lr >= 0, f"scheduler.min_lr must be a number >= 0, got {self.min_lr}")
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    precision: str | int = "32-true"
+    max_epochs: int = 10
+    deterministic: bool = False
+    log_every_n_steps: int = 50
+    limit_train_batches: int | float = 1.0
+    limit_val_batches: int | float = 1.0
+    limit_test_batches: int | float = 1.0
+    gradient_clip_val: float | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.accelerator in ACCELERATORS, f"trainer.accelerator must be one of {', '.join(ACCELERATORS)}; got {self.accelerator!r}")
+        _require(
+            self.devices == "auto" or (isinstance(self.devices, int) and self.devices >= 1),
+            f"trainer.devices must be an integer >= 1 or 'auto', got {self.devices!r}",
+        )
+        _require(self.precision in PRECISIONS, f"trainer.precision must be one of {', '.join(map(str, PRECISIONS))}; got {self.precision!r}")
+        _require(self.max_epochs >= 1, f"trainer.max_epochs must be an integer >= 1, got {self.max_epochs}")
+        _require(self.log_every_n_steps >= 1, f"trainer.log_every_n_steps must be an integer >= 1, got {self.log_every_n_steps}")
+        for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
+            value = getattr(self, key)
+            _require(
+                value > 0 and (isinstance(value, int) or value <= 1),
+                f"trainer.{key} must be a fraction in (0, 1] or a number of batches >= 1, got {value}",
+            )
+        _require(
+            self.gradient_clip_val is None or self.gradient_clip_val > 0,
+            f"trainer.gradient_clip_val must be null or a number > 0, got {self.gradient_clip_val}",
+        )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int
+    data_dir: str
+    model: ModelConfig
+    data: DataConfig
+    optimizer: OptimizerConfig
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+# Groups handled elsewhere: logger and callbacks are third-party objects built by the entry point.
+OPEN_GROUPS = ("logger", "callbacks")
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig,
+            "scheduler": SchedulerConfig, "trainer": TrainerConfig}
+
+
+def parse_run_config(raw: dict[str, Any]) -> RunConfig:
+    """Check a resolved config (plain dict) key by key and return it typed; raises ConfigError."""
+    allowed = {"seed", "paths", *SECTIONS, *OPEN_GROUPS}
+    for key in raw:
+        _require(key in allowed, f"{key}: unknown top-level key; allowed: {', '.join(sorted(allowed))}")
+    seed = raw.get("seed")
+    _require(_matches(seed, int) and seed >= 0, f"seed must be an integer >= 0, got {seed!r}")
+    paths = parse_section("paths", _PathsConfig, raw.get("paths") or {})
+    sections = {name: parse_section(name, cls, raw.get(name) or {}) for name, cls in SECTIONS.items()}
+    return RunConfig(seed=seed, data_dir=paths.data_dir, **sections)
+
+
+@dataclass(frozen=True)
+class _PathsConfig:
+    data_dir: str = "data"
+
+
+def parse_section(name: str, cls: type, values: dict[str, Any]) -> Any:
+    """Build dataclass ``cls`` from one config group, refusing unknown keys and wrong types."""
+    _require(isinstance(values, dict), f"{name} must be a group of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        _require(key in fields, f"{name}.{key}: unknown key; allowed: {', '.join(fields)}")
+        _require(_matches(value, hints[key]), f"{name}.{key} must be {_describe(hints[key])}, got {value!r}")
+    for key, f in fields.items():
+        no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        _require(key in values or not no_default, f"{name}.{key} is required ({_describe(hints[key])})")
+    converted = {k: float(v) if hints[k] is float else v for k, v in values.items()}
+    return cls(**converted)
+
+
+def _matches(value: Any, expected: Any) -> bool:
+    if typing.get_origin(expected) in (typing.Union, types.UnionType):
+        return any(_matches(value, option) for option in typing.get_args(expected))
+    if typing.get_origin(expected) is list:
+        (item,) = typing.get_args(expected)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if expected is type(None):
+        return value is None
+    if isinstance(value, bool):
+        return expected is bool
+    if expected is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, expected)
+
+
+def _describe(expected: Any) -> str:
+    if typing.get_origin(expected) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(option) for option in typing.get_args(expected))
+    if typing.get_origin(expected) is list:
+        return f"a list of {_describe(typing.get_args(expected)[0])}"
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+    return names.get(expected, str(expected))

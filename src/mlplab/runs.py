@@ -1,0 +1,38 @@
+"""The files of a run directory that other tools read: metrics.json and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> Path:
+    """Write metrics.json atomically, so a reader never sees half a file."""
+    path = run_dir / METRICS_FILE
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_text(json.dumps(metrics, indent=2) + "\n")
+    partial.replace(path)
+    return path
+
+
+def read_metrics(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / METRICS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def find_checkpoint(run: str | Path, which: str = "best") -> tuple[Path, Path]:
+    """(run directory, checkpoint file) for a run directory or a checkpoint file inside one."""
+    path = Path(run)
+    if path.is_file():
+        run_dir = path.parent.parent if path.parent.name == CHECKPOINT_DIR else path.parent
+        return run_dir, path
+    checkpoint = path / CHECKPOINT_DIR / f"{which}.ckpt"
+    if not checkpoint.is_file():
+        problem = "does not exist" if not path.exists() else f"has no {CHECKPOINT_DIR}/{which}.ckpt"
+        raise FileNotFoundError(f"run={run} {problem}; give a run directory made by mlplab-train or a .ckpt file")
+    return path, checkpoint
