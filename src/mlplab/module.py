@@ -73,8 +73,8 @@ class MLPClassifier(L.LightningModule):
         loss = F.cross_entropy(logits, labels)
         accuracy = getattr(self, f"{stage}_acc")
         accuracy(logits, labels)
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, batch_size=len(labels))
+        # Epoch-level for every stage: train and val curves share points, and no step pays for a log write.
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=len(labels))
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, batch_size=len(labels))
         return loss
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -39,7 +40,14 @@ def main(cfg: DictConfig) -> dict[str, Any]:
         return train(config, run_dir, logger, callbacks)
     except (ConfigError, DataUnavailableError) as error:
         print(f"mlplab-train: error: {error}", file=sys.stderr)
+        _discard_if_unused(run_dir)
         sys.exit(2)
+
+
+def _discard_if_unused(run_dir: Path) -> None:
+    """Remove the directory Hydra made for a run that never started, so typos leave no clutter."""
+    if all(entry.name == ".hydra" or entry.suffix == ".log" for entry in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def build_logger(logger_cfg: DictConfig | None, run_dir: Path) -> Any:

@@ -1,0 +1,154 @@
+"""The console scripts as a user runs them, in subprocesses, on synthetic data."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import SYNTHETIC_RUN, run_cli
+
+
+def single_run_dir(cwd: Path) -> Path:
+    (run_dir,) = (cwd / "outputs" / "runs").iterdir()
+    return run_dir
+
+
+def scalars(run_dir: Path) -> dict[str, list[float]]:
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def trained_run(synthetic_data_dir, tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("train")
+    result = run_cli(["mlplab-train", *SYNTHETIC_RUN, "trainer.max_epochs=2", "model.width=64"], cwd, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return single_run_dir(cwd)
+
+
+def test_train_writes_config_events_checkpoints_and_metrics(trained_run):
+    config = (trained_run / ".hydra" / "config.yaml").read_text()
+    assert "width: 64" in config
+    curves = scalars(trained_run)
+    for tag in ("train/loss", "train/acc", "val/loss", "val/acc", "test/acc", "test/loss"):
+        assert tag in curves, sorted(curves)
+    assert len(curves["val/acc"]) == 2 and len(curves["train/loss"]) == 2  # one point per epoch, no extra
+    assert not any(tag.startswith("hp_metric") for tag in curves)
+    assert {p.name for p in (trained_run / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
+
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["epochs"] == 2
+    assert metrics["val/acc"] == max(curves["val/acc"])
+    assert metrics["test/acc"] == pytest.approx(curves["test/acc"][-1])
+    assert metrics["test/acc"] > 0.5  # the synthetic classes are learnable; chance is 0.1
+    assert metrics["num_parameters"] == 784 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10
+    assert metrics["wall_seconds"] > 0 and metrics["best_checkpoint"] == "checkpoints/best.ckpt"
+
+
+def test_checkpoint_holds_plain_values_and_loads_without_hydra(trained_run):
+    checkpoint = trained_run / "checkpoints" / "best.ckpt"
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["hyper_parameters"]["width"] == 64 and state["hyper_parameters"]["class_names"][1] == "Trouser"
+    code = (
+        "import sys; sys.modules['hydra'] = None\n"  # any import of Hydra would fail
+        "from mlplab.module import MLPClassifier\n"
+        f"model = MLPClassifier.load_from_checkpoint({str(checkpoint)!r})\n"
+        "print(sum(p.numel() for p in model.network.parameters()))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout.split()[-1]) == json.loads((trained_run / "metrics.json").read_text())["num_parameters"]
+
+
+def test_eval_reproduces_the_recorded_test_accuracy(trained_run, synthetic_data_dir, tmp_path):
+    result = run_cli(["mlplab-eval", f"run={trained_run}", "format=json", "accelerator=cpu"], tmp_path, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    recorded = json.loads((trained_run / "metrics.json").read_text())
+    assert report["test/acc"] == recorded["test/acc"] and report["test/loss"] == pytest.approx(recorded["test/loss"])
+    assert list(tmp_path.iterdir()) == []  # eval writes nothing where it runs
+
+    by_file = run_cli(["mlplab-eval", f"run={trained_run / 'checkpoints' / 'best.ckpt'}"], tmp_path, synthetic_data_dir)
+    assert by_file.returncode == 0 and "test/acc" in by_file.stdout
+
+
+def test_eval_uses_the_runs_own_settings_not_todays_defaults(trained_run, synthetic_data_dir, tmp_path):
+    """The run trained with batch size 50 and width 64; defaults are 128 and 512."""
+    state = torch.load(trained_run / "checkpoints" / "best.ckpt", weights_only=True)
+    assert state["datamodule_hyper_parameters"]["batch_size"] == 50
+    assert state["datamodule_hyper_parameters"]["val_size"] == 100
+
+
+def test_sweep_gives_one_directory_per_job_with_its_own_config(synthetic_data_dir, tmp_path):
+    result = run_cli(["mlplab-train", "-m", *SYNTHETIC_RUN, "model.depth=1,2", "model.width=16,32"], tmp_path, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep_dir,) = (tmp_path / "outputs" / "sweeps").iterdir()
+    jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir())
+    assert len(jobs) == 4
+    shapes = set()
+    for job in jobs:
+        config = (job / ".hydra" / "config.yaml").read_text()
+        depth = int(config.split("depth: ")[1].split()[0])
+        width = int(config.split("width: ")[1].split()[0])
+        assert f"model.depth={depth}" in job.name and f"model.width={width}" in job.name  # readable run names
+        assert list(job.glob("events.out.tfevents.*")) and "val/acc" in scalars(job)
+        assert json.loads((job / "metrics.json").read_text())["status"] == "completed"
+        shapes.add((depth, width))
+    assert shapes == {(1, 16), (1, 32), (2, 16), (2, 32)}
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(synthetic_data_dir, tmp_path):
+    args = [str(Path(sys.executable).parent / "mlplab-train"), *SYNTHETIC_RUN, "trainer.limit_train_batches=2"]
+    env = {"MLPLAB_DATA_DIR": str(synthetic_data_dir), "PATH": str(Path(sys.executable).parent)}
+    processes = [subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
+    assert [p.wait(timeout=300) for p in processes] == [0, 0]
+    run_dirs = list((tmp_path / "outputs" / "runs").iterdir())
+    assert len(run_dirs) == 2
+    assert all((d / "metrics.json").is_file() and len(list(d.glob("events.out.tfevents.*"))) >= 1 for d in run_dirs)
+
+
+BAD_INPUTS = [
+    ("model.depth=-1", "model.depth"),
+    ("model.width=0", "model.width"),
+    ("model.width=abc", "model.width"),
+    ("data=nope", "data"),
+    ("optimizer.lr=-1", "optimizer.lr"),
+    ("+model.depht=3", "model.depht"),
+    ("trainer.max_epochs=many", "trainer.max_epochs"),
+]
+if not torch.cuda.is_available():
+    BAD_INPUTS.append(("trainer=gpu", "gpu"))
+
+
+@pytest.mark.parametrize("override, key", BAD_INPUTS, ids=[o for o, _ in BAD_INPUTS])
+def test_bad_input_is_one_clear_message_and_no_training(override, key, synthetic_data_dir, tmp_path):
+    result = run_cli(["mlplab-train", *SYNTHETIC_RUN, override], tmp_path, synthetic_data_dir)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "Traceback" not in output
+    assert key in result.stderr
+    assert not list(tmp_path.glob("outputs/runs/*"))  # no training started, and no empty run directory left
+
+
+def test_missing_dataset_says_where_it_looked_and_how_to_provide_it(tmp_path):
+    empty = tmp_path / "empty-data"
+    result = run_cli(["mlplab-train", *SYNTHETIC_RUN, f"data.system_dir={tmp_path / 'no-package'}"], tmp_path, empty)
+    assert result.returncode != 0 and "Traceback" not in result.stdout + result.stderr
+    message = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(message) == 1 and "Fashion-MNIST" in message[0] and str(empty) in message[0]
+    assert "dataset-fashion-mnist" in message[0]
+
+
+def test_help_lists_groups_options_and_examples(tmp_path):
+    result = run_cli(["mlplab-train", "--help"], tmp_path)
+    assert result.returncode == 0
+    for line in ("model: article, linear, mlp", "data: cifar10, fashion_mnist, kmnist, mnist",
+                 "optimizer: adam, adamw, sgd", "trainer: auto, cpu, default, gpu", "mlplab-train -m"):
+        assert line in result.stdout
+    module_help = subprocess.run([sys.executable, "-m", "mlplab.train", "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert module_help.returncode == 0 and "model: article, linear, mlp" in module_help.stdout

@@ -1,0 +1,112 @@
+import pytest
+import torch
+from torchvision import datasets
+
+from conftest import write_cifar_like, write_mnist_like
+from mlplab.data import DataUnavailableError, ImageDataModule, ShardSampler, provide_files
+from mlplab.module import MLPClassifier
+
+
+def loaded(data_dir, **kwargs) -> ImageDataModule:
+    datamodule = ImageDataModule("fashion_mnist", data_dir, val_size=100, download=False, **kwargs)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return datamodule
+
+
+def test_splits_shapes_and_classes_come_from_torchvision(synthetic_data_dir):
+    datamodule = loaded(synthetic_data_dir)
+    sizes = {key: len(split) for key, split in datamodule.splits.items()}
+    assert sizes == {"train": 500, "val": 100, "test": 200}
+    assert datamodule.splits["train"].images.dtype == torch.uint8
+    assert datamodule.input_shape == (1, 28, 28) and datamodule.num_features == 784
+    assert datamodule.class_names == datasets.FashionMNIST.classes
+    assert datamodule.num_classes == 10
+
+
+def test_test_split_is_the_official_test_file(tmp_path):
+    arrays = write_mnist_like(tmp_path / "FashionMNIST" / "raw")
+    test = loaded(tmp_path).splits["test"]
+    assert torch.equal(test.images[:, 0], torch.from_numpy(arrays["t10k-images-idx3-ubyte"]))
+    assert torch.equal(test.labels, torch.from_numpy(arrays["t10k-labels-idx1-ubyte"]).long())
+
+
+def test_validation_split_is_seeded_disjoint_and_independent_of_run_seed(synthetic_data_dir):
+    a, b = loaded(synthetic_data_dir, shuffle_seed=1), loaded(synthetic_data_dir, shuffle_seed=2)
+    assert torch.equal(a.splits["val"].images, b.splits["val"].images)
+    other = loaded(synthetic_data_dir, split_seed=5)
+    assert not torch.equal(a.splits["val"].images, other.splits["val"].images)
+    flat = lambda split: {bytes(img.flatten().tolist()) for img in split.images}  # noqa: E731
+    assert not flat(a.splits["val"]) & flat(a.splits["train"])
+
+
+def test_normalisation_standardises_the_training_split(synthetic_data_dir):
+    datamodule = loaded(synthetic_data_dir)
+    model = MLPClassifier(784, 10, depth=1, width=8, input_mean=datamodule.mean, input_std=datamodule.std)
+    x = model.normalize(datamodule.splits["train"].images)
+    assert x.dtype == torch.float32
+    assert abs(x.mean().item()) < 1e-4 and abs(x.std().item() - 1) < 1e-3
+
+
+def test_shuffling_is_seeded_per_epoch_and_shards_cover_every_sample_once():
+    sampler = ShardSampler(103, shuffle=True, seed=7)
+    first = sampler.indices()
+    assert torch.equal(first, ShardSampler(103, shuffle=True, seed=7).indices())
+    sampler.set_epoch(1)
+    assert not torch.equal(first, sampler.indices())
+    assert sorted(first.tolist()) == list(range(103))
+    shards = [ShardSampler(103, True, 7, rank, 3) for rank in range(3)]
+    seen = torch.cat([s.indices() for s in shards])
+    assert sorted(seen.tolist()) == list(range(103)) and sum(map(len, shards)) == 103
+
+
+def test_training_batches_are_one_epoch_of_the_split(synthetic_data_dir):
+    datamodule = loaded(synthetic_data_dir, batch_size=64)
+    batches = list(datamodule.train_dataloader())
+    assert len(batches) == len(datamodule.train_dataloader()) == 8  # 500 / 64, last one short
+    labels = torch.cat([y for _, y in batches])
+    assert torch.equal(labels.sort().values, datamodule.splits["train"].labels.sort().values)
+    assert batches[0][0].shape == (64, 1, 28, 28) and batches[0][0].dtype == torch.uint8
+    evaluation = torch.cat([y for _, y in datamodule.val_dataloader()])
+    assert torch.equal(evaluation, datamodule.splits["val"].labels)  # in order, not shuffled
+
+
+def test_offline_system_package_files_are_decompressed_into_data_dir(tmp_path):
+    system_dir = tmp_path / "usr-share-datasets-fashion-mnist"
+    arrays = write_mnist_like(system_dir, gz=True)
+    data_dir = tmp_path / "data"
+    assert provide_files("fashion_mnist", data_dir, system_dir, download=False) == str(system_dir)
+    assert (data_dir / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file()
+    datamodule = loaded(data_dir, system_dir=system_dir)
+    assert len(datamodule.splits["test"]) == len(arrays["t10k-labels-idx1-ubyte"])
+    # Second time the files are already in the data dir.
+    assert provide_files("fashion_mnist", data_dir, system_dir, download=False) == "data_dir"
+
+
+def test_missing_data_names_dataset_data_dir_and_remedies(tmp_path):
+    with pytest.raises(DataUnavailableError) as caught:
+        provide_files("fashion_mnist", tmp_path / "data", tmp_path / "nothing-here", download=False)
+    message = str(caught.value)
+    assert "Fashion-MNIST" in message and str(tmp_path / "data") in message
+    assert "apt-get install dataset-fashion-mnist" in message and "MLPLAB_DATA_DIR" in message
+    assert "\n" not in message
+
+
+def test_cifar_like_batches_parse_with_torchvision(tmp_path, monkeypatch):
+    base = tmp_path / datasets.CIFAR10.base_folder
+    written = write_cifar_like(base)
+    # torchvision checks each file's md5 against the real CIFAR-10; point it at the synthetic files' sums.
+    from torchvision.datasets.utils import calculate_md5
+
+    monkeypatch.setattr(datasets.CIFAR10, "train_list", [[f"data_batch_{i}", calculate_md5(base / f"data_batch_{i}")] for i in range(1, 6)])
+    monkeypatch.setattr(datasets.CIFAR10, "test_list", [["test_batch", calculate_md5(base / "test_batch")]])
+    monkeypatch.setattr(datasets.CIFAR10, "meta", {**datasets.CIFAR10.meta, "md5": calculate_md5(base / "batches.meta")})
+    datamodule = ImageDataModule("cifar10", tmp_path, val_size=10, download=False)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    assert datamodule.input_shape == (3, 32, 32) and datamodule.num_features == 3072
+    assert len(datamodule.splits["train"]) == 90 and len(datamodule.splits["test"]) == 20
+    labels, images = written["test_batch"]
+    assert torch.equal(datamodule.splits["test"].labels, torch.as_tensor(labels))
+    assert torch.equal(datamodule.splits["test"].images, torch.from_numpy(images))  # channels first, as written
+    assert datamodule.class_names[0] == "airplane" and len(datamodule.mean) == 3
