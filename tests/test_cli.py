@@ -112,26 +112,26 @@ def test_runs_started_in_the_same_second_get_their_own_directories(synthetic_dat
     assert all((d / "metrics.json").is_file() and len(list(d.glob("events.out.tfevents.*"))) >= 1 for d in run_dirs)
 
 
-BAD_INPUTS = [
-    ("model.depth=-1", "model.depth"),
-    ("model.width=0", "model.width"),
-    ("model.width=abc", "model.width"),
-    ("data=nope", "data"),
-    ("optimizer.lr=-1", "optimizer.lr"),
-    ("+model.depht=3", "model.depht"),
-    ("trainer.max_epochs=many", "trainer.max_epochs"),
+BAD_INPUTS = [  # (override, the key the message must name, what it must say is allowed)
+    ("model.depth=-1", "model.depth", ">= 0"),
+    ("model.width=0", "model.width", ">= 1"),
+    ("model.width=abc", "model.width", "a list of integers"),
+    ("data=nope", "data=nope", "cifar10, fashion_mnist, kmnist, mnist"),
+    ("optimizer.lr=-1", "optimizer.lr", "> 0"),
+    ("+model.depht=3", "model.depht", "depth, width, activation"),
+    ("trainer.max_epochs=many", "trainer.max_epochs", "an integer"),
 ]
 if not torch.cuda.is_available():
-    BAD_INPUTS.append(("trainer=gpu", "gpu"))
+    BAD_INPUTS.append(("trainer=gpu", "trainer.accelerator=gpu", "trainer=cpu"))
 
 
-@pytest.mark.parametrize("override, key", BAD_INPUTS, ids=[o for o, _ in BAD_INPUTS])
-def test_bad_input_is_one_clear_message_and_no_training(override, key, synthetic_data_dir, tmp_path):
+@pytest.mark.parametrize("override, key, allowed", BAD_INPUTS, ids=[o for o, _, _ in BAD_INPUTS])
+def test_bad_input_is_one_clear_message_and_no_training(override, key, allowed, synthetic_data_dir, tmp_path):
     result = run_cli(["mlplab-train", *SYNTHETIC_RUN, override], tmp_path, synthetic_data_dir)
-    output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "Traceback" not in output
-    assert key in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    (message,) = [line for line in result.stderr.splitlines() if "error" in line]
+    assert key in message and allowed in message
     assert not list(tmp_path.glob("outputs/runs/*"))  # no training started, and no empty run directory left
 
 

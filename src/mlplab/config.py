@@ -134,6 +134,11 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
+@dataclass(frozen=True)
+class _PathsConfig:
+    data_dir: str = "data"
+
+
 # Groups handled elsewhere: logger and callbacks are third-party objects built by the entry point.
 OPEN_GROUPS = ("logger", "callbacks")
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig,
@@ -150,11 +155,6 @@ def parse_run_config(raw: dict[str, Any]) -> RunConfig:
     paths = parse_section("paths", _PathsConfig, raw.get("paths") or {})
     sections = {name: parse_section(name, cls, raw.get(name) or {}) for name, cls in SECTIONS.items()}
     return RunConfig(seed=seed, data_dir=paths.data_dir, **sections)
-
-
-@dataclass(frozen=True)
-class _PathsConfig:
-    data_dir: str = "data"
 
 
 def parse_section(name: str, cls: type, values: dict[str, Any]) -> Any:
@@ -191,6 +191,9 @@ def _describe(expected: Any) -> str:
     if typing.get_origin(expected) in (typing.Union, types.UnionType):
         return " or ".join(_describe(option) for option in typing.get_args(expected))
     if typing.get_origin(expected) is list:
-        return f"a list of {_describe(typing.get_args(expected)[0])}"
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
-    return names.get(expected, str(expected))
+        return f"a list of {_PLURALS.get(typing.get_args(expected)[0], 'values')}"
+    return _NAMES.get(expected, str(expected))
+
+
+_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+_PLURALS = {int: "integers", float: "numbers", str: "strings"}

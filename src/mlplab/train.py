@@ -12,7 +12,8 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -31,8 +32,38 @@ log = logging.getLogger(__name__)
 OmegaConf.register_new_resolver("mlplab.pid", lambda: os.getpid(), replace=True)
 
 
+def main() -> None:
+    """Console script: a mistyped group option costs one line, then Hydra takes over."""
+    problem = unknown_group_option(sys.argv[1:], Path(CONFIG_DIR))
+    if problem:
+        print(f"mlplab-train: error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    hydra_main()
+
+
+def unknown_group_option(args: list[str], config_dir: Path) -> str | None:
+    """The first ``group=option`` in ``args`` whose option has no YAML file, described with the options allowed."""
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
+    except HydraException:
+        return None  # Hydra reports syntax errors itself
+    for override in overrides:
+        group_dir = config_dir / override.key_or_group
+        if override.is_delete() or override.key_or_group == "hydra" or not group_dir.is_dir():
+            continue
+        try:
+            values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.get_value_element_as_str()]
+        except HydraException:
+            continue  # glob() and friends are expanded by Hydra later
+        allowed = sorted(p.stem for p in group_dir.glob("*.yaml"))
+        for value in values:
+            if value not in allowed:
+                return f"{override.key_or_group}={value}: no such option; allowed: {', '.join(allowed)}"
+    return None
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> dict[str, Any]:
+def hydra_main(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         config = parse_run_config(OmegaConf.to_container(cfg, resolve=True))
