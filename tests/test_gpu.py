@@ -1,0 +1,39 @@
+"""GPU path: the data lives on the GPU and batches are cut there. Skipped without CUDA."""
+
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from conftest import SYNTHETIC_RUN, run_cli
+from mlplab.data import ImageDataModule
+from mlplab.module import MLPClassifier
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def test_dataset_moves_to_the_gpu_once_and_batches_stay_there(synthetic_data_dir):
+    datamodule = ImageDataModule("fashion_mnist", synthetic_data_dir, batch_size=50, val_size=100, download=False)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model = MLPClassifier(datamodule.num_features, datamodule.num_classes, depth=1, width=32,
+                          input_mean=datamodule.mean, input_std=datamodule.std)
+    trainer = L.Trainer(accelerator="gpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, datamodule=datamodule)
+    assert all(split.images.is_cuda and split.labels.is_cuda for split in datamodule.splits.values())
+    images, labels = next(iter(datamodule.train_dataloader()))
+    assert images.is_cuda and images.dtype == torch.uint8 and labels.is_cuda
+    assert trainer.strategy.root_device.type == "cuda"
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_cli_trains_on_the_gpu(precision, synthetic_data_dir, tmp_path):
+    args = ["mlplab-train", *SYNTHETIC_RUN, "trainer=gpu", f"trainer.precision={precision}"]
+    result = run_cli(args, tmp_path, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "GPU available: True (cuda), used: True" in result.stdout + result.stderr
+    (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["test/acc"] > 0.5
