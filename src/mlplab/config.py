@@ -8,6 +8,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from mlplab.data import DATASETS
 from mlplab.module import OPTIMIZERS, SCHEDULERS
 from mlplab.network import ACTIVATIONS, OUTPUT_ACTIVATIONS
@@ -18,6 +20,12 @@ PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-t
 
 class ConfigError(ValueError):
     """A config value that is not allowed; the message names the key and what is allowed."""
+
+
+def require_accelerator(accelerator: str, key: str, alternative: str) -> None:
+    """Refuse ``gpu`` on a machine where CUDA sees none, before any data is loaded."""
+    _require(accelerator != "gpu" or torch.cuda.is_available(),
+             f"{key}=gpu, but this machine has no usable CUDA GPU; {alternative}")
 
 
 def _require(ok: bool, message: str) -> None:

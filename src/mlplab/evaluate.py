@@ -10,8 +10,11 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from mlplab.config import ACCELERATORS, ConfigError
-from mlplab.data import DataUnavailableError
+import lightning as L
+
+from mlplab.config import ACCELERATORS, ConfigError, require_accelerator
+from mlplab.data import DataUnavailableError, ImageDataModule
+from mlplab.module import MLPClassifier
 from mlplab.runs import find_checkpoint, read_metrics
 from mlplab.train import CONFIG_DIR
 
@@ -39,16 +42,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
 
 def evaluate(checkpoint: Path, data_dir: Path, accelerator: str = "auto") -> dict[str, float]:
     """Test metrics of a checkpoint on its dataset's official test split, with the data set-up it trained with."""
-    import lightning as L
-
-    from mlplab.data import ImageDataModule
-    from mlplab.module import MLPClassifier
-
-    if accelerator == "gpu":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("accelerator=gpu, but this machine has no usable CUDA GPU; use accelerator=cpu or auto")
+    require_accelerator(accelerator, "accelerator", "use accelerator=cpu or accelerator=auto")
     model = MLPClassifier.load_from_checkpoint(checkpoint, map_location="cpu")
     # The checkpoint records the dataset, batch size and split; only the data's location is this machine's.
     datamodule = ImageDataModule.load_from_checkpoint(checkpoint, data_dir=str(data_dir))

@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, InstantiationException
 from hydra.utils import instantiate
+import lightning as L
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from mlplab.config import ConfigError, RunConfig, TrainerConfig, parse_run_config
+from mlplab.config import ConfigError, RunConfig, TrainerConfig, parse_run_config, require_accelerator
 from mlplab.data import DataUnavailableError, ImageDataModule
+from mlplab.history import ValidationHistory
 from mlplab.module import MLPClassifier
 from mlplab.network import count_parameters
 from mlplab.runs import write_metrics
@@ -65,6 +70,8 @@ def unknown_group_option(args: list[str], config_dir: Path) -> str | None:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def hydra_main(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    # Lightning 2.6's own use of a torch API deprecated in torch 2.10; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     try:
         config = parse_run_config(OmegaConf.to_container(cfg, resolve=True))
         logger, callbacks = build_logger(cfg.logger, run_dir), build_callbacks(cfg.callbacks)
@@ -87,7 +94,7 @@ def build_logger(logger_cfg: DictConfig | None, run_dir: Path) -> Any:
     try:
         return instantiate(logger_cfg, save_dir=str(run_dir))
     except InstantiationException as error:
-        raise ConfigError(f"logger: {_first_line(error)}") from None
+        raise ConfigError(f"logger: {_one_line(error)}") from None
 
 
 def build_callbacks(callbacks_cfg: DictConfig | None) -> list[Any]:
@@ -98,23 +105,17 @@ def build_callbacks(callbacks_cfg: DictConfig | None) -> list[Any]:
         try:
             callbacks.append(instantiate(callback_cfg))
         except InstantiationException as error:
-            raise ConfigError(f"callbacks.{name}: {_first_line(error)}") from None
+            raise ConfigError(f"callbacks.{name}: {_one_line(error)}") from None
     return callbacks
 
 
-def _first_line(error: Exception) -> str:
+def _one_line(error: Exception) -> str:
     return " ".join(str(error.__cause__ or error).split())
 
 
-def build_trainer(config: TrainerConfig, run_dir: Path, logger: Any, callbacks: list[Any]):
+def build_trainer(config: TrainerConfig, run_dir: Path, logger: Any, callbacks: list[Any]) -> L.Trainer:
     """A Lightning Trainer writing into ``run_dir``; refuses an accelerator this machine lacks."""
-    import lightning as L
-    import torch
-    from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-    if config.accelerator == "gpu" and not torch.cuda.is_available():
-        raise ConfigError("trainer.accelerator=gpu, but this machine has no usable CUDA GPU; use trainer=cpu or trainer=auto")
+    require_accelerator(config.accelerator, "trainer.accelerator", "use trainer=cpu or trainer=auto")
 
     def has(kind: type) -> bool:
         return any(isinstance(callback, kind) for callback in callbacks)
@@ -131,7 +132,7 @@ def build_trainer(config: TrainerConfig, run_dir: Path, logger: Any, callbacks: 
             enable_model_summary=has(ModelSummary),
         )
     except MisconfigurationException as error:
-        raise ConfigError(f"trainer: {_first_line(error)}") from None
+        raise ConfigError(f"trainer: {_one_line(error)}") from None
 
 
 def build_model(config: RunConfig, datamodule: ImageDataModule) -> MLPClassifier:
@@ -158,12 +159,9 @@ def build_model(config: RunConfig, datamodule: ImageDataModule) -> MLPClassifier
 
 
 def train(config: RunConfig, run_dir: Path, logger: Any = False, callbacks: list[Any] | None = None) -> dict[str, Any]:
-    """Train, then validate and test the best checkpoint; writes and returns metrics.json's content."""
-    import lightning as L
-
-    from mlplab.history import ValidationHistory
-
+    """Train, then test the best checkpoint; writes and returns metrics.json's content."""
     started = time.perf_counter()
+    run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(config.seed, workers=True, verbose=False)
     history = ValidationHistory()
     trainer = build_trainer(config.trainer, run_dir, logger, [*(callbacks or []), history])
@@ -192,7 +190,7 @@ def train(config: RunConfig, run_dir: Path, logger: Any = False, callbacks: list
         metrics["status"] = "completed"
     except BaseException as error:
         metrics["status"] = "interrupted" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "failed"
-        metrics["error"] = f"{type(error).__name__}: {_first_line(error)}"
+        metrics["error"] = f"{type(error).__name__}: {_one_line(error)}"
         raise
     finally:
         metrics["epochs"] = len(history.epochs)

@@ -1,0 +1,47 @@
+"""``train(config, run_dir)`` in-process: what a notebook or another tool calls."""
+
+import math
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conftest import SYNTHETIC_RUN
+from mlplab.config import parse_run_config
+from mlplab.train import CONFIG_DIR, build_callbacks, train
+
+
+def run(data_dir, run_dir, *overrides):
+    """Train as mlplab-train does, minus Hydra's command line: the composed config and its callbacks."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[*SYNTHETIC_RUN, f"paths.data_dir={data_dir}", "model.width=32", *overrides])
+    config = parse_run_config(OmegaConf.to_container(cfg, resolve=True))
+    return train(config, run_dir, callbacks=build_callbacks(cfg.callbacks))
+
+
+def final_weights(run_dir):
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+
+def test_same_seed_same_result_other_seed_other_result(synthetic_data_dir, tmp_path):
+    runs = {name: tmp_path / name for name in ("a", "b", "c")}
+    metrics = {
+        "a": run(synthetic_data_dir, runs["a"], "seed=1"),
+        "b": run(synthetic_data_dir, runs["b"], "seed=1"),
+        "c": run(synthetic_data_dir, runs["c"], "seed=2"),
+    }
+    assert metrics["a"]["test/acc"] == metrics["b"]["test/acc"]
+    weights = {name: final_weights(run_dir) for name, run_dir in runs.items()}
+    assert all(torch.equal(weights["a"][k], weights["b"][k]) for k in weights["a"])
+    assert not torch.equal(weights["a"]["network.1.weight"], weights["c"]["network.1.weight"])
+
+
+def test_cosine_schedule_anneals_over_max_epochs_towards_min_lr(synthetic_data_dir, tmp_path):
+    metrics = run(synthetic_data_dir, tmp_path, "scheduler=cosine", "scheduler.min_lr=0.0001", "trainer.max_epochs=2")
+    assert metrics["status"] == "completed" and metrics["epochs"] == 2
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    (scheduler,) = state["lr_schedulers"]
+    # The last epoch trains at min_lr + (lr - min_lr) * (1 + cos(pi * (T - 1) / T)) / 2 with T = max_epochs.
+    expected = 0.0001 + (0.001 - 0.0001) * (1 + math.cos(math.pi * 1 / 2)) / 2
+    assert scheduler["T_max"] == 2 and scheduler["_last_lr"] == [pytest.approx(expected)]
