@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.mlplab-installed
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 FASHION_MNIST_SYSTEM_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data train test clean
+.PHONY: setup data train test bench clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ train: setup data
 
 test: setup
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Speed against a bare PyTorch loop (several minutes); the table is printed and saved under benchmarks/results/.
+bench: setup data
+	$(BIN)/python benchmarks/speed.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -91,3 +91,12 @@ def test_bad_values_name_the_key_and_what_is_allowed(override, names):
     message = str(caught.value)
     assert message.startswith(names) and "\n" not in message
     assert any(word in message for word in ("must", "allowed", "give one per"))
+
+
+def test_job_directory_names_are_one_path_component_of_bounded_length():
+    from mlplab.train import job_dirname
+
+    assert job_dirname("model.depth=2,model.width=64") == "model.depth=2,model.width=64"
+    assert "/" not in job_dirname("paths.data_dir=/a/b,model.depth=1") and job_dirname("") == "defaults"
+    long_a, long_b = "model.width=[" + "512," * 60 + "1]", "model.width=[" + "512," * 60 + "2]"
+    assert len(job_dirname(long_a)) <= 150 and job_dirname(long_a) != job_dirname(long_b)

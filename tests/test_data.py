@@ -2,9 +2,11 @@ import pytest
 import torch
 from torchvision import datasets
 
-from conftest import write_cifar_like, write_mnist_like
-from mlplab.data import DataUnavailableError, ImageDataModule, ShardSampler, provide_files
+from mlplab.data import ImageDataModule, ShardSampler
+import mlplab.datasets as datasets_module
+from mlplab.datasets import CACHE_DIR, DataUnavailableError, _load_once, load_dataset, provide_files
 from mlplab.module import MLPClassifier
+from mlplab.synthetic import write_cifar_like, write_mnist_like
 
 
 def loaded(data_dir, **kwargs) -> ImageDataModule:
@@ -110,3 +112,78 @@ def test_cifar_like_batches_parse_with_torchvision(tmp_path, monkeypatch):
     assert torch.equal(datamodule.splits["test"].labels, torch.as_tensor(labels))
     assert torch.equal(datamodule.splits["test"].images, torch.from_numpy(images))  # channels first, as written
     assert datamodule.class_names[0] == "airplane" and len(datamodule.mean) == 3
+
+
+@pytest.fixture
+def fresh_process(monkeypatch):
+    """Forget the datasets this test process parsed, as a new run would."""
+    _load_once.cache_clear()
+    yield
+    _load_once.cache_clear()
+
+
+def parse_calls(monkeypatch) -> list:
+    calls = []
+    original = datasets_module._parse_split
+    monkeypatch.setattr(datasets_module, "_parse_split", lambda *a, **k: calls.append(a) or original(*a, **k))
+    return calls
+
+
+def test_later_runs_load_the_cache_instead_of_parsing(tmp_path, monkeypatch, fresh_process):
+    arrays = write_mnist_like(tmp_path / "FashionMNIST" / "raw")
+    calls = parse_calls(monkeypatch)
+    first = load_dataset("fashion_mnist", tmp_path)
+    assert len(calls) == 2 and (tmp_path / CACHE_DIR / "fashion_mnist.pt").is_file()
+    _load_once.cache_clear()
+    second = load_dataset("fashion_mnist", tmp_path)
+    assert len(calls) == 2  # no parse: read from the cache file
+    assert torch.equal(second.train.images, first.train.images) and torch.equal(second.test.labels, first.test.labels)
+    assert torch.equal(second.test.images[:, 0], torch.from_numpy(arrays["t10k-images-idx3-ubyte"]))
+    assert second.class_names == datasets.FashionMNIST.classes
+
+
+def test_cache_is_rebuilt_when_a_source_file_changes(tmp_path, monkeypatch, fresh_process):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    write_mnist_like(raw, seed=0)
+    load_dataset("fashion_mnist", tmp_path)
+    arrays = write_mnist_like(raw, seed=1)  # new content, same sizes
+    calls = parse_calls(monkeypatch)
+    _load_once.cache_clear()
+    reloaded = load_dataset("fashion_mnist", tmp_path)
+    assert len(calls) == 2
+    assert torch.equal(reloaded.train.labels, torch.from_numpy(arrays["train-labels-idx1-ubyte"]).long())
+
+
+@pytest.mark.parametrize("damage", ["flip a byte", "truncate", "garbage"])
+def test_damaged_cache_is_rebuilt_not_trusted(damage, tmp_path, monkeypatch, fresh_process, caplog):
+    arrays = write_mnist_like(tmp_path / "FashionMNIST" / "raw")
+    load_dataset("fashion_mnist", tmp_path)
+    cache = tmp_path / CACHE_DIR / "fashion_mnist.pt"
+    data = bytearray(cache.read_bytes())
+    if damage == "flip a byte":
+        data[len(data) // 2] ^= 0xFF  # inside the image tensor: still loads, wrong pixels
+    elif damage == "truncate":
+        data = data[: len(data) // 3]
+    else:
+        data = bytearray(b"not a cache")
+    cache.write_bytes(bytes(data))
+    calls = parse_calls(monkeypatch)
+    _load_once.cache_clear()
+    reloaded = load_dataset("fashion_mnist", tmp_path)
+    assert len(calls) == 2 and "damaged" in caplog.text
+    assert torch.equal(reloaded.train.images[:, 0], torch.from_numpy(arrays["train-images-idx3-ubyte"]))
+    _load_once.cache_clear()
+    assert torch.equal(load_dataset("fashion_mnist", tmp_path).train.images, reloaded.train.images)  # cache repaired
+
+
+def test_fast_batches_equal_an_index_by_index_reference(synthetic_data_dir):
+    datamodule = loaded(synthetic_data_dir, batch_size=64, shuffle_seed=3)
+    loader = datamodule.train_dataloader()
+    loader.sampler.set_epoch(2)
+    split = datamodule.splits["train"]
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(3 + 2)).tolist()
+    for number, (images, labels) in enumerate(loader):
+        chunk = order[number * 64 : (number + 1) * 64]
+        assert torch.equal(images, torch.stack([split.images[i] for i in chunk]))
+        assert torch.equal(labels, torch.stack([split.labels[i] for i in chunk]))
+    assert number == len(loader) - 1

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from mlplab.data import DATASETS
+from mlplab.datasets import DATASETS
 from mlplab.module import OPTIMIZERS, SCHEDULERS
 from mlplab.network import ACTIVATIONS, OUTPUT_ACTIVATIONS
 

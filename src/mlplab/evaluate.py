@@ -13,7 +13,8 @@ from omegaconf import DictConfig
 import lightning as L
 
 from mlplab.config import ACCELERATORS, ConfigError, require_accelerator
-from mlplab.data import DataUnavailableError, ImageDataModule
+from mlplab.data import ImageDataModule
+from mlplab.datasets import DataUnavailableError
 from mlplab.module import MLPClassifier
 from mlplab.runs import find_checkpoint, read_metrics
 from mlplab.train import CONFIG_DIR

@@ -1,22 +1,35 @@
-"""Validation metrics of every epoch, to report the best epoch without validating again."""
+"""What each epoch did: its validation metrics and its wall time."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
 
-class ValidationHistory(Callback):
-    """Records ``val/*`` after each validation epoch (sanity checks excluded).
+class EpochHistory(Callback):
+    """Records ``val/*`` after each validation epoch (sanity checks excluded) and each training epoch's seconds.
 
-    A validation run after training would log a second point at the last step and bend the curves.
+    Reporting the best epoch from here avoids validating again after training, which would log a second
+    point at the last step and bend the curves.
     """
 
     def __init__(self, monitor: str = "val/acc"):
         self.monitor = monitor
         self.epochs: list[dict[str, float]] = []
+        self.epoch_seconds: list[float] = []
+        self._epoch_started = 0.0
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._epoch_started = time.perf_counter()
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Validation and checkpointing run before this hook, so they count in the epoch's time.
+        self.epoch_seconds.append(round(time.perf_counter() - self._epoch_started, 4))
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -8,6 +8,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
@@ -15,6 +16,7 @@ from mlplab.network import build_mlp
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("none", "cosine")
+STAGES = ("train", "val", "test")
 
 
 class MLPClassifier(L.LightningModule):
@@ -51,17 +53,24 @@ class MLPClassifier(L.LightningModule):
             raise ValueError(f"scheduler must be one of {list(SCHEDULERS)}, got {scheduler!r}")
         self.save_hyperparameters()
         self.network = build_mlp(num_features, num_classes, depth, width, activation, dropout, output_activation)
-        # Buffers, not parameters: saved with the weights and moved with the module, never trained.
-        self.register_buffer("input_mean", torch.tensor(list(input_mean)).view(-1, 1, 1), persistent=False)
-        self.register_buffer("input_std", torch.tensor(list(input_std)).view(-1, 1, 1), persistent=False)
-        # One metric object per stage, so training batches never leak into validation accuracy.
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        # (x / 255 - mean) / std as one multiply and one add per pixel. Buffers move with the module; not
+        # persistent, since the hyperparameters already hold mean and std.
+        mean, std = torch.tensor(list(input_mean)).view(-1, 1, 1), torch.tensor(list(input_std)).view(-1, 1, 1)
+        self.register_buffer("input_scale", 1 / (255 * std), persistent=False)
+        self.register_buffer("input_shift", -mean / std, persistent=False)
+        # Per stage, a mean of the loss and an accuracy over the epoch. A metric update costs more than a training
+        # step of a small MLP on the CPU, so each step only keeps its loss and predictions (one integer per sample),
+        # and the metrics take a whole epoch in one update at its end.
+        for stage in STAGES:  # train_metrics, val_metrics, test_metrics
+            setattr(self, f"{stage}_metrics", torch.nn.ModuleDict({
+                "loss": MeanMetric(nan_strategy="disable"),  # NaN checks would sync the GPU
+                "acc": MulticlassAccuracy(num_classes, average="micro", validate_args=False),
+            }))
+        self._epoch_outputs: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {stage: [] for stage in STAGES}
 
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 N x C x H x W -> float, standardised per channel with the training split's statistics."""
-        return (images.float() / 255 - self.input_mean) / self.input_std
+        return images.float().mul_(self.input_scale).add_(self.input_shift)
 
     @override
     def forward(self, images: Tensor) -> Tensor:
@@ -71,12 +80,22 @@ class MLPClassifier(L.LightningModule):
         images, labels = batch
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
-        accuracy = getattr(self, f"{stage}_acc")
-        accuracy(logits, labels)
-        # Epoch-level for every stage: train and val curves share points, and no step pays for a log write.
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=len(labels))
-        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, batch_size=len(labels))
+        self._epoch_outputs[stage].append((loss.detach(), logits.detach().argmax(dim=1), labels))
         return loss
+
+    def _log_epoch(self, stage: str) -> None:
+        """``<stage>/loss`` and ``<stage>/acc`` over the epoch (synchronised across processes)."""
+        outputs, metrics = self._epoch_outputs[stage], getattr(self, f"{stage}_metrics")
+        if not outputs:
+            return
+        losses, predictions, labels = zip(*outputs)
+        sizes = torch.tensor([len(batch) for batch in labels], device=losses[0].device)
+        metrics["loss"].update(torch.stack(losses), weight=sizes)
+        metrics["acc"].update(torch.cat(predictions), torch.cat(labels))
+        for name, metric in metrics.items():
+            self.log(f"{stage}/{name}", metric.compute())
+            metric.reset()
+        outputs.clear()
 
     @override
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -89,6 +108,18 @@ class MLPClassifier(L.LightningModule):
     @override
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._shared_step(batch, "test")
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
 
     @override
     def configure_optimizers(self):

@@ -1,0 +1,354 @@
+#!/usr/bin/env python
+"""Training speed of mlplab against a bare PyTorch loop and the classic torchvision pipeline.
+
+    python benchmarks/speed.py                                  # CPU: batch 64, 128, 512; 3 interleaved repeats
+    python benchmarks/speed.py --device cuda --batch-sizes 128 1024 --parts epoch
+    python benchmarks/speed.py --quick                          # tiny synthetic data, seconds: checks the script
+
+One epoch, for every contender, is a training pass over the training split (55000 samples) and an evaluation
+pass over the validation split (5000), same network (depth 2, width 512), Adam at 1e-3, same batch size.
+mlplab runs its real code path (config composed as mlplab-train does, its data module, Lightning module and
+Trainer) with TensorBoard logging and checkpointing on and the progress bar off. Each repeat trains 3 epochs
+and times the last 2 (the first warms up); the classic pipeline, only for context, times 1 epoch per repeat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from lightning.pytorch import Callback
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, Subset
+from torchvision import transforms
+from torchvision.datasets import FashionMNIST
+
+from mlplab.config import parse_run_config
+from mlplab.data import channel_stats, split_off_validation
+from mlplab.datasets import DataUnavailableError, load_dataset, provide_files
+from mlplab.network import build_mlp
+from mlplab.synthetic import write_mnist_like
+from mlplab.train import CONFIG_DIR, build_callbacks, build_logger, train
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+VAL_SIZE, SPLIT_SEED = 5000, 0
+
+
+def main() -> None:
+    args = parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="mlplab-bench-"))
+    data_dir, source = provide_data(args, workdir)
+    print(f"data: {source} ({data_dir}); device {args.device}; {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
+    result = {"machine": machine(args.device), "data": source, "args": vars(args) | {"output": str(args.output)}}
+    if "epoch" in args.parts:
+        result["epoch"] = bench_epochs(args, data_dir, workdir)
+    if "startup" in args.parts:
+        result["startup"] = bench_startup(args, data_dir, workdir)
+    if "sweep" in args.parts:
+        result["sweep"] = bench_sweep(args, data_dir, workdir, result.get("startup", {}).get("import_seconds"))
+    if "memory" in args.parts:
+        result["memory"] = bench_memory(args, data_dir, workdir)
+    args.output.mkdir(parents=True, exist_ok=True)
+    path = args.output / f"speed-{args.device}-{'quick-' if args.quick else ''}{date.today()}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwritten: {path}")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 128, 512])
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of every measurement, interleaved")
+    parser.add_argument("--timed-epochs", type=int, default=3, help="epochs timed per repeat (after one warm-up epoch)")
+    parser.add_argument("--parts", nargs="+", default=["epoch", "startup", "sweep", "memory"],
+                        choices=["epoch", "startup", "sweep", "memory"])
+    parser.add_argument("--no-classic", action="store_true", help="leave out the torchvision DataLoader pipeline")
+    parser.add_argument("--quick", action="store_true", help="tiny synthetic data and one repeat: checks the script runs")
+    parser.add_argument("--output", type=Path, default=HERE / "results", help="folder for the JSON result")
+    args = parser.parse_args()
+    if args.quick:
+        args.batch_sizes, args.repeats, args.timed_epochs = [64], 1, 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is visible")
+    return args
+
+
+def provide_data(args: argparse.Namespace, workdir: Path) -> tuple[Path, str]:
+    """Real Fashion-MNIST when this machine has it, else synthetic data of the same shape (tiny with --quick)."""
+    if not args.quick:
+        data_dir = Path(os.environ.get("MLPLAB_DATA_DIR", "data")).resolve()
+        try:
+            provide_files("fashion_mnist", data_dir, SYSTEM_DIR, download=False)
+            return data_dir, "real Fashion-MNIST"
+        except DataUnavailableError:
+            pass
+    data_dir = workdir / "data"
+    n_train, n_test = (2000, 500) if args.quick else (60000, 10000)
+    write_mnist_like(data_dir / "FashionMNIST" / "raw", n_train=n_train, n_test=n_test)
+    return data_dir, f"synthetic Fashion-MNIST shape ({n_train} train, {n_test} test)"
+
+
+def val_size(args: argparse.Namespace) -> int:
+    return 200 if args.quick else VAL_SIZE
+
+
+def run_overrides(args: argparse.Namespace, data_dir: Path, batch_size: int) -> list[str]:
+    return [f"paths.data_dir={data_dir}", f"data.batch_size={batch_size}", f"data.val_size={val_size(args)}",
+            f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}", "trainer.devices=1",
+            "data.system_dir=null", "data.download=false", "callbacks.progress_bar=null"]
+
+
+# --- per-epoch time ---------------------------------------------------------------------------------------------
+
+def bench_epochs(args, data_dir: Path, workdir: Path) -> dict:
+    """Bare loop and mlplab alternate epoch by epoch in one process; the classic pipeline runs between repeats."""
+    names = ["bare loop", "mlplab"] + ([] if args.no_classic else ["torchvision DataLoader"])
+    samples: dict[int, dict[str, list[float]]] = {bs: {name: [] for name in names} for bs in args.batch_sizes}
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    for repeat in range(args.repeats):
+        for batch_size in args.batch_sizes:
+            bare, mlplab = time_bare_and_mlplab(args, data_dir, workdir, batch_size, args.timed_epochs)
+            samples[batch_size]["bare loop"] += bare
+            samples[batch_size]["mlplab"] += mlplab
+            line = f"  repeat {repeat + 1}/{args.repeats}  batch {batch_size:>4}  bare {fmt(bare)}  mlplab {fmt(mlplab)}"
+            if not args.no_classic:
+                classic = time_classic(args, data_dir, batch_size)
+                samples[batch_size]["torchvision DataLoader"].append(classic)
+                line += f"  torchvision DataLoader {classic:.3f}"
+            print(line + "  s/epoch", flush=True)
+    n_train = len(load_dataset("fashion_mnist", data_dir).train) - val_size(args)
+    table = []
+    for batch_size, by_name in samples.items():
+        reference = by_name["bare loop"]
+        for name, values in by_name.items():
+            median = statistics.median(values)
+            row = {"batch_size": batch_size, "contender": name, "median_s": median, "min_s": min(values),
+                   "max_s": max(values), "samples_per_s": n_train / median,
+                   "ratio_to_bare": median / statistics.median(reference), "seconds": values}
+            if len(values) == len(reference):  # measured epoch by epoch next to the bare loop
+                row["paired_ratio_to_bare"] = statistics.median(v / r for v, r in zip(values, reference))
+            table.append(row)
+    print(f"\nSeconds per epoch ({args.device}; {len(samples[args.batch_sizes[0]]['mlplab'])} epochs of each, alternating,"
+          f" in {args.repeats} repeats; spread = min..max; ratio = median / bare loop's median;"
+          f" paired = median of each epoch's ratio to the bare epoch just before it)")
+    print(f"{'batch':>5}  {'contender':<24} {'median s':>9} {'spread':>15} {'samples/s':>10} {'ratio':>6} {'paired':>6}")
+    for row in table:
+        spread = f"{row['min_s']:.3f}..{row['max_s']:.3f}"
+        paired = f"{row['paired_ratio_to_bare']:6.3f}" if "paired_ratio_to_bare" in row else f"{'':6}"
+        print(f"{row['batch_size']:>5}  {row['contender']:<24} {row['median_s']:9.3f} {spread:>15} "
+              f"{row['samples_per_s']:10.0f} {row['ratio_to_bare']:6.3f} {paired}")
+    return {"training_samples": n_train, "table": table}
+
+
+def fmt(values: list[float]) -> str:
+    return " ".join(f"{v:.3f}" for v in values)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_epoch(model, optimizer, batches, device: str) -> None:
+    model.train()
+    for images, labels in batches:
+        loss = F.cross_entropy(model(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def evaluate_epoch(model, batches, device: str) -> float:
+    model.eval()
+    correct = torch.zeros((), device=device)
+    with torch.no_grad():
+        for images, labels in batches:
+            labels = labels.to(device, non_blocking=True)
+            correct += (model(images.to(device, non_blocking=True)).argmax(1) == labels).sum()
+    return correct.item()  # one sync per epoch, as a hand-written loop reporting accuracy has
+
+
+class BareLoop:
+    """The reference: normalised float tensors preloaded on the device, a plain loop, nothing else."""
+
+    def __init__(self, args, data_dir: Path, batch_size: int):
+        torch.manual_seed(0)
+        train_split, val_split = split_off_validation(load_dataset("fashion_mnist", data_dir).train, val_size(args), SPLIT_SEED)
+        mean, std = channel_stats(train_split.images)
+        normalise = lambda images: ((images.float() / 255 - mean[0]) / std[0]).to(args.device)  # noqa: E731
+        self.x, self.y = normalise(train_split.images), train_split.labels.to(args.device)
+        self.x_val, self.y_val = normalise(val_split.images), val_split.labels.to(args.device)
+        self.model = build_mlp(784, 10, depth=2, width=512).to(args.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.batch_size, self.device = batch_size, args.device
+
+    def epoch(self) -> float:
+        sync(self.device)
+        started = time.perf_counter()
+        order = torch.randperm(len(self.y), device=self.device)
+        train_epoch(self.model, self.optimizer, ((self.x[i], self.y[i]) for i in order.split(self.batch_size)), self.device)
+        bs = self.batch_size
+        evaluate_epoch(self.model, ((self.x_val[i : i + bs], self.y_val[i : i + bs]) for i in range(0, len(self.y_val), bs)), self.device)
+        sync(self.device)
+        return time.perf_counter() - started
+
+
+class AlternateWithBareLoop(Callback):
+    """Runs one bare-loop epoch before each mlplab epoch; times mlplab's epochs start to start, the bare ones aside.
+
+    Adjacent epochs see the same state of a noisy machine, so their ratio is far steadier than separate runs'.
+    """
+
+    def __init__(self, bare: BareLoop, device: str):
+        self.bare, self.device = bare, device
+        self.bare_seconds: list[float] = []
+        self.mlplab_seconds: list[float] = []
+        self._mlplab_started: float | None = None
+
+    def _end_mlplab_epoch(self) -> None:
+        sync(self.device)
+        if self._mlplab_started is not None:
+            self.mlplab_seconds.append(time.perf_counter() - self._mlplab_started)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._end_mlplab_epoch()
+        self.bare_seconds.append(self.bare.epoch())
+        self._mlplab_started = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._end_mlplab_epoch()
+
+
+def time_bare_and_mlplab(args, data_dir: Path, workdir: Path, batch_size: int, timed_epochs: int) -> tuple[list, list]:
+    """mlplab-train's own path (composed config, data module, Lightning module, Trainer, TensorBoard, checkpoints),
+    its epochs alternating with the bare loop's. The first pair warms up and is dropped."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[*run_overrides(args, data_dir, batch_size), f"trainer.max_epochs={timed_epochs + 1}"])
+    config = parse_run_config(OmegaConf.to_container(cfg, resolve=True))
+    run_dir = Path(tempfile.mkdtemp(prefix="mlplab-run-", dir=workdir))
+    alternate = AlternateWithBareLoop(BareLoop(args, data_dir, batch_size), args.device)
+    with contextlib.redirect_stdout(io.StringIO()):  # the test table Lightning prints
+        train(config, run_dir, build_logger(cfg.logger, run_dir), [alternate, *build_callbacks(cfg.callbacks)])
+    return alternate.bare_seconds[1:], alternate.mlplab_seconds[1:]
+
+
+def time_classic(args, data_dir: Path, batch_size: int) -> float:
+    """For context: per-sample ToTensor and Normalize through a DataLoader, as most tutorials train."""
+    torch.manual_seed(0)
+    train_split, _ = split_off_validation(load_dataset("fashion_mnist", data_dir).train, val_size(args), SPLIT_SEED)
+    mean, std = channel_stats(train_split.images)
+    full = FashionMNIST(str(data_dir), train=True, transform=transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)]))
+    order = torch.randperm(len(full), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
+    val_indices, train_indices = order[: val_size(args)], order[val_size(args):]
+    train_loader = DataLoader(Subset(full, train_indices), batch_size=batch_size, shuffle=True)
+    val_loader = DataLoader(Subset(full, val_indices), batch_size=batch_size)
+    model = build_mlp(784, 10, depth=2, width=512).to(args.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sync(args.device)
+    started = time.perf_counter()
+    train_epoch(model, optimizer, train_loader, args.device)
+    evaluate_epoch(model, val_loader, args.device)
+    sync(args.device)
+    return time.perf_counter() - started
+
+
+# --- start-up, sweeps, memory: the real command line in subprocesses -------------------------------------------------
+
+def cli(args_list: list[str], cwd: Path, probe: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    if probe is not None:
+        args_list = [*args_list, "+callbacks.first_step._target_=startup_probe.FirstStepProbe", f"+callbacks.first_step.path={probe}"]
+    return subprocess.run([str(BIN / "mlplab-train"), *args_list], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def measure_import_seconds() -> float:
+    """Launch of `python -c "import torch, lightning"` to the end of its imports (its exit, slow with torch, is not counted)."""
+    started = time.time()
+    result = subprocess.run([sys.executable, "-c", "import torch, lightning, os, time; print(time.time()); os._exit(0)"],
+                            check=True, capture_output=True, text=True)
+    return float(result.stdout) - started
+
+
+def bench_startup(args, data_dir: Path, workdir: Path) -> dict:
+    """Launch of mlplab-train to its first optimizer step, next to `import torch, lightning`, interleaved."""
+    overrides = run_overrides(args, data_dir, 128)
+    cli([*overrides, "trainer.limit_train_batches=1", "trainer.max_epochs=1"], workdir)  # the dataset cache exists after this
+    imports, startups = [], []
+    for repeat in range(args.repeats + 2):
+        imports.append(measure_import_seconds())
+        probe = workdir / f"first-step-{repeat}.txt"
+        started = time.time()
+        result = cli(overrides, workdir, probe)
+        if not probe.is_file():
+            raise RuntimeError(f"mlplab-train did not reach a first step: {result.stderr[-2000:]}")
+        startups.append(float(probe.read_text()) - started)
+    import_s, startup_s = statistics.median(imports), statistics.median(startups)
+    print(f"\nStart-up: mlplab-train to first optimizer step {startup_s:.2f} s (spread {min(startups):.2f}..{max(startups):.2f}); "
+          f"python -c 'import torch, lightning' {import_s:.2f} s; difference {startup_s - import_s:.2f} s "
+          f"(median of {len(startups)}, interleaved)")
+    return {"first_step_seconds": startup_s, "import_seconds": import_s, "difference_seconds": startup_s - import_s,
+            "first_step_samples": startups, "import_samples": imports}
+
+
+def bench_sweep(args, data_dir: Path, workdir: Path, import_seconds: float | None) -> dict:
+    """A 6-job multirun of one epoch on 10% of the data: wall time beyond imports and the jobs' epochs, per job."""
+    import_seconds = import_seconds or measure_import_seconds()
+    sweep_dir = workdir / "sweep"
+    started = time.time()
+    result = cli(["-m", *run_overrides(args, data_dir, 128), "seed=1,2,3,4,5,6", "trainer.max_epochs=1",
+                  "trainer.limit_train_batches=0.1", f"hydra.sweep.dir={sweep_dir}"], workdir)
+    wall = time.time() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"the sweep failed: {result.stderr[-2000:]}")
+    jobs = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/metrics.json"))]
+    epochs = sum(sum(job["epoch_seconds"]) for job in jobs)
+    per_job = (wall - import_seconds - epochs) / len(jobs)
+    print(f"\nSweep of {len(jobs)} jobs (1 epoch on 10% of the data each): {wall:.2f} s in all, {epochs:.2f} s in epochs, "
+          f"{import_seconds:.2f} s imports; overhead per job {per_job:.2f} s")
+    return {"jobs": len(jobs), "wall_seconds": wall, "epoch_seconds": epochs, "import_seconds": import_seconds,
+            "overhead_per_job_seconds": per_job}
+
+
+def bench_memory(args, data_dir: Path, workdir: Path) -> dict:
+    """Peak resident memory of a default run (one epoch: the peak does not grow with epochs)."""
+    code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    overrides = run_overrides(args, data_dir, 128)
+    result = subprocess.run([sys.executable, "-c", code, str(BIN / "mlplab-train"), *overrides, "trainer.max_epochs=1"],
+                            cwd=workdir, capture_output=True, text=True, check=True)
+    peak_mb = int(result.stdout.split()[-1]) / 1024  # ru_maxrss is in KiB on Linux
+    print(f"\nPeak resident memory of a default run (1 epoch): {peak_mb:.0f} MB")
+    return {"peak_rss_mb": peak_mb}
+
+
+def machine(device: str) -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "packages": {name: version(name) for name in ("torch", "torchvision", "lightning", "torchmetrics", "hydra-core", "tensorboard")}}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""The speed benchmark runs end to end in its tiny mode, so it cannot rot. Timings are not judged here."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+
+
+def test_quick_benchmark_writes_every_part(tmp_path):
+    result = subprocess.run([sys.executable, str(BENCHMARK), "--quick", "--output", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (path,) = tmp_path.glob("speed-cpu-quick-*.json")
+    report = json.loads(path.read_text())
+    contenders = {row["contender"] for row in report["epoch"]["table"]}
+    assert contenders == {"bare loop", "mlplab", "torchvision DataLoader"}
+    assert all(row["median_s"] > 0 and row["samples_per_s"] > 0 for row in report["epoch"]["table"])
+    assert report["startup"]["first_step_seconds"] > 0 and report["startup"]["import_seconds"] > 0
+    assert report["sweep"]["jobs"] == 6
+    assert report["memory"]["peak_rss_mb"] > 0
+    assert report["machine"]["cores"] >= 1 and "torch" in report["machine"]["packages"]
+    assert "ratio" in result.stdout and "Start-up" in result.stdout
