@@ -61,6 +61,7 @@ class ModelConfig:
 class DataConfig:
     name: str
     batch_size: int = 128
+    eval_batch_size: int = 1000
     val_size: int = 5000
     split_seed: int = 0
     system_dir: str | None = None
@@ -69,6 +70,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _require(self.name in DATASETS, f"data.name must be one of {', '.join(DATASETS)}; got {self.name!r}")
         _require(self.batch_size >= 1, f"data.batch_size must be an integer >= 1, got {self.batch_size}")
+        _require(self.eval_batch_size >= 1, f"data.eval_batch_size must be an integer >= 1, got {self.eval_batch_size}")
         _require(self.val_size >= 1, f"data.val_size must be an integer >= 1, got {self.val_size}")
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -11,7 +13,29 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from mlplab.datasets import DATASETS, Split, load_dataset, provide_files
+from mlplab.datasets import DATASETS, ParsedDataset, Split, load_dataset, provide_files
+
+
+@dataclass(frozen=True)
+class PreparedSplits:
+    train: Split
+    val: Split
+    test: Split
+    class_names: list[str]
+    mean: list[float]  # per channel, of the training split, on the 0..1 scale
+    std: list[float]
+
+
+def prepare_splits(name: str, data_dir: Path, val_size: int, split_seed: int) -> PreparedSplits:
+    """The three splits and the training split's statistics; computed once per process for the same inputs."""
+    return _split_once(load_dataset(name, data_dir), val_size, split_seed)
+
+
+@functools.lru_cache(maxsize=2)
+def _split_once(dataset: ParsedDataset, val_size: int, split_seed: int) -> PreparedSplits:
+    train, val = split_off_validation(dataset.train, val_size, split_seed)
+    mean, std = channel_stats(train.images)
+    return PreparedSplits(train, val, dataset.test, dataset.class_names, mean, std)
 
 
 def split_off_validation(train: Split, val_size: int, split_seed: int) -> tuple[Split, Split]:
@@ -88,6 +112,7 @@ class ImageDataModule(L.LightningDataModule):
         name: str = "fashion_mnist",
         data_dir: str | Path = "data",
         batch_size: int = 128,
+        eval_batch_size: int = 1000,
         val_size: int = 5000,
         split_seed: int = 0,
         shuffle_seed: int = 0,
@@ -97,12 +122,12 @@ class ImageDataModule(L.LightningDataModule):
         super().__init__()
         # Plain values only, so the checkpoint records the data set-up and still loads with weights_only=True.
         self.save_hyperparameters({"name": name, "data_dir": str(data_dir), "batch_size": batch_size,
-                                   "val_size": val_size, "split_seed": split_seed, "shuffle_seed": shuffle_seed,
+                                   "eval_batch_size": eval_batch_size, "val_size": val_size, "split_seed": split_seed, "shuffle_seed": shuffle_seed,
                                    "system_dir": str(system_dir) if system_dir else None, "download": download})
         if name not in DATASETS:
             raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {name!r}")
         self.name, self.data_dir = name, Path(data_dir)
-        self.batch_size, self.val_size = batch_size, val_size
+        self.batch_size, self.eval_batch_size, self.val_size = batch_size, eval_batch_size, val_size
         self.split_seed, self.shuffle_seed = split_seed, shuffle_seed
         self.system_dir = Path(system_dir) if system_dir else None
         self.download = download
@@ -118,11 +143,9 @@ class ImageDataModule(L.LightningDataModule):
     @override
     def setup(self, stage: str | None = None) -> None:
         if not self.splits:
-            dataset = load_dataset(self.name, self.data_dir)
-            train, val = split_off_validation(dataset.train, self.val_size, self.split_seed)
-            self.class_names = dataset.class_names
-            self.mean, self.std = channel_stats(train.images)
-            self.splits = {"train": train, "val": val, "test": dataset.test}
+            prepared = prepare_splits(self.name, self.data_dir, self.val_size, self.split_seed)
+            self.class_names, self.mean, self.std = prepared.class_names, prepared.mean, prepared.std
+            self.splits = {"train": prepared.train, "val": prepared.val, "test": prepared.test}
         if self.trainer is not None:
             # Once per run; every batch afterwards is one indexing operation on the device.
             device = self.trainer.strategy.root_device
@@ -140,11 +163,11 @@ class ImageDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def _batches(self, key: str, shuffle: bool) -> InMemoryBatches:
+    def _batches(self, key: str, shuffle: bool, batch_size: int) -> InMemoryBatches:
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         split = self.splits[key]
         sampler = ShardSampler(len(split), shuffle, self.shuffle_seed, rank, world_size)
-        return InMemoryBatches(split, self.batch_size, sampler)
+        return InMemoryBatches(split, batch_size, sampler)
 
     @override
     def transfer_batch_to_device(self, batch: tuple[Tensor, Tensor], device: torch.device, dataloader_idx: int) -> tuple[Tensor, Tensor]:
@@ -154,12 +177,12 @@ class ImageDataModule(L.LightningDataModule):
 
     @override
     def train_dataloader(self) -> InMemoryBatches:
-        return self._batches("train", shuffle=True)
+        return self._batches("train", shuffle=True, batch_size=self.batch_size)
 
     @override
     def val_dataloader(self) -> InMemoryBatches:
-        return self._batches("val", shuffle=False)
+        return self._batches("val", shuffle=False, batch_size=self.eval_batch_size)
 
     @override
     def test_dataloader(self) -> InMemoryBatches:
-        return self._batches("test", shuffle=False)
+        return self._batches("test", shuffle=False, batch_size=self.eval_batch_size)

@@ -105,7 +105,7 @@ class Split:
         return Split(self.images.to(device), self.labels.to(device))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: one object per parse, shared by a sweep's jobs
 class ParsedDataset:
     train: Split  # the official training split, validation not yet taken out
     test: Split

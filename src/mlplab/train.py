@@ -186,6 +186,7 @@ def train(config: RunConfig, run_dir: Path, logger: Any = False, callbacks: list
         name=config.data.name,
         data_dir=config.data_dir,
         batch_size=config.data.batch_size,
+        eval_batch_size=config.data.eval_batch_size,
         val_size=config.data.val_size,
         split_seed=config.data.split_seed,
         shuffle_seed=config.seed,
