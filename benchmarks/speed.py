@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from datetime import date
 from importlib.metadata import version
 from pathlib import Path
@@ -54,6 +55,8 @@ VAL_SIZE, SPLIT_SEED = 5000, 0
 
 
 def main() -> None:
+    # Lightning 2.6's own use of a torch API deprecated in torch 2.10; nothing to act on here.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     args = parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="mlplab-bench-"))
     data_dir, source = provide_data(args, workdir)
