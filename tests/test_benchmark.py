@@ -15,7 +15,7 @@ def test_quick_benchmark_writes_every_part(tmp_path):
     (path,) = tmp_path.glob("speed-cpu-quick-*.json")
     report = json.loads(path.read_text())
     contenders = {row["contender"] for row in report["epoch"]["table"]}
-    assert contenders == {"bare loop", "mlplab", "torchvision DataLoader"}
+    assert contenders == {"bare loop", "bare loop, fused Adam", "mlplab", "torchvision DataLoader"}
     assert all(row["median_s"] > 0 and row["samples_per_s"] > 0 for row in report["epoch"]["table"])
     assert report["startup"]["first_step_seconds"] > 0 and report["startup"]["import_seconds"] > 0
     assert report["sweep"]["jobs"] == 6
