@@ -45,7 +45,8 @@ from mlplab.data import channel_stats, split_off_validation
 from mlplab.datasets import DataUnavailableError, load_dataset, provide_files
 from mlplab.network import build_mlp
 from mlplab.synthetic import write_mnist_like
-from mlplab.train import CONFIG_DIR, build_callbacks, build_logger, train
+from mlplab.train import CONFIG_DIR, build_callbacks, build_logger
+from mlplab.training import train
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent

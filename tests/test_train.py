@@ -9,7 +9,8 @@ from omegaconf import OmegaConf
 
 from conftest import SYNTHETIC_RUN
 from mlplab.config import parse_run_config
-from mlplab.train import CONFIG_DIR, build_callbacks, train
+from mlplab.train import CONFIG_DIR, build_callbacks
+from mlplab.training import train
 
 
 def run(data_dir, run_dir, *overrides):

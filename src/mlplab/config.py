@@ -151,13 +151,15 @@ class _PathsConfig:
 
 # Groups handled elsewhere: logger and callbacks are third-party objects built by the entry point.
 OPEN_GROUPS = ("logger", "callbacks")
+# Keys that name or list a sweep (read by the sweeper) rather than describe a run.
+SWEEP_KEYS = ("sweep", "dry_run")
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig,
             "scheduler": SchedulerConfig, "trainer": TrainerConfig}
 
 
 def parse_run_config(raw: dict[str, Any]) -> RunConfig:
     """Check a resolved config (plain dict) key by key and return it typed; raises ConfigError."""
-    allowed = {"seed", "paths", *SECTIONS, *OPEN_GROUPS}
+    allowed = {"seed", "paths", *SECTIONS, *OPEN_GROUPS, *SWEEP_KEYS}
     for key in raw:
         _require(key in allowed, f"{key}: unknown top-level key; allowed: {', '.join(sorted(allowed))}")
     seed = raw.get("seed")

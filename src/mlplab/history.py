@@ -1,4 +1,4 @@
-"""What each epoch did: its validation metrics and its wall time."""
+"""What each epoch did: its validation metrics and its wall time, kept in checkpoints so a resumed run has all."""
 
 from __future__ import annotations
 
@@ -21,6 +21,31 @@ class EpochHistory(Callback):
         self.epochs: list[dict[str, float]] = []
         self.epoch_seconds: list[float] = []
         self._epoch_started = 0.0
+        self._started = time.perf_counter()
+        self._earlier_seconds = 0.0  # wall time of the attempts before a resume
+        self._fitted = False
+
+    @property
+    def wall_seconds(self) -> float:
+        """Wall time of the whole run, over all its attempts."""
+        return round(self._earlier_seconds + time.perf_counter() - self._started, 3)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"epochs": self.epochs, "epoch_seconds": self.epoch_seconds, "wall_seconds": self.wall_seconds}
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._fitted = True
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._fitted:  # testing the best checkpoint would otherwise rewind the record to that epoch
+            return
+        self.epochs = list(state_dict["epochs"])
+        self.epoch_seconds = list(state_dict["epoch_seconds"])
+        self._earlier_seconds = state_dict["wall_seconds"]
+        self._started = time.perf_counter()
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -19,6 +19,10 @@ SCHEDULERS = ("none", "cosine")
 STAGES = ("train", "val", "test")
 
 
+class DivergedError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
 class MLPClassifier(L.LightningModule):
     """Classifies uint8 images with an MLP; normalises each batch on the device itself.
 
@@ -109,8 +113,27 @@ class MLPClassifier(L.LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._shared_step(batch, "test")
 
+    def _check_finite_loss(self) -> None:
+        """Stop before a diverged epoch is validated or checkpointed; one device sync per epoch, not per step."""
+        outputs = self._epoch_outputs["train"]
+        if not outputs:
+            return
+        finite = torch.stack([loss for loss, _, _ in outputs]).isfinite()
+        if not bool(finite.all()):
+            first = int((~finite).nonzero()[0])
+            step = self.global_step - len(outputs) + first + 1
+            raise DivergedError(
+                f"train/loss became {float(outputs[first][0])} at step {step} (epoch {self.current_epoch}); "
+                "try a lower optimizer.lr or set trainer.gradient_clip_val"
+            )
+
+    @override
+    def on_validation_start(self) -> None:
+        self._check_finite_loss()  # inside fit the training epoch's losses are all in; elsewhere there are none
+
     @override
     def on_train_epoch_end(self) -> None:
+        self._check_finite_loss()
         self._log_epoch("train")
 
     @override

@@ -1,4 +1,4 @@
-"""mlplab-train: the Hydra entry point. Below ``main`` everything takes typed values."""
+"""mlplab-train: the Hydra entry point. Below it (``training.train``) everything takes typed values."""
 
 from __future__ import annotations
 
@@ -10,26 +10,24 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
-import lightning as L
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
-from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from omegaconf import DictConfig, OmegaConf
+import torch
 
-from mlplab.config import ConfigError, RunConfig, TrainerConfig, parse_run_config, require_accelerator
-from mlplab.data import ImageDataModule
+from mlplab.config import SWEEP_KEYS, ConfigError, RunConfig, parse_run_config
 from mlplab.datasets import DataUnavailableError
-from mlplab.history import EpochHistory
-from mlplab.module import MLPClassifier
-from mlplab.network import count_parameters
-from mlplab.runs import write_metrics
+from mlplab.hparams import run_hparams
+from mlplab.module import DivergedError
+from mlplab.runs import read_metrics
+from mlplab.sweep import claim, gpu_slot, prepare_attempt, threads_per_job
+from mlplab.training import one_line, train
 
 # An installed console script has no sensible working directory to look in: the configs live beside the package.
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -46,8 +44,15 @@ def job_dirname(overrides: str) -> str:
     return name
 
 
+def sweep_name(name: str | None) -> str:
+    """The sweep's folder name: as given (``sweep=<name>``), else its start time and process id."""
+    return name or f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{os.getpid()}"
+
+
 # Same-second runs get distinct directories: the timestamp alone is not unique.
 OmegaConf.register_new_resolver("mlplab.pid", lambda: os.getpid(), replace=True)
+# Cached in the sweep's config, so that every job, in whichever process, resolves the same folder.
+OmegaConf.register_new_resolver("mlplab.sweep_name", sweep_name, replace=True, use_cache=True)
 OmegaConf.register_new_resolver("mlplab.job_dirname", job_dirname, replace=True)
 
 
@@ -83,17 +88,72 @@ def unknown_group_option(args: list[str], config_dir: Path) -> str | None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def hydra_main(cfg: DictConfig) -> dict[str, Any]:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_config = HydraConfig.get()
+    run_dir = Path(hydra_config.runtime.output_dir)
     # Lightning 2.6's own use of a torch API deprecated in torch 2.10; nothing a user can act on.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     try:
         config = parse_run_config(OmegaConf.to_container(cfg, resolve=True))
         logger, callbacks = build_logger(cfg.logger, run_dir), build_callbacks(cfg.callbacks)
-        return train(config, run_dir, logger, callbacks)
     except (ConfigError, DataUnavailableError) as error:
-        print(f"mlplab-train: error: {error}", file=sys.stderr)
-        _discard_if_unused(run_dir)
-        sys.exit(2)
+        _exit_with(error, run_dir)
+    hparams = run_hparams(config, command_line_values(hydra_config))
+    if hydra_config.mode != RunMode.MULTIRUN:
+        try:
+            return train(config, run_dir, logger, callbacks, hparams=hparams)
+        except (ConfigError, DataUnavailableError) as error:
+            _exit_with(error, run_dir)
+        except DivergedError as error:
+            print(f"mlplab-train: diverged: {error}", file=sys.stderr)
+            sys.exit(1)
+    return train_sweep_job(config, run_dir, logger, callbacks, hparams, hydra_config)
+
+
+def command_line_values(hydra_config: DictConfig) -> dict[str, str]:
+    """``key: value`` of each override the user typed, leaving out those that only say where things are."""
+    excluded = set(hydra_config.job.config.override_dirname.exclude_keys)
+    values = {}
+    for override in hydra_config.overrides.task:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key not in excluded and key not in SWEEP_KEYS:
+            values[key] = value
+    return values
+
+
+def train_sweep_job(
+    config: RunConfig, run_dir: Path, logger: Any, callbacks: list[Any], hparams: dict[str, Any], hydra_config: DictConfig
+) -> dict[str, Any]:
+    """One job of a multirun: trained once across processes, skipped when done, resumed when cut short.
+
+    A job that fails or diverges is recorded in its metrics.json and the sweep goes on; the sweeper reports it.
+    """
+    with claim(run_dir) as claimed:
+        if not claimed:
+            log.info("Skipped: another process is running this job (%s)", run_dir)
+            return {"status": "running"}
+        done = read_metrics(run_dir)
+        if done.get("status") == "completed":
+            log.info("Done already: %s", run_dir)
+            return done
+        resume_from = prepare_attempt(run_dir)
+        if resume_from:
+            log.info("Resuming from %s", resume_from)
+        threads = threads_per_job(hydra_config.launcher.get("n_jobs"))
+        if threads:
+            torch.set_num_threads(threads)
+        sweep_dir = Path(hydra_config.sweep.dir)
+        with gpu_slot(sweep_dir, torch.cuda.device_count() if config.trainer.accelerator != "cpu" else 0) as gpu:
+            try:
+                return train(config, run_dir, logger, callbacks, hparams=hparams, resume_from=resume_from, gpu_index=gpu)
+            except Exception as error:  # recorded by train(); one job's failure is not the sweep's
+                log.error("Job failed: %s", one_line(error))
+                return read_metrics(run_dir)
+
+
+def _exit_with(error: Exception, run_dir: Path) -> NoReturn:
+    print(f"mlplab-train: error: {error}", file=sys.stderr)
+    _discard_if_unused(run_dir)
+    sys.exit(2)
 
 
 def _discard_if_unused(run_dir: Path) -> None:
@@ -108,7 +168,7 @@ def build_logger(logger_cfg: DictConfig | None, run_dir: Path) -> Any:
     try:
         return instantiate(logger_cfg, save_dir=str(run_dir))
     except InstantiationException as error:
-        raise ConfigError(f"logger: {_one_line(error)}") from None
+        raise ConfigError(f"logger: {one_line(error)}") from None
 
 
 def build_callbacks(callbacks_cfg: DictConfig | None) -> list[Any]:
@@ -119,120 +179,8 @@ def build_callbacks(callbacks_cfg: DictConfig | None) -> list[Any]:
         try:
             callbacks.append(instantiate(callback_cfg))
         except InstantiationException as error:
-            raise ConfigError(f"callbacks.{name}: {_one_line(error)}") from None
+            raise ConfigError(f"callbacks.{name}: {one_line(error)}") from None
     return callbacks
-
-
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error.__cause__ or error).split())
-
-
-def build_trainer(config: TrainerConfig, run_dir: Path, logger: Any, callbacks: list[Any]) -> L.Trainer:
-    """A Lightning Trainer writing into ``run_dir``; refuses an accelerator this machine lacks."""
-    require_accelerator(config.accelerator, "trainer.accelerator", "use trainer=cpu or trainer=auto")
-
-    def has(kind: type) -> bool:
-        return any(isinstance(callback, kind) for callback in callbacks)
-
-    try:
-        return L.Trainer(
-            **vars(config),
-            default_root_dir=run_dir,
-            logger=logger,
-            callbacks=callbacks,
-            # Checkpoints are copied in memory and written by a background thread: on a busy disk a write can
-            # stall for seconds, longer than an epoch. Lightning waits for the writes when fit ends.
-            plugins=[AsyncCheckpointIO()],
-            # Lightning adds its own of each unless told not to; the callbacks group decides instead.
-            enable_checkpointing=has(ModelCheckpoint),
-            enable_progress_bar=has(ProgressBar),
-            enable_model_summary=has(ModelSummary),
-        )
-    except MisconfigurationException as error:
-        raise ConfigError(f"trainer: {_one_line(error)}") from None
-
-
-def build_model(config: RunConfig, datamodule: ImageDataModule) -> MLPClassifier:
-    model, optimizer = config.model, config.optimizer
-    return MLPClassifier(
-        num_features=datamodule.num_features,
-        num_classes=datamodule.num_classes,
-        depth=model.depth,
-        width=model.width,
-        activation=model.activation,
-        dropout=model.dropout,
-        output_activation=model.output_activation,
-        optimizer=optimizer.name,
-        lr=optimizer.lr,
-        weight_decay=optimizer.weight_decay,
-        momentum=optimizer.momentum,
-        scheduler=config.scheduler.name,
-        min_lr=config.scheduler.min_lr,
-        max_epochs=config.trainer.max_epochs,
-        input_mean=datamodule.mean,
-        input_std=datamodule.std,
-        class_names=datamodule.class_names,
-    )
-
-
-def train(config: RunConfig, run_dir: Path, logger: Any = False, callbacks: list[Any] | None = None) -> dict[str, Any]:
-    """Train, then test the best checkpoint; writes and returns metrics.json's content."""
-    started = time.perf_counter()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(config.seed, workers=True, verbose=False)
-    history = EpochHistory()
-    trainer = build_trainer(config.trainer, run_dir, logger, [*(callbacks or []), history])
-    datamodule = ImageDataModule(
-        name=config.data.name,
-        data_dir=config.data_dir,
-        batch_size=config.data.batch_size,
-        eval_batch_size=config.data.eval_batch_size,
-        val_size=config.data.val_size,
-        split_seed=config.data.split_seed,
-        shuffle_seed=config.seed,
-        system_dir=config.data.system_dir,
-        download=config.data.download,
-    )
-    if trainer.is_global_zero:
-        datamodule.prepare_data()
-    datamodule.setup("fit")
-    model = build_model(config, datamodule)
-    log.info("Run directory: %s", run_dir)
-
-    metrics: dict[str, Any] = {"status": "running", "num_parameters": count_parameters(model.network)}
-    # Lightning sets this at import so device checks cannot initialise CUDA before a fork. With it set, torch's
-    # Adam queries NVML at every step (dlopen + init, ~0.3 ms). Nothing forks from here on.
-    os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
-    try:
-        trainer.fit(model, datamodule=datamodule)
-        metrics.update(history.best())
-        tested = trainer.test(model, datamodule=datamodule, ckpt_path="best" if trainer.checkpoint_callback else None)
-        metrics.update({key: value for key, value in tested[0].items() if key.startswith("test/")})
-        metrics["status"] = "completed"
-    except BaseException as error:
-        metrics["status"] = "interrupted" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "failed"
-        metrics["error"] = f"{type(error).__name__}: {_one_line(error)}"
-        raise
-    finally:
-        metrics["epochs"] = len(history.epochs)
-        metrics["epoch_seconds"] = history.epoch_seconds
-        metrics["wall_seconds"] = round(time.perf_counter() - started, 3)
-        if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path:
-            metrics["best_checkpoint"] = os.path.relpath(trainer.checkpoint_callback.best_model_path, run_dir)
-        if trainer.is_global_zero:
-            write_metrics(run_dir, metrics)
-    _report(run_dir, metrics)
-    return metrics
-
-
-def _report(run_dir: Path, metrics: dict[str, Any]) -> None:
-    log.info(
-        "Finished: test/acc %.4f, best val/acc %.4f at epoch %d, %.1f s",
-        metrics.get("test/acc", float("nan")), metrics.get("val/acc", float("nan")),
-        metrics.get("best_epoch", -1), metrics["wall_seconds"],
-    )
-    log.info("Run directory: %s", run_dir)
-    log.info("TensorBoard:   tensorboard --logdir %s", run_dir)
 
 
 if __name__ == "__main__":

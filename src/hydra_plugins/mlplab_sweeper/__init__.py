@@ -1,0 +1,1 @@
+"""mlplab's Hydra sweeper plugin; Hydra finds it in the hydra_plugins namespace."""

@@ -1,0 +1,114 @@
+"""mlplab's Hydra sweeper (``hydra/sweeper=mlplab``, the default of mlplab-train).
+
+Hydra's basic sweeper, plus what makes a sweep usable: every job's config is checked before any job trains, a dry
+run lists the jobs, finished jobs are skipped, each job's config is composed once (not once to check and again to
+launch), and the sweep folder gets its summary at the end. Works with any launcher (basic, joblib).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+
+from mlplab.config import ConfigError, parse_run_config, require_accelerator
+from mlplab.report import JOBS_FILE, write_summary
+from mlplab.runs import read_metrics
+
+log = logging.getLogger(__name__)
+
+
+class Job(NamedTuple):  # not a dataclass: Hydra's plugin scan runs this module outside sys.modules
+    overrides: list[str]
+    dir: Path
+
+
+class ComposedOnce:
+    """A config loader that hands the launcher the job configs the sweeper already composed to check them."""
+
+    def __init__(self, loader: Any):
+        self._loader = loader
+        self._composed: dict[tuple[str, ...], DictConfig] = {}
+
+    def load_sweep_config(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
+        composed = self._composed.pop(tuple(sweep_overrides), None)
+        return composed if composed is not None else self.compose(master_config, sweep_overrides)
+
+    def compose(self, master_config: DictConfig, sweep_overrides: list[str], keep: bool = False) -> DictConfig:
+        composed = self._loader.load_sweep_config(master_config, list(sweep_overrides))
+        if keep:
+            self._composed[tuple(sweep_overrides)] = copy.deepcopy(composed)
+        return composed
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # unpickling (parallel launchers) looks up dunders before _loader exists
+            raise AttributeError(name)
+        return getattr(self._loader, name)
+
+
+class MlplabSweeper(BasicSweeper):
+    def __init__(self, max_batch_size: int | None = None, params: dict[str, str] | None = None):
+        super().__init__(max_batch_size=max_batch_size, params=params)
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.loader = ComposedOnce(hydra_context.config_loader)
+        context = HydraContext(config_loader=self.loader, callbacks=hydra_context.callbacks)
+        super().setup(hydra_context=context, task_function=task_function, config=config)
+
+    def sweep(self, arguments: list[str]) -> Any:
+        assert self.config is not None and self.launcher is not None
+        parser = OverridesParser.create(config_loader=self.loader)
+        overrides = parser.parse_overrides([*self._parse_config(), *arguments])
+        sweep_dir = Path(self.config.hydra.sweep.dir)  # resolved (and cached) before any job copies the cache
+        jobs = [self.check(job_overrides) for batch in self.split_arguments(overrides, None) for job_overrides in batch]
+        done = [job for job in jobs if read_metrics(job.dir).get("status") == "completed"]
+        if self.config.get("dry_run"):
+            print(dry_run_listing(jobs, done, sweep_dir))
+            return []
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        listing = [{"overrides": job.overrides, "dir": job.dir.name} for job in jobs]
+        (sweep_dir / JOBS_FILE).write_text(json.dumps(listing, indent=1) + "\n")
+        todo = [job for job in jobs if job not in done]
+        log.info("Sweep %s: %d jobs, %d done already, %d to run", sweep_dir, len(jobs), len(done), len(todo))
+        log.info("Resume or extend it with the same command and sweep=%s", sweep_dir.name)
+        returns, batch_size = [], self.max_batch_size or max(len(todo), 1)
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            returns.append(self.launcher.launch([job.overrides for job in batch], initial_job_idx=start))
+        jobs_summary, text = write_summary(sweep_dir)
+        print(text, end="")
+        print(f"Summary: {sweep_dir / 'summary.md'} (also .csv, .png); TensorBoard: tensorboard --logdir {sweep_dir}")
+        unfinished = [job for job in jobs_summary if job["status"] != "completed"]
+        if unfinished:
+            print(f"mlplab-train: {len(unfinished)} of {len(jobs_summary)} jobs did not complete: "
+                  + ", ".join(f"{job['job']} ({job['status']})" for job in unfinished), file=sys.stderr)
+            sys.exit(1)
+        return returns
+
+    def check(self, job_overrides: Sequence[str]) -> Job:
+        """Compose one job's config and check it as the job will; a bad point stops the sweep before any training."""
+        config = self.loader.compose(self.config, list(job_overrides), keep=True)
+        try:
+            run_keys = [key for key in config if key != "hydra"]
+            run_config = parse_run_config(OmegaConf.to_container(OmegaConf.masked_copy(config, run_keys), resolve=True))
+            require_accelerator(run_config.trainer.accelerator, "trainer.accelerator", "use trainer=cpu or trainer=auto")
+        except ConfigError as error:
+            print(f"mlplab-train: error: job {' '.join(job_overrides)}: {error}; no job was started", file=sys.stderr)
+            sys.exit(2)
+        return Job(list(job_overrides), Path(config.hydra.sweep.dir) / str(OmegaConf.select(config, "hydra.sweep.subdir")))
+
+
+def dry_run_listing(jobs: list[Job], done: list[Job], sweep_dir: Path) -> str:
+    lines = [f"Dry run: {len(jobs)} jobs in {sweep_dir} ({len(done)} done); nothing is trained."]
+    for number, job in enumerate(jobs):
+        lines.append(f"  #{number} {'done  ' if job in done else 'to run'}  {job.dir.name}")
+    return "\n".join(lines)

@@ -1,0 +1,66 @@
+"""TensorBoard's HParams tab: one session per run, its hyperparameters beside its final metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mlplab.config import RunConfig
+
+# metrics.json key -> the scalar tag the HParams table shows as a column. Tags of their own, so that a final value
+# never lands as an extra point on a training curve.
+FINAL_METRICS = {
+    "val/acc": "final/best_val_acc",
+    "val/loss": "final/best_val_loss",
+    "test/acc": "final/test_acc",
+    "test/loss": "final/test_loss",
+    "epochs": "final/epochs",
+    "wall_seconds": "final/wall_seconds",
+    "num_parameters": "final/num_parameters",
+}
+
+
+def run_hparams(config: RunConfig, overrides: dict[str, str] | None = None) -> dict[str, Any]:
+    """The hyperparameters a user compares runs by, plus every key set on the command line (as written)."""
+    model, data, optimizer = config.model, config.data, config.optimizer
+    values: dict[str, Any] = {
+        "data.name": data.name,
+        "model.depth": model.depth,
+        "model.width": str(model.width),  # a list stays readable as written: [512, 256]
+        "model.activation": model.activation,
+        "model.dropout": model.dropout,
+        "optimizer.name": optimizer.name,
+        "optimizer.lr": optimizer.lr,
+        "optimizer.weight_decay": optimizer.weight_decay,
+        "data.batch_size": data.batch_size,
+        "trainer.max_epochs": config.trainer.max_epochs,
+        "seed": config.seed,
+        "scheduler.name": config.scheduler.name,
+    }
+    for key, value in (overrides or {}).items():
+        values.setdefault(key, value)
+    return values
+
+
+def log_hparams(logger: Any, hparams: dict[str, Any], metrics: dict[str, Any], step: int) -> None:
+    """Write the HParams session (hyperparameters, status, final metrics) into the run's own event files.
+
+    Lightning's ``log_hyperparams`` would log the metrics at step 0 under their curve's own tag; torch's
+    ``SummaryWriter.add_hparams`` would make a timestamped sub-run. Neither is what a sweep table needs.
+    """
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+    if not isinstance(logger, TensorBoardLogger):
+        return
+    finals = {tag: float(metrics[key]) for key, tag in FINAL_METRICS.items() if key in metrics}
+    values = {key: _plain(value) for key, value in {**hparams, "status": metrics.get("status", "")}.items()}
+    writer = logger.experiment
+    for summary in hparams_summary(values, dict.fromkeys(FINAL_METRICS.values(), 0.0)):
+        writer._get_file_writer().add_summary(summary)
+    for tag, value in finals.items():
+        writer.add_scalar(tag, value, step)
+    writer.flush()
+
+
+def _plain(value: Any) -> int | float | str | bool:
+    return value if isinstance(value, (int, float, str, bool)) else str(value)

@@ -1,0 +1,111 @@
+"""One sweep job in its stable directory: claimed by one process at a time, skipped when done, resumed when cut short."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from mlplab.runs import CHECKPOINT_DIR, read_metrics
+
+LOCK_FILE = ".lock"
+LAST_CHECKPOINT = "last.ckpt"
+RETRIED = ("failed", "diverged")
+
+
+@contextmanager
+def claim(job_dir: Path, lock_name: str = LOCK_FILE) -> Iterator[bool]:
+    """Hold the job for this process while the block runs; yields False when another process holds it.
+
+    An flock rather than a marker file: the kernel drops it when its owner dies, SIGKILL included, so a crashed
+    sweep never leaves a job locked. The file names the holder for ``running_on``.
+    """
+    job_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(job_dir / lock_name, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+        try:
+            yield True
+        finally:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
+
+
+def running_on(job_dir: Path) -> str | None:
+    """"host pid" of the process working on the job now, if one is (for reports: reading never takes the lock)."""
+    try:
+        host, pid = (job_dir / LOCK_FILE).read_text().split()
+    except (OSError, ValueError):
+        return None
+    if host == socket.gethostname():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return None  # died without releasing: SIGKILL, power loss
+        except PermissionError:
+            pass  # alive, someone else's
+    return f"{host} {pid}"
+
+
+def job_state(job_dir: Path) -> str:
+    """completed | failed | diverged | running | interrupted | pending."""
+    status = read_metrics(job_dir).get("status")
+    if status in ("completed", *RETRIED):
+        return status
+    if running_on(job_dir):
+        return "running"
+    if status or (job_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
+        return "interrupted"
+    return "pending"
+
+
+def prepare_attempt(job_dir: Path) -> Path | None:
+    """Make the (claimed, unfinished) job ready to run; returns the checkpoint to resume from, if any.
+
+    A failed or diverged job starts over: its checkpoints and TensorBoard events go, its log stays. An interrupted
+    job resumes from its last checkpoint; events written after that checkpoint are re-logged by the resumed run.
+    """
+    last = job_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+    if read_metrics(job_dir).get("status") in RETRIED or not last.is_file():
+        shutil.rmtree(job_dir / CHECKPOINT_DIR, ignore_errors=True)
+        for events in job_dir.glob("events.out.tfevents.*"):
+            events.unlink()
+        return None
+    return last
+
+
+def threads_per_job(parallel_jobs: int | None) -> int | None:
+    """CPU threads for each of ``parallel_jobs`` jobs sharing this machine; None when jobs run one at a time."""
+    if not parallel_jobs or parallel_jobs == 1:
+        return None
+    cores = len(os.sched_getaffinity(0))
+    return 1 if parallel_jobs < 0 else max(1, cores // parallel_jobs)
+
+
+@contextmanager
+def gpu_slot(sweep_dir: Path, gpu_count: int) -> Iterator[int | None]:
+    """A GPU no other job of the sweep is using, held while the block runs; None with fewer than two GPUs.
+
+    When every GPU is taken (more parallel jobs than GPUs), jobs share the first one rather than wait.
+    """
+    if gpu_count < 2:
+        yield None
+        return
+    for index in range(gpu_count):
+        with claim(sweep_dir, f".gpu{index}.lock") as free:
+            if free:
+                yield index
+                return
+    yield 0
+
