@@ -85,22 +85,6 @@ def test_checkpoint_records_the_data_setup_eval_rebuilds(trained_run):
     assert state["datamodule_hyper_parameters"]["val_size"] == 100
 
 
-def test_sweep_gives_one_directory_per_job_with_its_own_config(synthetic_data_dir, tmp_path):
-    result = run_cli(["mlplab-train", "-m", *SYNTHETIC_RUN, "model.depth=1,2", "model.width=16,32"], tmp_path, synthetic_data_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (sweep_dir,) = (tmp_path / "outputs" / "sweeps").iterdir()
-    jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir())
-    assert len(jobs) == 4
-    shapes = set()
-    for job in jobs:
-        config = (job / ".hydra" / "config.yaml").read_text()
-        depth = int(config.split("depth: ")[1].split()[0])
-        width = int(config.split("width: ")[1].split()[0])
-        assert f"model.depth={depth}" in job.name and f"model.width={width}" in job.name  # readable run names
-        assert list(job.glob("events.out.tfevents.*")) and "val/acc" in scalars(job)
-        assert json.loads((job / "metrics.json").read_text())["status"] == "completed"
-        shapes.add((depth, width))
-    assert shapes == {(1, 16), (1, 32), (2, 16), (2, 32)}
 
 
 def test_runs_started_in_the_same_second_get_their_own_directories(synthetic_data_dir, tmp_path):

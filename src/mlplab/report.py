@@ -10,7 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import yaml
+from omegaconf import OmegaConf
 
 from mlplab.runs import read_metrics
 from mlplab.sweep import job_state
@@ -26,7 +26,7 @@ def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
     listed = json.loads((sweep_dir / JOBS_FILE).read_text()) if (sweep_dir / JOBS_FILE).is_file() else []
     overrides = {sweep_dir / job["dir"]: job["overrides"] for job in listed}
     for config in sorted(sweep_dir.glob("*/.hydra/overrides.yaml")):
-        overrides.setdefault(config.parent.parent, yaml.safe_load(config.read_text()) or [])
+        overrides.setdefault(config.parent.parent, list(OmegaConf.load(config)))
     jobs = []
     for job_dir, job_overrides in overrides.items():
         metrics = read_metrics(job_dir)
@@ -122,6 +122,7 @@ def plot(jobs: list[dict[str, Any]], path: Path, top: int = 5) -> None:
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     finished = ranked(jobs)
     keys = [key for key in swept_keys(jobs) if key != "seed"]
@@ -135,8 +136,10 @@ def plot(jobs: list[dict[str, Any]], path: Path, top: int = 5) -> None:
     curves = axes.flat[len(keys)]
     for job in finished[:top]:
         history = [point for point in job["history"] if RANK_BY in point]
-        curves.plot([p["epoch"] for p in history], [p[RANK_BY] for p in history], marker="o", label=job["job"][:60])
+        label = " ".join(f"{key}={job['values'][key]}" for key in swept_keys(jobs) if key in job["values"])
+        curves.plot([p["epoch"] for p in history], [p[RANK_BY] for p in history], marker="o", label=label or job["job"])
     curves.set(title=f"{RANK_BY} per epoch, top {min(top, len(finished))} runs", xlabel="epoch", ylabel=RANK_BY)
+    curves.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     if finished:
         curves.legend(fontsize=7)
     for axis in list(axes.flat)[panels:]:
@@ -162,8 +165,10 @@ def _plot_against(axis: Any, jobs: list[dict[str, Any]], key: str, line_key: str
         axis.errorbar([positions[x] for x in xs], [statistics.fmean(points[x]) for x in xs],
                       yerr=[_std(points[x]) or 0.0 for x in xs], marker="o", capsize=3,
                       label=f"{line_key}={label}" if line_key else None)
-    if not numeric:
-        axis.set_xticks(list(positions.values()), list(positions), rotation=20)
+    if numeric and values and float(values[0]) > 0 and float(values[-1]) / float(values[0]) >= 8:
+        axis.set_xscale("log", base=2)  # widths, batch sizes, learning rates: spaced by factors
+    axis.set_xticks(list(positions.values()), list(positions), rotation=20 if not numeric else 0)
+    axis.minorticks_off()
     axis.set(title=f"best {RANK_BY} by {key}", xlabel=key, ylabel=f"best {RANK_BY}")
     if line_key:
         axis.legend(fontsize=8)

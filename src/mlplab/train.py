@@ -25,8 +25,8 @@ from mlplab.config import SWEEP_KEYS, ConfigError, RunConfig, parse_run_config
 from mlplab.datasets import DataUnavailableError
 from mlplab.hparams import run_hparams
 from mlplab.module import DivergedError
-from mlplab.runs import read_metrics
-from mlplab.sweep import claim, gpu_slot, prepare_attempt, threads_per_job
+from mlplab.runs import read_metrics, write_metrics
+from mlplab.sweep import RETRIED, claim, gpu_slot, prepare_attempt, threads_per_job
 from mlplab.training import one_line, train
 
 # An installed console script has no sensible working directory to look in: the configs live beside the package.
@@ -139,15 +139,20 @@ def train_sweep_job(
         if resume_from:
             log.info("Resuming from %s", resume_from)
         threads = threads_per_job(hydra_config.launcher.get("n_jobs"))
-        if threads:
+        if threads:  # jobs side by side share the cores instead of each taking all of them
             torch.set_num_threads(threads)
+            log.info("CPU threads for this job: %d", threads)
         sweep_dir = Path(hydra_config.sweep.dir)
         with gpu_slot(sweep_dir, torch.cuda.device_count() if config.trainer.accelerator != "cpu" else 0) as gpu:
             try:
                 return train(config, run_dir, logger, callbacks, hparams=hparams, resume_from=resume_from, gpu_index=gpu)
-            except Exception as error:  # recorded by train(); one job's failure is not the sweep's
+            except Exception as error:  # one job's failure is not the sweep's
                 log.error("Job failed: %s", one_line(error))
-                return read_metrics(run_dir)
+                metrics = read_metrics(run_dir)
+                if metrics.get("status") not in RETRIED:  # failed before training began (data set-up)
+                    metrics = {**metrics, "status": "failed", "error": f"{type(error).__name__}: {one_line(error)}"}
+                    write_metrics(run_dir, metrics)
+                return metrics
 
 
 def _exit_with(error: Exception, run_dir: Path) -> NoReturn:

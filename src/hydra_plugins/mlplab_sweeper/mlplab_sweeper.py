@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
@@ -21,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mlplab.config import ConfigError, parse_run_config, require_accelerator
 from mlplab.report import JOBS_FILE, write_summary
-from mlplab.runs import read_metrics
+from mlplab.sweep import job_state
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class MlplabSweeper(BasicSweeper):
         overrides = parser.parse_overrides([*self._parse_config(), *arguments])
         sweep_dir = Path(self.config.hydra.sweep.dir)  # resolved (and cached) before any job copies the cache
         jobs = [self.check(job_overrides) for batch in self.split_arguments(overrides, None) for job_overrides in batch]
-        done = [job for job in jobs if read_metrics(job.dir).get("status") == "completed"]
+        done = [job for job in jobs if job_state(job.dir) == "completed"]
         if self.config.get("dry_run"):
             print(dry_run_listing(jobs, done, sweep_dir))
             return []
@@ -84,6 +85,7 @@ class MlplabSweeper(BasicSweeper):
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
             returns.append(self.launcher.launch([job.overrides for job in batch], initial_job_idx=start))
+        wait_for_other_processes([job.dir for job in jobs])
         jobs_summary, text = write_summary(sweep_dir)
         print(text, end="")
         print(f"Summary: {sweep_dir / 'summary.md'} (also .csv, .png); TensorBoard: tensorboard --logdir {sweep_dir}")
@@ -105,6 +107,16 @@ class MlplabSweeper(BasicSweeper):
             print(f"mlplab-train: error: job {' '.join(job_overrides)}: {error}; no job was started", file=sys.stderr)
             sys.exit(2)
         return Job(list(job_overrides), Path(config.hydra.sweep.dir) / str(OmegaConf.select(config, "hydra.sweep.subdir")))
+
+
+def wait_for_other_processes(job_dirs: list[Path], poll_seconds: float = 1.0) -> None:
+    """Jobs this process skipped because another process holds them: wait for them, so the summary is complete."""
+    announced = False
+    while running := [job_dir for job_dir in job_dirs if job_state(job_dir) == "running"]:
+        if not announced:
+            log.info("Waiting for %d jobs that another process is running", len(running))
+            announced = True
+        time.sleep(poll_seconds)
 
 
 def dry_run_listing(jobs: list[Job], done: list[Job], sweep_dir: Path) -> str:

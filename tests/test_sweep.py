@@ -1,0 +1,261 @@
+"""Sweeps as a user runs them (mlplab-train -m, mlplab-report, TensorBoard), in subprocesses on synthetic data."""
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+from conftest import SYNTHETIC_RUN, run_cli
+from mlplab.hparams import FINAL_METRICS
+
+BIN = Path(sys.executable).parent
+GRID = ["model.depth=1,2", "model.width=16,32", "trainer.max_epochs=2"]
+SLOW_JOBS = ["data.batch_size=2", "trainer.max_epochs=3"]  # a few seconds per job: time to kill or contend
+
+
+def sweep(args: list[str], cwd: Path, data_dir: Path) -> subprocess.CompletedProcess:
+    return run_cli(["mlplab-train", "-m", *SYNTHETIC_RUN, *args], cwd, data_dir)
+
+
+def start_sweep(args: list[str], cwd: Path, data_dir: Path, threads: int | None = None) -> subprocess.Popen:
+    env = {**os.environ, "MLPLAB_DATA_DIR": str(data_dir), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    return subprocess.Popen([str(BIN / "mlplab-train"), "-m", *SYNTHETIC_RUN, *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    return sorted(path for path in sweep_dir.iterdir() if (path / ".hydra").is_dir())
+
+
+def metrics(job: Path) -> dict:
+    return json.loads((job / "metrics.json").read_text())
+
+
+def summary_rows(sweep_dir: Path) -> dict[str, dict[str, str]]:
+    with (sweep_dir / "summary.csv").open() as file:
+        return {row["job"]: row for row in csv.DictReader(file)}
+
+
+def file_stamps(directory: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(directory)): (p.stat().st_mtime_ns, p.stat().st_size) for p in directory.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def grid(synthetic_data_dir, tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("grid")
+    result = sweep([*GRID, "sweep=grid"], cwd, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd / "outputs" / "sweeps" / "grid"
+
+
+def test_grid_sweep_gives_one_folder_per_job_and_a_summary_of_them(grid):
+    jobs = job_dirs(grid)
+    shapes = set()
+    for job in jobs:
+        config = (job / ".hydra" / "config.yaml").read_text()
+        depth, width = int(config.split("depth: ")[1].split()[0]), int(config.split("width: ")[1].split()[0])
+        assert f"model.depth={depth}" in job.name and f"model.width={width}" in job.name  # from the job's own overrides
+        shapes.add((depth, width))
+    assert shapes == {(1, 16), (1, 32), (2, 16), (2, 32)}
+
+    rows = summary_rows(grid)
+    assert sorted(rows) == [job.name for job in jobs]
+    for job in jobs:
+        recorded, row = metrics(job), rows[job.name]
+        assert row["status"] == recorded["status"] == "completed"
+        for key in ("val/acc", "val/loss", "test/acc", "test/loss", "epochs", "wall_seconds", "num_parameters"):
+            assert float(row[key]) == pytest.approx(recorded[key]), key
+
+    assert (grid / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = [line for line in (grid / "summary.md").read_text().splitlines() if line.startswith("| ")][2:]
+    assert len(table) == 4 and "(best)" in table[0]
+    ranked_val_acc = [float(line.split("|")[4]) for line in table]  # rank | depth | width | val/acc
+    assert ranked_val_acc == sorted(ranked_val_acc, reverse=True)  # ranked by validation accuracy
+    assert ranked_val_acc[0] == pytest.approx(max(metrics(job)["val/acc"] for job in jobs), abs=1e-4)
+
+
+def test_report_regenerates_the_summary_and_prints_it(grid, tmp_path):
+    for name in ("summary.csv", "summary.md", "summary.png"):
+        (grid / name).rename(tmp_path / name)
+    result = run_cli(["mlplab-report", str(grid)], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (grid / "summary.md").read_text() == (tmp_path / "summary.md").read_text()
+    assert summary_rows(grid).keys() == {job.name for job in job_dirs(grid)}
+    assert (grid / "summary.png").is_file()
+    assert sum(line.startswith("| ") for line in result.stdout.splitlines()) == 2 + 4  # header, rule, four jobs
+
+    wrong = run_cli(["mlplab-report", str(tmp_path)], tmp_path)
+    assert wrong.returncode == 2 and "not a sweep folder" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+def hparams_session(job: Path) -> dict:
+    events = EventAccumulator(str(job))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    start = HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    values = {}
+    for key, value in start.hparams.items():
+        values[key] = value.string_value if value.WhichOneof("kind") == "string_value" else value.number_value
+    scalars = {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"]}
+    return {"hparams": values, "scalars": scalars}
+
+
+def test_hparams_in_each_jobs_own_event_files(grid):
+    for job in job_dirs(grid):
+        assert [p.parent for p in job.rglob("events.out.tfevents.*")] == [job] * len(list(job.glob("events.*")))
+        session = hparams_session(job)
+        for key in ("data.name", "model.depth", "model.width", "model.activation", "model.dropout", "optimizer.name",
+                    "optimizer.lr", "optimizer.weight_decay", "data.batch_size", "trainer.max_epochs", "seed"):
+            assert key in session["hparams"], key
+        config = (job / ".hydra" / "config.yaml").read_text()
+        assert str(session["hparams"]["model.width"]) in config and session["hparams"]["status"] == "completed"
+        recorded = metrics(job)
+        for key, tag in FINAL_METRICS.items():
+            assert session["scalars"][tag] == pytest.approx(recorded[key]), tag
+        assert "hp_metric" not in session["scalars"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_tensorboard_server_shows_one_hparams_row_per_job(grid, tmp_path):
+    port = free_port()
+    server = subprocess.Popen([str(BIN / "tensorboard"), "--logdir", str(grid), "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}/data/plugin"
+    query = {"experimentName": "", "startIndex": 0, "sliceSize": 100,
+             "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
+             "colParams": [{"metric": {"tag": "final/best_val_acc"}}, {"hparam": "model.depth"}, {"hparam": "model.width"}]}
+    try:
+        deadline, groups = time.monotonic() + 90, []
+        while time.monotonic() < deadline:
+            try:
+                groups = post(f"{base}/hparams/session_groups", query)["sessionGroups"]
+                if len(groups) == 4:
+                    break
+            except OSError:
+                pass  # not listening yet
+            time.sleep(0.5)
+        experiment = post(f"{base}/hparams/experiment", {"experimentName": ""})
+        with urllib.request.urlopen(f"{base}/scalars/tags", timeout=30) as response:
+            runs = json.loads(response.read())
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    jobs = {job.name: job for job in job_dirs(grid)}
+    assert sorted(group["name"] for group in groups) == sorted(jobs)
+    assert {"final/best_val_acc", "final/test_acc", "final/wall_seconds"} <= {m["name"]["tag"] for m in experiment["metricInfos"]}
+    for group in groups:
+        value = {m["name"]["tag"]: m["value"] for m in group["metricValues"]}["final/best_val_acc"]
+        assert value == pytest.approx(metrics(jobs[group["name"]])["val/acc"])
+        assert f"model.width={group['hparams']['model.width']}" in group["name"]
+    assert set(runs) == set(jobs) and all("val/acc" in tags for tags in runs.values())  # curves under job names
+
+
+def test_parallel_launcher_gives_the_same_results_as_one_process(grid, synthetic_data_dir, tmp_path):
+    result = sweep([*GRID, "sweep=grid", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2"], tmp_path, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    parallel = tmp_path / "outputs" / "sweeps" / "grid"
+    assert "CPU threads for this job: 1" in "".join(p.read_text() for p in parallel.glob("*/train.log"))
+    sequential_rows, parallel_rows = summary_rows(grid), summary_rows(parallel)
+    assert sequential_rows.keys() == parallel_rows.keys()
+    for job, row in parallel_rows.items():
+        assert row["status"] == "completed"
+        for key in ("val/acc", "val/loss", "test/acc", "test/loss", "best_epoch"):
+            assert float(row[key]) == pytest.approx(float(sequential_rows[job][key]), rel=1e-4), (job, key)
+
+
+def test_failing_and_diverging_jobs_are_recorded_and_the_sweep_goes_on(synthetic_data_dir, tmp_path):
+    # data.val_size=100000 fails when the data is split (more than the 600 training images); lr=1e30 diverges.
+    result = sweep(["model.width=16", "optimizer.lr=0.001,1e30", "data.val_size=100,100000", "sweep=mixed"],
+                   tmp_path, synthetic_data_dir)
+    assert result.returncode == 1
+    assert "3 of 4 jobs did not complete" in result.stderr and "Traceback" not in result.stderr
+    sweep_dir = tmp_path / "outputs" / "sweeps" / "mixed"
+    jobs = {("lr=0.001" in job.name, "val_size=100," in job.name): job for job in job_dirs(sweep_dir)}
+    assert metrics(jobs[True, True])["status"] == "completed"
+    diverged = metrics(jobs[False, True])
+    assert diverged["status"] == "diverged" and "lower optimizer.lr" in diverged["error"]
+    assert not list(jobs[False, True].glob("checkpoints/*.ckpt"))  # no checkpoint of NaN weights
+    for lr_ok in (True, False):
+        failed = metrics(jobs[lr_ok, False])
+        assert failed["status"] == "failed" and "data.val_size must be between 1 and 599" in failed["error"]
+    summary = (sweep_dir / "summary.md").read_text()
+    assert summary.count(": failed: ") == 2 and summary.count(": diverged: ") == 1
+
+
+def test_killed_sweep_resumes_where_it_stopped(synthetic_data_dir, tmp_path):
+    args = [*SLOW_JOBS, "seed=1,2,3", "sweep=killed"]
+    sweep_dir = tmp_path / "outputs" / "sweeps" / "killed"
+    process = start_sweep(args, tmp_path, synthetic_data_dir)
+    deadline = time.monotonic() + 240
+    while not list(sweep_dir.glob("*seed=2*/checkpoints/last.ckpt")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.communicate(timeout=60)
+    first, second = job_dirs(sweep_dir)  # the third never started
+    assert metrics(first)["status"] == "completed" and metrics(second)["status"] == "running"
+    finished_files = file_stamps(first)
+
+    result = sweep(args, tmp_path, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert file_stamps(first) == finished_files  # not retrained, not even touched
+    assert "Resuming from" in (second / "train.log").read_text()
+    resumed = metrics(second)
+    assert resumed["status"] == "completed" and resumed["epochs"] == 3
+    assert [point["epoch"] for point in resumed["history"]] == [0, 1, 2]
+    assert {row["status"] for row in summary_rows(sweep_dir).values()} == {"completed"}
+    assert len(summary_rows(sweep_dir)) == 3
+
+
+def test_two_processes_on_one_sweep_train_each_job_once(synthetic_data_dir, tmp_path):
+    args = [*SLOW_JOBS, "seed=1,2,3,4", "sweep=shared"]
+    # Two processes on 2 cores: one thread each, as the README says (2 x 2 spinning threads run 20x slower).
+    processes = [start_sweep(args, tmp_path, synthetic_data_dir, threads=1) for _ in range(2)]
+    outputs = [process.communicate(timeout=600)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    sweep_dir = tmp_path / "outputs" / "sweeps" / "shared"
+    jobs = job_dirs(sweep_dir)
+    assert len(jobs) == 4
+    for job in jobs:
+        assert (job / "train.log").read_text().count("Finished: test/acc") == 1, job.name
+        assert metrics(job)["status"] == "completed"
+    assert {row["status"] for row in summary_rows(sweep_dir).values()} == {"completed"}
+
+
+def test_bad_point_stops_the_sweep_before_any_training(synthetic_data_dir, tmp_path):
+    result = sweep(["model.width=64,-1", "sweep=bad"], tmp_path, synthetic_data_dir)
+    assert result.returncode == 2
+    assert "model.width=-1" in result.stderr and "model.width must be >= 1" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_dry_run_lists_jobs_and_what_is_done_without_training(grid, synthetic_data_dir):
+    cwd = grid.parent.parent.parent
+    args = ["model.depth=1,2", "model.width=16,32,48", "trainer.max_epochs=2", "sweep=grid", "dry_run=true"]
+    result = sweep(args, cwd, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.strip().startswith("#")]
+    assert len(lines) == 6
+    assert sum("done" in line for line in lines) == 4 and sum("to run" in line for line in lines) == 2
+    assert len(job_dirs(grid)) == 4  # nothing new trained
