@@ -71,7 +71,7 @@ def main() -> None:
     if "startup" in args.parts:
         result["startup"] = bench_startup(args, data_dir, workdir)
     if "sweep" in args.parts:
-        result["sweep"] = bench_sweep(args, data_dir, workdir, result.get("startup", {}).get("import_seconds"))
+        result["sweep"] = bench_sweep(args, data_dir, workdir)
     if "memory" in args.parts:
         result["memory"] = bench_memory(args, data_dir, workdir)
     args.output.mkdir(parents=True, exist_ok=True)
@@ -326,23 +326,31 @@ def bench_startup(args, data_dir: Path, workdir: Path) -> dict:
             "first_step_samples": startups, "import_samples": imports}
 
 
-def bench_sweep(args, data_dir: Path, workdir: Path, import_seconds: float | None) -> dict:
-    """A 6-job multirun of one epoch on 10% of the data: wall time beyond imports and the jobs' epochs, per job."""
-    import_seconds = import_seconds or measure_import_seconds()
-    sweep_dir = workdir / "sweep"
-    started = time.time()
-    result = cli(["-m", *run_overrides(args, data_dir, 128), "seed=1,2,3,4,5,6", "trainer.max_epochs=1",
-                  "trainer.limit_train_batches=0.1", f"hydra.sweep.dir={sweep_dir}"], workdir)
-    wall = time.time() - started
-    if result.returncode != 0:
-        raise RuntimeError(f"the sweep failed: {result.stderr[-2000:]}")
-    jobs = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/metrics.json"))]
-    epochs = sum(sum(job["epoch_seconds"]) for job in jobs)
-    per_job = (wall - import_seconds - epochs) / len(jobs)
-    print(f"\nSweep of {len(jobs)} jobs (1 epoch on 10% of the data each): {wall:.2f} s in all, {epochs:.2f} s in epochs, "
-          f"{import_seconds:.2f} s imports; overhead per job {per_job:.2f} s")
-    return {"jobs": len(jobs), "wall_seconds": wall, "epoch_seconds": epochs, "import_seconds": import_seconds,
-            "overhead_per_job_seconds": per_job}
+def bench_sweep(args, data_dir: Path, workdir: Path) -> dict:
+    """A 6-job multirun of one epoch on 10% of the data: wall time beyond one process's imports and exit and the
+    jobs' epochs, per job; each repeat next to a `python -c "import torch, lightning"` run (imports and exit)."""
+    overheads, walls, process_seconds, epoch_seconds = [], [], [], []
+    for repeat in range(args.repeats):
+        started = time.time()
+        subprocess.run([sys.executable, "-c", "import torch, lightning"], check=True, capture_output=True)
+        process_seconds.append(time.time() - started)
+        sweep_dir = workdir / f"sweep-{repeat}"
+        started = time.time()
+        result = cli(["-m", *run_overrides(args, data_dir, 128), "seed=1,2,3,4,5,6", "trainer.max_epochs=1",
+                      "trainer.limit_train_batches=0.1", f"hydra.sweep.dir={sweep_dir}"], workdir)
+        walls.append(time.time() - started)
+        if result.returncode != 0:
+            raise RuntimeError(f"the sweep failed: {result.stderr[-2000:]}")
+        jobs = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/metrics.json"))]
+        epoch_seconds.append(sum(sum(job["epoch_seconds"]) for job in jobs))
+        overheads.append((walls[-1] - process_seconds[-1] - epoch_seconds[-1]) / len(jobs))
+    per_job = statistics.median(overheads)
+    print(f"\nSweep of {len(jobs)} jobs (1 epoch on 10% of the data each), median of {args.repeats}: "
+          f"{statistics.median(walls):.2f} s in all, {statistics.median(epoch_seconds):.2f} s in epochs, "
+          f"{statistics.median(process_seconds):.2f} s for one process's imports and exit; "
+          f"overhead per job {per_job:.2f} s (spread {min(overheads):.2f}..{max(overheads):.2f})")
+    return {"jobs": len(jobs), "wall_seconds": walls, "epoch_seconds": epoch_seconds, "import_and_exit_seconds": process_seconds,
+            "overhead_per_job_seconds": per_job, "overhead_per_job_repeats": overheads}
 
 
 def bench_memory(args, data_dir: Path, workdir: Path) -> dict:

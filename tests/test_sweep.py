@@ -17,6 +17,7 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from conftest import SYNTHETIC_RUN, run_cli
 from mlplab.hparams import FINAL_METRICS
+from mlplab.sweep import gpu_slot, threads_per_job
 
 BIN = Path(sys.executable).parent
 GRID = ["model.depth=1,2", "model.width=16,32", "trainer.max_epochs=2"]
@@ -259,3 +260,15 @@ def test_dry_run_lists_jobs_and_what_is_done_without_training(grid, synthetic_da
     assert len(lines) == 6
     assert sum("done" in line for line in lines) == 4 and sum("to run" in line for line in lines) == 2
     assert len(job_dirs(grid)) == 4  # nothing new trained
+
+
+def test_parallel_jobs_share_cores_and_take_distinct_gpus(tmp_path):
+    cores = len(os.sched_getaffinity(0))
+    assert threads_per_job(None) is None and threads_per_job(1) is None
+    assert threads_per_job(2) == max(1, cores // 2) and threads_per_job(-1) == 1
+    with gpu_slot(tmp_path, 2) as first, gpu_slot(tmp_path, 2) as second, gpu_slot(tmp_path, 2) as third:
+        assert (first, second, third) == (0, 1, 0)  # a third job shares rather than waits
+    with gpu_slot(tmp_path, 2) as again:
+        assert again == 0  # released when the job ended
+    with gpu_slot(tmp_path, 1) as single:
+        assert single is None  # one GPU: Lightning's own choice

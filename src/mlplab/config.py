@@ -111,6 +111,7 @@ class TrainerConfig:
     limit_val_batches: int | float = 1.0
     limit_test_batches: int | float = 1.0
     gradient_clip_val: float | None = None
+    num_sanity_val_steps: int = 0
 
     def __post_init__(self) -> None:
         _require(self.accelerator in ACCELERATORS, f"trainer.accelerator must be one of {', '.join(ACCELERATORS)}; got {self.accelerator!r}")
@@ -131,6 +132,7 @@ class TrainerConfig:
             self.gradient_clip_val is None or self.gradient_clip_val > 0,
             f"trainer.gradient_clip_val must be null or a number > 0, got {self.gradient_clip_val}",
         )
+        _require(self.num_sanity_val_steps >= -1, f"trainer.num_sanity_val_steps must be an integer >= -1, got {self.num_sanity_val_steps}")
 
 
 @dataclass(frozen=True)

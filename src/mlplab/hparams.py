@@ -37,8 +37,18 @@ def run_hparams(config: RunConfig, overrides: dict[str, str] | None = None) -> d
         "scheduler.name": config.scheduler.name,
     }
     for key, value in (overrides or {}).items():
-        values.setdefault(key, value)
+        values.setdefault(key, _number_if_numeric(value))
     return values
+
+
+def _number_if_numeric(value: str) -> int | float | str:
+    """Command-line values arrive as text; numbers stay numbers so the HParams table sorts and filters them."""
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
 
 
 def log_hparams(logger: Any, hparams: dict[str, Any], metrics: dict[str, Any], step: int) -> None:

@@ -169,7 +169,7 @@ def _plot_against(axis: Any, jobs: list[dict[str, Any]], key: str, line_key: str
         axis.set_xscale("log", base=2)  # widths, batch sizes, learning rates: spaced by factors
     axis.set_xticks(list(positions.values()), list(positions), rotation=20 if not numeric else 0)
     axis.minorticks_off()
-    axis.set(title=f"best {RANK_BY} by {key}", xlabel=key, ylabel=f"best {RANK_BY}")
+    axis.set(title=f"best {RANK_BY} by {key}", xlabel=key, ylabel=f"best {RANK_BY} (mean ± sd of its jobs)")
     if line_key:
         axis.legend(fontsize=8)
 
