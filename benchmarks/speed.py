@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 import warnings
-from datetime import date
+from datetime import datetime
 from importlib.metadata import version
 from pathlib import Path
 
@@ -75,7 +75,7 @@ def main() -> None:
     if "memory" in args.parts:
         result["memory"] = bench_memory(args, data_dir, workdir)
     args.output.mkdir(parents=True, exist_ok=True)
-    path = args.output / f"speed-{args.device}-{'quick-' if args.quick else ''}{date.today()}.json"
+    path = args.output / f"speed-{args.device}-{'quick-' if args.quick else ''}{datetime.now():%Y-%m-%dT%H%M}.json"  # never overwrites an earlier result
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwritten: {path}")
 

@@ -142,8 +142,8 @@ def train_sweep_job(
         if threads:  # jobs side by side share the cores instead of each taking all of them
             torch.set_num_threads(threads)
             log.info("CPU threads for this job: %d", threads)
-        sweep_dir = Path(hydra_config.sweep.dir)
-        with gpu_slot(sweep_dir, torch.cuda.device_count() if config.trainer.accelerator != "cpu" else 0) as gpu:
+        one_device = config.trainer.accelerator != "cpu" and config.trainer.devices == 1
+        with gpu_slot(Path(hydra_config.sweep.dir), torch.cuda.device_count() if one_device else 0) as gpu:
             try:
                 return train(config, run_dir, logger, callbacks, hparams=hparams, resume_from=resume_from, gpu_index=gpu)
             except Exception as error:  # one job's failure is not the sweep's
