@@ -187,8 +187,8 @@ def test_parallel_launcher_gives_the_same_results_as_one_process(grid, synthetic
 
 def test_failing_and_diverging_jobs_are_recorded_and_the_sweep_goes_on(synthetic_data_dir, tmp_path):
     # data.val_size=100000 fails when the data is split (more than the 600 training images); lr=1e30 diverges.
-    result = sweep(["model.width=16", "optimizer.lr=0.001,1e30", "data.val_size=100,100000", "sweep=mixed"],
-                   tmp_path, synthetic_data_dir)
+    args = ["model.width=16", "optimizer.lr=0.001,1e30", "data.val_size=100,100000", "sweep=mixed"]
+    result = sweep(args, tmp_path, synthetic_data_dir)
     assert result.returncode == 1
     assert "3 of 4 jobs did not complete" in result.stderr and "Traceback" not in result.stderr
     sweep_dir = tmp_path / "outputs" / "sweeps" / "mixed"
@@ -202,6 +202,11 @@ def test_failing_and_diverging_jobs_are_recorded_and_the_sweep_goes_on(synthetic
         assert failed["status"] == "failed" and "data.val_size must be between 1 and 599" in failed["error"]
     summary = (sweep_dir / "summary.md").read_text()
     assert summary.count(": failed: ") == 2 and summary.count(": diverged: ") == 1
+
+    completed = file_stamps(jobs[True, True])
+    again = sweep(args, tmp_path, synthetic_data_dir)  # the same command: failed jobs run again, finished ones do not
+    assert again.returncode == 1 and file_stamps(jobs[True, True]) == completed
+    assert (jobs[False, True] / "train.log").read_text().count("Job failed: train/loss became nan") == 2
 
 
 def test_killed_sweep_resumes_where_it_stopped(synthetic_data_dir, tmp_path):
