@@ -43,6 +43,10 @@ def test_cosine_schedule_anneals_over_max_epochs_towards_min_lr(synthetic_data_d
     assert metrics["status"] == "completed" and metrics["epochs"] == 2
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     (scheduler,) = state["lr_schedulers"]
-    # The last epoch trains at min_lr + (lr - min_lr) * (1 + cos(pi * (T - 1) / T)) / 2 with T = max_epochs.
-    expected = 0.0001 + (0.001 - 0.0001) * (1 + math.cos(math.pi * 1 / 2)) / 2
-    assert scheduler["T_max"] == 2 and scheduler["_last_lr"] == [pytest.approx(expected)]
+    # Epoch e trains at min_lr + (lr - min_lr) * (1 + cos(pi * e / T)) / 2, T = max_epochs; last.ckpt is written
+    # after the last epoch's step, where the schedule has reached min_lr.
+    assert scheduler["T_max"] == 2 and scheduler["last_epoch"] == 2
+    assert scheduler["_last_lr"] == [pytest.approx(0.0001 + (0.001 - 0.0001) * (1 + math.cos(math.pi * 2 / 2)) / 2)]
+    best = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True)["lr_schedulers"][0]
+    if best["last_epoch"] == 1:  # best after epoch 0: the second epoch's rate, half way down the cosine
+        assert best["_last_lr"] == [pytest.approx(0.0001 + (0.001 - 0.0001) * (1 + math.cos(math.pi * 1 / 2)) / 2)]

@@ -136,6 +136,14 @@ class TrainerConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    every_n_steps: int = 500
+
+    def __post_init__(self) -> None:
+        _require(self.every_n_steps >= 0, f"checkpoint.every_n_steps must be an integer >= 0 (0: only at epoch ends), got {self.every_n_steps}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     seed: int
     data_dir: str
@@ -144,6 +152,7 @@ class RunConfig:
     optimizer: OptimizerConfig
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 @dataclass(frozen=True)
@@ -153,15 +162,15 @@ class _PathsConfig:
 
 # Groups handled elsewhere: logger and callbacks are third-party objects built by the entry point.
 OPEN_GROUPS = ("logger", "callbacks")
-# Keys that name or list a sweep (read by the sweeper) rather than describe a run.
-SWEEP_KEYS = ("sweep", "dry_run")
+# Keys that steer the command (name or list a sweep, resume a run) rather than describe the run.
+CONTROL_KEYS = ("sweep", "dry_run", "resume")
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig,
-            "scheduler": SchedulerConfig, "trainer": TrainerConfig}
+            "scheduler": SchedulerConfig, "trainer": TrainerConfig, "checkpoint": CheckpointConfig}
 
 
 def parse_run_config(raw: dict[str, Any]) -> RunConfig:
     """Check a resolved config (plain dict) key by key and return it typed; raises ConfigError."""
-    allowed = {"seed", "paths", *SECTIONS, *OPEN_GROUPS, *SWEEP_KEYS}
+    allowed = {"seed", "paths", *SECTIONS, *OPEN_GROUPS, *CONTROL_KEYS}
     for key in raw:
         _require(key in allowed, f"{key}: unknown top-level key; allowed: {', '.join(sorted(allowed))}")
     seed = raw.get("seed")

@@ -86,22 +86,37 @@ class ShardSampler:
 
 
 class InMemoryBatches:
-    """Batches of (uint8 images, labels) cut from tensors that already sit on the training device."""
+    """Batches of (uint8 images, labels) cut from tensors that already sit on the training device.
+
+    Stateful in Lightning's sense (``state_dict``/``load_state_dict``): a checkpoint taken mid-epoch records how
+    many batches of which epoch were served, and a resumed run continues with the next batch of the same order.
+    """
 
     batch_sampler = None  # Lightning inspects loaders that have a ``sampler`` for this DataLoader attribute
 
     def __init__(self, split: Split, batch_size: int, sampler: ShardSampler):
         self.split, self.batch_size, self.sampler = split, batch_size, sampler
+        self._served = 0  # batches handed out in the current pass
+        self._resume_at: dict[str, int] | None = None
 
     def __len__(self) -> int:
         return math.ceil(len(self.sampler) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         indices = self.sampler.indices().to(self.split.images.device)
-        for start in range(0, len(indices), self.batch_size):
+        resume, self._resume_at = self._resume_at, None
+        self._served = resume["batches"] if resume and resume["epoch"] == self.sampler.epoch else 0
+        for start in range(self._served * self.batch_size, len(indices), self.batch_size):
             batch = indices[start : start + self.batch_size]
+            self._served += 1
             # index_select copies whole rows; `images[batch]` goes element by element, ten times slower.
             yield self.split.images.index_select(0, batch), self.split.labels.index_select(0, batch)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches": self._served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume_at = dict(state)
 
 
 class ImageDataModule(L.LightningDataModule):

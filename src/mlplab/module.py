@@ -145,6 +145,29 @@ class MLPClassifier(L.LightningModule):
         self._log_epoch("test")
 
     @override
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # A checkpoint taken mid-epoch keeps the epoch's training outputs so far: the resumed run reports the
+        # epoch's train/loss and train/acc over all of it, as the uninterrupted run does.
+        outputs = self._epoch_outputs["train"]
+        if outputs:
+            losses, predictions, labels = zip(*outputs)
+            checkpoint["train_epoch_outputs"] = {
+                "losses": torch.stack(losses).cpu(), "sizes": [len(batch) for batch in labels],
+                "predictions": torch.cat(predictions).cpu(), "labels": torch.cat(labels).cpu(),
+            }
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("train_epoch_outputs")
+        if saved:
+            sizes = saved["sizes"]
+            self._epoch_outputs["train"] = list(zip(
+                saved["losses"].to(self.device).unbind(),
+                saved["predictions"].to(self.device).split(sizes),
+                saved["labels"].to(self.device).split(sizes),
+            ))
+
+    @override
     def configure_optimizers(self):
         hp = self.hparams
         # fused: one kernel updates every parameter (CPU and CUDA); the default loops over parameters in Python,

@@ -9,6 +9,7 @@ from typing import Any
 
 METRICS_FILE = "metrics.json"
 CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"  # where a run resumes from
 
 
 def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> Path:

@@ -10,10 +10,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from mlplab.runs import CHECKPOINT_DIR, read_metrics
+from mlplab.runs import CHECKPOINT_DIR, LAST_CHECKPOINT, read_metrics
 
 LOCK_FILE = ".lock"
-LAST_CHECKPOINT = "last.ckpt"
 RETRIED = ("failed", "diverged")
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shlex
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -21,11 +23,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 import torch
 
-from mlplab.config import SWEEP_KEYS, ConfigError, RunConfig, parse_run_config
+from mlplab.checkpoints import checkpoint_step
+from mlplab.config import CONTROL_KEYS, ConfigError, RunConfig, parse_run_config
 from mlplab.datasets import DataUnavailableError
 from mlplab.hparams import run_hparams
 from mlplab.module import DivergedError
-from mlplab.runs import read_metrics, write_metrics
+from mlplab.runs import find_checkpoint, read_metrics, write_metrics
 from mlplab.sweep import RETRIED, claim, gpu_slot, prepare_attempt, threads_per_job
 from mlplab.training import one_line, train
 
@@ -57,12 +60,47 @@ OmegaConf.register_new_resolver("mlplab.job_dirname", job_dirname, replace=True)
 
 
 def main() -> None:
-    """Console script: a mistyped group option costs one line, then Hydra takes over."""
+    """Console script: a mistyped group option or a bad resume costs one line, then Hydra takes over."""
+    try:
+        sys.argv[1:] = resume_arguments(sys.argv[1:])
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"mlplab-train: error: {error}", file=sys.stderr)
+        sys.exit(2)
     problem = unknown_group_option(sys.argv[1:], Path(CONFIG_DIR))
     if problem:
         print(f"mlplab-train: error: {problem}", file=sys.stderr)
         sys.exit(2)
     hydra_main()
+
+
+# What a resumed run may change: how long it trains and where things are, never what is trained.
+RESUMABLE_KEYS = ("trainer.max_epochs", "checkpoint.every_n_steps", "callbacks.progress_bar", "paths.data_dir",
+                  "data.system_dir", "data.download")
+
+
+def resume_arguments(args: list[str]) -> list[str]:
+    """``resume=<run dir or checkpoint> [allowed changes]`` -> the run's own overrides, its directory and checkpoint."""
+    resumes = [arg for arg in args if arg.startswith("resume=")]
+    if not resumes:
+        return args
+    if any(arg in ("-m", "--multirun") for arg in args):
+        raise ConfigError("resume= continues one run; to resume a sweep, run the same -m command again")
+    run_dir, checkpoint = find_checkpoint(resumes[-1].split("=", 1)[1], "last")
+    changes = [arg for arg in args if not arg.startswith("resume=")]
+    for change in changes:
+        if change.lstrip("+~").split("=", 1)[0] not in RESUMABLE_KEYS:
+            raise ConfigError(f"resume: {change} would change the experiment; a resumed run may only change "
+                              f"{', '.join(RESUMABLE_KEYS)}")
+    changed = {change.lstrip("+~").split("=", 1)[0] for change in changes}
+    original = [str(o) for o in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")]
+    kept = [o for o in original if o.lstrip("+~").split("=", 1)[0] not in {*changed, "resume"}]
+    return [*kept, *changes, f"hydra.run.dir={_quoted(run_dir)}", f"resume={_quoted(checkpoint)}"]
+
+
+def _quoted(path: Path) -> str:
+    """A path as one Hydra value, whatever it holds (sweep job folders have '=' and ',' in their names)."""
+    escaped = str(path.resolve()).replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{escaped}'"
 
 
 def unknown_group_option(args: list[str], config_dir: Path) -> str | None:
@@ -94,19 +132,34 @@ def hydra_main(cfg: DictConfig) -> dict[str, Any]:
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     try:
         config = parse_run_config(OmegaConf.to_container(cfg, resolve=True))
-        logger, callbacks = build_logger(cfg.logger, run_dir), build_callbacks(cfg.callbacks)
+        callbacks = build_callbacks(cfg.callbacks)
+        build_logger(cfg.logger, run_dir)  # a wrong logger setting fails here, before any work
     except (ConfigError, DataUnavailableError) as error:
         _exit_with(error, run_dir)
     hparams = run_hparams(config, command_line_values(hydra_config))
-    if hydra_config.mode != RunMode.MULTIRUN:
-        try:
-            return train(config, run_dir, logger, callbacks, hparams=hparams)
-        except (ConfigError, DataUnavailableError) as error:
-            _exit_with(error, run_dir)
-        except DivergedError as error:
-            print(f"mlplab-train: diverged: {error}", file=sys.stderr)
-            sys.exit(1)
-    return train_sweep_job(config, run_dir, logger, callbacks, hparams, hydra_config)
+    if hydra_config.mode == RunMode.MULTIRUN:
+        return train_sweep_job(config, run_dir, cfg.logger, callbacks, hparams, hydra_config)
+    resume_from = Path(cfg.resume) if cfg.get("resume") else None
+    if resume_from:
+        log.info("Resuming from %s", resume_from)
+    try:
+        return train(config, run_dir, build_logger(cfg.logger, run_dir, resume_from), callbacks,
+                     hparams=hparams, resume_from=resume_from)
+    except (ConfigError, DataUnavailableError) as error:
+        _exit_with(error, run_dir)
+    except DivergedError as error:
+        print(f"mlplab-train: diverged: {error}", file=sys.stderr)
+        sys.exit(1)
+    except (KeyboardInterrupt, SystemExit):
+        _exit_interrupted(run_dir)
+
+
+def _exit_interrupted(run_dir: Path) -> NoReturn:
+    metrics = read_metrics(run_dir)
+    stopped_by = metrics.get("stopped_by", "SIGINT")
+    print(f"mlplab-train: stopped by {stopped_by} at step {metrics.get('step', '?')}; checkpoint saved.\n"
+          f"Resume with: mlplab-train resume={shlex.quote(str(run_dir))}", file=sys.stderr)
+    sys.exit(128 + signal.Signals[stopped_by].value)
 
 
 def command_line_values(hydra_config: DictConfig) -> dict[str, str]:
@@ -115,13 +168,14 @@ def command_line_values(hydra_config: DictConfig) -> dict[str, str]:
     values = {}
     for override in hydra_config.overrides.task:
         key, _, value = override.lstrip("+~").partition("=")
-        if key not in excluded and key not in SWEEP_KEYS:
+        if key not in excluded and key not in CONTROL_KEYS:
             values[key] = value
     return values
 
 
 def train_sweep_job(
-    config: RunConfig, run_dir: Path, logger: Any, callbacks: list[Any], hparams: dict[str, Any], hydra_config: DictConfig
+    config: RunConfig, run_dir: Path, logger_cfg: DictConfig, callbacks: list[Any], hparams: dict[str, Any],
+    hydra_config: DictConfig,
 ) -> dict[str, Any]:
     """One job of a multirun: trained once across processes, skipped when done, resumed when cut short.
 
@@ -145,7 +199,13 @@ def train_sweep_job(
         one_device = config.trainer.accelerator != "cpu" and config.trainer.devices == 1
         with gpu_slot(Path(hydra_config.sweep.dir), torch.cuda.device_count() if one_device else 0) as gpu:
             try:
+                logger = build_logger(logger_cfg, run_dir, resume_from)
                 return train(config, run_dir, logger, callbacks, hparams=hparams, resume_from=resume_from, gpu_index=gpu)
+            except (KeyboardInterrupt, SystemExit):
+                stopped_by = read_metrics(run_dir).get("stopped_by", "SIGINT")
+                print(f"mlplab-train: sweep stopped by {stopped_by}; run the same command again to resume it",
+                      file=sys.stderr)
+                sys.exit(128 + signal.Signals[stopped_by].value)
             except Exception as error:  # one job's failure is not the sweep's
                 log.error("Job failed: %s", one_line(error))
                 metrics = read_metrics(run_dir)
@@ -167,11 +227,19 @@ def _discard_if_unused(run_dir: Path) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def build_logger(logger_cfg: DictConfig | None, run_dir: Path) -> Any:
+def build_logger(logger_cfg: DictConfig | None, run_dir: Path, resume_from: Path | None = None) -> Any:
+    """The configured logger, writing into ``run_dir``.
+
+    Resuming, TensorBoard hides what the stopped run logged after its checkpoint (``purge_step``), so the curves
+    continue without doubled or rewound points.
+    """
     if not logger_cfg:
         return False
+    extra = {}
+    if resume_from and logger_cfg.get("_target_", "").endswith("TensorBoardLogger"):
+        extra["purge_step"] = checkpoint_step(resume_from) + 1
     try:
-        return instantiate(logger_cfg, save_dir=str(run_dir))
+        return instantiate(logger_cfg, save_dir=str(run_dir), **extra)
     except InstantiationException as error:
         raise ConfigError(f"logger: {one_line(error)}") from None
 

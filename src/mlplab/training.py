@@ -15,6 +15,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
+from mlplab.checkpoints import AtomicCheckpointIO, ResumePoints
 from mlplab.config import ConfigError, RunConfig, TrainerConfig, require_accelerator
 from mlplab.data import ImageDataModule
 from mlplab.history import EpochHistory
@@ -47,7 +48,7 @@ def build_trainer(
             callbacks=callbacks,
             # Checkpoints are copied in memory and written by a background thread: on a busy disk a write can
             # stall for seconds, longer than an epoch. Lightning waits for the writes when fit ends.
-            plugins=[AsyncCheckpointIO()],
+            plugins=[AsyncCheckpointIO(AtomicCheckpointIO())],
             # Lightning adds its own of each unless told not to; the callbacks group decides instead.
             enable_checkpointing=has(ModelCheckpoint),
             enable_progress_bar=has(ProgressBar),
@@ -96,8 +97,8 @@ def train(
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(config.seed, workers=True, verbose=False)
-    history = EpochHistory()
-    trainer = build_trainer(config.trainer, run_dir, logger, [*(callbacks or []), history], gpu_index)
+    history, resume_points = EpochHistory(), ResumePoints(run_dir, config.checkpoint.every_n_steps)
+    trainer = build_trainer(config.trainer, run_dir, logger, [*(callbacks or []), history, resume_points], gpu_index)
     datamodule = ImageDataModule(
         name=config.data.name,
         data_dir=config.data_dir,
@@ -124,7 +125,9 @@ def train(
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
         metrics.update(history.best())
-        tested = trainer.test(model, datamodule=datamodule, ckpt_path="best" if trainer.checkpoint_callback else None)
+        # The best checkpoint by path: "best" would make Lightning warn that there are two ModelCheckpoints.
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
+        tested = trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
         metrics.update({key: value for key, value in tested[0].items() if key.startswith("test/")})
         metrics["status"] = "completed"
     except BaseException as error:
@@ -136,6 +139,9 @@ def train(
         metrics["epoch_seconds"] = history.epoch_seconds
         metrics["wall_seconds"] = history.wall_seconds
         metrics["history"] = history.epochs
+        metrics["step"] = trainer.global_step
+        if resume_points.stopped_by:
+            metrics["stopped_by"] = resume_points.stopped_by
         if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path:
             metrics["best_checkpoint"] = os.path.relpath(trainer.checkpoint_callback.best_model_path, run_dir)
         if trainer.is_global_zero:

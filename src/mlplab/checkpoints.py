@@ -1,0 +1,110 @@
+"""Checkpoints a run can resume from: written atomically, every few hundred steps, and when the run is stopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch import Callback, LightningModule, Trainer
+from typing_extensions import override
+
+from mlplab.runs import CHECKPOINT_DIR, LAST_CHECKPOINT
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save into a temporary file beside the target, then rename: a reader (or a resume after SIGKILL) sees
+    the previous checkpoint or the new one, never half of one. Lightning's own write goes through a temporary file
+    in /tmp, and moving that onto another file system is a copy, not a rename."""
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        try:
+            with partial.open("wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            partial.replace(target)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+
+
+def checkpoint_step(path: Path) -> int:
+    """The optimizer step a checkpoint was taken at."""
+    return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+
+
+class StopRequested(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) arrived; raised at the next point a checkpoint can be taken from."""
+
+
+class ResumePoints(Callback):
+    """Keeps ``checkpoints/last.ckpt`` a point to resume from between epochs: every ``every_n_steps`` optimizer
+    steps, and at the first batch boundary after SIGINT or SIGTERM, which then stops the run.
+
+    Saving only at a batch boundary (after the optimizer step) is what makes a resumed run continue exactly; a
+    Ctrl-C in the middle of a step would otherwise leave a half-done step behind. A second Ctrl-C stops at once.
+    """
+
+    def __init__(self, run_dir: Path, every_n_steps: int = 500):
+        self.path = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+        self.every_n_steps = every_n_steps
+        self.stopped_by: str | None = None
+        self._previous_handlers: dict[int, Any] = {}
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        # Dropout draws from the global generator: a run resumed mid-epoch continues its sequence, not a new one.
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+        return {"cpu_rng": torch.get_rng_state(), "cuda_rng": cuda}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["cpu_rng"])
+        if state_dict["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda_rng"])
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Lightning turns SIGTERM into a stop after the current batch itself (trainer.received_sigterm).
+        self._previous_handlers = {signal.SIGINT: signal.signal(signal.SIGINT, self._request_stop)}
+
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        if self.stopped_by:
+            raise KeyboardInterrupt
+        self.stopped_by = signal.Signals(signum).name
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.received_sigterm:
+            self.stopped_by = self.stopped_by or "SIGTERM"
+        if self.stopped_by or (self.every_n_steps and trainer.global_step % self.every_n_steps == 0):
+            trainer.save_checkpoint(self.path, weights_only=False)
+        if self.stopped_by == "SIGINT":
+            raise StopRequested
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # A stop asked for during validation: the epoch's checkpoint (callbacks.last_checkpoint) is written by now.
+        if self.stopped_by == "SIGINT":
+            raise StopRequested
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore_handlers()
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._restore_handlers()
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}

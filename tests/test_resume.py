@@ -1,0 +1,133 @@
+"""Interrupted runs resume exactly: real mlplab-train subprocesses stopped by signals, then `resume=`."""
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import SYNTHETIC_RUN, run_cli
+
+BIN = Path(sys.executable).parent
+# 250 steps per epoch (500 training images, batch 2), a checkpoint every 100 steps, deterministic kernels.
+RUN = [*SYNTHETIC_RUN, "data.batch_size=2", "trainer.max_epochs=3", "trainer.deterministic=true",
+       "checkpoint.every_n_steps=100", "model.width=32", "model.dropout=0.2"]
+STEPS_PER_EPOCH = 250
+
+
+def start(args: list[str], cwd: Path, data_dir: Path) -> subprocess.Popen:
+    env = {**os.environ, "MLPLAB_DATA_DIR": str(data_dir)}
+    return subprocess.Popen([str(BIN / "mlplab-train"), *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def run_dir_of(cwd: Path) -> Path:
+    (run_dir,) = (cwd / "outputs" / "runs").iterdir()
+    return run_dir
+
+
+def saved_step(checkpoint: Path) -> int:
+    try:
+        return torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"]
+    except (OSError, RuntimeError, EOFError, KeyError):
+        return -1
+
+
+def wait_for_step(cwd: Path, step: int, process: subprocess.Popen) -> Path:
+    """Block until the run's last.ckpt was saved at ``step`` or later (mid-epoch 2 for steps above 250)."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        runs = list((cwd / "outputs" / "runs").glob("*/checkpoints/last.ckpt"))
+        if runs and saved_step(runs[0]) >= step:
+            return runs[0].parent.parent
+        time.sleep(0.05)
+    raise AssertionError(f"the run never reached step {step}: {process.communicate()[1][-2000:]}")
+
+
+def final_state(run_dir: Path) -> tuple[dict, dict]:
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return checkpoint["state_dict"], metrics
+
+
+def assert_same_run(resumed: Path, reference: Path) -> None:
+    weights, metrics = final_state(resumed)
+    reference_weights, reference_metrics = final_state(reference)
+    assert weights.keys() == reference_weights.keys()
+    for name, tensor in weights.items():
+        assert torch.equal(tensor, reference_weights[name]), f"{name} differs"  # bit for bit
+    assert metrics["status"] == "completed" and metrics["step"] == 3 * STEPS_PER_EPOCH
+    for key in ("val/acc", "val/loss", "test/acc", "test/loss", "best_epoch", "epochs"):
+        assert metrics[key] == reference_metrics[key], key
+    assert [row["val/loss"] for row in metrics["history"]] == [row["val/loss"] for row in reference_metrics["history"]]
+    events = EventAccumulator(str(resumed))
+    events.Reload()
+    reference_events = EventAccumulator(str(reference))
+    reference_events.Reload()
+    for tag in ("train/loss", "train/acc", "val/acc", "val/loss"):  # curves continue: no doubled or rewound steps
+        points, reference_points = events.Scalars(tag), reference_events.Scalars(tag)
+        assert [p.step for p in points] == [p.step for p in reference_points], tag
+        assert [p.value for p in points] == pytest.approx([p.value for p in reference_points], rel=1e-6), tag
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(synthetic_data_dir, tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("uninterrupted")
+    result = run_cli(["mlplab-train", *RUN], cwd, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir_of(cwd)
+
+
+def test_ctrl_c_mid_epoch_then_the_printed_command_resumes_it_exactly(uninterrupted, synthetic_data_dir, tmp_path):
+    process = start(RUN, tmp_path, synthetic_data_dir)
+    run_dir = wait_for_step(tmp_path, STEPS_PER_EPOCH + 50, process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and metrics["stopped_by"] == "SIGINT"
+    assert STEPS_PER_EPOCH < metrics["step"] < 2 * STEPS_PER_EPOCH  # stopped in epoch 2, not at its end
+    assert saved_step(run_dir / "checkpoints" / "last.ckpt") == metrics["step"]  # checkpoint taken where it stopped
+    command = next(line for line in stderr.splitlines() if line.startswith("Resume with: ")).removeprefix("Resume with: ")
+
+    resumed = run_cli(shlex.split(command), tmp_path, synthetic_data_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert run_dir_of(tmp_path) == run_dir  # the same directory, no new one
+    assert_same_run(run_dir, uninterrupted)
+
+
+def test_killed_twice_and_resumed_twice_ends_as_the_uninterrupted_run(uninterrupted, synthetic_data_dir, tmp_path):
+    process = start(RUN, tmp_path, synthetic_data_dir)
+    run_dir = wait_for_step(tmp_path, STEPS_PER_EPOCH + 50, process)
+    process.kill()  # SIGKILL: no chance to save; the periodic checkpoint at step 300 is what is left
+    process.communicate(timeout=60)
+    assert saved_step(run_dir / "checkpoints" / "last.ckpt") >= STEPS_PER_EPOCH
+    assert not list(run_dir.glob("checkpoints/.*partial"))  # writes are atomic: no half file left as last.ckpt
+
+    process = start([f"resume={run_dir}"], tmp_path, synthetic_data_dir)
+    wait_for_step(tmp_path, 2 * STEPS_PER_EPOCH + 50, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143 and "Resume with:" in stderr
+
+    resumed = run_cli(["mlplab-train", f"resume={run_dir / 'checkpoints' / 'last.ckpt'}"], tmp_path, synthetic_data_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(run_dir, uninterrupted)
+
+
+def test_resume_refuses_changes_to_the_experiment_but_may_train_longer(uninterrupted, synthetic_data_dir, tmp_path):
+    before = {p: p.stat().st_mtime_ns for p in uninterrupted.rglob("*") if p.is_file()}
+    refused = run_cli(["mlplab-train", f"resume={uninterrupted}", "model.width=64"], tmp_path, synthetic_data_dir)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "model.width=64 would change the experiment" in refused.stderr and "trainer.max_epochs" in refused.stderr
+    assert {p: p.stat().st_mtime_ns for p in uninterrupted.rglob("*") if p.is_file()} == before
+
+    missing = run_cli(["mlplab-train", f"resume={tmp_path / 'nowhere'}"], tmp_path, synthetic_data_dir)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
