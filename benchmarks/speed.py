@@ -291,7 +291,7 @@ def time_classic(args, data_dir: Path, batch_size: int) -> float:
 # --- start-up, sweeps, memory: the real command line in subprocesses -------------------------------------------------
 
 def cli(args_list: list[str], cwd: Path, probe: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
     if probe is not None:
         args_list = [*args_list, "+callbacks.first_step._target_=startup_probe.FirstStepProbe", f"+callbacks.first_step.path={probe}"]
     return subprocess.run([str(BIN / "mlplab-train"), *args_list], cwd=cwd, env=env, capture_output=True, text=True)
