@@ -137,3 +137,16 @@ def test_help_lists_groups_options_and_examples(tmp_path):
         assert line in result.stdout
     module_help = subprocess.run([sys.executable, "-m", "mlplab.train", "--help"], capture_output=True, text=True, cwd=tmp_path)
     assert module_help.returncode == 0 and "model: article, linear, mlp" in module_help.stdout
+
+
+def test_diverging_run_stops_at_the_step_with_a_hint_and_keeps_no_nan_weights(synthetic_data_dir, tmp_path):
+    result = run_cli(["mlplab-train", *SYNTHETIC_RUN, "optimizer.lr=1e30", "trainer.max_epochs=3"], tmp_path, synthetic_data_dir)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "mlplab-train: diverged: train/loss became" in result.stderr and "lower optimizer.lr" in result.stderr
+    run_dir = single_run_dir(tmp_path)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "diverged" and f"at step {metrics['step'] + 1} " in metrics["error"]  # before that step ran
+    assert metrics["step"] < 10  # stopped at once, not at the end of the epoch (10 steps)
+    for checkpoint in run_dir.glob("checkpoints/*.ckpt"):
+        weights = torch.load(checkpoint, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(tensor).all() for tensor in weights.values())

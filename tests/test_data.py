@@ -187,3 +187,33 @@ def test_fast_batches_equal_an_index_by_index_reference(synthetic_data_dir):
         assert torch.equal(images, torch.stack([split.images[i] for i in chunk]))
         assert torch.equal(labels, torch.stack([split.labels[i] for i in chunk]))
     assert number == len(loader) - 1
+
+
+DAMAGES = {  # file -> (how it is damaged, what the message must say)
+    "truncated": ("train-images-idx3-ubyte", lambda data: data[: len(data) // 2], "is truncated"),
+    "wrong magic": ("t10k-labels-idx1-ubyte", lambda data: b"\x00\x00\x08\x03" + data[4:], "magic number 00000803"),
+    "not IDX at all": ("train-labels-idx1-ubyte", lambda data: b"<html>oops", "is not a 1-dimensional IDX file"),
+    "counts disagree": ("t10k-labels-idx1-ubyte",
+                        lambda data: data[:4] + (199).to_bytes(4, "big") + data[8:-1], "200 t10k images but 199 labels"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_dataset_files_are_named_with_the_remedy(damage, tmp_path):
+    from conftest import SYNTHETIC_RUN, run_cli
+
+    raw = tmp_path / "data" / "FashionMNIST" / "raw"
+    write_mnist_like(raw)
+    name, damaged, message = DAMAGES[damage]
+    (raw / name).write_bytes(damaged((raw / name).read_bytes()))
+    if damage == "truncated":  # once through the real command line
+        result = run_cli(["mlplab-train", *SYNTHETIC_RUN], tmp_path, tmp_path / "data")
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        error = result.stderr
+        assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("metrics.json"))
+    else:
+        with pytest.raises(datasets_module.DataDamagedError) as raised:
+            load_dataset("fashion_mnist", tmp_path / "data")
+        error = str(raised.value)
+    assert str(raw / name) in error or (damage == "counts disagree" and str(raw) in error)
+    assert message in error and "delete it and run again to fetch it anew" in error

@@ -131,3 +131,52 @@ def test_resume_refuses_changes_to_the_experiment_but_may_train_longer(uninterru
 
     missing = run_cli(["mlplab-train", f"resume={tmp_path / 'nowhere'}"], tmp_path, synthetic_data_dir)
     assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+
+
+class CodeOnLoad:
+    """Unpickling this creates a file: proof that loading ran code."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_checkpoints_that_would_run_code_or_are_damaged_are_refused(uninterrupted, synthetic_data_dir, tmp_path):
+    marker = tmp_path / "code-ran"
+    crafted = tmp_path / "crafted" / "checkpoints" / "last.ckpt"
+    crafted.parent.mkdir(parents=True)
+    torch.save({"state_dict": {}, "global_step": 1, "payload": CodeOnLoad(marker)}, crafted)
+    truncated = tmp_path / "truncated" / "checkpoints" / "last.ckpt"
+    truncated.parent.mkdir(parents=True)
+    truncated.write_bytes((uninterrupted / "checkpoints" / "last.ckpt").read_bytes()[:5000])
+
+    for command in (["mlplab-train", f"resume={crafted}"], ["mlplab-eval", f"run={crafted}"]):
+        result = run_cli(command, tmp_path, synthetic_data_dir)
+        assert result.returncode == 2 and "refused, since loading it could run code" in result.stderr, command
+        assert "Traceback" not in result.stderr
+    assert not marker.exists()  # the payload never ran
+    for command in (["mlplab-train", f"resume={truncated}"], ["mlplab-eval", f"run={truncated}"]):
+        result = run_cli(command, tmp_path, synthetic_data_dir)
+        assert result.returncode == 2 and "is not a readable checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+class FailsHalfWay:
+    """Pickling this fails after the checkpoint's first tensors are written, as a full disk would."""
+
+    def __reduce__(self):
+        raise OSError(28, "No space left on device")
+
+
+def test_a_checkpoint_write_that_fails_half_way_leaves_the_previous_one_loadable(tmp_path):
+    from mlplab.checkpoints import AtomicCheckpointIO
+
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, path)
+    with pytest.raises(OSError, match="No space left"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(1000)}, "global_step": 2, "broken": FailsHalfWay()}, path)
+    previous = torch.load(path, weights_only=True)
+    assert previous["global_step"] == 1 and torch.equal(previous["state_dict"]["w"], torch.ones(3))
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no partial file left behind

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
+from mlplab.config import ConfigError
 from mlplab.runs import CHECKPOINT_DIR, LAST_CHECKPOINT
 
 
@@ -36,9 +38,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
 
 
+class UnreadableCheckpointError(ConfigError):
+    """A checkpoint that is damaged, not a checkpoint, or would run code when loaded."""
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's contents as tensors and plain values only (``weights_only``): a file whose unpickling would
+    build other objects, and so could run code, is refused before anything in it runs."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UnreadableCheckpointError(
+            f"{path} holds objects other than tensors and plain values; refused, since loading it could run code "
+            "(checkpoints written by mlplab never do)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise UnreadableCheckpointError(f"{path} is not a readable checkpoint ({' '.join(str(error).split())[:200]})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise UnreadableCheckpointError(f"{path} is not a Lightning checkpoint (no state_dict in it)")
+    return checkpoint
+
+
 def checkpoint_step(path: Path) -> int:
     """The optimizer step a checkpoint was taken at."""
-    return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+    return int(read_checkpoint(path)["global_step"])
 
 
 class StopRequested(KeyboardInterrupt):
@@ -86,6 +108,8 @@ class ResumePoints(Callback):
         if trainer.received_sigterm:
             self.stopped_by = self.stopped_by or "SIGTERM"
         if self.stopped_by or (self.every_n_steps and trainer.global_step % self.every_n_steps == 0):
+            if hasattr(pl_module, "check_finite_loss"):
+                pl_module.check_finite_loss()  # never a checkpoint of diverged weights
             trainer.save_checkpoint(self.path, weights_only=False)
         if self.stopped_by == "SIGINT":
             raise StopRequested

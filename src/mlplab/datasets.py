@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import gzip
 import logging
+import math
 import os
 import shutil
 import zlib
@@ -23,6 +24,10 @@ CACHE_VERSION = 1
 
 class DataUnavailableError(RuntimeError):
     """The dataset's files could not be found or fetched; the message says how to provide them."""
+
+
+class DataDamagedError(DataUnavailableError):
+    """A dataset file is truncated, corrupted, or not the file it should be; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,7 @@ def _load_once(name: str, data_dir: str, signature: tuple) -> ParsedDataset:
     cache = Path(data_dir) / CACHE_DIR / f"{name}.pt"
     dataset = _read_cache(cache, signature)
     if dataset is None:
+        check_files(name, Path(data_dir))
         train, class_names = _parse_split(name, Path(data_dir), train=True)
         test, _ = _parse_split(name, Path(data_dir), train=False)
         dataset = ParsedDataset(train, test, class_names)
@@ -131,9 +137,49 @@ def _load_once(name: str, data_dir: str, signature: tuple) -> ParsedDataset:
     return dataset
 
 
+def check_files(name: str, data_dir: Path) -> None:
+    """Refuse damaged source files by name before a parser meets them (its errors name neither file nor remedy)."""
+    remedy = "delete it and run again to fetch it anew (from data.system_dir or by download)"
+    spec = DATASETS[name]
+    if not issubclass(spec.dataset_class, datasets.MNIST):
+        return  # torchvision checks CIFAR-10's files against their MD5 sums itself; see _parse_split
+    counts = {}
+    for path in spec.raw_files(data_dir):
+        ndim = 1 if "labels" in path.name else 3
+        problem, counts[path.name] = _idx_problem(path, ndim)
+        if problem:
+            raise DataDamagedError(f"{spec.title} file {path} {problem}; {remedy}")
+    for split in ("train", "t10k"):
+        images, labels = counts[f"{split}-images-idx3-ubyte"], counts[f"{split}-labels-idx1-ubyte"]
+        if images != labels:
+            raise DataDamagedError(f"{spec.title} files in {data_dir / spec.dataset_class.__name__ / 'raw'} disagree: "
+                                   f"{images} {split} images but {labels} labels; {remedy}")
+
+
+def _idx_problem(path: Path, ndim: int) -> tuple[str | None, int]:
+    """(what is wrong with an IDX file of uint8 data with ``ndim`` dimensions, or None; its item count)."""
+    size = path.stat().st_size
+    with path.open("rb") as file:
+        header = file.read(4 + 4 * ndim)
+    if len(header) < 4 + 4 * ndim:
+        return f"is truncated ({size} bytes, shorter than its header)", 0
+    if header[:4] != bytes([0, 0, 0x08, ndim]):
+        return f"is not a {ndim}-dimensional IDX file of bytes (magic number {header[:4].hex()}, expected {bytes([0, 0, 8, ndim]).hex()})", 0
+    dims = [int.from_bytes(header[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    expected = len(header) + math.prod(dims)
+    if size != expected:
+        return f"is {'truncated' if size < expected else 'too long'} ({size} bytes; its header promises {expected})", dims[0]
+    return None, dims[0]
+
+
 def _parse_split(name: str, data_dir: Path, train: bool) -> tuple[Split, list[str]]:
     """Parse one official split with torchvision's own dataset class."""
-    dataset = DATASETS[name].dataset_class(str(data_dir), train=train, download=False)
+    spec = DATASETS[name]
+    try:
+        dataset = spec.dataset_class(str(data_dir), train=train, download=False)
+    except RuntimeError as error:  # CIFAR-10: a file whose MD5 sum is wrong
+        raise DataDamagedError(f"{spec.title} files in {data_dir} are damaged ({_one_line(error)}); delete "
+                               f"{data_dir / getattr(spec.dataset_class, 'base_folder', '')} and run again to fetch them anew") from None
     images = torch.as_tensor(dataset.data)
     # MNIST-like data is N x H x W; CIFAR's is N x H x W x C.
     images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2).contiguous()

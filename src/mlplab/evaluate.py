@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 import lightning as L
 
+from mlplab.checkpoints import read_checkpoint
 from mlplab.config import ACCELERATORS, ConfigError, require_accelerator
 from mlplab.data import ImageDataModule
 from mlplab.datasets import DataUnavailableError
@@ -44,9 +45,10 @@ def main(cfg: DictConfig) -> dict[str, Any]:
 def evaluate(checkpoint: Path, data_dir: Path, accelerator: str = "auto") -> dict[str, float]:
     """Test metrics of a checkpoint on its dataset's official test split, with the data set-up it trained with."""
     require_accelerator(accelerator, "accelerator", "use accelerator=cpu or accelerator=auto")
-    model = MLPClassifier.load_from_checkpoint(checkpoint, map_location="cpu")
+    read_checkpoint(checkpoint)  # refuses a damaged or unsafe file before anything else reads it
+    model = MLPClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
     # The checkpoint records the dataset, batch size and split; only the data's location is this machine's.
-    datamodule = ImageDataModule.load_from_checkpoint(checkpoint, data_dir=str(data_dir))
+    datamodule = ImageDataModule.load_from_checkpoint(checkpoint, data_dir=str(data_dir), weights_only=True)
     trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     datamodule.prepare_data()

@@ -103,7 +103,11 @@ class MLPClassifier(L.LightningModule):
 
     @override
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "train")
+        loss = self._shared_step(batch, "train")
+        # On the CPU the check is free, so a diverged loss stops the run before its step reaches the weights.
+        if loss.device.type == "cpu" and not torch.isfinite(loss):
+            self._diverged(float(loss), self.global_step + 1)
+        return loss
 
     @override
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -113,27 +117,30 @@ class MLPClassifier(L.LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._shared_step(batch, "test")
 
-    def _check_finite_loss(self) -> None:
-        """Stop before a diverged epoch is validated or checkpointed; one device sync per epoch, not per step."""
+    def check_finite_loss(self) -> None:
+        """Raise DivergedError if a training loss of this epoch so far is NaN or infinite.
+
+        Called before anything is validated or checkpointed: one device sync each time, not one per step.
+        """
         outputs = self._epoch_outputs["train"]
         if not outputs:
             return
         finite = torch.stack([loss for loss, _, _ in outputs]).isfinite()
         if not bool(finite.all()):
             first = int((~finite).nonzero()[0])
-            step = self.global_step - len(outputs) + first + 1
-            raise DivergedError(
-                f"train/loss became {float(outputs[first][0])} at step {step} (epoch {self.current_epoch}); "
-                "try a lower optimizer.lr or set trainer.gradient_clip_val"
-            )
+            self._diverged(float(outputs[first][0]), self.global_step - len(outputs) + first + 1)
+
+    def _diverged(self, loss: float, step: int) -> None:
+        raise DivergedError(f"train/loss became {loss} at step {step} (epoch {self.current_epoch}); "
+                            "try a lower optimizer.lr or set trainer.gradient_clip_val")
 
     @override
     def on_validation_start(self) -> None:
-        self._check_finite_loss()  # inside fit the training epoch's losses are all in; elsewhere there are none
+        self.check_finite_loss()  # inside fit the training epoch's losses are all in; elsewhere there are none
 
     @override
     def on_train_epoch_end(self) -> None:
-        self._check_finite_loss()
+        self.check_finite_loss()
         self._log_epoch("train")
 
     @override

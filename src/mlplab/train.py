@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 import torch
 
-from mlplab.checkpoints import checkpoint_step
+from mlplab.checkpoints import checkpoint_step, read_checkpoint
 from mlplab.config import CONTROL_KEYS, ConfigError, RunConfig, parse_run_config
 from mlplab.datasets import DataUnavailableError
 from mlplab.hparams import run_hparams
@@ -86,6 +86,7 @@ def resume_arguments(args: list[str]) -> list[str]:
     if any(arg in ("-m", "--multirun") for arg in args):
         raise ConfigError("resume= continues one run; to resume a sweep, run the same -m command again")
     run_dir, checkpoint = find_checkpoint(resumes[-1].split("=", 1)[1], "last")
+    read_checkpoint(checkpoint)  # refuses a damaged or unsafe file before anything else happens
     changes = [arg for arg in args if not arg.startswith("resume=")]
     for change in changes:
         if change.lstrip("+~").split("=", 1)[0] not in RESUMABLE_KEYS:
