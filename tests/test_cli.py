@@ -105,6 +105,8 @@ BAD_INPUTS = [  # (override, the key the message must name, what it must say is 
     ("optimizer.lr=-1", "optimizer.lr", "> 0"),
     ("+model.depht=3", "model.depht", "depth, width, activation"),
     ("trainer.max_epochs=many", "trainer.max_epochs", "an integer"),
+    ("model.width=[64,", "model.width=[64,", "quoting values"),  # Hydra's grammar cannot read it
+    ("model.width=1000000", "model.width", "choose a smaller model.width"),  # 10^12 parameters: no memory for it
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append(("trainer=gpu", "trainer.accelerator=gpu", "trainer=cpu"))
@@ -113,7 +115,7 @@ if not torch.cuda.is_available():
 @pytest.mark.parametrize("override, key, allowed", BAD_INPUTS, ids=[o for o, _, _ in BAD_INPUTS])
 def test_bad_input_is_one_clear_message_and_no_training(override, key, allowed, synthetic_data_dir, tmp_path):
     result = run_cli(["mlplab-train", *SYNTHETIC_RUN, override], tmp_path, synthetic_data_dir)
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert "Traceback" not in result.stdout + result.stderr
     (message,) = [line for line in result.stderr.splitlines() if "error" in line]
     assert key in message and allowed in message

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,59 @@ def test_job_directory_names_are_one_path_component_of_bounded_length():
     assert "/" not in job_dirname("paths.data_dir=/a/b,model.depth=1") and job_dirname("") == "defaults"
     long_a, long_b = "model.width=[" + "512," * 60 + "1]", "model.width=[" + "512," * 60 + "2]"
     assert len(job_dirname(long_a)) <= 150 and job_dirname(long_a) != job_dirname(long_b)
+
+
+# --- any value for any key: accepted and trains, or refused in one line naming the key --------------------------
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hydra.errors import HydraException  # noqa: E402
+from lightning.pytorch import Callback  # noqa: E402
+
+from conftest import SYNTHETIC_RUN  # noqa: E402
+from mlplab.datasets import DataUnavailableError  # noqa: E402
+from mlplab.train import build_callbacks, unknown_group_option, unreadable_override  # noqa: E402
+from mlplab.training import train  # noqa: E402
+
+USER_KEYS = ["model.depth", "model.width", "model.activation", "model.dropout", "model.output_activation",
+             "optimizer.lr", "optimizer.weight_decay", "optimizer.momentum", "scheduler.min_lr", "data.batch_size",
+             "data.eval_batch_size", "data.val_size", "data.split_seed", "trainer.max_epochs", "trainer.deterministic",
+             "trainer.limit_train_batches", "trainer.gradient_clip_val", "checkpoint.every_n_steps", "seed"]
+VALUES = st.one_of(
+    st.integers(-10**6, 10**6).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.sampled_from(["true", "false", "null", "relu", "gelu", "none", "[]", "[64,32]", "''", "1e-3", "0.5"]),
+    st.lists(st.integers(-2, 700), max_size=3).map(lambda items: "[" + ",".join(map(str, items)) + "]"),
+    st.text(st.characters(codec="ascii", exclude_categories=["Cc"]), max_size=8),
+)
+
+
+class StopAfterOneStep(Callback):
+    def on_train_batch_end(self, trainer, *args) -> None:
+        trainer.should_stop = True
+
+
+@settings(max_examples=int(os.environ.get("MLPLAB_EXAMPLES", "40")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(USER_KEYS), value=VALUES)
+def test_any_value_is_accepted_and_trains_or_refused_naming_the_key(key, value, synthetic_data_dir, tmp_path):
+    """The checks mlplab-train makes, in its order: the override grammar, group options, the typed config, the data."""
+    override = f"{key}={value}"
+    problem = unreadable_override([override]) or unknown_group_option([override], Path(CONFIG_DIR))
+    if problem:
+        assert key in problem
+        return
+    overrides = [*SYNTHETIC_RUN, f"paths.data_dir={synthetic_data_dir}", "trainer.limit_val_batches=1",
+                 "trainer.limit_test_batches=1", "callbacks.model_summary=null", override]
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose("train", overrides=overrides)
+        config = parse_run_config(OmegaConf.to_container(cfg, resolve=True))
+    except (ConfigError, HydraException) as error:
+        assert key in str(error), f"{override}: {error}"
+        return
+    run_dir = tmp_path / f"run-{abs(hash(override))}"
+    try:
+        metrics = train(config, run_dir, callbacks=[*build_callbacks(cfg.callbacks), StopAfterOneStep()])
+    except (ConfigError, DataUnavailableError) as error:  # refused once the data is known (data.val_size)
+        assert key in str(error), f"{override}: {error}"
+        return
+    assert metrics["status"] == "completed" and metrics["step"] == 1, override

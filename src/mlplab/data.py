@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from mlplab.config import ConfigError
 from mlplab.datasets import DATASETS, ParsedDataset, Split, load_dataset, provide_files
 
 
@@ -41,7 +42,7 @@ def _split_once(dataset: ParsedDataset, val_size: int, split_seed: int) -> Prepa
 def split_off_validation(train: Split, val_size: int, split_seed: int) -> tuple[Split, Split]:
     """A seeded split of the training set into (train, validation)."""
     if not 0 < val_size < len(train):
-        raise ValueError(f"data.val_size must be between 1 and {len(train) - 1} for this dataset, got {val_size}")
+        raise ConfigError(f"data.val_size must be between 1 and {len(train) - 1} for this dataset, got {val_size}")
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(split_seed))
     val_idx, train_idx = order[:val_size], order[val_size:]
     return Split(train.images[train_idx], train.labels[train_idx]), Split(train.images[val_idx], train.labels[val_idx])

@@ -61,5 +61,11 @@ def build_mlp(
     return nn.Sequential(*layers)
 
 
+def planned_parameters(num_features: int, num_classes: int, depth: int, width: int | Sequence[int]) -> int:
+    """The parameter count ``build_mlp`` would produce, without allocating anything."""
+    sizes = [num_features, *hidden_widths(depth, width), num_classes]
+    return sum((fan_in + 1) * fan_out for fan_in, fan_out in zip(sizes, sizes[1:]))
+
+
 def count_parameters(network: nn.Module) -> int:
     return sum(p.numel() for p in network.parameters())

@@ -28,7 +28,7 @@ from mlplab.config import CONTROL_KEYS, ConfigError, RunConfig, parse_run_config
 from mlplab.datasets import DataUnavailableError
 from mlplab.hparams import run_hparams
 from mlplab.module import DivergedError
-from mlplab.runs import find_checkpoint, read_metrics, write_metrics
+from mlplab.runs import CHECKPOINT_DIR, LAST_CHECKPOINT, find_checkpoint, read_metrics, write_metrics
 from mlplab.sweep import RETRIED, claim, gpu_slot, prepare_attempt, threads_per_job
 from mlplab.training import one_line, train
 
@@ -66,7 +66,7 @@ def main() -> None:
     except (ConfigError, FileNotFoundError) as error:
         print(f"mlplab-train: error: {error}", file=sys.stderr)
         sys.exit(2)
-    problem = unknown_group_option(sys.argv[1:], Path(CONFIG_DIR))
+    problem = unreadable_override(sys.argv[1:]) or unknown_group_option(sys.argv[1:], Path(CONFIG_DIR))
     if problem:
         print(f"mlplab-train: error: {problem}", file=sys.stderr)
         sys.exit(2)
@@ -102,6 +102,20 @@ def _quoted(path: Path) -> str:
     """A path as one Hydra value, whatever it holds (sweep job folders have '=' and ',' in their names)."""
     escaped = str(path.resolve()).replace("\\", "\\\\").replace("'", "\\'")
     return f"'{escaped}'"
+
+
+def unreadable_override(args: list[str]) -> str | None:
+    """The first argument Hydra's override grammar cannot read, with its reason and the usual remedy."""
+    parser = OverridesParser.create()
+    for arg in args:
+        if arg.startswith("-"):
+            continue
+        try:
+            parser.parse_overrides([arg])
+        except HydraException as error:
+            reason = " ".join(str(error).split("See https://")[0].split())
+            return f"cannot read {arg!r} ({reason}); write key=value, quoting values with spaces, commas or brackets: key='a, b'"
+    return None
 
 
 def unknown_group_option(args: list[str], config_dir: Path) -> str | None:
@@ -157,10 +171,13 @@ def hydra_main(cfg: DictConfig) -> dict[str, Any]:
 
 def _exit_interrupted(run_dir: Path) -> NoReturn:
     metrics = read_metrics(run_dir)
-    stopped_by = metrics.get("stopped_by", "SIGINT")
-    print(f"mlplab-train: stopped by {stopped_by} at step {metrics.get('step', '?')}; checkpoint saved.\n"
-          f"Resume with: mlplab-train resume={shlex.quote(str(run_dir))}", file=sys.stderr)
-    sys.exit(128 + signal.Signals[stopped_by].value)
+    stopped_by = metrics.get("stopped_by")
+    if stopped_by and (run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
+        print(f"mlplab-train: stopped by {stopped_by} at step {metrics.get('step', '?')}; checkpoint saved.\n"
+              f"Resume with: mlplab-train resume={shlex.quote(str(run_dir))}", file=sys.stderr)
+    else:
+        print("mlplab-train: interrupted before training began; nothing to resume", file=sys.stderr)
+    sys.exit(128 + signal.Signals[stopped_by or "SIGINT"].value)
 
 
 def command_line_values(hydra_config: DictConfig) -> dict[str, str]:

@@ -21,7 +21,7 @@ from mlplab.data import ImageDataModule
 from mlplab.history import EpochHistory
 from mlplab.hparams import log_hparams
 from mlplab.module import DivergedError, MLPClassifier
-from mlplab.network import count_parameters
+from mlplab.network import count_parameters, planned_parameters
 from mlplab.runs import write_metrics
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ def build_trainer(
 
 def build_model(config: RunConfig, datamodule: ImageDataModule) -> MLPClassifier:
     model, optimizer = config.model, config.optimizer
+    require_memory_for(planned_parameters(datamodule.num_features, datamodule.num_classes, model.depth, model.width))
     return MLPClassifier(
         num_features=datamodule.num_features,
         num_classes=datamodule.num_classes,
@@ -79,6 +80,20 @@ def build_model(config: RunConfig, datamodule: ImageDataModule) -> MLPClassifier
         input_std=datamodule.std,
         class_names=datamodule.class_names,
     )
+
+
+# Bytes per parameter while training: weights, gradients and Adam's two moment estimates, float32 each.
+TRAINING_BYTES_PER_PARAMETER = 16
+
+
+def require_memory_for(num_parameters: int) -> None:
+    """Refuse, naming the keys, a network whose training state alone would not fit in this machine's memory."""
+    needed = num_parameters * TRAINING_BYTES_PER_PARAMETER
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > available:
+        raise ConfigError(f"model.depth and model.width make a network of {num_parameters:,} parameters, "
+                          f"{needed / 2**30:.0f} GiB to train, more than this machine's {available / 2**30:.0f} GiB; "
+                          "choose a smaller model.width or model.depth")
 
 
 def train(
