@@ -180,3 +180,14 @@ def test_a_checkpoint_write_that_fails_half_way_leaves_the_previous_one_loadable
     previous = torch.load(path, weights_only=True)
     assert previous["global_step"] == 1 and torch.equal(previous["state_dict"]["w"], torch.ones(3))
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no partial file left behind
+
+
+def test_an_unwritable_checkpoint_folder_is_one_clear_line(synthetic_data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoints").write_text("a file where the checkpoint folder should be")  # no write can succeed
+    result = run_cli(["mlplab-train", *SYNTHETIC_RUN, f"hydra.run.dir={run_dir}"], tmp_path, synthetic_data_dir)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("mlplab-train: error:")]
+    assert "could not write the run's files" in line and "checkpoints" in line
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "failed"

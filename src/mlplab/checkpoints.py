@@ -72,7 +72,9 @@ class ResumePoints(Callback):
     steps, and at the first batch boundary after SIGINT or SIGTERM, which then stops the run.
 
     Saving only at a batch boundary (after the optimizer step) is what makes a resumed run continue exactly; a
-    Ctrl-C in the middle of a step would otherwise leave a half-done step behind. A second Ctrl-C stops at once.
+    Ctrl-C in the middle of a step would otherwise leave a half-done step behind. A Ctrl-C during validation takes
+    effect after the next training batch (after the last epoch, the run just finishes). A second Ctrl-C stops at
+    once.
     """
 
     def __init__(self, run_dir: Path, every_n_steps: int = 500):
@@ -111,12 +113,6 @@ class ResumePoints(Callback):
             if hasattr(pl_module, "check_finite_loss"):
                 pl_module.check_finite_loss()  # never a checkpoint of diverged weights
             trainer.save_checkpoint(self.path, weights_only=False)
-        if self.stopped_by == "SIGINT":
-            raise StopRequested
-
-    @override
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # A stop asked for during validation: the epoch's checkpoint (callbacks.last_checkpoint) is written by now.
         if self.stopped_by == "SIGINT":
             raise StopRequested
 

@@ -165,6 +165,11 @@ def hydra_main(cfg: DictConfig) -> dict[str, Any]:
     except DivergedError as error:
         print(f"mlplab-train: diverged: {error}", file=sys.stderr)
         sys.exit(1)
+    except OSError as error:  # an unwritable run directory, a full disk: the last complete checkpoint stays
+        print(f"mlplab-train: error: could not write the run's files ({one_line(error)}); free space or choose "
+              f"a writable place (hydra.run.dir=...), then resume: mlplab-train resume={shlex.quote(str(run_dir))}",
+              file=sys.stderr)
+        sys.exit(1)
     except (KeyboardInterrupt, SystemExit):
         _exit_interrupted(run_dir)
 
