@@ -191,3 +191,14 @@ def test_an_unwritable_checkpoint_folder_is_one_clear_line(synthetic_data_dir, t
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("mlplab-train: error:")]
     assert "could not write the run's files" in line and "checkpoints" in line
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "failed"
+
+
+def test_killed_right_after_an_epoch_ends_resumes_without_doubled_points(uninterrupted, synthetic_data_dir, tmp_path):
+    args = [*RUN, "checkpoint.every_n_steps=0"]  # only the checkpoints written when an epoch ends
+    process = start(args, tmp_path, synthetic_data_dir)
+    run_dir = wait_for_step(tmp_path, STEPS_PER_EPOCH, process)
+    process.kill()
+    process.communicate(timeout=60)
+    resumed = run_cli(["mlplab-train", f"resume={run_dir}"], tmp_path, synthetic_data_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(run_dir, uninterrupted)

@@ -156,7 +156,9 @@ class MLPClassifier(L.LightningModule):
         # A checkpoint taken mid-epoch keeps the epoch's training outputs so far: the resumed run reports the
         # epoch's train/loss and train/acc over all of it, as the uninterrupted run does.
         outputs = self._epoch_outputs["train"]
-        if outputs:
+        # At the epoch's end they are not kept: a run resumed from there logs that epoch's train metrics again
+        # only if it has them, and they were logged already.
+        if outputs and len(outputs) < self.trainer.num_training_batches:
             losses, predictions, labels = zip(*outputs)
             checkpoint["train_epoch_outputs"] = {
                 "losses": torch.stack(losses).cpu(), "sizes": [len(batch) for batch in labels],
