@@ -202,3 +202,19 @@ def test_killed_right_after_an_epoch_ends_resumes_without_doubled_points(uninter
     resumed = run_cli(["mlplab-train", f"resume={run_dir}"], tmp_path, synthetic_data_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(run_dir, uninterrupted)
+
+
+def test_a_read_only_place_for_runs_is_one_clear_line(synthetic_data_dir, tmp_path):
+    read_only = Path("/sys")  # sysfs is mounted read-only here; refusing writes even to root
+    try:
+        (read_only / "mlplab-probe").mkdir()
+    except OSError:
+        pass
+    else:
+        (read_only / "mlplab-probe").rmdir()
+        pytest.skip("/sys is writable on this machine")
+    result = run_cli(["mlplab-train", *SYNTHETIC_RUN], read_only, synthetic_data_dir)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "mlplab-train: error: cannot write run directories under /sys" in result.stderr
+    elsewhere = run_cli(["mlplab-train", *SYNTHETIC_RUN, f"hydra.run.dir={read_only}/run"], tmp_path, synthetic_data_dir)
+    assert elsewhere.returncode == 2 and "hydra.run.dir=<a writable path>" in elsewhere.stderr

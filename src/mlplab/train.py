@@ -9,6 +9,7 @@ import shlex
 import shutil
 import signal
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -66,7 +67,8 @@ def main() -> None:
     except (ConfigError, FileNotFoundError) as error:
         print(f"mlplab-train: error: {error}", file=sys.stderr)
         sys.exit(2)
-    problem = unreadable_override(sys.argv[1:]) or unknown_group_option(sys.argv[1:], Path(CONFIG_DIR))
+    problem = (unreadable_override(sys.argv[1:]) or unknown_group_option(sys.argv[1:], Path(CONFIG_DIR))
+               or unwritable_output(sys.argv[1:]))
     if problem:
         print(f"mlplab-train: error: {problem}", file=sys.stderr)
         sys.exit(2)
@@ -102,6 +104,26 @@ def _quoted(path: Path) -> str:
     """A path as one Hydra value, whatever it holds (sweep job folders have '=' and ',' in their names)."""
     escaped = str(path.resolve()).replace("\\", "\\\\").replace("'", "\\'")
     return f"'{escaped}'"
+
+
+def unwritable_output(args: list[str]) -> str | None:
+    """Where run directories would go, if nothing can be written there (Hydra would fail with a traceback)."""
+    if any(arg in ("--help", "-h", "--hydra-help", "--info", "--cfg", "-c") for arg in args):
+        return None  # prints, writes nothing
+    target = Path("outputs")
+    for arg in args:
+        for key in ("hydra.run.dir=", "hydra.sweep.dir="):
+            if arg.startswith(key):
+                target = Path(arg.removeprefix(key).strip("'\""))
+    existing = target.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    try:  # a real write, not os.access: root passes access checks on read-only file systems' directories too
+        Path(tempfile.mkdtemp(prefix=".mlplab-write-probe-", dir=existing)).rmdir()
+    except OSError as error:
+        return (f"cannot write run directories under {existing} ({error.strerror}); run from a writable directory "
+                "or set hydra.run.dir=<a writable path> (hydra.sweep.dir=... for -m)")
+    return None
 
 
 def unreadable_override(args: list[str]) -> str | None:
