@@ -46,7 +46,8 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint's contents as tensors and plain values only (``weights_only``): a file whose unpickling would
     build other objects, and so could run code, is refused before anything in it runs."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: every object is unpickled (and checked), but tensor data is read only where it is used.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError:
         raise UnreadableCheckpointError(
             f"{path} holds objects other than tensors and plain values; refused, since loading it could run code "

@@ -39,7 +39,6 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger(__name__)
 
 
-
 def job_dirname(overrides: str) -> str:
     """A sweep job's directory name from its overrides: one path component (no "/"), at most 150 characters."""
     name = overrides.replace("/", "_") or "defaults"
@@ -196,10 +195,14 @@ def hydra_main(cfg: DictConfig) -> dict[str, Any]:
         _exit_interrupted(run_dir)
 
 
-def _exit_interrupted(run_dir: Path) -> NoReturn:
+def _exit_interrupted(run_dir: Path, sweep: bool = False) -> NoReturn:
+    """Say how to continue a run (or sweep) a signal stopped; exit with the shell's code for that signal."""
     metrics = read_metrics(run_dir)
     stopped_by = metrics.get("stopped_by")
-    if stopped_by and (run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
+    if sweep:
+        print(f"mlplab-train: sweep stopped by {stopped_by or 'SIGINT'}; run the same command again to resume it",
+              file=sys.stderr)
+    elif stopped_by and (run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
         print(f"mlplab-train: stopped by {stopped_by} at step {metrics.get('step', '?')}; checkpoint saved.\n"
               f"Resume with: mlplab-train resume={shlex.quote(str(run_dir))}", file=sys.stderr)
     else:
@@ -247,10 +250,7 @@ def train_sweep_job(
                 logger = build_logger(logger_cfg, run_dir, resume_from)
                 return train(config, run_dir, logger, callbacks, hparams=hparams, resume_from=resume_from, gpu_index=gpu)
             except (KeyboardInterrupt, SystemExit):
-                stopped_by = read_metrics(run_dir).get("stopped_by", "SIGINT")
-                print(f"mlplab-train: sweep stopped by {stopped_by}; run the same command again to resume it",
-                      file=sys.stderr)
-                sys.exit(128 + signal.Signals[stopped_by].value)
+                _exit_interrupted(run_dir, sweep=True)
             except Exception as error:  # one job's failure is not the sweep's
                 log.error("Job failed: %s", one_line(error))
                 metrics = read_metrics(run_dir)

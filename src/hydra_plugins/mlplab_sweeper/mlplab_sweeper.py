@@ -7,7 +7,6 @@ launch), and the sweep folder gets its summary at the end. Works with any launch
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import sys
@@ -44,9 +43,10 @@ class ComposedOnce:
         return composed if composed is not None else self.compose(master_config, sweep_overrides)
 
     def compose(self, master_config: DictConfig, sweep_overrides: list[str], keep: bool = False) -> DictConfig:
+        """Compose a job's config; with ``keep``, the launcher gets this same object (the sweeper only reads it)."""
         composed = self._loader.load_sweep_config(master_config, list(sweep_overrides))
         if keep:
-            self._composed[tuple(sweep_overrides)] = copy.deepcopy(composed)
+            self._composed[tuple(sweep_overrides)] = composed
         return composed
 
     def __getattr__(self, name: str) -> Any:
