@@ -36,6 +36,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
+        # Half-written files of an earlier writer of this run that was killed mid-write (a run or sweep job has one
+        # writer at a time: the claim and resume= see to that).
+        for stale in target.parent.glob(f".{target.name}.*.partial"):
+            stale.unlink(missing_ok=True)
 
 
 class UnreadableCheckpointError(ConfigError):
