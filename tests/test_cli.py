@@ -107,6 +107,10 @@ BAD_INPUTS = [  # (override, the key the message must name, what it must say is 
     ("trainer.max_epochs=many", "trainer.max_epochs", "an integer"),
     ("model.width=[64,", "model.width=[64,", "quoting values"),  # Hydra's grammar cannot read it
     ("model.width=1000000", "model.width", "choose a smaller model.width"),  # 10^12 parameters: no memory for it
+    ("model.depht=3", "model.depht", "depth, width, activation"),  # Hydra refuses it while composing
+    ("optimizer.momentum=0.5", "optimizer.momentum", "options that have it: sgd"),  # not in optimizer=adam
+    ("model.depth=${oops}", "model.depth", "Interpolation key 'oops' not found"),  # fails once resolved
+    ("trainer.limit_train_batches=0.05", "trainer.limit_train_batches", "at least 0.1"),  # of 10 batches: none
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append(("trainer=gpu", "trainer.accelerator=gpu", "trainer=cpu"))

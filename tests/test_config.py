@@ -1,14 +1,19 @@
+import json
 import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 from omegaconf import OmegaConf
 from torch import nn
 
-from mlplab.config import ConfigError, parse_run_config
+from conftest import SYNTHETIC_RUN
+from mlplab.config import CONFIG_DIR, ConfigError, parse_run_config
 from mlplab.network import build_mlp
-from mlplab.train import CONFIG_DIR
 
 
 def composed(*overrides: str) -> dict:
@@ -103,57 +108,71 @@ def test_job_directory_names_are_one_path_component_of_bounded_length():
     assert len(job_dirname(long_a)) <= 150 and job_dirname(long_a) != job_dirname(long_b)
 
 
-# --- any value for any key: accepted and trains, or refused in one line naming the key --------------------------
-
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
-from hydra.errors import HydraException  # noqa: E402
-from lightning.pytorch import Callback  # noqa: E402
-
-from conftest import SYNTHETIC_RUN  # noqa: E402
-from mlplab.datasets import DataUnavailableError  # noqa: E402
-from mlplab.train import build_callbacks, unknown_group_option, unreadable_override  # noqa: E402
-from mlplab.training import train  # noqa: E402
+# --- any value for any key, through the command line: trains, or is refused in one line naming the key --------
 
 USER_KEYS = ["model.depth", "model.width", "model.activation", "model.dropout", "model.output_activation",
              "optimizer.lr", "optimizer.weight_decay", "optimizer.momentum", "scheduler.min_lr", "data.batch_size",
              "data.eval_batch_size", "data.val_size", "data.split_seed", "trainer.max_epochs", "trainer.deterministic",
              "trainer.limit_train_batches", "trainer.gradient_clip_val", "checkpoint.every_n_steps", "seed"]
-VALUES = st.one_of(
+VALUES = st.one_of(  # plausible values as often as wild ones, so that both paths are exercised
+    st.integers(0, 8).map(str),
+    st.floats(0, 1).map(repr),
     st.integers(-10**6, 10**6).map(str),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
-    st.sampled_from(["true", "false", "null", "relu", "gelu", "none", "[]", "[64,32]", "''", "1e-3", "0.5"]),
+    st.sampled_from(["true", "false", "null", "relu", "gelu", "none", "[]", "[64,32]", "''", "1e-3", "0.5", "${oops}"]),
     st.lists(st.integers(-2, 700), max_size=3).map(lambda items: "[" + ",".join(map(str, items)) + "]"),
     st.text(st.characters(codec="ascii", exclude_categories=["Cc"]), max_size=8),
 )
 
 
-class StopAfterOneStep(Callback):
-    def on_train_batch_end(self, trainer, *args) -> None:
-        trainer.should_stop = True
+class ForkedCli:
+    """mlplab-train, each command line in its own process, forked from one that imported everything once."""
+
+    def __init__(self):
+        env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
+        self.server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("forked_cli.py"))], env=env,
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def run(self, args: list[str], cwd: Path) -> tuple[int, str]:
+        output = cwd / "output.txt"
+        self.server.stdin.write(json.dumps({"args": args, "cwd": str(cwd), "output": str(output)}) + "\n")
+        self.server.stdin.flush()
+        answer = json.loads(self.server.stdout.readline())
+        return answer["returncode"], output.read_text()
+
+    def close(self) -> None:
+        self.server.stdin.close()
+        self.server.wait(timeout=60)
 
 
-@settings(max_examples=int(os.environ.get("MLPLAB_EXAMPLES", "40")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.fixture(scope="module")
+def forked_cli():
+    cli = ForkedCli()
+    yield cli
+    cli.close()
+
+
+@settings(max_examples=int(os.environ.get("MLPLAB_EXAMPLES", "40")), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(key=st.sampled_from(USER_KEYS), value=VALUES)
-def test_any_value_is_accepted_and_trains_or_refused_naming_the_key(key, value, synthetic_data_dir, tmp_path):
-    """The checks mlplab-train makes, in its order: the override grammar, group options, the typed config, the data."""
+def test_any_value_on_the_command_line_trains_or_is_refused_naming_the_key(key, value, forked_cli, synthetic_data_dir,
+                                                                            tmp_path):
     override = f"{key}={value}"
-    problem = unreadable_override([override]) or unknown_group_option([override], Path(CONFIG_DIR))
-    if problem:
-        assert key in problem
+    cwd = Path(tempfile.mkdtemp(dir=tmp_path))
+    code, output = forked_cli.run([*SYNTHETIC_RUN, f"paths.data_dir={synthetic_data_dir}", "trainer.limit_val_batches=1",
+                                   "trainer.limit_test_batches=1", "callbacks.model_summary=null",
+                                   "+callbacks.one_step._target_=forked_cli.StopAfterOneStep", override], cwd)
+    event(f"exit code {code}")
+    assert "Traceback" not in output, output
+    runs = sorted((cwd / "outputs" / "runs").glob("*"))
+    if code == 2:  # refused: one line naming the key, and no run directory left behind
+        errors = [line for line in output.splitlines() if line.startswith("mlplab-train: error:")]
+        assert len(errors) == 1 and key in errors[0], f"{override}: {output}"
+        assert runs == [], override
         return
-    overrides = [*SYNTHETIC_RUN, f"paths.data_dir={synthetic_data_dir}", "trainer.limit_val_batches=1",
-                 "trainer.limit_test_batches=1", "callbacks.model_summary=null", override]
-    try:
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose("train", overrides=overrides)
-        config = parse_run_config(OmegaConf.to_container(cfg, resolve=True))
-    except (ConfigError, HydraException) as error:
-        assert key in str(error), f"{override}: {error}"
+    (run,) = runs
+    metrics = json.loads((run / "metrics.json").read_text())
+    if code == 1:  # accepted, trained, and then the loss blew up (optimizer.lr=1e300): said so, and recorded
+        assert metrics["status"] == "diverged" and "mlplab-train: diverged:" in output, f"{override}: {output}"
         return
-    run_dir = tmp_path / f"run-{abs(hash(override))}"
-    try:
-        metrics = train(config, run_dir, callbacks=[*build_callbacks(cfg.callbacks), StopAfterOneStep()])
-    except (ConfigError, DataUnavailableError) as error:  # refused once the data is known (data.val_size)
-        assert key in str(error), f"{override}: {error}"
-        return
-    assert metrics["status"] == "completed" and metrics["step"] == 1, override
+    assert code == 0 and metrics["status"] == "completed" and metrics["step"] == 1, f"{override}: {output}"

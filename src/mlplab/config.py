@@ -6,14 +6,19 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 import torch
 
 from mlplab.datasets import DATASETS
 from mlplab.module import OPTIMIZERS, SCHEDULERS
 from mlplab.network import ACTIVATIONS, OUTPUT_ACTIVATIONS
 
+# An installed console script has no sensible working directory to look in: the configs live beside the package.
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 ACCELERATORS = ("auto", "cpu", "gpu")
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", 16, 32, 64)
 
@@ -220,3 +225,21 @@ def _describe(expected: Any) -> str:
 
 _NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
 _PLURALS = {int: "integers", float: "numbers", str: "strings"}
+
+
+def describe_config_error(error: Exception) -> str:
+    """One line for what OmegaConf or Hydra refused while composing or resolving: the key, then what is wrong."""
+    cause = error if isinstance(error, OmegaConfBaseException) else error.__cause__
+    if not (isinstance(cause, OmegaConfBaseException) and cause.full_key):
+        return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    key, reason = cause.full_key, str(cause.msg).splitlines()[0]
+    if "is not in struct" not in reason:
+        return f"{key}: {reason}"
+    section, _, name = key.partition(".")
+    fields = [f.name for f in dataclasses.fields(SECTIONS[section])] if section in SECTIONS and "." not in name else []
+    if name in fields:  # e.g. optimizer.momentum with optimizer=adam
+        having = sorted(p.stem for p in (Path(CONFIG_DIR) / section).glob("*.yaml") if name in (OmegaConf.load(p) or {}))
+        return f"{key}: not a setting of the chosen {section}; {section} options that have it: {', '.join(having)}"
+    if fields:
+        return f"{key}: unknown key; allowed: {', '.join(fields)}"
+    return f"{key}: unknown key; mlplab-train --cfg job lists the keys (+{key}=... adds one where that makes sense)"

@@ -13,12 +13,11 @@ from omegaconf import DictConfig
 import lightning as L
 
 from mlplab.checkpoints import read_checkpoint
-from mlplab.config import ACCELERATORS, ConfigError, require_accelerator
+from mlplab.config import ACCELERATORS, CONFIG_DIR, ConfigError, require_accelerator
 from mlplab.data import ImageDataModule
 from mlplab.datasets import DataUnavailableError
 from mlplab.module import MLPClassifier
 from mlplab.runs import find_checkpoint, read_metrics
-from mlplab.train import CONFIG_DIR
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")

@@ -18,23 +18,21 @@ from typing import Any, NoReturn
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException, InstantiationException
+from hydra.errors import CompactHydraException, HydraException, InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 import torch
 
 from mlplab.checkpoints import checkpoint_step, read_checkpoint
-from mlplab.config import CONTROL_KEYS, ConfigError, RunConfig, parse_run_config
+from mlplab.config import CONFIG_DIR, CONTROL_KEYS, ConfigError, RunConfig, describe_config_error, parse_run_config
 from mlplab.datasets import DataUnavailableError
 from mlplab.hparams import run_hparams
 from mlplab.module import DivergedError
 from mlplab.runs import CHECKPOINT_DIR, LAST_CHECKPOINT, find_checkpoint, read_metrics, write_metrics
 from mlplab.sweep import RETRIED, claim, gpu_slot, prepare_attempt, threads_per_job
 from mlplab.training import one_line, train
-
-# An installed console script has no sensible working directory to look in: the configs live beside the package.
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +69,25 @@ def main() -> None:
     if problem:
         print(f"mlplab-train: error: {problem}", file=sys.stderr)
         sys.exit(2)
-    hydra_main()
+    full_error = os.environ.get("HYDRA_FULL_ERROR")
+    # Hydra prints what it cannot compose as several lines and exits 1; raised instead, it becomes one line here.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        hydra_main()
+    except (CompactHydraException, OmegaConfBaseException) as error:
+        if full_error == "1":
+            raise
+        print(f"mlplab-train: error: {describe_config_error(error)}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        _restore_environment("HYDRA_FULL_ERROR", full_error)
+
+
+def _restore_environment(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 # What a resumed run may change: how long it trains and where things are, never what is trained.
@@ -172,6 +188,8 @@ def hydra_main(cfg: DictConfig) -> dict[str, Any]:
         build_logger(cfg.logger, run_dir)  # a wrong logger setting fails here, before any work
     except (ConfigError, DataUnavailableError) as error:
         _exit_with(error, run_dir)
+    except OmegaConfBaseException as error:  # an interpolation that does not resolve: ${oops}, ${oc.env:UNSET}
+        _exit_with(ConfigError(describe_config_error(error)), run_dir)
     hparams = run_hparams(config, command_line_values(hydra_config))
     if hydra_config.mode == RunMode.MULTIRUN:
         return train_sweep_job(config, run_dir, cfg.logger, callbacks, hparams, hydra_config)

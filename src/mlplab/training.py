@@ -96,6 +96,16 @@ def require_memory_for(num_parameters: int) -> None:
                           "choose a smaller model.width or model.depth")
 
 
+def require_batches(trainer_config: TrainerConfig, datamodule: ImageDataModule) -> None:
+    """Refuse a fraction of batches that rounds to none for this dataset (Lightning would stop with a traceback)."""
+    for stage in ("train", "val", "test"):
+        limit = getattr(trainer_config, f"limit_{stage}_batches")
+        batches = len(getattr(datamodule, f"{stage}_dataloader")())
+        if isinstance(limit, float) and limit * batches < 1:
+            raise ConfigError(f"trainer.limit_{stage}_batches={limit} selects none of the {batches} {stage} batches; "
+                              f"give at least {1 / batches:.3g} or a number of batches")
+
+
 def train(
     config: RunConfig,
     run_dir: Path,
@@ -128,6 +138,7 @@ def train(
     if trainer.is_global_zero:
         datamodule.prepare_data()
     datamodule.setup("fit")
+    require_batches(config.trainer, datamodule)
     model = build_model(config, datamodule)
     log.info("Run directory: %s", run_dir)
 

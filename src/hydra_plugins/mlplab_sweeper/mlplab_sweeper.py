@@ -16,10 +16,12 @@ from typing import Any, NamedTuple, Sequence
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import CompactHydraException
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from mlplab.config import ConfigError, parse_run_config, require_accelerator
+from mlplab.config import ConfigError, describe_config_error, parse_run_config, require_accelerator
 from mlplab.report import JOBS_FILE, write_summary
 from mlplab.sweep import job_state
 
@@ -98,13 +100,14 @@ class MlplabSweeper(BasicSweeper):
 
     def check(self, job_overrides: Sequence[str]) -> Job:
         """Compose one job's config and check it as the job will; a bad point stops the sweep before any training."""
-        config = self.loader.compose(self.config, list(job_overrides), keep=True)
         try:
+            config = self.loader.compose(self.config, list(job_overrides), keep=True)
             run_keys = [key for key in config if key != "hydra"]
             run_config = parse_run_config(OmegaConf.to_container(OmegaConf.masked_copy(config, run_keys), resolve=True))
             require_accelerator(run_config.trainer.accelerator, "trainer.accelerator", "use trainer=cpu or trainer=auto")
-        except ConfigError as error:
-            print(f"mlplab-train: error: job {' '.join(job_overrides)}: {error}; no job was started", file=sys.stderr)
+        except (ConfigError, CompactHydraException, OmegaConfBaseException) as error:
+            problem = error if isinstance(error, ConfigError) else describe_config_error(error)
+            print(f"mlplab-train: error: job {' '.join(job_overrides)}: {problem}; no job was started", file=sys.stderr)
             sys.exit(2)
         return Job(list(job_overrides), Path(config.hydra.sweep.dir) / str(OmegaConf.select(config, "hydra.sweep.subdir")))
 
