@@ -32,11 +32,17 @@ SYNTHETIC_RUN = [
 ]
 
 
-def run_cli(args: list[str], cwd: Path, data_dir: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run an mlplab console script the way a user does, in a subprocess."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def cli_env(data_dir: Path | None = None) -> dict[str, str]:
+    """A user's environment, plus tests/ on the path for the probes (tests/probes.py) a command line may add."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(Path(__file__).parent)}
     env.pop("HYDRA_FULL_ERROR", None)
     if data_dir is not None:
         env["MLPLAB_DATA_DIR"] = str(data_dir)
+    return env
+
+
+def run_cli(args: list[str], cwd: Path, data_dir: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run an mlplab console script the way a user does, in a subprocess."""
     script = Path(sys.executable).parent / args[0]
-    return subprocess.run([str(script), *args[1:]], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([str(script), *args[1:]], cwd=cwd, env=cli_env(data_dir), capture_output=True, text=True,
+                          timeout=timeout)

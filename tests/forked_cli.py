@@ -13,18 +13,9 @@ import signal
 import sys
 import traceback
 
-from lightning.pytorch import Callback
-
 import mlplab.train
 
 CHILD_SECONDS = 120
-
-
-class StopAfterOneStep(Callback):
-    """Ends training after its first optimizer step (``+callbacks.one_step._target_=forked_cli.StopAfterOneStep``)."""
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        trainer.should_stop = True
 
 
 def run_child(args: list[str], cwd: str, output: str) -> None:

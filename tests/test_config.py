@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, event, given, settings, strategies as st
 from omegaconf import OmegaConf
 from torch import nn
 
-from conftest import SYNTHETIC_RUN
+from conftest import SYNTHETIC_RUN, cli_env
 from mlplab.config import CONFIG_DIR, ConfigError, parse_run_config
 from mlplab.network import build_mlp
 
@@ -129,8 +129,7 @@ class ForkedCli:
     """mlplab-train, each command line in its own process, forked from one that imported everything once."""
 
     def __init__(self):
-        env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
-        self.server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("forked_cli.py"))], env=env,
+        self.server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("forked_cli.py"))], env=cli_env(),
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def run(self, args: list[str], cwd: Path) -> tuple[int, str]:
@@ -161,7 +160,7 @@ def test_any_value_on_the_command_line_trains_or_is_refused_naming_the_key(key, 
     cwd = Path(tempfile.mkdtemp(dir=tmp_path))
     code, output = forked_cli.run([*SYNTHETIC_RUN, f"paths.data_dir={synthetic_data_dir}", "trainer.limit_val_batches=1",
                                    "trainer.limit_test_batches=1", "callbacks.model_summary=null",
-                                   "+callbacks.one_step._target_=forked_cli.StopAfterOneStep", override], cwd)
+                                   "+callbacks.one_step._target_=probes.StopAfterOneStep", override], cwd)
     event(f"exit code {code}")
     assert "Traceback" not in output, output
     runs = sorted((cwd / "outputs" / "runs").glob("*"))

@@ -1,7 +1,6 @@
 """Interrupted runs resume exactly: real mlplab-train subprocesses stopped by signals, then `resume=`."""
 
 import json
-import os
 import shlex
 import signal
 import subprocess
@@ -13,18 +12,19 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import SYNTHETIC_RUN, run_cli
+from conftest import SYNTHETIC_RUN, cli_env, run_cli
 
 BIN = Path(sys.executable).parent
 # 250 steps per epoch (500 training images, batch 2), a checkpoint every 100 steps, deterministic kernels.
 RUN = [*SYNTHETIC_RUN, "data.batch_size=2", "trainer.max_epochs=3", "trainer.deterministic=true",
        "checkpoint.every_n_steps=100", "model.width=32", "model.dropout=0.2"]
 STEPS_PER_EPOCH = 250
+# Runs stopped from outside take ~10 s, not ~1 s: the signal lands mid-epoch as meant, however busy the machine.
+PACED_RUN = [*RUN, "+callbacks.pace={_target_:probes.PaceSteps,seconds:0.01}"]
 
 
 def start(args: list[str], cwd: Path, data_dir: Path) -> subprocess.Popen:
-    env = {**os.environ, "MLPLAB_DATA_DIR": str(data_dir)}
-    return subprocess.Popen([str(BIN / "mlplab-train"), *args], cwd=cwd, env=env, text=True,
+    return subprocess.Popen([str(BIN / "mlplab-train"), *args], cwd=cwd, env=cli_env(data_dir), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -86,11 +86,11 @@ def uninterrupted(synthetic_data_dir, tmp_path_factory) -> Path:
 
 
 def test_ctrl_c_mid_epoch_then_the_printed_command_resumes_it_exactly(uninterrupted, synthetic_data_dir, tmp_path):
-    process = start(RUN, tmp_path, synthetic_data_dir)
+    process = start(PACED_RUN, tmp_path, synthetic_data_dir)
     run_dir = wait_for_step(tmp_path, STEPS_PER_EPOCH + 50, process)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130
+    assert process.returncode == 130, stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "interrupted" and metrics["stopped_by"] == "SIGINT"
     assert STEPS_PER_EPOCH < metrics["step"] < 2 * STEPS_PER_EPOCH  # stopped in epoch 2, not at its end
@@ -104,7 +104,7 @@ def test_ctrl_c_mid_epoch_then_the_printed_command_resumes_it_exactly(uninterrup
 
 
 def test_killed_twice_and_resumed_twice_ends_as_the_uninterrupted_run(uninterrupted, synthetic_data_dir, tmp_path):
-    process = start(RUN, tmp_path, synthetic_data_dir)
+    process = start(PACED_RUN, tmp_path, synthetic_data_dir)
     run_dir = wait_for_step(tmp_path, STEPS_PER_EPOCH + 50, process)
     process.kill()  # SIGKILL: no chance to save; the periodic checkpoint at step 300 is what is left
     process.communicate(timeout=60)
@@ -121,6 +121,25 @@ def test_killed_twice_and_resumed_twice_ends_as_the_uninterrupted_run(uninterrup
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(run_dir, uninterrupted)
     assert not list(run_dir.glob("checkpoints/.*partial"))  # what the kill left half-written is cleared away
+
+
+@pytest.mark.parametrize("signal_name, epoch", [("SIGTERM", 1), ("SIGINT", 2)])
+def test_a_signal_during_validation_stops_once_the_epoch_is_saved_and_resumes_exactly(
+        signal_name, epoch, uninterrupted, synthetic_data_dir, tmp_path):
+    probe = f"+callbacks.signal_probe={{_target_:probes.SignalDuringValidation,signal_name:{signal_name},epoch:{epoch}}}"
+    process = start([*RUN, probe], tmp_path, synthetic_data_dir)
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 128 + signal.Signals[signal_name].value, stderr[-3000:]
+    run_dir = run_dir_of(tmp_path)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and metrics["stopped_by"] == signal_name
+    assert metrics["step"] == (epoch + 1) * STEPS_PER_EPOCH and len(metrics["history"]) == epoch + 1  # epoch finished
+    assert saved_step(run_dir / "checkpoints" / "last.ckpt") == metrics["step"]
+    assert "test/acc" not in metrics  # stopped before testing, even after the last epoch
+
+    resumed = run_cli(["mlplab-train", f"resume={run_dir}"], tmp_path, synthetic_data_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(run_dir, uninterrupted)
 
 
 def test_resume_refuses_changes_to_the_experiment_but_may_train_longer(uninterrupted, synthetic_data_dir, tmp_path):
@@ -199,7 +218,7 @@ def test_an_unwritable_checkpoint_folder_is_one_clear_line(synthetic_data_dir, t
 
 
 def test_killed_right_after_an_epoch_ends_resumes_without_doubled_points(uninterrupted, synthetic_data_dir, tmp_path):
-    args = [*RUN, "checkpoint.every_n_steps=0"]  # only the checkpoints written when an epoch ends
+    args = [*PACED_RUN, "checkpoint.every_n_steps=0"]  # only the checkpoints written when an epoch ends
     process = start(args, tmp_path, synthetic_data_dir)
     run_dir = wait_for_step(tmp_path, STEPS_PER_EPOCH, process)
     process.kill()

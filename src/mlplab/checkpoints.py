@@ -74,12 +74,12 @@ class StopRequested(KeyboardInterrupt):
 
 class ResumePoints(Callback):
     """Keeps ``checkpoints/last.ckpt`` a point to resume from between epochs: every ``every_n_steps`` optimizer
-    steps, and at the first batch boundary after SIGINT or SIGTERM, which then stops the run.
+    steps, and when SIGINT or SIGTERM stops the run.
 
-    Saving only at a batch boundary (after the optimizer step) is what makes a resumed run continue exactly; a
-    Ctrl-C in the middle of a step would otherwise leave a half-done step behind. A Ctrl-C during validation takes
-    effect after the next training batch (after the last epoch, the run just finishes). A second Ctrl-C stops at
-    once.
+    A signal takes effect at the next point a resumed run can continue exactly from: after the current training
+    batch (the checkpoint is saved there), or, during validation, once the epoch's validation and checkpoints are
+    done. Lightning's own SIGTERM handling is replaced while training: it stops in the middle of validation,
+    leaving the finished epoch without a checkpoint. A second signal stops at once.
     """
 
     def __init__(self, run_dir: Path, every_n_steps: int = 500):
@@ -102,8 +102,8 @@ class ResumePoints(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Lightning turns SIGTERM into a stop after the current batch itself (trainer.received_sigterm).
-        self._previous_handlers = {signal.SIGINT: signal.signal(signal.SIGINT, self._request_stop)}
+        self._previous_handlers = {signum: signal.signal(signum, self._request_stop)
+                                   for signum in (signal.SIGINT, signal.SIGTERM)}
 
     def _request_stop(self, signum: int, frame: Any) -> None:
         if self.stopped_by:
@@ -112,14 +112,17 @@ class ResumePoints(Callback):
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if trainer.received_sigterm:
-            self.stopped_by = self.stopped_by or "SIGTERM"
         if self.stopped_by or (self.every_n_steps and trainer.global_step % self.every_n_steps == 0):
             if hasattr(pl_module, "check_finite_loss"):
                 pl_module.check_finite_loss()  # never a checkpoint of diverged weights
             trainer.save_checkpoint(self.path, weights_only=False)
-        if self.stopped_by == "SIGINT":
+        if self.stopped_by:
             raise StopRequested
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.stopped_by:  # the checkpoint callbacks (always called last) save the epoch next; then fit ends
+            trainer.should_stop = True
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -216,16 +216,17 @@ def hydra_main(cfg: DictConfig) -> dict[str, Any]:
 def _exit_interrupted(run_dir: Path, sweep: bool = False) -> NoReturn:
     """Say how to continue a run (or sweep) a signal stopped; exit with the shell's code for that signal."""
     metrics = read_metrics(run_dir)
-    stopped_by = metrics.get("stopped_by")
+    stopped_by = metrics.get("stopped_by") or "SIGINT"  # not recorded: Ctrl-C outside training (e.g. testing)
+    last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
     if sweep:
-        print(f"mlplab-train: sweep stopped by {stopped_by or 'SIGINT'}; run the same command again to resume it",
+        print(f"mlplab-train: sweep stopped by {stopped_by}; run the same command again to resume it", file=sys.stderr)
+    elif last.is_file():
+        print(f"mlplab-train: stopped by {stopped_by} at step {metrics.get('step', '?')}; the last checkpoint is at "
+              f"step {checkpoint_step(last)}.\nResume with: mlplab-train resume={shlex.quote(str(run_dir))}",
               file=sys.stderr)
-    elif stopped_by and (run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
-        print(f"mlplab-train: stopped by {stopped_by} at step {metrics.get('step', '?')}; checkpoint saved.\n"
-              f"Resume with: mlplab-train resume={shlex.quote(str(run_dir))}", file=sys.stderr)
     else:
         print("mlplab-train: interrupted before training began; nothing to resume", file=sys.stderr)
-    sys.exit(128 + signal.Signals[stopped_by or "SIGINT"].value)
+    sys.exit(128 + signal.Signals[stopped_by].value)
 
 
 def command_line_values(hydra_config: DictConfig) -> dict[str, str]:

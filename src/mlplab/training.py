@@ -15,7 +15,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
-from mlplab.checkpoints import AtomicCheckpointIO, ResumePoints
+from mlplab.checkpoints import AtomicCheckpointIO, ResumePoints, StopRequested
 from mlplab.config import ConfigError, RunConfig, TrainerConfig, require_accelerator
 from mlplab.data import ImageDataModule
 from mlplab.history import EpochHistory
@@ -150,6 +150,8 @@ def train(
     os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
+        if resume_points.stopped_by:  # a signal during validation: the epoch ended with its checkpoints
+            raise StopRequested
         metrics.update(history.best())
         # The best checkpoint by path: "best" would make Lightning warn that there are two ModelCheckpoints.
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None

@@ -1,0 +1,37 @@
+"""Callbacks tests add to real command lines: ``+callbacks.<name>._target_=probes.<Class>`` (tests/ on PYTHONPATH)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from lightning.pytorch import Callback
+
+
+class StopAfterOneStep(Callback):
+    """Ends training after its first optimizer step."""
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        trainer.should_stop = True
+
+
+class SignalDuringValidation(Callback):
+    """Sends the run a signal from inside the validation of one epoch, as a user or a scheduler might."""
+
+    def __init__(self, signal_name: str, epoch: int):
+        self.signum, self.epoch = signal.Signals[signal_name], epoch
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == 0:
+            os.kill(os.getpid(), self.signum)
+
+
+class PaceSteps(Callback):
+    """Sleeps after each optimizer step, so that a test's signal from outside lands where the test means it to."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_train_batch_end(self, *args) -> None:
+        time.sleep(self.seconds)
