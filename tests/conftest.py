@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,3 +49,19 @@ def run_cli(args: list[str], cwd: Path, data_dir: Path | None = None, timeout: i
     script = Path(sys.executable).parent / args[0]
     return subprocess.run([str(script), *args[1:]], cwd=cwd, env=cli_env(data_dir), capture_output=True, text=True,
                           timeout=timeout)
+
+
+@contextlib.contextmanager
+def tensorboard_server(logdir: Path) -> Iterator[str]:
+    """A real TensorBoard server on a free loopback port, stopped afterwards; yields its plugin data URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).parent / "tensorboard"), "--logdir", str(logdir),
+                               "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield f"http://127.0.0.1:{port}/data/plugin"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

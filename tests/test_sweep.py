@@ -4,7 +4,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-from conftest import SYNTHETIC_RUN, run_cli
+from conftest import SYNTHETIC_RUN, run_cli, tensorboard_server
 from mlplab.hparams import FINAL_METRICS
 from mlplab.sweep import gpu_slot, threads_per_job
 
@@ -126,12 +125,6 @@ def test_hparams_in_each_jobs_own_event_files(grid):
         assert "hp_metric" not in session["scalars"]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def post(url: str, body: dict) -> dict:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as response:
@@ -139,14 +132,10 @@ def post(url: str, body: dict) -> dict:
 
 
 def test_tensorboard_server_shows_one_hparams_row_per_job(grid, tmp_path):
-    port = free_port()
-    server = subprocess.Popen([str(BIN / "tensorboard"), "--logdir", str(grid), "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}/data/plugin"
     query = {"experimentName": "", "startIndex": 0, "sliceSize": 100,
              "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
              "colParams": [{"metric": {"tag": "final/best_val_acc"}}, {"hparam": "model.depth"}, {"hparam": "model.width"}]}
-    try:
+    with tensorboard_server(grid) as base:
         deadline, groups = time.monotonic() + 90, []
         while time.monotonic() < deadline:
             try:
@@ -159,9 +148,6 @@ def test_tensorboard_server_shows_one_hparams_row_per_job(grid, tmp_path):
         experiment = post(f"{base}/hparams/experiment", {"experimentName": ""})
         with urllib.request.urlopen(f"{base}/scalars/tags", timeout=30) as response:
             runs = json.loads(response.read())
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     jobs = {job.name: job for job in job_dirs(grid)}
     assert sorted(group["name"] for group in groups) == sorted(jobs)
     assert {"final/best_val_acc", "final/test_acc", "final/wall_seconds"} <= {m["name"]["tag"] for m in experiment["metricInfos"]}

@@ -44,15 +44,24 @@ def main(cfg: DictConfig) -> dict[str, Any]:
 def evaluate(checkpoint: Path, data_dir: Path, accelerator: str = "auto") -> dict[str, float]:
     """Test metrics of a checkpoint on its dataset's official test split, with the data set-up it trained with."""
     require_accelerator(accelerator, "accelerator", "use accelerator=cpu or accelerator=auto")
-    read_checkpoint(checkpoint)  # refuses a damaged or unsafe file before anything else reads it
-    model = MLPClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
-    # The checkpoint records the dataset, batch size and split; only the data's location is this machine's.
-    datamodule = ImageDataModule.load_from_checkpoint(checkpoint, data_dir=str(data_dir), weights_only=True)
+    model, datamodule = load_model(checkpoint), load_data(checkpoint, data_dir)
     trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
-    datamodule.prepare_data()
     (results,) = trainer.test(model, datamodule=datamodule, verbose=False)
     return {key: float(value) for key, value in results.items()}
+
+
+def load_model(checkpoint: Path) -> MLPClassifier:
+    """The trained model of a checkpoint, in evaluation mode, on the CPU."""
+    read_checkpoint(checkpoint)  # refuses a damaged or unsafe file before anything else reads it
+    return MLPClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True).eval()
+
+
+def load_data(checkpoint: Path, data_dir: Path) -> ImageDataModule:
+    """The data module a checkpoint trained with, its files provided; only the data's location is this machine's."""
+    datamodule = ImageDataModule.load_from_checkpoint(checkpoint, data_dir=str(data_dir), weights_only=True)
+    datamodule.prepare_data()
+    return datamodule
 
 
 def _table(report: dict[str, Any]) -> str:

@@ -71,6 +71,8 @@ class MLPClassifier(L.LightningModule):
                 "acc": MulticlassAccuracy(num_classes, average="micro", validate_args=False),
             }))
         self._epoch_outputs: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {stage: [] for stage in STAGES}
+        # Per stage, the last finished epoch's predicted and true classes, in the order of the batches.
+        self.epoch_predictions: dict[str, tuple[Tensor, Tensor]] = {}
 
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 N x C x H x W -> float, standardised per channel with the training split's statistics."""
@@ -94,8 +96,9 @@ class MLPClassifier(L.LightningModule):
             return
         losses, predictions, labels = zip(*outputs)
         sizes = torch.tensor([len(batch) for batch in labels], device=losses[0].device)
+        self.epoch_predictions[stage] = (torch.cat(predictions), torch.cat(labels))
         metrics["loss"].update(torch.stack(losses), weight=sizes)
-        metrics["acc"].update(torch.cat(predictions), torch.cat(labels))
+        metrics["acc"].update(*self.epoch_predictions[stage])
         for name, metric in metrics.items():
             self.log(f"{stage}/{name}", metric.compute())
             metric.reset()

@@ -1,0 +1,213 @@
+"""What a run shows in TensorBoard beyond loss and accuracy curves.
+
+Each view is a callback of its own, listed in ``conf/callbacks/default.yaml`` and switched off there (or with
+``callbacks.<name>=null``): confusion matrices, the test set's most confident mistakes, per-class test accuracy,
+weight and gradient histograms, the network's graph and a text summary, and the learning rate under a schedule.
+They write to the run's TensorBoard logger and do nothing without one.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import OmegaConf
+from torch import Tensor
+from torch.utils.tensorboard import SummaryWriter
+from typing_extensions import override
+
+from mlplab.figures import confusion_image, image_grid
+from mlplab.network import count_parameters
+
+
+def tensorboard_writer(trainer: L.Trainer) -> SummaryWriter | None:
+    """The run's TensorBoard writer, if it logs to TensorBoard."""
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    return None
+
+
+def confusion_counts(predictions: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """counts[true, predicted] over the samples."""
+    return torch.bincount(labels * num_classes + predictions, minlength=num_classes**2).view(num_classes, num_classes)
+
+
+def class_names_of(pl_module: L.LightningModule) -> list[str]:
+    names = list(pl_module.hparams.get("class_names") or [])
+    return names or [str(index) for index in range(pl_module.hparams.num_classes)]
+
+
+class ConfusionMatrix(Callback):
+    """``val/confusion_matrix`` after each validation and ``test/confusion_matrix`` after testing, as images; the
+    test counts also as a table in the Text tab, to copy from."""
+
+    @override
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._draw("val", trainer, pl_module)
+
+    @override
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._draw("test", trainer, pl_module)
+
+    @rank_zero_only
+    def _draw(self, stage: str, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        writer = tensorboard_writer(trainer)
+        if writer is None or stage not in pl_module.epoch_predictions:
+            return
+        names = class_names_of(pl_module)
+        counts = confusion_counts(*pl_module.epoch_predictions[stage], len(names)).cpu().numpy()
+        when = f"epoch {trainer.current_epoch}, step {trainer.global_step}" if stage == "val" else f"step {trainer.global_step}"
+        title = f"{stage} confusion matrix ({counts.sum()} images; {when}), colour: share of the row"
+        writer.add_image(f"{stage}/confusion_matrix", confusion_image(counts, names, title), trainer.global_step,
+                         dataformats="HWC")
+        if stage == "test":
+            writer.add_text("test/confusion_matrix", confusion_markdown(counts, names), trainer.global_step)
+
+
+def confusion_markdown(counts: Any, class_names: list[str]) -> str:
+    """A Markdown table: one row per true class, one column per predicted class."""
+    lines = ["| true \\ predicted | " + " | ".join(class_names) + " |", "|---" * (len(class_names) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(str(int(count)) for count in row) + " |" for name, row in zip(class_names, counts)]
+    return "\n".join(lines)
+
+
+class PerClassAccuracy(Callback):
+    """``test/acc_per_class/<class name>`` scalars after testing ("/" in a name becomes "_")."""
+
+    @override
+    @rank_zero_only
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        writer = tensorboard_writer(trainer)
+        if writer is None or "test" not in pl_module.epoch_predictions:
+            return
+        names = class_names_of(pl_module)
+        counts = confusion_counts(*pl_module.epoch_predictions["test"], len(names)).double()
+        accuracies = counts.diag() / counts.sum(dim=1).clamp(min=1)
+        for name, accuracy in zip(names, accuracies.tolist()):
+            writer.add_scalar(f"test/acc_per_class/{name.replace('/', '_')}", accuracy, trainer.global_step)
+
+
+class MisclassifiedImages(Callback):
+    """``test/misclassified``: the test images the model got wrong with the highest confidence, as one grid.
+
+    Each is captioned with its true class and the predicted class with its probability.
+    """
+
+    def __init__(self, max_images: int = 32):
+        self.max_images = max_images
+
+    @override
+    @rank_zero_only
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        writer = tensorboard_writer(trainer)
+        if writer is None or "test" not in pl_module.epoch_predictions or self.max_images <= 0:
+            return
+        predictions, labels = pl_module.epoch_predictions["test"]
+        # Tested in order (no shuffling), so the i-th prediction is the test split's i-th image.
+        wrong = (predictions != labels).nonzero().flatten()
+        images = trainer.datamodule.splits["test"].images[: len(labels)][wrong]
+        probabilities = predicted_probabilities(pl_module, images, predictions[wrong])
+        order = probabilities.argsort(descending=True)[: self.max_images]
+        names = class_names_of(pl_module)
+        captions = [f"true: {names[labels[wrong[i]]]}\npred: {names[predictions[wrong[i]]]} {probabilities[i]:.2f}"
+                    for i in order.tolist()]
+        if captions:
+            writer.add_image("test/misclassified", image_grid(images[order].cpu().numpy(), captions),
+                             trainer.global_step, dataformats="HWC")
+
+
+def predicted_probabilities(pl_module: L.LightningModule, images: Tensor, classes: Tensor, batch_size: int = 1000) -> Tensor:
+    """The model's probability for ``classes[i]`` on ``images[i]``, in evaluation mode."""
+    was_training = pl_module.training
+    pl_module.eval()
+    with torch.inference_mode():
+        chunks = [pl_module(images[start:start + batch_size]).softmax(dim=1) for start in range(0, len(images), batch_size)]
+    pl_module.train(was_training)
+    probabilities = torch.cat(chunks) if chunks else torch.empty(0, 0, device=images.device)
+    return probabilities.gather(1, classes.view(-1, 1)).flatten() if len(classes) else probabilities.new_empty(0)
+
+
+class WeightHistograms(Callback):
+    """Histograms of each layer's weights and of its gradients (from the epoch's last batch) every N epochs.
+
+    Off by default (``every_n_epochs: 0``): for the default network it costs about 3 % of a CPU epoch.
+    """
+
+    def __init__(self, every_n_epochs: int = 0):
+        self.every_n_epochs = every_n_epochs
+
+    def _due(self, trainer: L.Trainer) -> bool:
+        return self.every_n_epochs > 0 and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
+    @override
+    @rank_zero_only
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        writer = tensorboard_writer(trainer)
+        if writer is None or not (trainer.is_last_batch and self._due(trainer)):
+            return
+        for name, parameter in pl_module.network.named_parameters():  # at the step these gradients make
+            if parameter.grad is not None:
+                writer.add_histogram(f"gradients/{name}", parameter.grad, trainer.global_step + 1)
+
+    @override
+    @rank_zero_only
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        writer = tensorboard_writer(trainer)
+        if writer is None or not self._due(trainer):
+            return
+        for name, parameter in pl_module.network.named_parameters():
+            writer.add_histogram(f"weights/{name}", parameter.detach(), trainer.global_step)
+
+
+class ModelDescription(Callback):
+    """The network's graph (Graphs tab) and, in the Text tab, its layers with parameter counts and the run's config.
+
+    ``config`` is the run's resolved config (conf/callbacks/default.yaml fills it in). Written once, when a run
+    starts; a resumed run has them already.
+    """
+
+    def __init__(self, graph: bool = True, config: dict[str, Any] | None = None):
+        self.graph, self.config = graph, config
+
+    @override
+    @rank_zero_only
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        writer = tensorboard_writer(trainer)
+        if writer is None or trainer.ckpt_path:
+            return
+        network = pl_module.network
+        writer.add_text("run/architecture", architecture_markdown(network), 0)
+        if self.config:
+            # Indented four spaces: Markdown shows it as a code block, line breaks kept.
+            writer.add_text("run/config", "    " + OmegaConf.to_yaml(self.config).replace("\n", "\n    "), 0)
+        if self.graph:
+            example = torch.zeros(1, *trainer.datamodule.input_shape, device=pl_module.device)
+            with warnings.catch_warnings():  # add_graph traces with torch.jit, which warns that it is deprecated
+                warnings.simplefilter("ignore")
+                writer.add_graph(network, example)
+
+
+def architecture_markdown(network: torch.nn.Module) -> str:
+    """A Markdown table of the network's layers with their output sizes and parameter counts, then its total."""
+    rows = ["| # | layer | parameters |", "|---|---|---:|"]
+    for index, layer in enumerate(network):
+        rows.append(f"| {index} | `{layer}` | {count_parameters(layer):,} |")
+    rows.append(f"| | **total** | **{count_parameters(network):,}** |")
+    return "\n".join(rows)
+
+
+class LearningRate(Callback):
+    """``train/lr``, the learning rate of each epoch, when a schedule changes it."""
+
+    @override
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Read as the epoch starts: Lightning steps an epoch schedule before the epoch's end hooks run.
+        if trainer.lr_scheduler_configs:
+            pl_module.log("train/lr", trainer.optimizers[0].param_groups[0]["lr"])

@@ -1,0 +1,157 @@
+"""What a run shows in TensorBoard beyond scalars, and mlplab-predict: real runs on synthetic data, read back with
+TensorBoard's own reader and server, and predictions checked against the model on the original tensors."""
+
+import csv
+import io
+import json
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import SYNTHETIC_RUN, run_cli, tensorboard_server
+from mlplab.evaluate import load_data, load_model
+
+CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+# A learning rate low enough that the model still makes mistakes on the (easy) synthetic data.
+RUN = [*SYNTHETIC_RUN, "trainer.max_epochs=2", "scheduler=cosine", "optimizer.lr=3e-5",
+       "callbacks.weight_histograms.every_n_epochs=1"]
+
+
+@pytest.fixture(scope="module")
+def run(synthetic_data_dir, tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("inspected")
+    result = run_cli(["mlplab-train", *RUN], cwd, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (cwd / "outputs" / "runs").iterdir()
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def events(run) -> EventAccumulator:
+    accumulator = EventAccumulator(str(run), size_guidance={"images": 0, "histograms": 0, "tensors": 0, "scalars": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+@pytest.fixture(scope="module")
+def test_predictions(run, synthetic_data_dir, tmp_path_factory) -> list[dict[str, str]]:
+    """Per-sample test predictions of the tested (best) checkpoint, from mlplab-predict inputs=test."""
+    output = tmp_path_factory.mktemp("predictions") / "test.csv"
+    result = run_cli(["mlplab-predict", f"run={run}", "inputs=test", f"output={output}"], run, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with output.open() as file:
+        return list(csv.DictReader(file))
+
+
+def text(events: EventAccumulator, tag: str) -> str:
+    (event,) = events.Tensors(f"{tag}/text_summary")
+    return event.tensor_proto.string_val[0].decode()
+
+
+def test_every_view_is_in_the_event_files(events):
+    tags = events.Tags()
+    assert len(events.Images("val/confusion_matrix")) == 2  # after each epoch
+    for tag in ("val/confusion_matrix", "test/confusion_matrix", "test/misclassified"):
+        image = Image.open(io.BytesIO(events.Images(tag)[-1].encoded_image_string))
+        assert image.mode == "RGB" and min(image.size) > 100, tag
+    assert {f"weights/{name}" for name in ("1.weight", "1.bias", "3.weight")} <= set(tags["histograms"])
+    assert {f"gradients/{name}" for name in ("1.weight", "1.bias", "3.weight")} <= set(tags["histograms"])
+    assert len(events.Histograms("weights/1.weight")) == 2
+    assert tags["graph"] and "Linear" in str(events.Graph())
+    architecture, config = text(events, "run/architecture"), text(events, "run/config")
+    assert "Linear(in_features=784, out_features=512" in architecture and "**total**" in architecture
+    assert "depth: 2" in config and "name: cosine" in config and "seed: 42" in config
+    lr = [point.value for point in events.Scalars("train/lr")]
+    assert lr[0] == pytest.approx(3e-5) and lr[1] < lr[0]  # the cosine schedule, epoch by epoch
+
+
+def test_confusion_matrix_and_per_class_accuracy_equal_the_test_predictions(events, test_predictions, run):
+    expected = np.zeros((10, 10), dtype=int)  # counted here, from mlplab-predict's independent pass
+    for row in test_predictions:
+        expected[int(row["label"]), int(row["predicted"])] += 1
+    table = text(events, "test/confusion_matrix").splitlines()
+    assert table[0].split(" | ")[1:] == [*CLASSES[:-1], CLASSES[-1] + " |"]
+    counts = np.array([[int(cell) for cell in line.strip("| ").split(" | ")[1:]] for line in table[2:]])
+    assert (counts == expected).all()
+    for index, name in enumerate(CLASSES):
+        (point,) = events.Scalars(f"test/acc_per_class/{name.replace('/', '_')}")
+        assert point.value == pytest.approx(expected[index, index] / max(expected[index].sum(), 1))
+    recorded = json.loads((run / "metrics.json").read_text())["test/acc"]
+    assert np.trace(expected) / expected.sum() == pytest.approx(recorded)
+
+
+def test_histograms_are_off_by_default(synthetic_data_dir, tmp_path):
+    result = run_cli(["mlplab-train", *SYNTHETIC_RUN], tmp_path, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    assert not events.Tags()["histograms"] and "val/confusion_matrix" in events.Tags()["images"]
+
+
+def test_tensorboard_server_lists_the_images(run):
+    wanted = {"val/confusion_matrix", "test/confusion_matrix", "test/misclassified"}
+    with tensorboard_server(run) as base:
+        deadline, tags = time.monotonic() + 90, {}
+        while time.monotonic() < deadline and not wanted <= set(tags.get(".", {})):
+            try:
+                with urllib.request.urlopen(f"{base}/images/tags", timeout=30) as response:
+                    tags = json.loads(response.read())
+            except OSError:
+                pass  # not listening yet
+            time.sleep(0.5)
+    assert wanted <= set(tags["."])
+
+
+def test_predict_reads_images_as_the_dataset_has_them(run, synthetic_data_dir, tmp_path):
+    checkpoint = run / "checkpoints" / "best.ckpt"
+    model, data = load_model(checkpoint), load_data(checkpoint, synthetic_data_dir)
+    data.setup("test")
+    originals = data.splits["test"].images[:4]
+    pixels = [image[0].numpy() for image in originals]
+    Image.fromarray(pixels[0]).save(tmp_path / "a_same_size.png")
+    Image.fromarray(pixels[1]).resize((56, 56), Image.Resampling.NEAREST).convert("RGB").save(tmp_path / "b_rgb_x2.png")
+    Image.fromarray(pixels[2]).resize((84, 84), Image.Resampling.NEAREST).save(tmp_path / "c_gray_x3.png")
+    Image.fromarray(pixels[3]).convert("RGB").save(tmp_path / "d_rgb.png")
+    (tmp_path / "e_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+
+    result = run_cli(["mlplab-predict", f"run={run}", f"inputs={tmp_path}", "format=json", "top_k=3"], tmp_path)
+    assert result.returncode == 1  # one input could not be read
+    assert "e_corrupt.png" in result.stderr and "Traceback" not in result.stderr
+    answers = json.loads(result.stdout)
+    assert [Path(answer["path"]).name for answer in answers] == sorted(p.name for p in tmp_path.iterdir())
+    assert "error" in answers[4] and "class" not in answers[4]
+    with torch.inference_mode():
+        probabilities = model(originals).softmax(dim=1)
+    for answer, expected in zip(answers[:4], probabilities):
+        assert answer["class"] == CLASSES[int(expected.argmax())]
+        assert answer["probability"] == pytest.approx(float(expected.max()), abs=1e-4)
+        assert [top["class"] for top in answer["top"]] == [CLASSES[i] for i in expected.topk(3).indices.tolist()]
+
+    table = run_cli(["mlplab-predict", f"run={run}", f"inputs=[{tmp_path / 'a_same_size.png'}]"], tmp_path)
+    assert table.returncode == 0 and CLASSES[int(probabilities[0].argmax())] in table.stdout.splitlines()[1]
+
+
+def test_predict_on_the_test_set_agrees_with_the_recorded_test_accuracy(test_predictions, run):
+    assert len(test_predictions) == 200
+    accuracy = sum(int(row["correct"]) for row in test_predictions) / len(test_predictions)
+    assert accuracy == pytest.approx(json.loads((run / "metrics.json").read_text())["test/acc"])
+    row = test_predictions[0]
+    assert float(row["probability"]) == pytest.approx(max(float(row[f"p_{name}"]) for name in CLASSES))
+
+
+def test_predict_refuses_bad_input_in_one_line(run, tmp_path):
+    for args, needle in [([f"run={run}", f"inputs={tmp_path / 'nothing.png'}"], "does not exist"),
+                         ([f"run={run}", f"inputs={tmp_path}"], "holds no images"),
+                         ([f"run={tmp_path}", "inputs=test"], "run="),
+                         ([f"run={run}", "inputs=test", "top_k=0"], "top_k")]:
+        result = run_cli(["mlplab-predict", *args], tmp_path)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, args
+        (line,) = result.stderr.splitlines()
+        assert line.startswith("mlplab-predict: error:") and needle in line, args
