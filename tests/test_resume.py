@@ -172,7 +172,8 @@ def test_checkpoints_that_would_run_code_or_are_damaged_are_refused(uninterrupte
     truncated.parent.mkdir(parents=True)
     truncated.write_bytes((uninterrupted / "checkpoints" / "last.ckpt").read_bytes()[:5000])
 
-    for command in (["mlplab-train", f"resume={crafted}"], ["mlplab-eval", f"run={crafted}"]):
+    for command in (["mlplab-train", f"resume={crafted}"], ["mlplab-eval", f"run={crafted}"],
+                    ["mlplab-predict", f"run={crafted}", "inputs=test"]):
         result = run_cli(command, tmp_path, synthetic_data_dir)
         assert result.returncode == 2 and "refused, since loading it could run code" in result.stderr, command
         assert "Traceback" not in result.stderr
