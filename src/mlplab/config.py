@@ -168,7 +168,7 @@ class _PathsConfig:
 # Groups handled elsewhere: logger and callbacks are third-party objects built by the entry point.
 OPEN_GROUPS = ("logger", "callbacks")
 # Keys that steer the command (name or list a sweep, resume a run) rather than describe the run.
-CONTROL_KEYS = ("sweep", "dry_run", "resume")
+CONTROL_KEYS = ("sweep", "dry_run", "resume", "trial", "hparams_search")
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig,
             "scheduler": SchedulerConfig, "trainer": TrainerConfig, "checkpoint": CheckpointConfig}
 

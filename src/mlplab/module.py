@@ -23,6 +23,10 @@ class DivergedError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+class PrunedError(RuntimeError):
+    """A hyperparameter search stopped this run early: it was clearly worse than others at the same epoch."""
+
+
 class MLPClassifier(L.LightningModule):
     """Classifies uint8 images with an MLP; normalises each batch on the device itself.
 

@@ -13,12 +13,11 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from mlplab.runs import read_metrics
-from mlplab.sweep import job_state
+from mlplab.sweep import STUDY_FILE, job_state
 
 JOBS_FILE = "jobs.json"  # written by the sweeper before the first job: lets a report list jobs not started yet
 METRICS = ("val/acc", "val/loss", "best_epoch", "test/acc", "test/loss", "epochs", "wall_seconds", "num_parameters")
 RANK_BY = "val/acc"  # never test/acc: choosing by the test set would make its accuracy an optimistic estimate
-FINISHED = "completed"
 
 
 def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -51,7 +50,7 @@ def swept_keys(jobs: list[dict[str, Any]]) -> list[str]:
 
 def ranked(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Finished jobs, best validation accuracy first."""
-    return sorted((job for job in jobs if job["status"] == FINISHED and RANK_BY in job), key=lambda job: -job[RANK_BY])
+    return sorted((job for job in jobs if job["status"] == "completed" and RANK_BY in job), key=lambda job: -job[RANK_BY])
 
 
 def write_csv(jobs: list[dict[str, Any]], path: Path) -> None:
@@ -81,6 +80,10 @@ def markdown(jobs: list[dict[str, Any]], title: str) -> str:
                            job.get("num_parameters", ""), job["job"]]))
     if "seed" in keys:
         lines += ["", "## Over seeds", "", *seed_table(jobs, [k for k in keys if k != "seed"])]
+    pruned = [job for job in jobs if job["status"] == "pruned"]
+    if pruned:
+        lines += ["", "## Pruned", ""] + [f"- `{job['job']}`: stopped after {job.get('epochs', '?')} epochs, best val/acc "
+                                          f"{_number(job.get('val/acc'))}" for job in pruned]
     failed = [job for job in jobs if job["status"] in ("failed", "diverged")]
     if failed:
         lines += ["", "## Failed", ""] + [f"- `{job['job']}`: {job['status']}: {job['error'] or 'no error recorded'}" for job in failed]
@@ -190,6 +193,10 @@ def write_summary(sweep_dir: Path) -> tuple[list[dict[str, Any]], str]:
     """Write summary.csv, summary.md and summary.png into the sweep folder; returns the jobs and the markdown."""
     jobs = collect_jobs(sweep_dir)
     text = markdown(jobs, sweep_dir.name)
+    if (sweep_dir / STUDY_FILE).is_file():
+        from mlplab.search import search_summary  # Optuna, only for searches
+
+        text += search_summary(sweep_dir)
     write_csv(jobs, sweep_dir / "summary.csv")
     (sweep_dir / "summary.md").write_text(text)
     plot(jobs, sweep_dir / "summary.png")

@@ -13,7 +13,9 @@ from pathlib import Path
 from mlplab.runs import CHECKPOINT_DIR, LAST_CHECKPOINT, read_metrics
 
 LOCK_FILE = ".lock"
+STUDY_FILE = "optuna.journal"  # a search's Optuna study (hydra/sweeper=optuna), in the sweep folder
 RETRIED = ("failed", "diverged")
+FINISHED = ("completed", "pruned")  # a job in either state is never trained again
 
 
 @contextmanager
@@ -58,9 +60,9 @@ def running_on(job_dir: Path) -> str | None:
 
 
 def job_state(job_dir: Path) -> str:
-    """completed | failed | diverged | running | interrupted | pending."""
+    """completed | pruned | failed | diverged | running | interrupted | pending."""
     status = read_metrics(job_dir).get("status")
-    if status in ("completed", *RETRIED):
+    if status in (*FINISHED, *RETRIED):
         return status
     if running_on(job_dir):
         return "running"

@@ -31,7 +31,7 @@ from mlplab.datasets import DataUnavailableError
 from mlplab.hparams import run_hparams
 from mlplab.module import DivergedError
 from mlplab.runs import CHECKPOINT_DIR, LAST_CHECKPOINT, find_checkpoint, read_metrics, write_metrics
-from mlplab.sweep import RETRIED, claim, gpu_slot, prepare_attempt, threads_per_job
+from mlplab.sweep import FINISHED, RETRIED, claim, gpu_slot, prepare_attempt, threads_per_job
 from mlplab.training import one_line, train
 
 log = logging.getLogger(__name__)
@@ -192,6 +192,11 @@ def hydra_main(cfg: DictConfig) -> dict[str, Any]:
         _exit_with(ConfigError(describe_config_error(error)), run_dir)
     hparams = run_hparams(config, command_line_values(hydra_config))
     if hydra_config.mode == RunMode.MULTIRUN:
+        if cfg.get("trial") is not None:  # a trial of a search (hydra/sweeper=optuna): reports its epochs to the study
+            from mlplab.search import trial_callback  # Optuna is imported only where a search runs
+
+            sweeper = hydra_config.sweeper
+            callbacks.append(trial_callback(Path(hydra_config.sweep.dir), cfg.trial, sweeper.metric, instantiate(sweeper.pruner)))
         return train_sweep_job(config, run_dir, cfg.logger, callbacks, hparams, hydra_config)
     resume_from = Path(cfg.resume) if cfg.get("resume") else None
     if resume_from:
@@ -253,7 +258,7 @@ def train_sweep_job(
             log.info("Skipped: another process is running this job (%s)", run_dir)
             return {"status": "running"}
         done = read_metrics(run_dir)
-        if done.get("status") == "completed":
+        if done.get("status") in FINISHED:
             log.info("Done already: %s", run_dir)
             return done
         resume_from = prepare_attempt(run_dir)

@@ -20,7 +20,7 @@ from mlplab.config import ConfigError, RunConfig, TrainerConfig, require_acceler
 from mlplab.data import ImageDataModule
 from mlplab.history import EpochHistory
 from mlplab.hparams import log_hparams
-from mlplab.module import DivergedError, MLPClassifier
+from mlplab.module import DivergedError, MLPClassifier, PrunedError
 from mlplab.network import count_parameters, planned_parameters
 from mlplab.runs import write_metrics
 
@@ -158,6 +158,9 @@ def train(
         tested = trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
         metrics.update({key: value for key, value in tested[0].items() if key.startswith("test/")})
         metrics["status"] = "completed"
+    except PrunedError as error:  # a search's decision, not a failure: the run ends here, untested
+        metrics.update(history.best())
+        metrics["status"], metrics["pruned"] = "pruned", str(error)
     except BaseException as error:
         metrics["status"] = _status_of(error)
         metrics["error"] = f"{type(error).__name__}: {one_line(error)}"

@@ -1,0 +1,141 @@
+"""Optuna searches as a user runs them (mlplab-train -m hydra/sweeper=optuna), in subprocesses on synthetic data; the
+study is read back with Optuna itself."""
+
+import csv
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import SYNTHETIC_RUN, cli_env, run_cli
+from mlplab.search import STUDY_FILE
+
+BIN = Path(sys.executable).parent
+SEARCH = ["-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=6", *SYNTHETIC_RUN, "callbacks.model_summary=null",
+          "sweep=search"]
+TWO_PARAMETERS = ["model.width=choice(16,32)", "optimizer.lr=tag(log, interval(0.0003, 0.01))"]
+
+
+def study_of(sweep_dir: Path) -> optuna.Study:
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(sweep_dir / STUDY_FILE)))
+    return optuna.load_study(study_name=sweep_dir.name, storage=storage)
+
+
+def states(study: optuna.Study) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for trial in study.get_trials():
+        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+    return counts
+
+
+def job_values(job_dir: Path) -> dict[str, str]:
+    overrides = OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")
+    return dict(str(override).partition("=")[::2] for override in overrides)
+
+
+def search(args: list[str], cwd: Path, data_dir: Path) -> subprocess.CompletedProcess:
+    result = run_cli(["mlplab-train", *SEARCH, *args], cwd, data_dir)
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return result
+
+
+def test_a_search_runs_its_trials_and_the_summary_matches_the_jobs(synthetic_data_dir, tmp_path):
+    result = search(TWO_PARAMETERS, tmp_path, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep_dir = tmp_path / "outputs" / "sweeps" / "search"
+    study = study_of(sweep_dir)
+    assert states(study) == {"COMPLETE": 6}
+    for trial in study.get_trials():  # each trial's sampled values are what its job trained with
+        values = job_values(sweep_dir / trial.user_attrs["job"])
+        assert int(values["model.width"]) == trial.params["model.width"]
+        assert float(values["optimizer.lr"]) == trial.params["optimizer.lr"]
+    with (sweep_dir / "summary.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 6 and {row["job"] for row in rows} == {t.user_attrs["job"] for t in study.get_trials()}
+    summary = (sweep_dir / "summary.md").read_text()
+    best = study.best_trial
+    assert f"Best: trial {best.number}" in summary and (sweep_dir / "search.png").is_file()
+    command = summary.split("```\n")[1].splitlines()[0]
+    assert command.startswith("mlplab-train ") and f"optimizer.lr={best.params['optimizer.lr']!r}" in command
+    assert "sweep=" not in command and "trial=" not in command
+
+
+def test_a_killed_search_continues_without_retraining_finished_trials(synthetic_data_dir, tmp_path):
+    slow = ["data.batch_size=10", "trainer.max_epochs=2", "+callbacks.pace={_target_:probes.PaceSteps,seconds:0.02}"]
+    args = ["mlplab-train", *SEARCH, *TWO_PARAMETERS, *slow]
+    process = subprocess.Popen([str(BIN / args[0]), *args[1:]], cwd=tmp_path, env=cli_env(synthetic_data_dir),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    sweep_dir = tmp_path / "outputs" / "sweeps" / "search"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if (sweep_dir / STUDY_FILE).is_file() and states(study_of(sweep_dir)).get("COMPLETE", 0) >= 3:
+            break
+        time.sleep(0.1)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    finished = {t.user_attrs["job"]: (sweep_dir / t.user_attrs["job"] / "metrics.json").read_bytes()
+                for t in study_of(sweep_dir).get_trials(states=(optuna.trial.TrialState.COMPLETE,))}
+    assert 3 <= len(finished) < 6
+
+    result = search([*TWO_PARAMETERS, *slow], tmp_path, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = study_of(sweep_dir)
+    assert states(study)["COMPLETE"] == 6  # six in all; a trial cut short is recorded as failed and asked again
+    assert sum(1 for t in study.get_trials() if t.state.name == "FAIL") <= 1
+    for job, metrics in finished.items():  # finished trials were not trained again
+        assert (sweep_dir / job / "metrics.json").read_bytes() == metrics
+
+
+def test_diverging_trials_fail_and_the_search_goes_on_to_a_sane_best(synthetic_data_dir, tmp_path):
+    result = search(["optimizer.lr=choice(0.003, 1e30)", "hydra.sweeper.max_failure_ratio=0.9",
+                     "hydra.sweeper.sampler.seed=0"], tmp_path, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = study_of(sweep_dir := tmp_path / "outputs" / "sweeps" / "search")
+    failed = [t for t in study.get_trials() if t.state.name == "FAIL"]
+    assert failed and all("DivergedError" in t.user_attrs["error"] for t in failed)
+    assert study.best_trial.params["optimizer.lr"] == 0.003 and len(study.get_trials()) == 6
+    assert "## Failed" in (sweep_dir / "summary.md").read_text()
+
+
+def test_a_hopeless_search_stops_with_a_clear_message(synthetic_data_dir, tmp_path):
+    result = search(["optimizer.lr=choice(1e30, 2e30)"], tmp_path, synthetic_data_dir)
+    assert result.returncode == 1
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("mlplab-train: search stopped")]
+    assert "4 of 6 trials failed" in line and "max_failure_ratio=0.5" in line and "diverged" in line.lower()
+
+
+def test_clearly_worse_trials_are_pruned_early(synthetic_data_dir, tmp_path):
+    result = search(["optimizer.lr=choice(0.00001, 0.003)", "trainer.max_epochs=4", "hydra.sweeper.n_trials=8",
+                     "hydra.sweeper.sampler._target_=optuna.samplers.RandomSampler", "hydra.sweeper.sampler.seed=1",
+                     "hydra.sweeper.pruner.n_startup_trials=2", "hydra.sweeper.pruner.n_warmup_steps=0"],
+                    tmp_path, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep_dir = tmp_path / "outputs" / "sweeps" / "search"
+    study = study_of(sweep_dir)
+    pruned = [t for t in study.get_trials() if t.state.name == "PRUNED"]
+    assert pruned and all(t.params["optimizer.lr"] == 0.00001 for t in pruned)
+    summary = (sweep_dir / "summary.md").read_text()
+    for trial in pruned:  # stopped early, and shown so
+        metrics = (sweep_dir / trial.user_attrs["job"] / "metrics.json").read_text()
+        assert '"status": "pruned"' in metrics and max(trial.intermediate_values) < 3
+        assert f"`{trial.user_attrs['job']}`: stopped after" in summary
+
+
+def test_two_parallel_workers_share_the_study_without_duplicates(synthetic_data_dir, tmp_path):
+    result = search([*TWO_PARAMETERS, "hydra/launcher=parallel"], tmp_path, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep_dir = tmp_path / "outputs" / "sweeps" / "search"
+    trials = study_of(sweep_dir).get_trials()
+    assert len(trials) == 6 and all(t.state.name == "COMPLETE" for t in trials)
+    assert len({t.number for t in trials}) == 6 and len({t.user_attrs["job"] for t in trials}) == 6
+    assert len([p for p in sweep_dir.iterdir() if (p / "metrics.json").is_file()]) == 6
+
+
+def test_a_search_without_dimensions_is_refused(synthetic_data_dir, tmp_path):
+    result = search(["model.width=16"], tmp_path, synthetic_data_dir)
+    assert result.returncode == 2 and "no dimensions" in result.stderr
