@@ -60,7 +60,7 @@ OmegaConf.register_new_resolver("mlplab.job_dirname", job_dirname, replace=True)
 def main() -> None:
     """Console script: a mistyped group option or a bad resume costs one line, then Hydra takes over."""
     try:
-        sys.argv[1:] = resume_arguments(sys.argv[1:])
+        sys.argv[1:] = search_arguments(resume_arguments(sys.argv[1:]))
     except (ConfigError, FileNotFoundError) as error:
         print(f"mlplab-train: error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -88,6 +88,14 @@ def _restore_environment(name: str, value: str | None) -> None:
         os.environ.pop(name, None)
     else:
         os.environ[name] = value
+
+
+def search_arguments(args: list[str]) -> list[str]:
+    """``hparams_search=<preset>`` runs on the Optuna sweeper. Said here because the root config's own choice of
+    sweeper would win over one made in a preset's defaults list; a choice on the command line wins over both."""
+    if any(arg.startswith("hparams_search=") for arg in args) and not any(arg.startswith("hydra/sweeper=") for arg in args):
+        return [*args, "hydra/sweeper=optuna"]
+    return args
 
 
 # What a resumed run may change: how long it trains and where things are, never what is trained.
