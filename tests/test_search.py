@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import optuna
-import pytest
 from omegaconf import OmegaConf
 
 from conftest import SYNTHETIC_RUN, cli_env, run_cli
