@@ -138,3 +138,14 @@ def test_two_parallel_workers_share_the_study_without_duplicates(synthetic_data_
 def test_a_search_without_dimensions_is_refused(synthetic_data_dir, tmp_path):
     result = search(["model.width=16"], tmp_path, synthetic_data_dir)
     assert result.returncode == 2 and "no dimensions" in result.stderr
+
+
+def test_the_preset_runs_as_a_search_whose_trials_report_each_epoch(synthetic_data_dir, tmp_path):
+    args = ["hparams_search=fmnist_mlp", "sweep=preset", "hydra.sweeper.n_trials=2", "trainer.max_epochs=2",
+            "data.val_size=100", "data.system_dir=null", "data.download=false"]  # no -m: the preset sets the mode
+    result = run_cli(["mlplab-train", *args], tmp_path, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep_dir = tmp_path / "outputs" / "sweeps" / "preset"
+    trials = study_of(sweep_dir).get_trials()
+    assert len(trials) == 2 and all(sorted(t.intermediate_values) == [0, 1] for t in trials)
+    assert all((sweep_dir / t.user_attrs["job"] / ".lock").is_file() for t in trials)  # claimed as sweep jobs

@@ -104,7 +104,8 @@ def hydra_main(cfg: DictConfig) -> dict[str, Any]:
     except OmegaConfBaseException as error:  # an interpolation that does not resolve: ${oops}, ${oc.env:UNSET}
         _exit_with(ConfigError(describe_config_error(error)), run_dir)
     hparams = run_hparams(config, command_line_values(hydra_config))
-    if hydra_config.mode == RunMode.MULTIRUN:
+    # A sweep's job has mode MULTIRUN, or none when the sweep's mode came from a config (a search preset), not -m.
+    if hydra_config.mode != RunMode.RUN:
         if cfg.get("trial") is not None:  # a trial of a search (hydra/sweeper=optuna): reports its epochs to the study
             from mlplab.search import trial_callback  # Optuna is imported only where a search runs
 
