@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 from omegaconf import OmegaConf
 
 from conftest import SYNTHETIC_RUN, cli_env, run_cli
@@ -149,3 +150,15 @@ def test_the_preset_runs_as_a_search_whose_trials_report_each_epoch(synthetic_da
     trials = study_of(sweep_dir).get_trials()
     assert len(trials) == 2 and all(sorted(t.intermediate_values) == [0, 1] for t in trials)
     assert all((sweep_dir / t.user_attrs["job"] / ".lock").is_file() for t in trials)  # claimed as sweep jobs
+
+
+def test_a_search_out_of_time_stops_asking_and_continues_when_run_again(synthetic_data_dir, tmp_path):
+    result = search([*TWO_PARAMETERS, "hydra.sweeper.timeout=0.001"], tmp_path, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep_dir = tmp_path / "outputs" / "sweeps" / "search"
+    if not (sweep_dir / STUDY_FILE).is_file():
+        pytest.fail(result.stdout[-2000:])
+    assert len(study_of(sweep_dir).get_trials()) <= 1  # at most the trial asked before time was up
+    assert "Time is up" in result.stdout
+    result = search(TWO_PARAMETERS, tmp_path, synthetic_data_dir)
+    assert result.returncode == 0 and states(study_of(sweep_dir)) == {"COMPLETE": 6}

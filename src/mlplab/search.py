@@ -144,10 +144,13 @@ def search_summary(sweep_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _importances(study: optuna.Study) -> dict[str, float]:
+def _importances(study: optuna.Study, least: int = 4) -> dict[str, float]:
+    """fANOVA importances, once enough trials completed for them to mean something (Optuna says all are equal)."""
+    if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < least:
+        return {}
     try:
         return optuna.importance.get_param_importances(study)
-    except (ValueError, RuntimeError):  # too few finished trials, or nothing varied
+    except (ValueError, RuntimeError):  # nothing varied
         return {}
 
 

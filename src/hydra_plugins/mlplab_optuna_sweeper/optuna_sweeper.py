@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,9 @@ SEARCH_LOCK = ".search.lock"
 class OptunaSweeper(Sweeper):
     def __init__(self, direction: str = "maximize", metric: str = "val/acc", n_trials: int = 20,
                  n_jobs: int | None = None, max_failure_ratio: float = 0.5, sampler: Any = None, pruner: Any = None,
-                 params: dict[str, str] | None = None):
+                 params: dict[str, str] | None = None, timeout: float | None = None):
         self.direction, self.metric, self.n_trials, self.n_jobs = direction, metric, n_trials, n_jobs
+        self.timeout = timeout
         self.max_failure_ratio, self.sampler, self.pruner, self.params = max_failure_ratio, sampler, pruner, params
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
@@ -70,7 +72,12 @@ class OptunaSweeper(Sweeper):
             log.info("Trial %d was cut short; its configuration is asked again", number)
         batch_size = self.n_jobs or self.config.hydra.launcher.get("n_jobs") or 1
         log.info("Search %s: %d of %d trials done; study %s", sweep_dir, _done(study), self.n_trials, sweep_dir / "optuna.journal")
+        deadline = time.monotonic() + self.timeout if self.timeout else None
         while (remaining := self.n_trials - _done(study)) > 0:
+            if deadline and time.monotonic() > deadline:
+                log.info("Time is up (hydra.sweeper.timeout=%s s): %d of %d trials done; run the same command again "
+                         "to continue", self.timeout, _done(study), self.n_trials)
+                break
             self._stop_if_hopeless(study)
             trials = [study.ask(space) for _ in range(min(batch_size, remaining))]
             launched = []
