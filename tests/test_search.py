@@ -150,6 +150,10 @@ def test_the_preset_runs_as_a_search_whose_trials_report_each_epoch(synthetic_da
     trials = study_of(sweep_dir).get_trials()
     assert len(trials) == 2 and all(sorted(t.intermediate_values) == [0, 1] for t in trials)
     assert all((sweep_dir / t.user_attrs["job"] / ".lock").is_file() for t in trials)  # claimed as sweep jobs
+    for trial in trials:  # each job prunes with the preset's pruner, not the default one
+        job_hydra = OmegaConf.load(sweep_dir / trial.user_attrs["job"] / ".hydra" / "hydra.yaml").hydra
+        assert job_hydra.sweeper.pruner.n_warmup_steps == 6 and job_hydra.mode == "MULTIRUN"
+        assert "hparams_search" not in trial.user_attrs["job"]
 
 
 def test_a_search_out_of_time_stops_asking_and_continues_when_run_again(synthetic_data_dir, tmp_path):

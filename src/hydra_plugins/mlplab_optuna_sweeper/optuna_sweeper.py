@@ -48,8 +48,8 @@ class OptunaSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> None:
         from mlplab.search import parse_params
 
-        fixed, space = parse_params(OmegaConf.to_container(self.params) if self.params else None,
-                                    [a for a in arguments if not a.startswith("hparams_search=")])
+        # hparams_search=<preset> stays among each job's overrides: its settings (pruner, mode) reach the jobs.
+        fixed, space = parse_params(OmegaConf.to_container(self.params) if self.params else None, arguments)
         if not space:
             _refuse("the search has no dimensions; set hydra.sweeper.params (or use hparams_search=<preset>)")
         sweep_dir = Path(self.config.hydra.sweep.dir)
