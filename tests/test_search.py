@@ -133,6 +133,7 @@ def test_two_parallel_workers_share_the_study_without_duplicates(synthetic_data_
     trials = study_of(sweep_dir).get_trials()
     assert len(trials) == 6 and all(t.state.name == "COMPLETE" for t in trials)
     assert len({t.number for t in trials}) == 6 and len({t.user_attrs["job"] for t in trials}) == 6
+    assert all(list(t.intermediate_values) == [0] for t in trials)  # reported from the workers, for pruning
     assert len([p for p in sweep_dir.iterdir() if (p / "metrics.json").is_file()]) == 6
 
 
