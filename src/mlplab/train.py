@@ -95,10 +95,11 @@ def hydra_main(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(hydra_config.runtime.output_dir)
     # Lightning 2.6's own use of a torch API deprecated in torch 2.10; nothing a user can act on.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    resume_from = Path(cfg.resume) if cfg.get("resume") else None
     try:
         config = parse_run_config(OmegaConf.to_container(cfg, resolve=True))
         callbacks = build_callbacks(cfg.callbacks)
-        build_logger(cfg.logger, run_dir)  # a wrong logger setting fails here, before any work
+        logger = build_logger(cfg.logger, run_dir, resume_from)  # a wrong logger setting fails here, before any work
     except (ConfigError, DataUnavailableError) as error:
         _exit_with(error, run_dir)
     except OmegaConfBaseException as error:  # an interpolation that does not resolve: ${oops}, ${oc.env:UNSET}
@@ -111,13 +112,12 @@ def hydra_main(cfg: DictConfig) -> dict[str, Any]:
 
             sweeper = hydra_config.sweeper
             callbacks.append(trial_callback(Path(hydra_config.sweep.dir), cfg.trial, sweeper.metric, instantiate(sweeper.pruner)))
+        # Each job builds its own logger: where it resumes from (its purge step) is known only once it holds the job.
         return train_sweep_job(config, run_dir, cfg.logger, callbacks, hparams, hydra_config)
-    resume_from = Path(cfg.resume) if cfg.get("resume") else None
     if resume_from:
         log.info("Resuming from %s", resume_from)
     try:
-        return train(config, run_dir, build_logger(cfg.logger, run_dir, resume_from), callbacks,
-                     hparams=hparams, resume_from=resume_from)
+        return train(config, run_dir, logger, callbacks, hparams=hparams, resume_from=resume_from)
     except (ConfigError, DataUnavailableError) as error:
         _exit_with(error, run_dir)
     except DivergedError as error:

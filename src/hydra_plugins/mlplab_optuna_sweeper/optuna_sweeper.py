@@ -17,13 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.plugins import Plugins
-from hydra.errors import CompactHydraException
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from mlplab.config import ConfigError, describe_config_error, parse_run_config
+from hydra_plugins.mlplab_sweeper.mlplab_sweeper import checked_job_config
+from mlplab.config import ConfigError
 from mlplab.report import write_summary
 from mlplab.runs import read_metrics
 from mlplab.sweep import claim
@@ -99,13 +98,9 @@ class OptunaSweeper(Sweeper):
     def _check(self, overrides: list[str]) -> str | None:
         """Why this trial's config is not a valid run, or None; composed and checked as the job will."""
         try:
-            config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
-            run_keys = [key for key in config if key != "hydra"]
-            parse_run_config(OmegaConf.to_container(OmegaConf.masked_copy(config, run_keys), resolve=True))
+            checked_job_config(lambda o: self.hydra_context.config_loader.load_sweep_config(self.config, o), overrides)
         except ConfigError as error:
             return str(error)
-        except (CompactHydraException, OmegaConfBaseException) as error:
-            return describe_config_error(error)
         return None
 
     def _tell(self, study: Any, trial: Any, job_dir: Path) -> None:

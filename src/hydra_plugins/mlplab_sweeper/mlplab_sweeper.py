@@ -12,7 +12,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -101,15 +101,24 @@ class MlplabSweeper(BasicSweeper):
     def check(self, job_overrides: Sequence[str]) -> Job:
         """Compose one job's config and check it as the job will; a bad point stops the sweep before any training."""
         try:
-            config = self.loader.compose(self.config, list(job_overrides), keep=True)
-            run_keys = [key for key in config if key != "hydra"]
-            run_config = parse_run_config(OmegaConf.to_container(OmegaConf.masked_copy(config, run_keys), resolve=True))
-            require_accelerator(run_config.trainer.accelerator, "trainer.accelerator", "use trainer=cpu or trainer=auto")
-        except (ConfigError, CompactHydraException, OmegaConfBaseException) as error:
-            problem = error if isinstance(error, ConfigError) else describe_config_error(error)
-            print(f"mlplab-train: error: job {' '.join(job_overrides)}: {problem}; no job was started", file=sys.stderr)
+            config = checked_job_config(lambda overrides: self.loader.compose(self.config, overrides, keep=True),
+                                        list(job_overrides))
+        except ConfigError as error:
+            print(f"mlplab-train: error: job {' '.join(job_overrides)}: {error}; no job was started", file=sys.stderr)
             sys.exit(2)
         return Job(list(job_overrides), Path(config.hydra.sweep.dir) / str(OmegaConf.select(config, "hydra.sweep.subdir")))
+
+
+def checked_job_config(compose: Callable[[list[str]], DictConfig], overrides: list[str]) -> DictConfig:
+    """``compose(overrides)``, checked as the job will check it; raises ConfigError (one line) if it would fail."""
+    try:
+        config = compose(overrides)
+        run_keys = [key for key in config if key != "hydra"]
+        run_config = parse_run_config(OmegaConf.to_container(OmegaConf.masked_copy(config, run_keys), resolve=True))
+    except (CompactHydraException, OmegaConfBaseException) as error:
+        raise ConfigError(describe_config_error(error)) from None
+    require_accelerator(run_config.trainer.accelerator, "trainer.accelerator", "use trainer=cpu or trainer=auto")
+    return config
 
 
 def wait_for_other_processes(job_dirs: list[Path], poll_seconds: float = 1.0) -> None:
