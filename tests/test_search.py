@@ -137,9 +137,12 @@ def test_two_parallel_workers_share_the_study_without_duplicates(synthetic_data_
     assert len([p for p in sweep_dir.iterdir() if (p / "metrics.json").is_file()]) == 6
 
 
-def test_a_search_without_dimensions_is_refused(synthetic_data_dir, tmp_path):
+def test_a_search_without_dimensions_or_with_a_sweep_it_cannot_sample_is_refused(synthetic_data_dir, tmp_path):
     result = search(["model.width=16"], tmp_path, synthetic_data_dir)
     assert result.returncode == 2 and "no dimensions" in result.stderr
+    result = search(["model.activation=glob(*)"], tmp_path, synthetic_data_dir)
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("mlplab-train: error:")]
+    assert result.returncode == 2 and "model.activation" in line and "not a search dimension" in line
 
 
 def test_the_preset_runs_as_a_search_whose_trials_report_each_epoch(synthetic_data_dir, tmp_path):

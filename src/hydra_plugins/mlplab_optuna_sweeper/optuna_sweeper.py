@@ -48,7 +48,10 @@ class OptunaSweeper(Sweeper):
         from mlplab.search import parse_params
 
         # hparams_search=<preset> stays among each job's overrides: its settings (pruner, mode) reach the jobs.
-        fixed, space = parse_params(OmegaConf.to_container(self.params) if self.params else None, arguments)
+        try:
+            fixed, space = parse_params(OmegaConf.to_container(self.params) if self.params else None, arguments)
+        except ConfigError as error:  # a sweep syntax that is no search dimension, e.g. glob(...)
+            _refuse(str(error))
         if not space:
             _refuse("the search has no dimensions; set hydra.sweeper.params (or use hparams_search=<preset>)")
         sweep_dir = Path(self.config.hydra.sweep.dir)
