@@ -86,6 +86,20 @@ def test_confusion_matrix_and_per_class_accuracy_equal_the_test_predictions(even
     assert np.trace(expected) / expected.sum() == pytest.approx(recorded)
 
 
+def test_misclassified_grid_shows_the_most_confident_mistakes(events, test_predictions, run, synthetic_data_dir):
+    from mlplab.figures import image_grid
+
+    wrong = sorted((row for row in test_predictions if row["correct"] == "0"), key=lambda row: -float(row["probability"]))[:32]
+    assert wrong, "the run should make mistakes"
+    datamodule = load_data(run / "checkpoints" / "best.ckpt", synthetic_data_dir)
+    datamodule.setup("test")
+    images = datamodule.splits["test"].images[[int(row["index"]) for row in wrong]]
+    captions = [f"true: {row['label_name']}\npred: {row['predicted_name']} {float(row['probability']):.2f}" for row in wrong]
+    (event,) = events.Images("test/misclassified")
+    shown = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)))
+    assert np.array_equal(shown, image_grid(images.numpy(), captions))
+
+
 def test_histograms_are_off_by_default(synthetic_data_dir, tmp_path):
     result = run_cli(["mlplab-train", *SYNTHETIC_RUN], tmp_path, synthetic_data_dir)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -8,6 +8,7 @@ They write to the run's TensorBoard logger and do nothing without one.
 
 from __future__ import annotations
 
+import io
 import warnings
 from typing import Any
 
@@ -16,7 +17,10 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+import numpy as np
 from omegaconf import OmegaConf
+from PIL import Image
+from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 from typing_extensions import override
@@ -31,6 +35,20 @@ def tensorboard_writer(trainer: L.Trainer) -> SummaryWriter | None:
         if isinstance(logger, TensorBoardLogger):
             return logger.experiment
     return None
+
+
+def add_png(writer: SummaryWriter, tag: str, image: np.ndarray, step: int) -> None:
+    """An H x W x 3 uint8 image into the Images tab.
+
+    ``SummaryWriter.add_image`` converts it to float and back, resamples it at its own size and compresses at
+    level 6: ~20 ms for the misclassified grid, against ~7 ms for this fast compression (10 % larger files).
+    """
+    png = io.BytesIO()
+    Image.fromarray(image).save(png, format="PNG", compress_level=1)
+    height, width, channels = image.shape
+    summary = Summary(value=[Summary.Value(tag=tag, image=Summary.Image(
+        height=height, width=width, colorspace=channels, encoded_image_string=png.getvalue()))])
+    writer._get_file_writer().add_summary(summary, step)  # what add_image itself calls once it has the summary
 
 
 def confusion_counts(predictions: Tensor, labels: Tensor, num_classes: int) -> Tensor:
@@ -62,11 +80,11 @@ class ConfusionMatrix(Callback):
         if writer is None or stage not in pl_module.epoch_predictions:
             return
         names = class_names_of(pl_module)
-        counts = confusion_counts(*pl_module.epoch_predictions[stage], len(names)).cpu().numpy()
+        predictions = pl_module.epoch_predictions[stage]
+        counts = confusion_counts(predictions.classes, predictions.labels, len(names)).cpu().numpy()
         when = f"epoch {trainer.current_epoch}, step {trainer.global_step}" if stage == "val" else f"step {trainer.global_step}"
         title = f"{stage} confusion matrix ({counts.sum()} images; {when}), colour: share of the row"
-        writer.add_image(f"{stage}/confusion_matrix", confusion_image(counts, names, title), trainer.global_step,
-                         dataformats="HWC")
+        add_png(writer, f"{stage}/confusion_matrix", confusion_image(counts, names, title), trainer.global_step)
         if stage == "test":
             writer.add_text("test/confusion_matrix", confusion_markdown(counts, names), trainer.global_step)
 
@@ -88,7 +106,8 @@ class PerClassAccuracy(Callback):
         if writer is None or "test" not in pl_module.epoch_predictions:
             return
         names = class_names_of(pl_module)
-        counts = confusion_counts(*pl_module.epoch_predictions["test"], len(names)).double()
+        predictions = pl_module.epoch_predictions["test"]
+        counts = confusion_counts(predictions.classes, predictions.labels, len(names)).double()
         accuracies = counts.diag() / counts.sum(dim=1).clamp(min=1)
         for name, accuracy in zip(names, accuracies.tolist()):
             writer.add_scalar(f"test/acc_per_class/{name.replace('/', '_')}", accuracy, trainer.global_step)
@@ -109,29 +128,17 @@ class MisclassifiedImages(Callback):
         writer = tensorboard_writer(trainer)
         if writer is None or "test" not in pl_module.epoch_predictions or self.max_images <= 0:
             return
-        predictions, labels = pl_module.epoch_predictions["test"]
+        predictions, labels, confidences = pl_module.epoch_predictions["test"]
         # Tested in order (no shuffling), so the i-th prediction is the test split's i-th image.
         wrong = (predictions != labels).nonzero().flatten()
-        images = trainer.datamodule.splits["test"].images[: len(labels)][wrong]
-        probabilities = predicted_probabilities(pl_module, images, predictions[wrong])
+        probabilities = confidences[wrong]
         order = probabilities.argsort(descending=True)[: self.max_images]
         names = class_names_of(pl_module)
         captions = [f"true: {names[labels[wrong[i]]]}\npred: {names[predictions[wrong[i]]]} {probabilities[i]:.2f}"
                     for i in order.tolist()]
         if captions:
-            writer.add_image("test/misclassified", image_grid(images[order].cpu().numpy(), captions),
-                             trainer.global_step, dataformats="HWC")
-
-
-def predicted_probabilities(pl_module: L.LightningModule, images: Tensor, classes: Tensor, batch_size: int = 1000) -> Tensor:
-    """The model's probability for ``classes[i]`` on ``images[i]``, in evaluation mode."""
-    was_training = pl_module.training
-    pl_module.eval()
-    with torch.inference_mode():
-        chunks = [pl_module(images[start:start + batch_size]).softmax(dim=1) for start in range(0, len(images), batch_size)]
-    pl_module.train(was_training)
-    probabilities = torch.cat(chunks) if chunks else torch.empty(0, 0, device=images.device)
-    return probabilities.gather(1, classes.view(-1, 1)).flatten() if len(classes) else probabilities.new_empty(0)
+            images = trainer.datamodule.splits["test"].images[wrong[order]].cpu()
+            add_png(writer, "test/misclassified", image_grid(images.numpy(), captions), trainer.global_step)
 
 
 class WeightHistograms(Callback):

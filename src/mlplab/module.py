@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import lightning as L
 import torch
@@ -17,6 +18,14 @@ from mlplab.network import build_mlp
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("none", "cosine")
 STAGES = ("train", "val", "test")
+
+
+class EpochPredictions(NamedTuple):
+    """One finished epoch's predictions, in the order of its batches."""
+
+    classes: Tensor  # the predicted class of each sample
+    labels: Tensor  # its true class
+    confidences: Tensor | None  # the predicted class's probability (softmax of the output); None for training
 
 
 class DivergedError(RuntimeError):
@@ -74,9 +83,9 @@ class MLPClassifier(L.LightningModule):
                 "loss": MeanMetric(nan_strategy="disable"),  # NaN checks would sync the GPU
                 "acc": MulticlassAccuracy(num_classes, average="micro", validate_args=False),
             }))
-        self._epoch_outputs: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {stage: [] for stage in STAGES}
-        # Per stage, the last finished epoch's predicted and true classes, in the order of the batches.
-        self.epoch_predictions: dict[str, tuple[Tensor, Tensor]] = {}
+        self._epoch_outputs: dict[str, list[tuple[Tensor, ...]]] = {stage: [] for stage in STAGES}
+        # Per stage, the last finished epoch's predictions, for the views that inspect them (mlplab.inspection).
+        self.epoch_predictions: dict[str, EpochPredictions] = {}
 
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 N x C x H x W -> float, standardised per channel with the training split's statistics."""
@@ -90,7 +99,11 @@ class MLPClassifier(L.LightningModule):
         images, labels = batch
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
-        self._epoch_outputs[stage].append((loss.detach(), logits.detach().argmax(dim=1), labels))
+        if stage == "train":
+            self._epoch_outputs[stage].append((loss.detach(), logits.detach().argmax(dim=1), labels))
+        else:  # evaluation keeps each prediction's probability too: the views show the most confident mistakes
+            confidences, classes = logits.detach().softmax(dim=1).max(dim=1)
+            self._epoch_outputs[stage].append((loss.detach(), classes, labels, confidences))
         return loss
 
     def _log_epoch(self, stage: str) -> None:
@@ -98,11 +111,12 @@ class MLPClassifier(L.LightningModule):
         outputs, metrics = self._epoch_outputs[stage], getattr(self, f"{stage}_metrics")
         if not outputs:
             return
-        losses, predictions, labels = zip(*outputs)
+        losses, predictions, labels, *confidences = zip(*outputs)
         sizes = torch.tensor([len(batch) for batch in labels], device=losses[0].device)
-        self.epoch_predictions[stage] = (torch.cat(predictions), torch.cat(labels))
+        epoch = EpochPredictions(torch.cat(predictions), torch.cat(labels), torch.cat(confidences[0]) if confidences else None)
+        self.epoch_predictions[stage] = epoch
         metrics["loss"].update(torch.stack(losses), weight=sizes)
-        metrics["acc"].update(*self.epoch_predictions[stage])
+        metrics["acc"].update(epoch.classes, epoch.labels)
         for name, metric in metrics.items():
             self.log(f"{stage}/{name}", metric.compute())
             metric.reset()
@@ -132,7 +146,7 @@ class MLPClassifier(L.LightningModule):
         outputs = self._epoch_outputs["train"]
         if not outputs:
             return
-        finite = torch.stack([loss for loss, _, _ in outputs]).isfinite()
+        finite = torch.stack([loss for loss, *_ in outputs]).isfinite()
         if not bool(finite.all()):
             first = int((~finite).nonzero()[0])
             self._diverged(float(outputs[first][0]), self.global_step - len(outputs) + first + 1)
