@@ -2,7 +2,7 @@ import pytest
 import torch
 from torchvision import datasets
 
-from mlplab.data import ImageDataModule, ShardSampler
+from mlplab.data import ImageDataModule, ShardSampler, num_shard_batches, shard_batches
 import mlplab.datasets as datasets_module
 from mlplab.datasets import CACHE_DIR, DataUnavailableError, _load_once, load_dataset, provide_files
 from mlplab.module import MLPClassifier
@@ -52,14 +52,21 @@ def test_normalisation_standardises_the_training_split(synthetic_data_dir):
 
 def test_shuffling_is_seeded_per_epoch_and_shards_cover_every_sample_once():
     sampler = ShardSampler(103, shuffle=True, seed=7)
-    first = sampler.indices()
-    assert torch.equal(first, ShardSampler(103, shuffle=True, seed=7).indices())
+    first = sampler.order()
+    assert torch.equal(first, ShardSampler(103, shuffle=True, seed=7).order())
     sampler.set_epoch(1)
-    assert not torch.equal(first, sampler.indices())
+    assert not torch.equal(first, sampler.order())
     assert sorted(first.tolist()) == list(range(103))
-    shards = [ShardSampler(103, True, 7, rank, 3) for rank in range(3)]
-    seen = torch.cat([s.indices() for s in shards])
-    assert sorted(seen.tolist()) == list(range(103)) and sum(map(len, shards)) == 103
+    for num_samples, batch_size, world_size in [(103, 10, 3), (103, 17, 2), (61, 10, 3), (60, 10, 3), (2, 8, 2), (7, 1, 4)]:
+        order = torch.randperm(num_samples)
+        shards = [shard_batches(order, batch_size, rank, world_size) for rank in range(world_size)]
+        seen = torch.cat([torch.cat(batches) for batches in shards])
+        assert sorted(seen.tolist()) == list(range(num_samples))  # each sample once, none repeated
+        lengths = {len(batches) for batches in shards}  # ranks step together: the same number of batches
+        assert lengths == {num_shard_batches(num_samples, batch_size, world_size)}
+        assert all(len(batch) >= 1 for batches in shards for batch in batches), (num_samples, batch_size, world_size)
+        assert all(len(batch) <= batch_size + 1 for batches in shards for batch in batches)
+    assert [len(b) for b in shard_batches(torch.arange(61), 10, 0, 3)] == [10, 11]  # the last sample joins a step
 
 
 def test_training_batches_are_one_epoch_of_the_split(synthetic_data_dir):

@@ -45,10 +45,10 @@ def resume_arguments(args: list[str]) -> list[str]:
     changed = {change.lstrip("+~").split("=", 1)[0] for change in changes}
     original = [str(o) for o in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")]
     kept = [o for o in original if o.lstrip("+~").split("=", 1)[0] not in {*changed, "resume"}]
-    return [*kept, *changes, f"hydra.run.dir={_quoted(run_dir)}", f"resume={_quoted(checkpoint)}"]
+    return [*kept, *changes, f"hydra.run.dir={quoted(run_dir)}", f"resume={quoted(checkpoint)}"]
 
 
-def _quoted(path: Path) -> str:
+def quoted(path: Path) -> str:
     """A path as one Hydra value, whatever it holds (sweep job folders have '=' and ',' in their names)."""
     escaped = str(path.resolve()).replace("\\", "\\\\").replace("'", "\\'")
     return f"'{escaped}'"
@@ -104,6 +104,17 @@ def unknown_group_option(args: list[str], config_dir: Path) -> str | None:
             continue  # glob() and friends are expanded by Hydra later
         allowed = sorted(p.stem for p in group_dir.glob("*.yaml"))
         for value in values:
+            if value not in allowed and override.key_or_group.startswith("hydra/"):
+                allowed = sorted({*allowed, *plugin_options(override.key_or_group)})
             if value not in allowed:
                 return f"{override.key_or_group}={value}: no such option; allowed: {', '.join(allowed)}"
     return None
+
+
+def plugin_options(group: str) -> list[str]:
+    """Options Hydra's plugins add to a ``hydra/`` group (launchers: joblib, submitit_local, submitit_slurm)."""
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # registers the plugins' configs; Hydra reuses this scan when it starts
+    return [name.removesuffix(".yaml") for name in ConfigStore.instance().list(group)]

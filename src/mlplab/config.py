@@ -20,6 +20,7 @@ from mlplab.network import ACTIVATIONS, OUTPUT_ACTIVATIONS
 # An installed console script has no sensible working directory to look in: the configs live beside the package.
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 ACCELERATORS = ("auto", "cpu", "gpu")
+STRATEGIES = ("auto", "ddp")
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", 16, 32, 64)
 
 
@@ -107,6 +108,7 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class TrainerConfig:
     accelerator: str = "auto"
+    strategy: str = "auto"
     devices: int | str = "auto"
     precision: str | int = "32-true"
     max_epochs: int = 10
@@ -120,6 +122,7 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         _require(self.accelerator in ACCELERATORS, f"trainer.accelerator must be one of {', '.join(ACCELERATORS)}; got {self.accelerator!r}")
+        _require(self.strategy in STRATEGIES, f"trainer.strategy must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}")
         _require(
             self.devices == "auto" or (isinstance(self.devices, int) and self.devices >= 1),
             f"trainer.devices must be an integer >= 1 or 'auto', got {self.devices!r}",

@@ -62,9 +62,10 @@ def channel_stats(images: Tensor) -> tuple[list[float], list[float]]:
 
 
 class ShardSampler:
-    """Seeded order of sample indices for one rank; ``set_epoch`` reshuffles, as with DistributedSampler.
+    """Seeded order of the samples for one epoch; ``set_epoch`` reshuffles, as with DistributedSampler.
 
-    Lightning calls ``set_epoch`` on a loader's ``sampler`` at the start of every training epoch.
+    Lightning calls ``set_epoch`` on a loader's ``sampler`` at the start of every training epoch. Every rank of a
+    data-parallel run draws the same order; ``shard_batches`` deals it out.
     """
 
     def __init__(self, num_samples: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1):
@@ -75,15 +76,32 @@ class ShardSampler:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def indices(self) -> Tensor:
+    def order(self) -> Tensor:
         if self.shuffle:
-            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        else:
-            order = torch.arange(self.num_samples)
-        return order[self.rank :: self.world_size]
+            return torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        return torch.arange(self.num_samples)
 
-    def __len__(self) -> int:
-        return len(range(self.rank, self.num_samples, self.world_size))
+
+def shard_batches(order: Tensor, batch_size: int, rank: int = 0, world_size: int = 1) -> list[Tensor]:
+    """This rank's batches of ``order``: every sample once across ranks, the same number of batches on each.
+
+    Steps of ``batch_size * world_size`` samples are dealt out in turn (the i-th sample of a step goes to rank
+    i mod world_size). DistributedSampler instead repeats samples to even out the ranks, which makes those count
+    twice in an epoch; here a last step too small to give every rank a sample joins the one before it.
+    """
+    step = batch_size * world_size
+    starts = list(range(0, len(order), step))
+    if world_size > 1 and len(starts) > 1 and len(order) - starts[-1] < world_size:
+        starts.pop()
+    ends = [*starts[1:], len(order)]
+    return [order[start:end][rank::world_size] for start, end in zip(starts, ends)]
+
+
+def num_shard_batches(num_samples: int, batch_size: int, world_size: int = 1) -> int:
+    """len(shard_batches(...)) without drawing the order."""
+    batches = math.ceil(num_samples / (batch_size * world_size))
+    last = num_samples - (batches - 1) * batch_size * world_size
+    return batches - 1 if world_size > 1 and batches > 1 and last < world_size else batches
 
 
 class InMemoryBatches:
@@ -101,14 +119,21 @@ class InMemoryBatches:
         self._resume_at: dict[str, int] | None = None
 
     def __len__(self) -> int:
-        return math.ceil(len(self.sampler) / self.batch_size)
+        return num_shard_batches(self.sampler.num_samples, self.batch_size, self.sampler.world_size)
+
+    def positions(self) -> Tensor:
+        """The split's sample indices this rank is served in one pass, in order (the current epoch's, if shuffled)."""
+        return torch.cat(self._batches()) if len(self) else torch.empty(0, dtype=torch.long)
+
+    def _batches(self) -> list[Tensor]:
+        order = self.sampler.order().to(self.split.images.device)
+        return shard_batches(order, self.batch_size, self.sampler.rank, self.sampler.world_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        indices = self.sampler.indices().to(self.split.images.device)
+        batches = self._batches()
         resume, self._resume_at = self._resume_at, None
         self._served = resume["batches"] if resume and resume["epoch"] == self.sampler.epoch else 0
-        for start in range(self._served * self.batch_size, len(indices), self.batch_size):
-            batch = indices[start : start + self.batch_size]
+        for batch in batches[self._served:]:
             self._served += 1
             # index_select copies whole rows; `images[batch]` goes element by element, ten times slower.
             yield self.split.images.index_select(0, batch), self.split.labels.index_select(0, batch)

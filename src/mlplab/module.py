@@ -118,7 +118,8 @@ class MLPClassifier(L.LightningModule):
         metrics["loss"].update(torch.stack(losses), weight=sizes)
         metrics["acc"].update(epoch.classes, epoch.labels)
         for name, metric in metrics.items():
-            self.log(f"{stage}/{name}", metric.compute())
+            # compute() combines every rank's state; logged as a number, Lightning does not sum it again
+            self.log(f"{stage}/{name}", metric.compute().item())
             metric.reset()
         outputs.clear()
 

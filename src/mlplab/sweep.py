@@ -77,13 +77,18 @@ def prepare_attempt(job_dir: Path) -> Path | None:
     A failed or diverged job starts over: its checkpoints and TensorBoard events go, its log stays. An interrupted
     job resumes from its last checkpoint; events written after that checkpoint are re-logged by the resumed run.
     """
-    last = job_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
-    if read_metrics(job_dir).get("status") in RETRIED or not last.is_file():
+    last = resume_point(job_dir)
+    if last is None:
         shutil.rmtree(job_dir / CHECKPOINT_DIR, ignore_errors=True)
         for events in job_dir.glob("events.out.tfevents.*"):
             events.unlink()
-        return None
     return last
+
+
+def resume_point(job_dir: Path) -> Path | None:
+    """The checkpoint an unfinished job continues from: its last one, unless it failed or diverged (it starts over)."""
+    last = job_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+    return last if last.is_file() and read_metrics(job_dir).get("status") not in RETRIED else None
 
 
 def threads_per_job(parallel_jobs: int | None) -> int | None:

@@ -23,14 +23,16 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 import torch
 
-from mlplab.arguments import resume_arguments, search_arguments, unknown_group_option, unreadable_override, unwritable_output
+from mlplab.arguments import (quoted, resume_arguments, search_arguments, unknown_group_option, unreadable_override,
+                              unwritable_output)
 from mlplab.checkpoints import checkpoint_step
 from mlplab.config import CONFIG_DIR, CONTROL_KEYS, ConfigError, RunConfig, describe_config_error, parse_run_config
 from mlplab.datasets import DataUnavailableError
+from mlplab.distributed import launched_rank, one_job_of_many
 from mlplab.hparams import run_hparams
 from mlplab.module import DivergedError
 from mlplab.runs import CHECKPOINT_DIR, LAST_CHECKPOINT, read_metrics, write_metrics
-from mlplab.sweep import FINISHED, RETRIED, claim, gpu_slot, prepare_attempt, threads_per_job
+from mlplab.sweep import FINISHED, RETRIED, claim, gpu_slot, prepare_attempt, resume_point, threads_per_job
 from mlplab.training import one_line, train
 
 log = logging.getLogger(__name__)
@@ -117,7 +119,8 @@ def hydra_main(cfg: DictConfig) -> dict[str, Any]:
     if resume_from:
         log.info("Resuming from %s", resume_from)
     try:
-        return train(config, run_dir, logger, callbacks, hparams=hparams, resume_from=resume_from)
+        return train(config, run_dir, logger, callbacks, hparams=hparams, resume_from=resume_from,
+                     rank_command=rank_command(hydra_config, run_dir, resume_from))
     except (ConfigError, DataUnavailableError) as error:
         _exit_with(error, run_dir)
     except DivergedError as error:
@@ -159,6 +162,17 @@ def command_line_values(hydra_config: DictConfig) -> dict[str, str]:
     return values
 
 
+def rank_command(hydra_config: DictConfig, run_dir: Path, resume_from: Path | None) -> list[str]:
+    """The command that runs another rank of this run or job, should it train data-parallel (mlplab.distributed):
+    the job's own overrides as one run in the same directory, writing no config copy and no log file."""
+    overrides = [override for override in hydra_config.overrides.task
+                 if override.lstrip("+~").split("=", 1)[0] not in CONTROL_KEYS]
+    if resume_from:
+        overrides.append(f"resume={quoted(resume_from)}")
+    return [sys.executable, "-m", "mlplab.distributed", *overrides, f"hydra.run.dir={quoted(run_dir)}",
+            "hydra.output_subdir=null", "hydra/job_logging=stderr"]
+
+
 def train_sweep_job(
     config: RunConfig, run_dir: Path, logger_cfg: DictConfig, callbacks: list[Any], hparams: dict[str, Any],
     hydra_config: DictConfig,
@@ -167,6 +181,10 @@ def train_sweep_job(
 
     A job that fails or diverges is recorded in its metrics.json and the sweep goes on; the sweeper reports it.
     """
+    if launched_rank() > 0:  # one of the job's SLURM tasks, not its first: rank 0 holds the job and writes
+        resume_from = resume_point(run_dir)
+        return train(config, run_dir, build_logger(logger_cfg, run_dir, resume_from), callbacks, hparams=hparams,
+                     resume_from=resume_from)
     with claim(run_dir) as claimed:
         if not claimed:
             log.info("Skipped: another process is running this job (%s)", run_dir)
@@ -183,10 +201,12 @@ def train_sweep_job(
             torch.set_num_threads(threads)
             log.info("CPU threads for this job: %d", threads)
         one_device = config.trainer.accelerator != "cpu" and config.trainer.devices == 1
-        with gpu_slot(Path(hydra_config.sweep.dir), torch.cuda.device_count() if one_device else 0) as gpu:
+        gpu_count = torch.cuda.device_count() if one_device else 0
+        with gpu_slot(Path(hydra_config.sweep.dir), gpu_count) as gpu, one_job_of_many():
             try:
                 logger = build_logger(logger_cfg, run_dir, resume_from)
-                return train(config, run_dir, logger, callbacks, hparams=hparams, resume_from=resume_from, gpu_index=gpu)
+                return train(config, run_dir, logger, callbacks, hparams=hparams, resume_from=resume_from, gpu_index=gpu,
+                             rank_command=rank_command(hydra_config, run_dir, resume_from))
             except (KeyboardInterrupt, SystemExit):
                 _exit_interrupted(run_dir, sweep=True)
             except Exception as error:  # one job's failure is not the sweep's

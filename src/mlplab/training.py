@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from mlplab.checkpoints import AtomicCheckpointIO, ResumePoints, StopRequested
 from mlplab.config import ConfigError, RunConfig, TrainerConfig, require_accelerator
 from mlplab.data import ImageDataModule
+from mlplab.distributed import JobDDPStrategy
 from mlplab.history import EpochHistory
 from mlplab.hparams import log_hparams
 from mlplab.module import DivergedError, MLPClassifier, PrunedError
@@ -28,27 +30,37 @@ log = logging.getLogger(__name__)
 
 
 def build_trainer(
-    config: TrainerConfig, run_dir: Path, logger: Any, callbacks: list[Any], gpu_index: int | None = None
+    config: TrainerConfig, run_dir: Path, logger: Any, callbacks: list[Any], gpu_index: int | None = None,
+    rank_command: Sequence[str] | None = None,
 ) -> L.Trainer:
     """A Lightning Trainer writing into ``run_dir``; refuses an accelerator this machine lacks.
 
-    ``gpu_index`` pins a one-device run to that GPU (parallel sweep jobs each get their own).
+    ``gpu_index`` pins a one-device run to that GPU (parallel sweep jobs each get their own). Data-parallel runs
+    (``strategy=ddp`` or several devices) start their other ranks with ``rank_command``.
     """
     require_accelerator(config.accelerator, "trainer.accelerator", "use trainer=cpu or trainer=auto")
 
     def has(kind: type) -> bool:
         return any(isinstance(callback, kind) for callback in callbacks)
 
+    settings: dict[str, Any] = dict(vars(config))
+    if gpu_index is not None:
+        settings.update(accelerator="gpu", devices=[gpu_index])
+    if config.strategy == "ddp" or (isinstance(config.devices, int) and config.devices > 1):
+        settings["strategy"] = JobDDPStrategy(rank_command)
+        # Every rank loads the best checkpoint to test right after fit: it must be on disk when fit returns.
+        checkpoint_io: Any = AtomicCheckpointIO()
+    else:
+        # Checkpoints are copied in memory and written by a background thread: on a busy disk a write can
+        # stall for seconds, longer than an epoch. Lightning waits for the writes when fit ends.
+        checkpoint_io = AsyncCheckpointIO(AtomicCheckpointIO())
     try:
-        settings = vars(config) if gpu_index is None else {**vars(config), "accelerator": "gpu", "devices": [gpu_index]}
         return L.Trainer(
             **settings,
             default_root_dir=run_dir,
             logger=logger,
             callbacks=callbacks,
-            # Checkpoints are copied in memory and written by a background thread: on a busy disk a write can
-            # stall for seconds, longer than an epoch. Lightning waits for the writes when fit ends.
-            plugins=[AsyncCheckpointIO(AtomicCheckpointIO())],
+            plugins=[checkpoint_io],
             # Lightning adds its own of each unless told not to; the callbacks group decides instead.
             enable_checkpointing=has(ModelCheckpoint),
             enable_progress_bar=has(ProgressBar),
@@ -115,15 +127,18 @@ def train(
     hparams: dict[str, Any] | None = None,
     resume_from: Path | None = None,
     gpu_index: int | None = None,
+    rank_command: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Train (or resume from a checkpoint), then test the best checkpoint; writes and returns metrics.json's content.
 
-    ``hparams`` go to TensorBoard's HParams tab with the final metrics when the run ends.
+    ``hparams`` go to TensorBoard's HParams tab with the final metrics when the run ends. Only rank 0 of a
+    data-parallel run writes anything.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(config.seed, workers=True, verbose=False)
     history, resume_points = EpochHistory(), ResumePoints(run_dir, config.checkpoint.every_n_steps)
-    trainer = build_trainer(config.trainer, run_dir, logger, [*(callbacks or []), history, resume_points], gpu_index)
+    trainer = build_trainer(config.trainer, run_dir, logger, [*(callbacks or []), history, resume_points], gpu_index,
+                            rank_command)
     datamodule = ImageDataModule(
         name=config.data.name,
         data_dir=config.data_dir,
@@ -179,7 +194,8 @@ def train(
             write_metrics(run_dir, metrics)
             if metrics["status"] != "interrupted":  # an interrupted run gets its HParams row when it finishes
                 log_hparams(logger, hparams or {}, metrics, trainer.global_step)
-    _report(run_dir, metrics)
+    if trainer.is_global_zero:
+        _report(run_dir, metrics)
     return metrics
 
 
