@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import time
@@ -35,3 +36,25 @@ class PaceSteps(Callback):
 
     def on_train_batch_end(self, *args) -> None:
         time.sleep(self.seconds)
+
+
+def fingerprint(image) -> str:
+    """The same for the same pixels in any process (``hash`` of bytes is salted per process)."""
+    return hashlib.sha1(image.cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+class RecordTrainingSamples(Callback):
+    """Writes, per rank, a fingerprint of every training image it was given in the first epoch: ``<path>.rank<N>``."""
+
+    def __init__(self, path: str):
+        self.path, self.seen = path, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch == 0:
+            images, labels = batch
+            self.seen += [f"{label}:{fingerprint(image)}" for image, label in zip(images, labels.tolist())]
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == 0:
+            with open(f"{self.path}.rank{trainer.global_rank}", "w") as file:
+                file.write("\n".join(self.seen))

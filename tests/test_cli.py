@@ -139,7 +139,7 @@ def test_help_lists_groups_options_and_examples(tmp_path):
     result = run_cli(["mlplab-train", "--help"], tmp_path)
     assert result.returncode == 0
     for line in ("model: article, linear, mlp", "data: cifar10, fashion_mnist, kmnist, mnist",
-                 "optimizer: adam, adamw, sgd", "trainer: auto, cpu, default, gpu", "mlplab-train -m"):
+                 "optimizer: adam, adamw, sgd", "trainer: auto, cpu, ddp, default, gpu", "mlplab-train -m"):
         assert line in result.stdout
     module_help = subprocess.run([sys.executable, "-m", "mlplab.train", "--help"], capture_output=True, text=True, cwd=tmp_path)
     assert module_help.returncode == 0 and "model: article, linear, mlp" in module_help.stdout

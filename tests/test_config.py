@@ -87,6 +87,7 @@ def test_list_width_and_sgd_settings_pass():
         ("trainer.max_epochs=0", "trainer.max_epochs"),
         ("trainer.precision=8", "trainer.precision"),
         ("trainer.accelerator=tpu", "trainer.accelerator"),
+        ("trainer.strategy=fsdp", "trainer.strategy"),
         ("+model.depht=3", "model.depht"),
         ("+learning_rate=3", "learning_rate"),
         ("seed=-3", "seed"),

@@ -110,9 +110,15 @@ class ResumePoints(Callback):
             raise KeyboardInterrupt
         self.stopped_by = signal.Signals(signum).name
 
+    def _stop_requested(self, trainer: Trainer) -> bool:
+        """Whether any rank was signalled: the ranks of a data-parallel run must stop at the same step."""
+        if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(bool(self.stopped_by), all=False):
+            self.stopped_by = self.stopped_by or "SIGTERM"  # another rank's signal
+        return bool(self.stopped_by)
+
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.stopped_by or (self.every_n_steps and trainer.global_step % self.every_n_steps == 0):
+        if self._stop_requested(trainer) or (self.every_n_steps and trainer.global_step % self.every_n_steps == 0):
             if hasattr(pl_module, "check_finite_loss"):
                 pl_module.check_finite_loss()  # never a checkpoint of diverged weights
             trainer.save_checkpoint(self.path, weights_only=False)
@@ -121,7 +127,7 @@ class ResumePoints(Callback):
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.stopped_by:  # the checkpoint callbacks (always called last) save the epoch next; then fit ends
+        if self._stop_requested(trainer):  # the checkpoint callbacks (always called last) save the epoch next; then fit ends
             trainer.should_stop = True
 
     @override

@@ -26,6 +26,7 @@ from torch.utils.tensorboard import SummaryWriter
 from typing_extensions import override
 
 from mlplab.figures import confusion_image, image_grid
+from mlplab.module import EpochPredictions
 from mlplab.network import count_parameters
 
 
@@ -51,6 +52,29 @@ def add_png(writer: SummaryWriter, tag: str, image: np.ndarray, step: int) -> No
     writer._get_file_writer().add_summary(summary, step)  # what add_image itself calls once it has the summary
 
 
+def split_predictions(trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> EpochPredictions | None:
+    """The last ``stage`` pass's predictions over the whole split: in a data-parallel run, every rank's, gathered
+    (every rank must call this; the views then draw on rank 0 only)."""
+    local = pl_module.epoch_predictions.get(stage)
+    if trainer.world_size == 1 or local is None:
+        return local
+    loader = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
+    positions = loader.positions()[: len(local.labels)]  # limit_*_batches may have ended the pass early
+    parts = [positions, local.classes, local.labels, local.confidences]
+    gathered = [_gather_uneven(trainer, part.to(local.labels.device)) for part in parts]
+    order = gathered[0].argsort()
+    return EpochPredictions(*(part[order] for part in gathered[1:]), positions=gathered[0][order])
+
+
+def _gather_uneven(trainer: L.Trainer, values: Tensor) -> Tensor:
+    """Every rank's ``values`` (1-D, lengths may differ by rank), one after another."""
+    lengths = trainer.strategy.all_gather(torch.tensor([len(values)], device=values.device)).flatten().tolist()
+    padded = values.new_zeros(max(lengths))
+    padded[: len(values)] = values
+    gathered = trainer.strategy.all_gather(padded).view(len(lengths), -1)
+    return torch.cat([row[:length] for row, length in zip(gathered, lengths)])
+
+
 def confusion_counts(predictions: Tensor, labels: Tensor, num_classes: int) -> Tensor:
     """counts[true, predicted] over the samples."""
     return torch.bincount(labels * num_classes + predictions, minlength=num_classes**2).view(num_classes, num_classes)
@@ -74,13 +98,11 @@ class ConfusionMatrix(Callback):
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._draw("test", trainer, pl_module)
 
-    @rank_zero_only
     def _draw(self, stage: str, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        writer = tensorboard_writer(trainer)
-        if writer is None or stage not in pl_module.epoch_predictions:
+        writer, predictions = tensorboard_writer(trainer), split_predictions(trainer, pl_module, stage)
+        if writer is None or predictions is None or not trainer.is_global_zero:
             return
         names = class_names_of(pl_module)
-        predictions = pl_module.epoch_predictions[stage]
         counts = confusion_counts(predictions.classes, predictions.labels, len(names)).cpu().numpy()
         when = f"epoch {trainer.current_epoch}, step {trainer.global_step}" if stage == "val" else f"step {trainer.global_step}"
         title = f"{stage} confusion matrix ({counts.sum()} images; {when}), colour: share of the row"
@@ -100,13 +122,11 @@ class PerClassAccuracy(Callback):
     """``test/acc_per_class/<class name>`` scalars after testing ("/" in a name becomes "_")."""
 
     @override
-    @rank_zero_only
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        writer = tensorboard_writer(trainer)
-        if writer is None or "test" not in pl_module.epoch_predictions:
+        writer, predictions = tensorboard_writer(trainer), split_predictions(trainer, pl_module, "test")
+        if writer is None or predictions is None or not trainer.is_global_zero:
             return
         names = class_names_of(pl_module)
-        predictions = pl_module.epoch_predictions["test"]
         counts = confusion_counts(predictions.classes, predictions.labels, len(names)).double()
         accuracies = counts.diag() / counts.sum(dim=1).clamp(min=1)
         for name, accuracy in zip(names, accuracies.tolist()):
@@ -123,13 +143,11 @@ class MisclassifiedImages(Callback):
         self.max_images = max_images
 
     @override
-    @rank_zero_only
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        writer = tensorboard_writer(trainer)
-        if writer is None or "test" not in pl_module.epoch_predictions or self.max_images <= 0:
+        writer, tested = tensorboard_writer(trainer), split_predictions(trainer, pl_module, "test")
+        if writer is None or tested is None or self.max_images <= 0 or not trainer.is_global_zero:
             return
-        predictions, labels, confidences = pl_module.epoch_predictions["test"]
-        # Tested in order (no shuffling), so the i-th prediction is the test split's i-th image.
+        predictions, labels, confidences, positions = tested
         wrong = (predictions != labels).nonzero().flatten()
         probabilities = confidences[wrong]
         order = probabilities.argsort(descending=True)[: self.max_images]
@@ -137,7 +155,9 @@ class MisclassifiedImages(Callback):
         captions = [f"true: {names[labels[wrong[i]]]}\npred: {names[predictions[wrong[i]]]} {probabilities[i]:.2f}"
                     for i in order.tolist()]
         if captions:
-            images = trainer.datamodule.splits["test"].images[wrong[order]].cpu()
+            # Tested in order (no shuffling): without positions, the i-th prediction is the split's i-th image.
+            shown = wrong[order] if positions is None else positions[wrong[order]]
+            images = trainer.datamodule.splits["test"].images[shown].cpu()
             add_png(writer, "test/misclassified", image_grid(images.numpy(), captions), trainer.global_step)
 
 

@@ -26,6 +26,7 @@ class EpochPredictions(NamedTuple):
     classes: Tensor  # the predicted class of each sample
     labels: Tensor  # its true class
     confidences: Tensor | None  # the predicted class's probability (softmax of the output); None for training
+    positions: Tensor | None = None  # each sample's index in the split; None: the i-th is the split's i-th
 
 
 class DivergedError(RuntimeError):

@@ -1,0 +1,142 @@
+"""Data-parallel training (trainer=ddp, gloo on the CPU) under the real command line: single runs, -m sweeps,
+submitit's local launcher, and a killed run resumed. Two CPU processes per run, on synthetic data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import SYNTHETIC_RUN, cli_env, run_cli
+from mlplab.data import ImageDataModule
+from probes import fingerprint
+
+DDP = ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
+# Not so easy that every run scores 1.0: the test accuracy must be able to disagree with a second opinion.
+RUN = [*SYNTHETIC_RUN, *DDP, "trainer.max_epochs=2", "optimizer.lr=3e-5", "data.batch_size=32"]
+
+
+def files_under(directory: Path) -> set[str]:
+    return {str(path.relative_to(directory)) for path in directory.rglob("*") if path.is_file()}
+
+
+@pytest.fixture(scope="module")
+def ddp_run(synthetic_data_dir, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(cwd, run dir, sample-record prefix) of one 2-process run."""
+    cwd, records = tmp_path_factory.mktemp("ddp"), tmp_path_factory.mktemp("records") / "samples"
+    result = run_cli(["mlplab-train", *RUN, "+callbacks.record._target_=probes.RecordTrainingSamples",
+                      f"+callbacks.record.path={records}"], cwd, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd, cwd / "outputs" / "runs", records
+
+
+def test_ddp_run_has_one_directory_written_by_rank_zero(ddp_run):
+    cwd, runs, _ = ddp_run
+    (run_dir,) = runs.iterdir()  # not one per rank
+    assert {path.relative_to(cwd).parts[0] for path in cwd.rglob("*")} == {"outputs"}  # nothing elsewhere
+    files = files_under(run_dir)
+    assert {"metrics.json", "checkpoints/best.ckpt", "checkpoints/last.ckpt", ".hydra/config.yaml"} <= files
+    assert [name for name in files if name.endswith(".log")] == ["train.log"]  # the other rank wrote no log file
+    assert len([name for name in files if name.endswith(".ckpt")]) == 2
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["epochs"] == 2
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    # One point per epoch: one rank logged, with the value over both ranks' samples.
+    assert [point.value for point in events.Scalars("val/acc")] == pytest.approx([row["val/acc"] for row in metrics["history"]])
+    assert len(events.Scalars("test/acc")) == 1
+
+
+def test_ddp_test_accuracy_is_the_whole_test_set_evaluated_in_one_process(ddp_run, synthetic_data_dir):
+    _, runs, _ = ddp_run
+    (run_dir,) = runs.iterdir()
+    recorded = json.loads((run_dir / "metrics.json").read_text())
+    result = run_cli(["mlplab-eval", f"run={run_dir}", "format=json", "accelerator=cpu"], run_dir, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = json.loads(result.stdout)
+    assert 0.2 < single["test/acc"] < 1.0  # a model that still makes mistakes, so agreement means something
+    assert recorded["test/acc"] == pytest.approx(single["test/acc"], abs=1e-6)
+    assert recorded["test/loss"] == pytest.approx(single["test/loss"], rel=1e-4)
+    events = EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
+    events.Reload()
+    table = events.Tensors("test/confusion_matrix/text_summary")[0].tensor_proto.string_val[0].decode()
+    counted = sum(int(cell) for line in table.splitlines()[2:] for cell in line.strip("| ").split(" | ")[1:])
+    assert counted == 200  # the confusion matrix has every test image, from both ranks
+
+
+def test_ddp_ranks_share_each_epoch_every_training_sample_once(ddp_run, synthetic_data_dir):
+    _, _, records = ddp_run
+    seen = [Path(f"{records}.rank{rank}").read_text().split("\n") for rank in (0, 1)]
+    assert abs(len(seen[0]) - len(seen[1])) <= 1  # an even split
+    datamodule = ImageDataModule(data_dir=synthetic_data_dir, val_size=100, system_dir=None, download=False)
+    datamodule.setup()
+    train = datamodule.splits["train"]
+    expected = Counter(f"{label}:{fingerprint(image)}" for image, label in zip(train.images, train.labels.tolist()))
+    assert Counter(seen[0] + seen[1]) == expected  # the whole training split, nothing twice
+
+
+def test_ddp_sweep_has_one_directory_per_job_and_a_summary(synthetic_data_dir, tmp_path):
+    for launcher in ([], ["hydra/launcher=submitit_local"]):
+        cwd = tmp_path / (launcher[0].split("=")[1] if launcher else "basic")
+        cwd.mkdir()
+        result = run_cli(["mlplab-train", "-m", *RUN, "trainer.max_epochs=1", "seed=1,2", "sweep=s", *launcher],
+                         cwd, synthetic_data_dir)
+        assert result.returncode == 0, (launcher, result.stderr[-3000:])
+        sweep_dir = cwd / "outputs" / "sweeps" / "s"
+        assert {path.relative_to(cwd).parts[:3] for path in cwd.rglob("*") if len(path.relative_to(cwd).parts) >= 3} \
+            == {("outputs", "sweeps", "s")}  # nothing outside the sweep's folder
+        jobs = sorted(path for path in sweep_dir.iterdir() if (path / ".hydra").is_dir())
+        assert [job.name.split("seed=")[1].split(",")[0] for job in jobs] == ["1", "2"], launcher
+        for job in jobs:
+            assert json.loads((job / "metrics.json").read_text())["status"] == "completed"
+            assert [name for name in files_under(job) if name.endswith(".log")] == ["train.log"]
+        rows = (sweep_dir / "summary.csv").read_text().strip().splitlines()
+        assert len(rows) == 3, launcher  # header and two jobs
+
+
+def test_killed_ddp_run_resumes_and_completes(synthetic_data_dir, tmp_path):
+    args = [*RUN, "trainer.max_epochs=3", "checkpoint.every_n_steps=4", "+callbacks.pace._target_=probes.PaceSteps",
+            "+callbacks.pace.seconds=0.1"]
+    process = subprocess.Popen([str(Path(sys.executable).parent / "mlplab-train"), *args], cwd=tmp_path,
+                               env=cli_env(synthetic_data_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + 120
+    while not list((tmp_path / "outputs" / "runs").glob("*/checkpoints/last.ckpt")) and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)  # the whole job, every rank, as a node failure would
+    process.wait()
+    (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "running"
+    result = run_cli(["mlplab-train", f"resume={run_dir}"], tmp_path, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resuming from" in result.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["epochs"] == 3 and "test/acc" in metrics
+    assert len(list((tmp_path / "outputs" / "runs").iterdir())) == 1
+
+
+def test_sigterm_to_rank_zero_stops_every_rank_with_a_checkpoint(synthetic_data_dir, tmp_path):
+    args = [*RUN, "trainer.max_epochs=3", "checkpoint.every_n_steps=0", "+callbacks.pace._target_=probes.PaceSteps",
+            "+callbacks.pace.seconds=0.2"]
+    process = subprocess.Popen([str(Path(sys.executable).parent / "mlplab-train"), *args], cwd=tmp_path,
+                               env=cli_env(synthetic_data_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not list((tmp_path / "outputs" / "runs").glob("*/checkpoints/best.ckpt")) and time.time() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)  # rank 0 only: rank 1 learns of it at the next step
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and metrics["stopped_by"] == "SIGTERM"
+    assert 8 < metrics["step"] < 24  # in the second or third epoch (8 steps each), not at its end
+    result = run_cli(["mlplab-train", f"resume={run_dir}"], tmp_path, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "completed"
