@@ -22,6 +22,18 @@ DDP = ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
 RUN = [*SYNTHETIC_RUN, *DDP, "trainer.max_epochs=2", "optimizer.lr=3e-5", "data.batch_size=32"]
 
 
+def processes_running_in(run_dir: Path) -> list[int]:
+    """Processes whose command line names ``run_dir`` (the other ranks of a run are started with it)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(run_dir) in cmdline.read_bytes().decode(errors="replace"):
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found
+
+
 def files_under(directory: Path) -> set[str]:
     return {str(path.relative_to(directory)) for path in directory.rglob("*") if path.is_file()}
 
@@ -109,9 +121,14 @@ def test_killed_ddp_run_resumes_and_completes(synthetic_data_dir, tmp_path):
     deadline = time.time() + 120
     while not list((tmp_path / "outputs" / "runs").glob("*/checkpoints/last.ckpt")) and time.time() < deadline:
         time.sleep(0.2)
-    os.killpg(process.pid, signal.SIGKILL)  # the whole job, every rank, as a node failure would
-    process.wait()
     (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
+    assert processes_running_in(run_dir), "rank 1 should be running"
+    process.kill()  # rank 0 only, as a crash would; rank 1 must not be left waiting for it
+    process.wait()
+    deadline = time.time() + 30
+    while processes_running_in(run_dir) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not processes_running_in(run_dir)
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "running"
     result = run_cli(["mlplab-train", f"resume={run_dir}"], tmp_path, synthetic_data_dir)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -140,3 +157,12 @@ def test_sigterm_to_rank_zero_stops_every_rank_with_a_checkpoint(synthetic_data_
     result = run_cli(["mlplab-train", f"resume={run_dir}"], tmp_path, synthetic_data_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "completed"
+
+
+def test_a_failing_ddp_job_does_not_end_the_sweep(synthetic_data_dir, tmp_path):
+    result = run_cli(["mlplab-train", "-m", *RUN, "optimizer.lr=1e30,1e-3", "sweep=mixed"], tmp_path, synthetic_data_dir)
+    assert result.returncode == 1 and "1 of 2 jobs did not complete" in result.stderr, result.stderr[-3000:]
+    sweep_dir = tmp_path / "outputs" / "sweeps" / "mixed"
+    status = {job.name.split("optimizer.lr=")[1].split(",")[0]: json.loads((job / "metrics.json").read_text())["status"]
+              for job in sweep_dir.iterdir() if (job / ".hydra").is_dir()}
+    assert status == {"1e+30": "diverged", "0.001": "completed"}

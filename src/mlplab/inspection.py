@@ -176,8 +176,10 @@ class WeightHistograms(Callback):
     @override
     @rank_zero_only
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        if not (trainer.is_last_batch and self._due(trainer)):  # checked first: this runs at every step
+            return
         writer = tensorboard_writer(trainer)
-        if writer is None or not (trainer.is_last_batch and self._due(trainer)):
+        if writer is None:
             return
         for name, parameter in pl_module.network.named_parameters():  # at the step these gradients make
             if parameter.grad is not None:

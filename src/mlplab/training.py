@@ -194,6 +194,8 @@ def train(
             write_metrics(run_dir, metrics)
             if metrics["status"] != "interrupted":  # an interrupted run gets its HParams row when it finishes
                 log_hparams(logger, hparams or {}, metrics, trainer.global_step)
+        if isinstance(trainer.strategy, JobDDPStrategy):
+            trainer.strategy.end_ranks()
     if trainer.is_global_zero:
         _report(run_dir, metrics)
     return metrics
