@@ -310,7 +310,7 @@ def bench_startup(args, data_dir: Path, workdir: Path) -> dict:
     overrides = run_overrides(args, data_dir, 128)
     cli([*overrides, "trainer.limit_train_batches=1", "trainer.max_epochs=1"], workdir)  # the dataset cache exists after this
     imports, startups = [], []
-    for repeat in range(args.repeats + 2):
+    for repeat in range(args.repeats if args.quick else args.repeats + 2):  # 5 launches each by default
         imports.append(measure_import_seconds())
         probe = workdir / f"first-step-{repeat}.txt"
         started = time.time()

@@ -156,3 +156,14 @@ def test_diverging_run_stops_at_the_step_with_a_hint_and_keeps_no_nan_weights(sy
     for checkpoint in run_dir.glob("checkpoints/*.ckpt"):
         weights = torch.load(checkpoint, weights_only=True)["state_dict"]
         assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+
+
+def test_hydra_flags_and_launcher_plugins_are_understood(tmp_path):
+    shown = run_cli(["mlplab-train", "--cfg", "job", "-p", "model"], tmp_path)  # "job" and "model" are flag values
+    assert shown.returncode == 0 and "depth: 2" in shown.stdout, shown.stderr[-2000:]
+    both = run_cli(["mlplab-train", "-m", "seed=1", "--cfg", "job"], tmp_path)
+    assert both.returncode == 2 and both.stderr.strip() == \
+        "mlplab-train: error: --cfg and --multirun cannot be combined; give one of them"
+    unknown = run_cli(["mlplab-train", "-m", "hydra/launcher=nope", "seed=1"], tmp_path)
+    (line,) = unknown.stderr.splitlines()
+    assert unknown.returncode == 2 and "parallel" in line and "slurm" in line and "submitit_local" in line

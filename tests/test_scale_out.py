@@ -140,7 +140,7 @@ def test_killed_ddp_run_resumes_and_completes(synthetic_data_dir, tmp_path):
 
 def test_sigterm_to_rank_zero_stops_every_rank_with_a_checkpoint(synthetic_data_dir, tmp_path):
     args = [*RUN, "trainer.max_epochs=3", "checkpoint.every_n_steps=0", "+callbacks.pace._target_=probes.PaceSteps",
-            "+callbacks.pace.seconds=0.2"]
+            "+callbacks.pace.seconds=0.1"]
     process = subprocess.Popen([str(Path(sys.executable).parent / "mlplab-train"), *args], cwd=tmp_path,
                                env=cli_env(synthetic_data_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)

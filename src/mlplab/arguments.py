@@ -54,6 +54,18 @@ def quoted(path: Path) -> str:
     return f"'{escaped}'"
 
 
+MODES = {"-m": "--multirun", "--multirun": "--multirun", "-c": "--cfg", "--cfg": "--cfg", "-i": "--info",
+         "--info": "--info", "-sc": "--shell-completion", "--shell-completion": "--shell-completion"}
+
+
+def conflicting_modes(args: list[str]) -> str | None:
+    """Two of Hydra's modes at once (``-m ... --cfg job``), which Hydra refuses with a traceback."""
+    modes = sorted({MODES[arg] for arg in args if arg in MODES})
+    if len(modes) > 1:
+        return f"{' and '.join(modes)} cannot be combined; give one of them"
+    return None
+
+
 def unwritable_output(args: list[str]) -> str | None:
     """Where run directories would go, if nothing can be written there (Hydra would fail with a traceback)."""
     if any(arg in ("--help", "-h", "--hydra-help", "--info", "--cfg", "-c") for arg in args):
@@ -74,12 +86,25 @@ def unwritable_output(args: list[str]) -> str | None:
     return None
 
 
+# Hydra's flags that take the next argument as their value (--cfg job, -p model, --config-name train).
+FLAGS_WITH_VALUE = ("-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name", "-cd",
+                    "--config-dir", "--experimental-rerun")
+
+
+def overrides_in(args: list[str]) -> list[str]:
+    """The overrides among ``args``: neither flags nor a flag's value."""
+    overrides, after_flag = [], False
+    for arg in args:
+        if not arg.startswith("-") and not after_flag:
+            overrides.append(arg)
+        after_flag = arg in FLAGS_WITH_VALUE
+    return overrides
+
+
 def unreadable_override(args: list[str]) -> str | None:
     """The first argument Hydra's override grammar cannot read, with its reason and the usual remedy."""
     parser = OverridesParser.create()
-    for arg in args:
-        if arg.startswith("-"):
-            continue
+    for arg in overrides_in(args):
         try:
             parser.parse_overrides([arg])
         except HydraException as error:
@@ -91,7 +116,7 @@ def unreadable_override(args: list[str]) -> str | None:
 def unknown_group_option(args: list[str], config_dir: Path) -> str | None:
     """The first ``group=option`` in ``args`` whose option has no YAML file, described with the options allowed."""
     try:
-        overrides = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
+        overrides = OverridesParser.create().parse_overrides(overrides_in(args))
     except HydraException:
         return None  # Hydra reports syntax errors itself
     for override in overrides:

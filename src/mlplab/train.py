@@ -23,8 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 import torch
 
-from mlplab.arguments import (quoted, resume_arguments, search_arguments, unknown_group_option, unreadable_override,
-                              unwritable_output)
+from mlplab.arguments import (conflicting_modes, quoted, resume_arguments, search_arguments, unknown_group_option,
+                              unreadable_override, unwritable_output)
 from mlplab.checkpoints import checkpoint_step
 from mlplab.config import CONFIG_DIR, CONTROL_KEYS, ConfigError, RunConfig, describe_config_error, parse_run_config
 from mlplab.datasets import DataUnavailableError
@@ -65,8 +65,8 @@ def main() -> None:
     except (ConfigError, FileNotFoundError) as error:
         print(f"mlplab-train: error: {error}", file=sys.stderr)
         sys.exit(2)
-    problem = (unreadable_override(sys.argv[1:]) or unknown_group_option(sys.argv[1:], Path(CONFIG_DIR))
-               or unwritable_output(sys.argv[1:]))
+    problem = (conflicting_modes(sys.argv[1:]) or unreadable_override(sys.argv[1:])
+               or unknown_group_option(sys.argv[1:], Path(CONFIG_DIR)) or unwritable_output(sys.argv[1:]))
     if problem:
         print(f"mlplab-train: error: {problem}", file=sys.stderr)
         sys.exit(2)
