@@ -2,7 +2,6 @@
 submitit's local launcher, and a killed run resumed. Two CPU processes per run, on synthetic data."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -127,7 +127,8 @@ class ResumePoints(Callback):
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._stop_requested(trainer):  # the checkpoint callbacks (always called last) save the epoch next; then fit ends
+        # The checkpoint callbacks (always called last) save the epoch next; then fit ends.
+        if self._stop_requested(trainer):
             trainer.should_stop = True
 
     @override
