@@ -89,19 +89,21 @@ def shard_batches(order: Tensor, batch_size: int, rank: int = 0, world_size: int
     i mod world_size). DistributedSampler instead repeats samples to even out the ranks, which makes those count
     twice in an epoch; here a last step too small to give every rank a sample joins the one before it.
     """
-    step = batch_size * world_size
-    starts = list(range(0, len(order), step))
-    if world_size > 1 and len(starts) > 1 and len(order) - starts[-1] < world_size:
-        starts.pop()
+    starts = _step_starts(len(order), batch_size, world_size)
     ends = [*starts[1:], len(order)]
     return [order[start:end][rank::world_size] for start, end in zip(starts, ends)]
 
 
 def num_shard_batches(num_samples: int, batch_size: int, world_size: int = 1) -> int:
     """len(shard_batches(...)) without drawing the order."""
-    batches = math.ceil(num_samples / (batch_size * world_size))
-    last = num_samples - (batches - 1) * batch_size * world_size
-    return batches - 1 if world_size > 1 and batches > 1 and last < world_size else batches
+    return len(_step_starts(num_samples, batch_size, world_size))
+
+
+def _step_starts(num_samples: int, batch_size: int, world_size: int) -> list[int]:
+    starts = list(range(0, num_samples, batch_size * world_size))
+    if world_size > 1 and len(starts) > 1 and num_samples - starts[-1] < world_size:
+        starts.pop()
+    return starts
 
 
 class InMemoryBatches:
