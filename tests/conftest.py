@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mlplab.synthetic import write_mnist_like
+from mlplab.data.synthetic import write_mnist_like
 
 
 @pytest.fixture(scope="session")

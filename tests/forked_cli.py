@@ -13,7 +13,7 @@ import signal
 import sys
 import traceback
 
-import mlplab.train
+import mlplab.cli.train
 
 CHILD_SECONDS = 120
 
@@ -27,7 +27,7 @@ def run_child(args: list[str], cwd: str, output: str) -> None:
     sys.argv = ["mlplab-train", *args]
     code = 0
     try:
-        mlplab.train.main()
+        mlplab.cli.train.main()
     except SystemExit as stop:
         code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
     except BaseException:  # what the interpreter would print for the real script

@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from conftest import SYNTHETIC_RUN, cli_env
-from mlplab.config import CONFIG_DIR, ConfigError, parse_run_config
-from mlplab.network import build_mlp
+from mlplab.cli.compose import CONFIG_DIR
+from mlplab.run.config import ConfigError, parse_run_config
 
 
 def composed(*overrides: str) -> dict:
@@ -40,8 +40,7 @@ def test_data_dir_follows_environment(monkeypatch):
 
 
 def network(*overrides: str) -> nn.Sequential:
-    model = parsed(*overrides).model
-    return build_mlp(784, 10, model.depth, model.width, model.activation, model.dropout, model.output_activation)
+    return parsed(*overrides).model.build((1, 28, 28), 10)
 
 
 def test_article_preset_has_the_final_relu_and_mlp_does_not():
@@ -102,7 +101,7 @@ def test_bad_values_name_the_key_and_what_is_allowed(override, names):
 
 
 def test_job_directory_names_are_one_path_component_of_bounded_length():
-    from mlplab.train import job_dirname
+    from mlplab.cli.compose import job_dirname
 
     assert job_dirname("model.depth=2,model.width=64") == "model.depth=2,model.width=64"
     assert "/" not in job_dirname("paths.data_dir=/a/b,model.depth=1") and job_dirname("") == "defaults"

@@ -2,15 +2,16 @@ import pytest
 import torch
 from torchvision import datasets
 
-from mlplab.data import ImageDataModule, ShardSampler, num_shard_batches, shard_batches
-import mlplab.datasets as datasets_module
-from mlplab.datasets import CACHE_DIR, DataUnavailableError, _load_once, load_dataset, provide_files
-from mlplab.module import MLPClassifier
-from mlplab.synthetic import write_cifar_like, write_mnist_like
+from mlplab.data.datamodule import DataSettings, ImageDataModule, ShardSampler, num_shard_batches, shard_batches
+import mlplab.data.datasets as datasets_module
+from mlplab.data.datasets import CACHE_DIR, DataUnavailableError, _load_once, load_dataset, provide_files
+from mlplab.model.backbones.mlp import MLP
+from mlplab.model.classifier import ImageClassifier
+from mlplab.data.synthetic import write_cifar_like, write_mnist_like
 
 
-def loaded(data_dir, **kwargs) -> ImageDataModule:
-    datamodule = ImageDataModule("fashion_mnist", data_dir, val_size=100, download=False, **kwargs)
+def loaded(data_dir, shuffle_seed=0, **settings) -> ImageDataModule:
+    datamodule = ImageDataModule(DataSettings(val_size=100, download=False, **settings), data_dir, shuffle_seed)
     datamodule.prepare_data()
     datamodule.setup("fit")
     return datamodule
@@ -21,9 +22,8 @@ def test_splits_shapes_and_classes_come_from_torchvision(synthetic_data_dir):
     sizes = {key: len(split) for key, split in datamodule.splits.items()}
     assert sizes == {"train": 500, "val": 100, "test": 200}
     assert datamodule.splits["train"].images.dtype == torch.uint8
-    assert datamodule.input_shape == (1, 28, 28) and datamodule.num_features == 784
+    assert datamodule.input_shape == (1, 28, 28)
     assert datamodule.class_names == datasets.FashionMNIST.classes
-    assert datamodule.num_classes == 10
 
 
 def test_test_split_is_the_official_test_file(tmp_path):
@@ -44,7 +44,7 @@ def test_validation_split_is_seeded_disjoint_and_independent_of_run_seed(synthet
 
 def test_normalisation_standardises_the_training_split(synthetic_data_dir):
     datamodule = loaded(synthetic_data_dir)
-    model = MLPClassifier(784, 10, depth=1, width=8, input_mean=datamodule.mean, input_std=datamodule.std)
+    model = ImageClassifier(MLP(depth=1, width=8), (1, 28, 28), 10, input_mean=datamodule.mean, input_std=datamodule.std)
     x = model.normalize(datamodule.splits["train"].images)
     assert x.dtype == torch.float32
     assert abs(x.mean().item()) < 1e-4 and abs(x.std().item() - 1) < 1e-3
@@ -110,7 +110,7 @@ def test_cifar_like_batches_parse_with_torchvision(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.CIFAR10, "train_list", [[f"data_batch_{i}", calculate_md5(base / f"data_batch_{i}")] for i in range(1, 6)])
     monkeypatch.setattr(datasets.CIFAR10, "test_list", [["test_batch", calculate_md5(base / "test_batch")]])
     monkeypatch.setattr(datasets.CIFAR10, "meta", {**datasets.CIFAR10.meta, "md5": calculate_md5(base / "batches.meta")})
-    datamodule = ImageDataModule("cifar10", tmp_path, val_size=10, download=False)
+    datamodule = ImageDataModule(DataSettings("cifar10", val_size=10, download=False), tmp_path)
     datamodule.prepare_data()
     datamodule.setup("fit")
     assert datamodule.input_shape == (3, 32, 32) and datamodule.num_features == 3072

@@ -7,18 +7,19 @@ import pytest
 import torch
 
 from conftest import SYNTHETIC_RUN, run_cli
-from mlplab.data import ImageDataModule
-from mlplab.module import MLPClassifier
+from mlplab.data.datamodule import DataSettings, ImageDataModule
+from mlplab.model.backbones.mlp import MLP
+from mlplab.model.classifier import ImageClassifier
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 def test_dataset_moves_to_the_gpu_once_and_batches_stay_there(synthetic_data_dir):
-    datamodule = ImageDataModule("fashion_mnist", synthetic_data_dir, batch_size=50, val_size=100, download=False)
+    datamodule = ImageDataModule(DataSettings(batch_size=50, val_size=100, download=False), synthetic_data_dir)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    model = MLPClassifier(datamodule.num_features, datamodule.num_classes, depth=1, width=32,
-                          input_mean=datamodule.mean, input_std=datamodule.std)
+    model = ImageClassifier(MLP(depth=1, width=32), datamodule.input_shape, len(datamodule.class_names),
+                            input_mean=datamodule.mean, input_std=datamodule.std)
     trainer = L.Trainer(accelerator="gpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, datamodule=datamodule)

@@ -15,7 +15,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import SYNTHETIC_RUN, run_cli, tensorboard_server
-from mlplab.evaluate import load_data, load_model
+from mlplab.cli.evaluate import load_data, load_model
 
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 # A learning rate low enough that the model still makes mistakes on the (easy) synthetic data.
@@ -87,7 +87,7 @@ def test_confusion_matrix_and_per_class_accuracy_equal_the_test_predictions(even
 
 
 def test_misclassified_grid_shows_the_most_confident_mistakes(events, test_predictions, run, synthetic_data_dir):
-    from mlplab.figures import image_grid
+    from mlplab.run.views.figures import image_grid
 
     wrong = sorted((row for row in test_predictions if row["correct"] == "0"), key=lambda row: -float(row["probability"]))[:32]
     assert wrong, "the run should make mistakes"

@@ -191,7 +191,7 @@ class FailsHalfWay:
 
 
 def test_a_checkpoint_write_that_fails_half_way_leaves_the_previous_one_loadable(tmp_path):
-    from mlplab.checkpoints import AtomicCheckpointIO
+    from mlplab.run.checkpoints import AtomicCheckpointIO
 
     path = tmp_path / "checkpoints" / "last.ckpt"
     io = AtomicCheckpointIO()

@@ -13,7 +13,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import SYNTHETIC_RUN, cli_env, run_cli
-from mlplab.data import ImageDataModule
+from mlplab.data.datamodule import DataSettings, ImageDataModule
 from probes import fingerprint
 
 DDP = ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
@@ -90,7 +90,7 @@ def test_ddp_ranks_share_each_epoch_every_training_sample_once(ddp_run, syntheti
     _, _, records = ddp_run
     seen = [Path(f"{records}.rank{rank}").read_text().split("\n") for rank in (0, 1)]
     assert abs(len(seen[0]) - len(seen[1])) <= 1  # an even split
-    datamodule = ImageDataModule(data_dir=synthetic_data_dir, val_size=100, system_dir=None, download=False)
+    datamodule = ImageDataModule(DataSettings(val_size=100, download=False), synthetic_data_dir)
     datamodule.setup()
     train = datamodule.splits["train"]
     expected = Counter(f"{label}:{fingerprint(image)}" for image, label in zip(train.images, train.labels.tolist()))

@@ -15,8 +15,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from conftest import SYNTHETIC_RUN, run_cli, tensorboard_server
-from mlplab.hparams import FINAL_METRICS
-from mlplab.sweep import gpu_slot, threads_per_job
+from mlplab.run.views.hparams import FINAL_METRICS
+from mlplab.sweeps.jobs import gpu_slot, threads_per_job
 
 BIN = Path(sys.executable).parent
 GRID = ["model.depth=1,2", "model.width=16,32", "trainer.max_epochs=2"]
@@ -271,9 +271,8 @@ def test_jobs_derived_from_a_composed_one_equal_hydras_own_composition():
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
-    import mlplab.train  # noqa: F401  (registers the resolvers the config uses)
-    from hydra_plugins.mlplab_sweeper.mlplab_sweeper import ComposedOnce
-    from mlplab.config import CONFIG_DIR
+    from mlplab.cli.compose import CONFIG_DIR  # registers the resolvers the config uses
+    from mlplab.sweeps.grid import ComposedOnce
 
     jobs = [
         ["seed=1", "model.width=[256,128]", "optimizer.lr=0.1"],

@@ -8,9 +8,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import SYNTHETIC_RUN
-from mlplab.config import parse_run_config
-from mlplab.train import CONFIG_DIR, build_callbacks
-from mlplab.training import train
+from mlplab.cli.compose import CONFIG_DIR
+from mlplab.cli.train import build_callbacks
+from mlplab.run.config import parse_run_config
+from mlplab.run.train import train
 
 
 def run(data_dir, run_dir, *overrides):

@@ -1,132 +1,87 @@
-"""mlplab's Hydra sweeper (``hydra/sweeper=mlplab``, the default of mlplab-train).
+"""mlplab's Hydra sweeper (``hydra/sweeper=mlplab``, the default of mlplab-train): a grid, or an Optuna search.
 
-Hydra's basic sweeper, plus what makes a sweep usable: every job's config is checked before any job trains, a dry
-run lists the jobs, finished jobs are skipped, each job's config is composed once (not once to check and again to
-launch), and the sweep folder gets its summary at the end. Works with any launcher (basic, joblib).
+A grid runs every combination of the sweep's values. With ``n_trials`` set (``hydra/sweeper=optuna``, or an
+``hparams_search`` preset) it searches instead: Optuna's ask-and-tell with its journal storage in the sweep folder,
+so a search is resumable, survives failing trials, prunes through each job's own reports and shares one study
+between parallel workers. Either way every job's config is checked before any trains, finished jobs are skipped,
+and the sweep folder gets its summary. Each job is a job folder of the usual kind (mlplab.sweeps.jobs).
+
+Optuna is imported only when a search runs: Hydra imports every plugin module at start-up.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
-import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any
 
-from hydra._internal.config_loader_impl import get_overrides_dirname
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override, OverrideType
-from hydra.errors import CompactHydraException
+from hydra.core.plugins import Plugins
+from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from mlplab.config import ConfigError, describe_config_error, parse_run_config, require_accelerator
-from mlplab.report import JOBS_FILE, write_summary
-from mlplab.sweep import job_state
+from mlplab.cli.compose import checked_job_config
+from mlplab.cli.failure import Stopped
+from mlplab.errors import MlplabError
+from mlplab.run.config import ConfigError
+from mlplab.run.records import read_metrics
+from mlplab.sweeps.grid import ComposedOnce, Job, SweepError, dry_run_listing, grid_jobs, sweep_overrides, \
+    wait_for_other_processes
+from mlplab.sweeps.jobs import claim, job_state
+from mlplab.sweeps.summary import JOBS_FILE, write_summary
 
 log = logging.getLogger(__name__)
+SEARCH_LOCK = ".search.lock"
 
 
-class Job(NamedTuple):  # not a dataclass: Hydra's plugin scan runs this module outside sys.modules
-    overrides: list[str]
-    dir: Path
+class SweepIncomplete(MlplabError):
+    exit_status = 1
 
 
-class ComposedOnce:
-    """A config loader that hands the launcher the job configs the sweeper already composed to check them.
-
-    Jobs that differ from a composed one only in plain values (``seed=2``, ``model.width=[256,128]``) are derived
-    from it: a copy with those values set, as Hydra would set them after composing. Hydra's full composition
-    (defaults list, every YAML file) costs ~0.1 s a job; only jobs that choose other config groups pay it.
-    """
-
-    def __init__(self, loader: Any):
-        self._loader = loader
-        self._composed: dict[tuple[str, ...], DictConfig] = {}
-        self._bases: dict[tuple[str, ...], DictConfig] = {}  # untouched copies of composed jobs, by shape
-        self._is_group: dict[str, bool] = {}
-
-    def load_sweep_config(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
-        composed = self._composed.pop(tuple(sweep_overrides), None)
-        return composed if composed is not None else self.compose(master_config, sweep_overrides)
-
-    def compose(self, master_config: DictConfig, sweep_overrides: list[str], keep: bool = False) -> DictConfig:
-        """Compose a job's config; with ``keep``, the launcher gets this same object (the sweeper only reads it)."""
-        parsed = OverridesParser.create().parse_overrides(list(sweep_overrides))
-        shape = self._shape(parsed)
-        base = self._bases.get(shape) if shape else None
-        if base is not None:
-            values = [override for override in parsed if not self._is_config_group(override.key_or_group)]
-            composed = derive_job_config(base, master_config, parsed, values)
-        else:
-            composed = self._loader.load_sweep_config(master_config, list(sweep_overrides))
-            if shape:
-                self._bases[shape] = copy.deepcopy(composed)
-        if keep:
-            self._composed[tuple(sweep_overrides)] = composed
-        return composed
-
-    def _shape(self, parsed: list[Override]) -> tuple[str, ...] | None:
-        """What jobs that can be derived from one another share: their group choices and the keys they set.
-
-        None where a job is not that simple (adds, deletes, dict values, hydra settings): it is composed in full.
-        """
-        shape = []
-        for override in parsed:
-            if (override.type != OverrideType.CHANGE or override.package is not None or override.is_hydra_override()
-                    or override.is_sweep_override() or isinstance(override.value(), dict)):
-                return None
-            shape.append(override.input_line if self._is_config_group(override.key_or_group) else override.key_or_group)
-        return tuple(shape)
-
-    def _is_config_group(self, key: str) -> bool:
-        if key not in self._is_group:
-            self._is_group[key] = self._loader.repository.group_exists(key)
-        return self._is_group[key]
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):  # unpickling (parallel launchers) looks up dunders before _loader exists
-            raise AttributeError(name)
-        return getattr(self._loader, name)
-
-
-def derive_job_config(base: DictConfig, master_config: DictConfig, parsed: list[Override], values: list[Override]) -> DictConfig:
-    """The config of the job with overrides ``parsed`` from ``base``, a job that chose the same config groups and
-    set the same keys; ``values`` are the overrides among ``parsed`` that set a value."""
-    config = copy.deepcopy(base)
-    for override in values:
-        OmegaConf.update(config, override.key_or_group, override.value(), merge=True)
-    config.hydra.overrides.task = [override.input_line for override in parsed]
-    dirname = config.hydra.job.config.override_dirname
-    config.hydra.job.override_dirname = get_overrides_dirname(
-        overrides=parsed, exclude_keys=list(dirname.exclude_keys), item_sep=dirname.item_sep, kv_sep=dirname.kv_sep)
-    OmegaConf.copy_cache(from_config=master_config, to_config=config)  # as Hydra's load_sweep_config does
-    return config
-
-
-class MlplabSweeper(BasicSweeper):
-    def __init__(self, max_batch_size: int | None = None, params: dict[str, str] | None = None):
-        super().__init__(max_batch_size=max_batch_size, params=params)
+class MlplabSweeper(Sweeper):
+    def __init__(self, max_batch_size: int | None = None, params: dict[str, str] | None = None,
+                 n_trials: int | None = None, direction: str = "maximize", metric: str = "val/acc",
+                 n_jobs: int | None = None, timeout: float | None = None, max_failure_ratio: float = 0.5,
+                 sampler: Any = None, pruner: Any = None):
+        self.max_batch_size, self.params, self.n_trials = max_batch_size, params, n_trials
+        self.direction, self.metric, self.n_jobs, self.timeout = direction, metric, n_jobs, timeout
+        self.max_failure_ratio, self.sampler, self.pruner = max_failure_ratio, sampler, pruner
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config = config
         self.loader = ComposedOnce(hydra_context.config_loader)
-        context = HydraContext(config_loader=self.loader, callbacks=hydra_context.callbacks)
-        super().setup(hydra_context=context, task_function=task_function, config=config)
+        self.hydra_context = HydraContext(config_loader=self.loader, callbacks=hydra_context.callbacks)
+        self.launcher = Plugins.instance().instantiate_launcher(hydra_context=self.hydra_context,
+                                                                task_function=task_function, config=config)
 
     def sweep(self, arguments: list[str]) -> Any:
-        assert self.config is not None and self.launcher is not None
-        parser = OverridesParser.create(config_loader=self.loader)
-        overrides = parser.parse_overrides([*self._parse_config(), *arguments])
+        params = OmegaConf.to_container(self.params) if self.params else None
         sweep_dir = Path(self.config.hydra.sweep.dir)  # resolved (and cached) before any job copies the cache
-        jobs = [self.check(job_overrides) for batch in self.split_arguments(overrides, None) for job_overrides in batch]
+        if self.n_trials is not None:
+            self._search(sweep_dir, params, arguments)
+        elif not self._grid(sweep_dir, sweep_overrides(params, arguments)):
+            return  # a dry run
+        jobs, text = write_summary(sweep_dir)
+        print(text, end="")
+        print(f"Summary: {sweep_dir / 'summary.md'} (also .csv, .png); TensorBoard: tensorboard --logdir {sweep_dir}")
+        unfinished = [job for job in jobs if job["status"] not in ("completed", "pruned")]
+        if self.n_trials is None and unfinished:
+            raise SweepIncomplete(f"{len(unfinished)} of {len(jobs)} jobs did not complete: "
+                                  + ", ".join(f"{job['job']} ({job['status']})" for job in unfinished))
+
+    # A grid
+
+    def _grid(self, sweep_dir: Path, overrides: list[str]) -> bool:
+        """Run the grid's jobs; False for a dry run, which only lists them."""
+        parsed = OverridesParser.create(config_loader=self.loader).parse_overrides(overrides)
+        jobs = [self._check(job_overrides) for job_overrides in grid_jobs(parsed)]
         done = [job for job in jobs if job_state(job.dir) == "completed"]
         if self.config.get("dry_run"):
             print(dry_run_listing(jobs, done, sweep_dir))
-            return []
+            return False
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         listing = [{"overrides": job.overrides, "dir": job.dir.name} for job in jobs]
@@ -134,56 +89,108 @@ class MlplabSweeper(BasicSweeper):
         todo = [job for job in jobs if job not in done]
         log.info("Sweep %s: %d jobs, %d done already, %d to run", sweep_dir, len(jobs), len(done), len(todo))
         log.info("Resume or extend it with the same command and sweep=%s", sweep_dir.name)
-        returns, batch_size = [], self.max_batch_size or max(len(todo), 1)
+        batch_size = self.max_batch_size or max(len(todo), 1)
         for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
-            returns.append(self.launcher.launch([job.overrides for job in batch], initial_job_idx=start))
+            self.launcher.launch([job.overrides for job in todo[start:start + batch_size]], initial_job_idx=start)
         wait_for_other_processes([job.dir for job in jobs])
-        jobs_summary, text = write_summary(sweep_dir)
-        print(text, end="")
-        print(f"Summary: {sweep_dir / 'summary.md'} (also .csv, .png); TensorBoard: tensorboard --logdir {sweep_dir}")
-        unfinished = [job for job in jobs_summary if job["status"] != "completed"]
-        if unfinished:
-            print(f"mlplab-train: {len(unfinished)} of {len(jobs_summary)} jobs did not complete: "
-                  + ", ".join(f"{job['job']} ({job['status']})" for job in unfinished), file=sys.stderr)
-            sys.exit(1)
-        return returns
+        return True
 
-    def check(self, job_overrides: Sequence[str]) -> Job:
+    def _check(self, job_overrides: list[str]) -> Job:
         """Compose one job's config and check it as the job will; a bad point stops the sweep before any training."""
         try:
             config = checked_job_config(lambda overrides: self.loader.compose(self.config, overrides, keep=True),
-                                        list(job_overrides))
-        except ConfigError as error:
-            print(f"mlplab-train: error: job {' '.join(job_overrides)}: {error}; no job was started", file=sys.stderr)
-            sys.exit(2)
-        return Job(list(job_overrides), Path(config.hydra.sweep.dir) / str(OmegaConf.select(config, "hydra.sweep.subdir")))
+                                        job_overrides)
+        except MlplabError as error:
+            raise ConfigError(f"job {' '.join(job_overrides)}: {error}; no job was started") from None
+        return Job(job_overrides, Path(config.hydra.sweep.dir) / str(OmegaConf.select(config, "hydra.sweep.subdir")))
+
+    # A search
+
+    def _search(self, sweep_dir: Path, params: dict[str, Any] | None, arguments: list[str]) -> None:
+        from mlplab.sweeps.search import open_study, parse_params, recover_crashed
+
+        # hparams_search=<preset> stays among each job's overrides: its settings (pruner, mode) reach the jobs.
+        fixed, space = parse_params(params, arguments)
+        if not space:
+            raise SweepError("the search has no dimensions; set hydra.sweeper.params (or use hparams_search=<preset>)")
+        with claim(sweep_dir, SEARCH_LOCK) as claimed:  # one process asks; parallel workers come from the launcher
+            if not claimed:
+                raise SweepError(f"another process is running the search in {sweep_dir}; wait for it, or use "
+                                 "hydra/launcher=parallel for parallel trials")
+            OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+            sampler = _built(self.sampler)
+            study = open_study(sweep_dir, self.direction, sampler, _built(self.pruner))
+            for number in recover_crashed(study):
+                log.info("Trial %d was cut short; its configuration is asked again", number)
+            self._ask_and_tell(study, sweep_dir, fixed, space)
+
+    def _ask_and_tell(self, study: Any, sweep_dir: Path, fixed: list[str], space: dict[str, Any]) -> None:
+        from mlplab.sweeps.search import as_override, counted
+
+        batch_size = self.n_jobs or self.config.hydra.launcher.get("n_jobs") or 1
+        log.info("Search %s: %d of %d trials done; study %s", sweep_dir, len(counted(study)), self.n_trials,
+                 sweep_dir / "optuna.journal")
+        deadline = time.monotonic() + self.timeout if self.timeout else None
+        while (remaining := self.n_trials - len(counted(study))) > 0:
+            if deadline and time.monotonic() > deadline:
+                log.info("Time is up (hydra.sweeper.timeout=%s s): %d of %d trials done; run the same command again "
+                         "to continue", self.timeout, len(counted(study)), self.n_trials)
+                break
+            self._stop_if_hopeless(study)
+            launched = []
+            for trial in [study.ask(space) for _ in range(min(batch_size, remaining))]:
+                overrides = [*fixed, *(as_override(key, value) for key, value in trial.params.items())]
+                trial.set_user_attr("overrides", overrides)
+                try:
+                    checked_job_config(lambda o: self.loader.load_sweep_config(self.config, o), overrides)
+                    launched.append((trial, overrides))
+                except MlplabError as problem:
+                    log.error("Trial %d: %s", trial.number, problem)
+                    trial.set_user_attr("error", str(problem))
+                    study.tell(trial, state=_state("FAIL"))
+            if launched:
+                returns = self.launcher.launch([[*o, f"trial={t.number}"] for t, o in launched],
+                                               initial_job_idx=launched[0][0].number)
+                for (trial, _), job in zip(launched, returns):
+                    self._tell(study, trial, Path(job.hydra_cfg.hydra.runtime.output_dir))
+
+    def _tell(self, study: Any, trial: Any, job_dir: Path) -> None:
+        """Tell Optuna how the trial's job ended, from its metrics.json."""
+        metrics = read_metrics(job_dir)
+        status, value = metrics.get("status"), metrics.get(self.metric)
+        trial.set_user_attr("job", job_dir.name)
+        if status == "completed" and value is not None:
+            study.tell(trial, float(value))
+        elif status == "pruned":
+            study.tell(trial, state=_state("PRUNED"))
+        elif status == "interrupted":
+            raise Stopped("search stopped; run the same command again to continue it", 130)
+        else:  # failed, diverged, or a metric the job did not record
+            trial.set_user_attr("error", metrics.get("error") or f"status {status}, no {self.metric} recorded")
+            study.tell(trial, state=_state("FAIL"))
+        log.info("Trial %d: %s %s", trial.number, status, f"{self.metric} {value:.4f}" if value is not None else "")
+
+    def _stop_if_hopeless(self, study: Any) -> None:
+        from mlplab.sweeps.search import failed_trials
+
+        failed = failed_trials(study)
+        if len(failed) > self.max_failure_ratio * self.n_trials:
+            reasons = sorted({trial.user_attrs.get("error", "?") for trial in failed})
+            write_summary(Path(self.config.hydra.sweep.dir))
+            raise SweepIncomplete(f"search stopped: {len(failed)} of {self.n_trials} trials failed, more than "
+                                  f"hydra.sweeper.max_failure_ratio={self.max_failure_ratio}; errors: "
+                                  f"{'; '.join(reasons)[:500]}")
 
 
-def checked_job_config(compose: Callable[[list[str]], DictConfig], overrides: list[str]) -> DictConfig:
-    """``compose(overrides)``, checked as the job will check it; raises ConfigError (one line) if it would fail."""
-    try:
-        config = compose(overrides)
-        run_keys = [key for key in config if key != "hydra"]
-        run_config = parse_run_config(OmegaConf.to_container(OmegaConf.masked_copy(config, run_keys), resolve=True))
-    except (CompactHydraException, OmegaConfBaseException) as error:
-        raise ConfigError(describe_config_error(error)) from None
-    require_accelerator(run_config.trainer.accelerator, "trainer.accelerator", "use trainer=cpu or trainer=auto")
-    return config
+def _built(spec: Any) -> Any:
+    """A sampler or pruner from its config (``_target_``); the sweeper's config is not built recursively, so that a
+    grid never imports Optuna."""
+    from hydra.utils import instantiate
+
+    return instantiate(spec) if spec else None
 
 
-def wait_for_other_processes(job_dirs: list[Path], poll_seconds: float = 1.0) -> None:
-    """Jobs this process skipped because another process holds them: wait for them, so the summary is complete."""
-    announced = False
-    while running := [job_dir for job_dir in job_dirs if job_state(job_dir) == "running"]:
-        if not announced:
-            log.info("Waiting for %d jobs that another process is running", len(running))
-            announced = True
-        time.sleep(poll_seconds)
+def _state(name: str) -> Any:
+    from optuna.trial import TrialState
 
-
-def dry_run_listing(jobs: list[Job], done: list[Job], sweep_dir: Path) -> str:
-    lines = [f"Dry run: {len(jobs)} jobs in {sweep_dir} ({len(done)} done); nothing is trained."]
-    for number, job in enumerate(jobs):
-        lines.append(f"  #{number} {'done  ' if job in done else 'to run'}  {job.dir.name}")
-    return "\n".join(lines)
+    return TrialState[name]

@@ -1,0 +1,1 @@
+"""Entry points: the console scripts. Hydra ends here; everything below takes typed values."""

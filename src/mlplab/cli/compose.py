@@ -1,0 +1,114 @@
+"""From Hydra's composed config to a checked RunConfig, and what Hydra's config needs from mlplab: the config
+directory, the resolvers it interpolates, and one-line descriptions of what Hydra or OmegaConf refused."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hydra.errors import CompactHydraException, MissingConfigException, OverrideParseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mlplab.model.backbones import backbone_class
+from mlplab.run.config import NON_EXPERIMENT_KEYS, SECTIONS, ConfigError, RunConfig, parse_run_config
+from mlplab.run.records import MONITOR, MONITOR_MODE, find_checkpoint
+from mlplab.run.trainer import require_accelerator
+
+# An installed console script has no sensible working directory to look in: the configs live beside the package.
+CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "conf")
+
+
+def job_dirname(overrides: str) -> str:
+    """A sweep job's directory name from its overrides: one path component (no "/"), at most 150 characters."""
+    name = overrides.replace("/", "_") or "defaults"
+    if len(name) > 150:  # file names end at 255 bytes; the hash keeps long ones apart
+        name = f"{name[:140]}~{hashlib.sha1(overrides.encode()).hexdigest()[:8]}"
+    return name
+
+
+def sweep_name(name: str | None) -> str:
+    """The sweep's folder name: as given (``sweep=<name>``), else its start time and process id."""
+    return name or f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{os.getpid()}"
+
+
+def run_dir(resume: str | None, new_run_dir: str) -> str:
+    """The run's directory: the resumed run's own (``resume=<run dir or checkpoint>``), else a new one."""
+    return str(find_checkpoint(resume, "last")[0]) if resume else new_run_dir
+
+
+# Same-second runs get distinct directories: the timestamp alone is not unique.
+OmegaConf.register_new_resolver("mlplab.pid", lambda: os.getpid(), replace=True)
+# Cached in the sweep's config, so that every job, in whichever process, resolves the same folder.
+OmegaConf.register_new_resolver("mlplab.sweep_name", sweep_name, replace=True, use_cache=True)
+OmegaConf.register_new_resolver("mlplab.job_dirname", job_dirname, replace=True)
+OmegaConf.register_new_resolver("mlplab.run_dir", run_dir, replace=True)
+# A resumed run keeps the .hydra record of how it was started (its overrides are what resume= repeats).
+OmegaConf.register_new_resolver("mlplab.unless_resumed", lambda resume, value: None if resume else value, replace=True)
+OmegaConf.register_new_resolver("mlplab.non_experiment_keys", lambda: list(NON_EXPERIMENT_KEYS), replace=True)
+OmegaConf.register_new_resolver("mlplab.monitor", lambda: MONITOR, replace=True)
+OmegaConf.register_new_resolver("mlplab.monitor_mode", lambda: MONITOR_MODE, replace=True)
+
+
+def validated(cfg: DictConfig) -> RunConfig:
+    """The run's settings of a composed config, checked; raises ConfigError (resolving included)."""
+    run_keys = [key for key in cfg if key != "hydra"]
+    try:
+        raw = OmegaConf.to_container(OmegaConf.masked_copy(cfg, run_keys), resolve=True)
+    except OmegaConfBaseException as error:  # an interpolation that does not resolve: ${oops}, ${oc.env:UNSET}
+        raise ConfigError(describe_config_error(error)) from None
+    return parse_run_config(raw)
+
+
+def checked_job_config(compose: Callable[[list[str]], DictConfig], overrides: list[str]) -> DictConfig:
+    """``compose(overrides)``, checked as the job will check it; raises ConfigError (one line) if it would fail."""
+    try:
+        config = compose(overrides)
+    except (CompactHydraException, OmegaConfBaseException) as error:
+        raise ConfigError(describe_config_error(error)) from None
+    run_config = validated(config)
+    require_accelerator(run_config.trainer.accelerator, "trainer.accelerator", "use trainer=cpu or trainer=auto")
+    return config
+
+
+def describe_config_error(error: Exception) -> str:
+    """One line for what Hydra or OmegaConf refused while composing or resolving: the key, then what is wrong."""
+    if isinstance(error, MissingConfigException) and error.missing_cfg_file and error.options:
+        group, _, option = error.missing_cfg_file.rpartition("/")
+        return f"{group}={option}: no such option; allowed: {', '.join(sorted(error.options))}"
+    if isinstance(error, OverrideParseException):
+        reason = " ".join(str(error).split("See https://")[0].split())
+        return f"cannot read an override ({reason}); write key=value, quoting values with spaces, commas or brackets: key='a, b'"
+    cause = error if isinstance(error, OmegaConfBaseException) else error.__cause__
+    if not (isinstance(cause, OmegaConfBaseException) and cause.full_key):
+        return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    key, reason = cause.full_key, str(cause.msg).splitlines()[0]
+    if "is not in struct" not in reason:
+        return f"{key}: {reason}"
+    section, _, name = key.partition(".")
+    fields = _fields_of(section) if "." not in name else []
+    if name in fields:  # e.g. optimizer.momentum with optimizer=adam
+        having = sorted(p.stem for p in (Path(CONFIG_DIR) / section).glob("*.yaml") if name in (OmegaConf.load(p) or {}))
+        return f"{key}: not a setting of the chosen {section}; {section} options that have it: {', '.join(having)}"
+    if fields:
+        return f"{key}: unknown key; allowed: {', '.join(fields)}"
+    return f"{key}: unknown key; mlplab-train --cfg job lists the keys (+{key}=... adds one where that makes sense)"
+
+
+def _fields_of(section: str) -> list[str]:
+    if section in SECTIONS:
+        return [f.name for f in dataclasses.fields(SECTIONS[section])]
+    if section == "model":
+        return sorted({"family", *(f.name for p in Path(CONFIG_DIR, "model").glob("*.yaml")
+                                   for f in dataclasses.fields(backbone_class(_family(p))))})
+    return []
+
+
+def _family(model_yaml: Path) -> str:
+    values: Any = OmegaConf.load(model_yaml)
+    return values.get("family", "mlp") if "family" in values else "mlp"

@@ -1,0 +1,27 @@
+"""mlplab-report <sweep dir>: regenerate a sweep's summary (also mid-sweep) and print its table."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from mlplab.sweeps.summary import JOBS_FILE, write_summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or args[0].startswith("-"):
+        print("usage: mlplab-report <sweep dir>   (a folder under outputs/sweeps/)", file=sys.stderr)
+        sys.exit(2)
+    sweep_dir = Path(args[0])
+    if not sweep_dir.is_dir() or not (any(sweep_dir.glob("*/.hydra")) or (sweep_dir / JOBS_FILE).is_file()):
+        print(f"mlplab-report: error: {sweep_dir} is not a sweep folder (no jobs in it); give one made by mlplab-train -m",
+              file=sys.stderr)
+        sys.exit(2)
+    _, text = write_summary(sweep_dir)
+    print(text, end="")
+    print(f"\nWritten: {sweep_dir / 'summary.csv'}, {sweep_dir / 'summary.md'}, {sweep_dir / 'summary.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+"""What every layer's errors share: entry points turn an ``MlplabError`` into one line and its exit status."""
+
+from __future__ import annotations
+
+
+class MlplabError(Exception):
+    """A problem the user can fix (a setting, a file, a path); the message says what is wrong and what is allowed."""
+
+    exit_status = 2
+
+
+def one_line(error: BaseException) -> str:
+    """An error (or the error behind it) as one line."""
+    return " ".join(str(error.__cause__ or error).split()) or type(error).__name__

@@ -1,0 +1,1 @@
+"""The model: backbones (the networks, one module each) and the Lightning module that trains any of them."""

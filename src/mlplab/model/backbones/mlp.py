@@ -1,0 +1,59 @@
+"""The multilayer perceptron: ``Flatten -> [Linear -> activation (-> Dropout)] x depth -> Linear(num_classes)``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from mlplab.model.backbones import Backbone, num_features
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "gelu": nn.GELU,
+}
+OUTPUT_ACTIVATIONS = ("none", *ACTIVATIONS)
+
+
+@dataclass(frozen=True)
+class MLP(Backbone):
+    depth: int = 2  # hidden layers; 0 is multinomial logistic regression
+    width: int | list[int] = 512  # units per hidden layer: one for all, or one per layer
+    activation: str = "relu"
+    dropout: float = 0.0  # after each hidden activation
+    # Other than "none", applied to the logits: only to reproduce networks written that way (it clips or squashes).
+    output_activation: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.depth < 0:
+            raise ValueError(f"depth must be an integer >= 0, got {self.depth}")
+        if isinstance(self.width, list) and len(self.width) != self.depth:
+            raise ValueError(f"width lists {len(self.width)} layer sizes but depth is {self.depth}; give one per hidden layer")
+        if any(w < 1 for w in self.widths):
+            raise ValueError(f"width must be >= 1 (an integer or a list of them), got {self.width}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {self.activation!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must satisfy 0 <= p < 1, got {self.dropout}")
+        if self.output_activation not in OUTPUT_ACTIVATIONS:
+            raise ValueError(f"output_activation must be one of {', '.join(OUTPUT_ACTIVATIONS)}; got {self.output_activation!r}")
+
+    @property
+    def widths(self) -> list[int]:
+        """One width per hidden layer."""
+        return [self.width] * self.depth if isinstance(self.width, int) else list(self.width)
+
+    def build(self, input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
+        layers: list[nn.Module] = [nn.Flatten()]
+        in_features = num_features(input_shape)
+        for out_features in self.widths:
+            layers += [nn.Linear(in_features, out_features), ACTIVATIONS[self.activation]()]
+            if self.dropout > 0:
+                layers.append(nn.Dropout(self.dropout))
+            in_features = out_features
+        layers.append(nn.Linear(in_features, num_classes))
+        if self.output_activation != "none":
+            layers.append(ACTIVATIONS[self.output_activation]())
+        return nn.Sequential(*layers)

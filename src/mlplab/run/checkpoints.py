@@ -1,0 +1,144 @@
+"""Checkpoints a run can resume from: written atomically, every few hundred steps, and when the run is stopped."""
+
+from __future__ import annotations
+
+import pickle
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch import Callback, LightningModule, Trainer
+from typing_extensions import override
+
+from mlplab.errors import MlplabError, one_line
+from mlplab.files import write_atomically
+from mlplab.run.records import CHECKPOINT_DIR, LAST_CHECKPOINT
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    """The settings of ``checkpoint``: how often ``checkpoints/last.ckpt`` is written within an epoch."""
+
+    every_n_steps: int = 500  # 0: only at epoch ends
+
+    def __post_init__(self) -> None:
+        if self.every_n_steps < 0:
+            raise ValueError(f"every_n_steps must be an integer >= 0 (0: only at epoch ends), got {self.every_n_steps}")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save into a temporary file beside the target, then rename: a reader (or a resume after SIGKILL) sees
+    the previous checkpoint or the new one, never half of one. Lightning's own write goes through a temporary file
+    in /tmp, and moving that onto another file system is a copy, not a rename."""
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        # One writer at a time per run (the sweep's claim and resume= see to that), so half-written files left
+        # beside it are a killed writer's.
+        write_atomically(Path(path), lambda file: torch.save(checkpoint, file), durable=True, sole_writer=True)
+
+
+class UnreadableCheckpointError(MlplabError):
+    """A checkpoint that is damaged, not a checkpoint, or would run code when loaded."""
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's contents as tensors and plain values only (``weights_only``): a file whose unpickling would
+    build other objects, and so could run code, is refused before anything in it runs."""
+    try:
+        # mmap: every object is unpickled (and checked), but tensor data is read only where it is used.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        raise UnreadableCheckpointError(
+            f"{path} holds objects other than tensors and plain values; refused, since loading it could run code "
+            "(checkpoints written by mlplab never do)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise UnreadableCheckpointError(f"{path} is not a readable checkpoint ({one_line(error)[:200]})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise UnreadableCheckpointError(f"{path} is not a Lightning checkpoint (no state_dict in it)")
+    return checkpoint
+
+
+def checkpoint_step(path: Path) -> int:
+    """The optimizer step a checkpoint was taken at."""
+    return int(read_checkpoint(path)["global_step"])
+
+
+class StopRequested(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) arrived; raised at the next point a checkpoint can be taken from."""
+
+
+class ResumePoints(Callback):
+    """Keeps ``checkpoints/last.ckpt`` a point to resume from between epochs: every ``every_n_steps`` optimizer
+    steps, and when SIGINT or SIGTERM stops the run.
+
+    A signal takes effect at the next point a resumed run can continue exactly from: after the current training
+    batch (the checkpoint is saved there), or, during validation, once the epoch's validation and checkpoints are
+    done. Lightning's own SIGTERM handling is replaced while training: it stops in the middle of validation,
+    leaving the finished epoch without a checkpoint. A second signal stops at once.
+    """
+
+    def __init__(self, run_dir: Path, every_n_steps: int = 500):
+        self.path = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+        self.every_n_steps = every_n_steps
+        self.stopped_by: str | None = None
+        self._previous_handlers: dict[int, Any] = {}
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        # Dropout draws from the global generator: a run resumed mid-epoch continues its sequence, not a new one.
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+        return {"cpu_rng": torch.get_rng_state(), "cuda_rng": cuda}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["cpu_rng"])
+        if state_dict["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda_rng"])
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._previous_handlers = {signum: signal.signal(signum, self._request_stop)
+                                   for signum in (signal.SIGINT, signal.SIGTERM)}
+
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        if self.stopped_by:
+            raise KeyboardInterrupt
+        self.stopped_by = signal.Signals(signum).name
+
+    def _stop_requested(self, trainer: Trainer) -> bool:
+        """Whether any rank was signalled: the ranks of a data-parallel run must stop at the same step."""
+        if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(bool(self.stopped_by), all=False):
+            self.stopped_by = self.stopped_by or "SIGTERM"  # another rank's signal
+        return bool(self.stopped_by)
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._stop_requested(trainer) or (self.every_n_steps and trainer.global_step % self.every_n_steps == 0):
+            if hasattr(pl_module, "check_finite_loss"):
+                pl_module.check_finite_loss()  # never a checkpoint of diverged weights
+            trainer.save_checkpoint(self.path, weights_only=False)
+        if self.stopped_by:
+            raise StopRequested
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The checkpoint callbacks (always called last) save the epoch next; then fit ends.
+        if self._stop_requested(trainer):
+            trainer.should_stop = True
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore_handlers()
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._restore_handlers()
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}

@@ -1,0 +1,131 @@
+"""A run's settings, typed: each config group is the dataclass its builder takes, checked once, before any work.
+
+The schema of each group lives with the code that uses it (``model``: the family's Backbone dataclass,
+``data``: DataSettings, ``optimizer`` and ``scheduler``: mlplab.model.optim, ``trainer``: TrainerSettings,
+``checkpoint``: CheckpointSettings). This module only checks keys and types and builds them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from mlplab.data.datamodule import DataSettings
+from mlplab.errors import MlplabError
+from mlplab.model.backbones import Backbone, backbone_class
+from mlplab.model.optim import OptimizerSettings, ScheduleSettings
+from mlplab.run.checkpoints import CheckpointSettings
+from mlplab.run.trainer import TrainerSettings
+
+# Keys that steer the command (name or list a sweep, resume a run, a search's trial), not settings of a run.
+COMMAND_KEYS = ("sweep", "dry_run", "resume", "trial", "hparams_search")
+# Keys that do not define an experiment: left out of job folder names, the HParams table and a search's best
+# command. Besides the command's own keys, where things are and how a run reports and checkpoints.
+NON_EXPERIMENT_KEYS = (*COMMAND_KEYS, "debug", "paths.data_dir", "data.system_dir", "data.download",
+                       "checkpoint.every_n_steps", "callbacks.progress_bar")
+# What a resumed run may change: how long it trains, and keys that do not define the experiment.
+RESUMABLE_KEYS = ("trainer.max_epochs", *(key for key in NON_EXPERIMENT_KEYS if "." in key))
+
+
+class ConfigError(MlplabError):
+    """A config value that is not allowed; the message names the key and what is allowed."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int
+    data_dir: str
+    model: Backbone
+    data: DataSettings
+    optimizer: OptimizerSettings
+    scheduler: ScheduleSettings
+    trainer: TrainerSettings
+    checkpoint: CheckpointSettings
+
+
+SECTIONS = {"data": DataSettings, "optimizer": OptimizerSettings, "scheduler": ScheduleSettings,
+            "trainer": TrainerSettings, "checkpoint": CheckpointSettings}
+# Groups of third-party objects (built by the entry point from their _target_), and where things are.
+OPEN_GROUPS = ("logger", "callbacks")
+
+
+def parse_run_config(raw: dict[str, Any]) -> RunConfig:
+    """Check a resolved config (plain dict) key by key and return it typed; raises ConfigError."""
+    allowed = {"seed", "paths", "model", *SECTIONS, *OPEN_GROUPS, *COMMAND_KEYS}
+    for key in raw:
+        _require(key in allowed, f"{key}: unknown top-level key; allowed: {', '.join(sorted(allowed))}")
+    seed = raw.get("seed")
+    _require(_matches(seed, int) and seed >= 0, f"seed must be an integer >= 0, got {seed!r}")
+    paths = raw.get("paths") or {}
+    _require(isinstance(paths, dict), f"paths must be a group of keys, got {paths!r}")
+    for key in paths:
+        _require(key == "data_dir", f"paths.{key}: unknown key; allowed: data_dir")
+    data_dir = paths.get("data_dir", "data")
+    _require(isinstance(data_dir, str), f"paths.data_dir must be a string, got {data_dir!r}")
+    sections = {name: parse_section(name, cls, raw.get(name) or {}) for name, cls in SECTIONS.items()}
+    return RunConfig(seed=seed, data_dir=data_dir, model=parse_model(raw.get("model") or {}), **sections)
+
+
+def parse_model(values: dict[str, Any]) -> Backbone:
+    _require(isinstance(values, dict), f"model must be a group of keys, got {values!r}")
+    settings = dict(values)
+    family = settings.pop("family", "mlp")
+    try:
+        cls = backbone_class(family)
+    except ValueError as error:
+        raise ConfigError(f"model.{error}") from None
+    return parse_section("model", cls, settings)
+
+
+def parse_section(name: str, cls: type, values: dict[str, Any]) -> Any:
+    """Build dataclass ``cls`` from one config group, refusing unknown keys and wrong types; its own checks'
+    messages start with the field's name, and get the group's in front."""
+    _require(isinstance(values, dict), f"{name} must be a group of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        _require(key in fields, f"{name}.{key}: unknown key; allowed: {', '.join(fields)}")
+        _require(_matches(value, hints[key]), f"{name}.{key} must be {_describe(hints[key])}, got {value!r}")
+    for key, f in fields.items():
+        no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        _require(key in values or not no_default, f"{name}.{key} is required ({_describe(hints[key])})")
+    converted = {k: float(v) if hints[k] is float else v for k, v in values.items()}
+    try:
+        return cls(**converted)
+    except ValueError as error:
+        raise ConfigError(f"{name}.{error}" if str(error).split(" ")[0] in fields else f"{name}: {error}") from None
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _matches(value: Any, expected: Any) -> bool:
+    if typing.get_origin(expected) in (typing.Union, types.UnionType):
+        return any(_matches(value, option) for option in typing.get_args(expected))
+    if typing.get_origin(expected) is list:
+        (item,) = typing.get_args(expected)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if expected is type(None):
+        return value is None
+    if isinstance(value, bool):
+        return expected is bool
+    if expected is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, expected)
+
+
+def _describe(expected: Any) -> str:
+    if typing.get_origin(expected) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(option) for option in typing.get_args(expected))
+    if typing.get_origin(expected) is list:
+        return f"a list of {_PLURALS.get(typing.get_args(expected)[0], 'values')}"
+    return _NAMES.get(expected, str(expected))
+
+
+_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+_PLURALS = {int: "integers", float: "numbers", str: "strings"}

@@ -1,0 +1,73 @@
+"""What each epoch did: its validation metrics and its wall time, kept in checkpoints so a resumed run has all."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from typing_extensions import override
+
+from mlplab.run.records import MONITOR
+
+
+class EpochHistory(Callback):
+    """Records ``val/*`` after each validation epoch (sanity checks excluded) and each training epoch's seconds.
+
+    Reporting the best epoch from here avoids validating again after training, which would log a second
+    point at the last step and bend the curves.
+    """
+
+    def __init__(self, monitor: str = MONITOR):
+        self.monitor = monitor
+        self.epochs: list[dict[str, float]] = []
+        self.epoch_seconds: list[float] = []
+        self._epoch_started = 0.0
+        self._started = time.perf_counter()
+        self._earlier_seconds = 0.0  # wall time of the attempts before a resume
+        self._fitted = False
+
+    @property
+    def wall_seconds(self) -> float:
+        """Wall time of the whole run, over all its attempts."""
+        return round(self._earlier_seconds + time.perf_counter() - self._started, 3)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"epochs": self.epochs, "epoch_seconds": self.epoch_seconds, "wall_seconds": self.wall_seconds}
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._fitted = True
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._fitted:  # testing the best checkpoint would otherwise rewind the record to that epoch
+            return
+        self.epochs = list(state_dict["epochs"])
+        self.epoch_seconds = list(state_dict["epoch_seconds"])
+        self._earlier_seconds = state_dict["wall_seconds"]
+        self._started = time.perf_counter()
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._epoch_started = time.perf_counter()
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Validation and checkpointing run before this hook, so they count in the epoch's time.
+        self.epoch_seconds.append(round(time.perf_counter() - self._epoch_started, 4))
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        values = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("val/")}
+        self.epochs.append({"epoch": trainer.current_epoch, **values})
+
+    def best(self) -> dict[str, Any]:
+        """The first epoch with the highest ``monitor`` value, as ModelCheckpoint keeps it."""
+        if not self.epochs:
+            return {}
+        best = max(self.epochs, key=lambda row: row.get(self.monitor, float("-inf")))
+        return {**{key: value for key, value in best.items() if key != "epoch"}, "best_epoch": best["epoch"]}

@@ -1,0 +1,131 @@
+"""One run, start to end: data, model and trainer from a typed RunConfig; fit, test the best checkpoint, write
+metrics.json. Every entry point, sweep job and data-parallel rank trains through ``train``.
+
+No Hydra here: a notebook or test calls ``train`` with a ``RunConfig`` directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from mlplab.data.datamodule import ImageDataModule
+from mlplab.errors import one_line
+from mlplab.model.backbones import count_parameters
+from mlplab.model.classifier import DivergedError, ImageClassifier
+from mlplab.run.checkpoints import ResumePoints, StopRequested
+from mlplab.run.config import RunConfig
+from mlplab.run.history import EpochHistory
+from mlplab.run.records import MONITOR, write_metrics
+from mlplab.run.trainer import build_trainer, end_ranks, require_batches, require_memory_for
+from mlplab.run.views.hparams import log_hparams
+
+log = logging.getLogger(__name__)
+
+
+class Pruned(Exception):
+    """Raised by a callback (a search's pruning) to end the run early by decision, not failure: status pruned."""
+
+
+def build_model(config: RunConfig, datamodule: ImageDataModule) -> ImageClassifier:
+    input_shape, num_classes = datamodule.input_shape, len(datamodule.class_names)
+    require_memory_for(config.model.planned_parameters(input_shape, num_classes))
+    return ImageClassifier(
+        config.model, input_shape, num_classes, config.optimizer, config.scheduler,
+        max_epochs=config.trainer.max_epochs, input_mean=datamodule.mean, input_std=datamodule.std,
+        class_names=datamodule.class_names,
+    )
+
+
+def train(
+    config: RunConfig,
+    run_dir: Path,
+    logger: Any = False,
+    callbacks: list[Any] | None = None,
+    *,
+    hparams: dict[str, Any] | None = None,
+    resume_from: Path | None = None,
+    gpu_index: int | None = None,
+    rank_command: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Train (or resume from a checkpoint), then test the best checkpoint; writes and returns metrics.json's content.
+
+    ``hparams`` go to TensorBoard's HParams tab with the final metrics when the run ends. Only rank 0 of a
+    data-parallel run writes anything.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    history, resume_points = EpochHistory(), ResumePoints(run_dir, config.checkpoint.every_n_steps)
+    trainer = build_trainer(config.trainer, run_dir, logger, [*(callbacks or []), history, resume_points], gpu_index,
+                            rank_command)
+    datamodule = ImageDataModule(config.data, config.data_dir, shuffle_seed=config.seed)
+    if trainer.is_global_zero:
+        datamodule.prepare_data()
+    datamodule.setup("fit")
+    require_batches(config.trainer, datamodule)
+    model = build_model(config, datamodule)
+    log.info("Run directory: %s", run_dir)
+
+    metrics: dict[str, Any] = {"status": "running", "num_parameters": count_parameters(model.network)}
+    if trainer.is_global_zero:
+        write_metrics(run_dir, metrics)  # a sweep report can tell running jobs from pending ones
+    # Lightning sets this at import so device checks cannot initialise CUDA before a fork. With it set, torch's
+    # Adam queries NVML at every step (dlopen + init, ~0.3 ms). Nothing forks from here on.
+    os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
+        if resume_points.stopped_by:  # a signal during validation: the epoch ended with its checkpoints
+            raise StopRequested
+        metrics.update(history.best())
+        # The best checkpoint by path: "best" would make Lightning warn that there are two ModelCheckpoints.
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
+        tested = trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+        metrics.update({key: value for key, value in tested[0].items() if key.startswith("test/")})
+        metrics["status"] = "completed"
+    except Pruned as error:  # a search's decision, not a failure: the run ends here, untested
+        metrics.update(history.best())
+        metrics["status"], metrics["pruned"] = "pruned", str(error)
+    except BaseException as error:
+        metrics["status"] = _status_of(error)
+        metrics["error"] = f"{type(error).__name__}: {one_line(error)}"
+        raise
+    finally:
+        metrics["epochs"] = len(history.epochs)
+        metrics["epoch_seconds"] = history.epoch_seconds
+        metrics["wall_seconds"] = history.wall_seconds
+        metrics["history"] = history.epochs
+        metrics["step"] = trainer.global_step
+        if resume_points.stopped_by:
+            metrics["stopped_by"] = resume_points.stopped_by
+        if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path:
+            metrics["best_checkpoint"] = os.path.relpath(trainer.checkpoint_callback.best_model_path, run_dir)
+        if trainer.is_global_zero:
+            write_metrics(run_dir, metrics)
+            if metrics["status"] != "interrupted":  # an interrupted run gets its HParams row when it finishes
+                log_hparams(logger, hparams or {}, metrics, trainer.global_step)
+        end_ranks(trainer)
+    if trainer.is_global_zero:
+        _report(run_dir, metrics)
+    return metrics
+
+
+def _status_of(error: BaseException) -> str:
+    if isinstance(error, (KeyboardInterrupt, SystemExit)):
+        return "interrupted"
+    return "diverged" if isinstance(error, DivergedError) else "failed"
+
+
+def _report(run_dir: Path, metrics: dict[str, Any]) -> None:
+    log.info(
+        "Finished: test/acc %.4f, best %s %.4f at epoch %d, %.1f s",
+        metrics.get("test/acc", float("nan")), MONITOR, metrics.get(MONITOR, float("nan")),
+        metrics.get("best_epoch", -1), metrics["wall_seconds"],
+    )
+    log.info("Run directory: %s", run_dir)
+    log.info("TensorBoard:   tensorboard --logdir %s", run_dir)
+

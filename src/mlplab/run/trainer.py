@@ -1,0 +1,146 @@
+"""The Lightning Trainer of a run: its settings (``trainer=...``), the devices it may use, what fits in memory."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
+from lightning.pytorch.plugins.io import AsyncCheckpointIO
+
+from mlplab.compat import RankCommandDDPStrategy
+from mlplab.errors import MlplabError, one_line
+from mlplab.run.checkpoints import AtomicCheckpointIO
+
+ACCELERATORS = ("auto", "cpu", "gpu")
+STRATEGIES = ("auto", "ddp")
+PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", 16, 32, 64)
+
+
+class TrainerError(MlplabError):
+    """The trainer cannot run as configured on this machine."""
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    """The settings of ``trainer=...``: Lightning Trainer arguments that mlplab passes on."""
+
+    accelerator: str = "auto"
+    strategy: str = "auto"
+    devices: int | str = "auto"
+    precision: str | int = "32-true"
+    max_epochs: int = 10
+    deterministic: bool = False
+    log_every_n_steps: int = 50
+    limit_train_batches: int | float = 1.0
+    limit_val_batches: int | float = 1.0
+    limit_test_batches: int | float = 1.0
+    gradient_clip_val: float | None = None
+    num_sanity_val_steps: int = 0
+
+    def __post_init__(self) -> None:
+        def require(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        require(self.accelerator in ACCELERATORS, f"accelerator must be one of {', '.join(ACCELERATORS)}; got {self.accelerator!r}")
+        require(self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}")
+        require(self.devices == "auto" or (isinstance(self.devices, int) and self.devices >= 1),
+                f"devices must be an integer >= 1 or 'auto', got {self.devices!r}")
+        require(self.precision in PRECISIONS, f"precision must be one of {', '.join(map(str, PRECISIONS))}; got {self.precision!r}")
+        require(self.max_epochs >= 1, f"max_epochs must be an integer >= 1, got {self.max_epochs}")
+        require(self.log_every_n_steps >= 1, f"log_every_n_steps must be an integer >= 1, got {self.log_every_n_steps}")
+        for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
+            value = getattr(self, key)
+            require(value > 0 and (isinstance(value, int) or value <= 1),
+                    f"{key} must be a fraction in (0, 1] or a number of batches >= 1, got {value}")
+        require(self.gradient_clip_val is None or self.gradient_clip_val > 0,
+                f"gradient_clip_val must be null or a number > 0, got {self.gradient_clip_val}")
+        require(self.num_sanity_val_steps >= -1, f"num_sanity_val_steps must be an integer >= -1, got {self.num_sanity_val_steps}")
+
+    @property
+    def data_parallel(self) -> bool:
+        return self.strategy == "ddp" or (isinstance(self.devices, int) and self.devices > 1)
+
+
+def require_accelerator(accelerator: str, key: str, alternative: str) -> None:
+    """Refuse ``gpu`` on a machine where CUDA sees none, before any data is loaded."""
+    if accelerator == "gpu" and not torch.cuda.is_available():
+        raise TrainerError(f"{key}=gpu, but this machine has no usable CUDA GPU; {alternative}")
+
+
+def build_trainer(
+    settings: TrainerSettings, run_dir: Path, loggers: Any, callbacks: list[Any], gpu_index: int | None = None,
+    rank_command: Sequence[str] | None = None,
+) -> L.Trainer:
+    """A Lightning Trainer writing into ``run_dir``; refuses an accelerator this machine lacks.
+
+    ``gpu_index`` pins a one-device run to that GPU (parallel sweep jobs each get their own). Data-parallel runs
+    start their other ranks with ``rank_command``.
+    """
+    require_accelerator(settings.accelerator, "trainer.accelerator", "use trainer=cpu or trainer=auto")
+
+    def has(kind: type) -> bool:
+        return any(isinstance(callback, kind) for callback in callbacks)
+
+    arguments: dict[str, Any] = dict(vars(settings))
+    if gpu_index is not None:
+        arguments.update(accelerator="gpu", devices=[gpu_index])
+    if settings.data_parallel:
+        arguments["strategy"] = RankCommandDDPStrategy(rank_command)
+        # Every rank loads the best checkpoint to test right after fit: it must be on disk when fit returns.
+        checkpoint_io: Any = AtomicCheckpointIO()
+    else:
+        # Checkpoints are copied in memory and written by a background thread: on a busy disk a write can
+        # stall for seconds, longer than an epoch. Lightning waits for the writes when fit ends.
+        checkpoint_io = AsyncCheckpointIO(AtomicCheckpointIO())
+    try:
+        return L.Trainer(
+            **arguments,
+            default_root_dir=run_dir,
+            logger=loggers,
+            callbacks=callbacks,
+            plugins=[checkpoint_io],
+            # Lightning adds its own of each unless told not to; the callbacks group decides instead.
+            enable_checkpointing=has(ModelCheckpoint),
+            enable_progress_bar=has(ProgressBar),
+            enable_model_summary=has(ModelSummary),
+        )
+    except MisconfigurationException as error:
+        raise TrainerError(f"trainer: {one_line(error)}") from None
+
+
+def end_ranks(trainer: L.Trainer) -> None:
+    """Called when a data-parallel job is over, however it ended, by the process that started its other ranks."""
+    if isinstance(trainer.strategy, RankCommandDDPStrategy):
+        trainer.strategy.end_ranks()
+
+
+# Bytes per parameter while training: weights, gradients and Adam's two moment estimates, float32 each.
+TRAINING_BYTES_PER_PARAMETER = 16
+
+
+def require_memory_for(num_parameters: int) -> None:
+    """Refuse, naming the keys, a network whose training state alone would not fit in this machine's memory."""
+    needed = num_parameters * TRAINING_BYTES_PER_PARAMETER
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > available:
+        raise TrainerError(f"the model settings make a network of {num_parameters:,} parameters, "
+                           f"{needed / 2**30:.0f} GiB to train, more than this machine's {available / 2**30:.0f} GiB; "
+                           "choose a smaller network (model.width, model.depth)")
+
+
+def require_batches(settings: TrainerSettings, datamodule: L.LightningDataModule) -> None:
+    """Refuse a fraction of batches that rounds to none for this dataset (Lightning would stop with a traceback)."""
+    for stage in ("train", "val", "test"):
+        limit = getattr(settings, f"limit_{stage}_batches")
+        batches = len(getattr(datamodule, f"{stage}_dataloader")())
+        if isinstance(limit, float) and limit * batches < 1:
+            raise TrainerError(f"trainer.limit_{stage}_batches={limit} selects none of the {batches} {stage} batches; "
+                               f"give at least {1 / batches:.3g} or a number of batches")

@@ -1,0 +1,167 @@
+"""One sweep job in its stable directory: claimed by one process at a time, skipped when done, resumed when cut short."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mlplab.errors import one_line
+from mlplab.run.distributed import launched_rank, one_job_of_many
+from mlplab.run.records import CHECKPOINT_DIR, LAST_CHECKPOINT, read_metrics, write_metrics
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = ".lock"
+STUDY_FILE = "optuna.journal"  # a search's Optuna study (hydra/sweeper=optuna), in the sweep folder
+RETRIED = ("failed", "diverged")
+FINISHED = ("completed", "pruned")  # a job in either state is never trained again
+
+
+@contextmanager
+def claim(job_dir: Path, lock_name: str = LOCK_FILE) -> Iterator[bool]:
+    """Hold the job for this process while the block runs; yields False when another process holds it.
+
+    An flock rather than a marker file: the kernel drops it when its owner dies, SIGKILL included, so a crashed
+    sweep never leaves a job locked. The file names the holder for ``running_on``.
+    """
+    job_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(job_dir / lock_name, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+        try:
+            yield True
+        finally:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
+
+
+def running_on(job_dir: Path) -> str | None:
+    """"host pid" of the process working on the job now, if one is (for reports: reading never takes the lock)."""
+    try:
+        host, pid = (job_dir / LOCK_FILE).read_text().split()
+    except (OSError, ValueError):
+        return None
+    if host == socket.gethostname():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return None  # died without releasing: SIGKILL, power loss
+        except PermissionError:
+            pass  # alive, someone else's
+    return f"{host} {pid}"
+
+
+def job_state(job_dir: Path) -> str:
+    """completed | pruned | failed | diverged | running | interrupted | pending."""
+    status = read_metrics(job_dir).get("status")
+    if status in (*FINISHED, *RETRIED):
+        return status
+    if running_on(job_dir):
+        return "running"
+    if status or (job_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
+        return "interrupted"
+    return "pending"
+
+
+def prepare_attempt(job_dir: Path) -> Path | None:
+    """Make the (claimed, unfinished) job ready to run; returns the checkpoint to resume from, if any.
+
+    A failed or diverged job starts over: its checkpoints and TensorBoard events go, its log stays. An interrupted
+    job resumes from its last checkpoint; events written after that checkpoint are re-logged by the resumed run.
+    """
+    last = resume_point(job_dir)
+    if last is None:
+        shutil.rmtree(job_dir / CHECKPOINT_DIR, ignore_errors=True)
+        for events in job_dir.glob("events.out.tfevents.*"):
+            events.unlink()
+    return last
+
+
+def resume_point(job_dir: Path) -> Path | None:
+    """The checkpoint an unfinished job continues from: its last one, unless it failed or diverged (it starts over)."""
+    last = job_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+    return last if last.is_file() and read_metrics(job_dir).get("status") not in RETRIED else None
+
+
+def threads_per_job(parallel_jobs: int | None) -> int | None:
+    """CPU threads for each of ``parallel_jobs`` jobs sharing this machine; None when jobs run one at a time."""
+    if not parallel_jobs or parallel_jobs == 1:
+        return None
+    cores = len(os.sched_getaffinity(0))
+    return 1 if parallel_jobs < 0 else max(1, cores // parallel_jobs)
+
+
+@contextmanager
+def gpu_slot(sweep_dir: Path, gpu_count: int) -> Iterator[int | None]:
+    """A GPU no other job of the sweep is using, held while the block runs; None with fewer than two GPUs.
+
+    When every GPU is taken (more parallel jobs than GPUs), jobs share the first one rather than wait.
+    """
+    if gpu_count < 2:
+        yield None
+        return
+    for index in range(gpu_count):
+        with claim(sweep_dir, f".gpu{index}.lock") as free:
+            if free:
+                yield index
+                return
+    yield 0
+
+
+
+# Trains one attempt of a job: (checkpoint to resume from or None, GPU index or None) -> the run's metrics.
+Attempt = Callable[[Path | None, int | None], dict[str, Any]]
+
+
+def run_sweep_job(job_dir: Path, sweep_dir: Path, attempt: Attempt, parallel_jobs: int | None = None,
+                  gpu_count: int = 0) -> dict[str, Any]:
+    """One job of a sweep: trained once across processes, skipped when done, resumed when cut short.
+
+    A job that fails or diverges is recorded in its metrics.json and the sweep goes on; the sweeper reports it.
+    ``gpu_count``: GPUs the job may choose from (one-device jobs on a machine with several).
+    """
+    if launched_rank() > 0:  # one of the job's SLURM tasks, not its first: rank 0 holds the job and writes
+        return attempt(resume_point(job_dir), None)
+    with claim(job_dir) as claimed:
+        if not claimed:
+            log.info("Skipped: another process is running this job (%s)", job_dir)
+            return {"status": "running"}
+        done = read_metrics(job_dir)
+        if done.get("status") in FINISHED:
+            log.info("Done already: %s", job_dir)
+            return done
+        resume_from = prepare_attempt(job_dir)
+        if resume_from:
+            log.info("Resuming from %s", resume_from)
+        threads = threads_per_job(parallel_jobs)
+        if threads:  # jobs side by side share the cores instead of each taking all of them
+            torch.set_num_threads(threads)
+            log.info("CPU threads for this job: %d", threads)
+        with gpu_slot(sweep_dir, gpu_count) as gpu, one_job_of_many():
+            try:
+                return attempt(resume_from, gpu)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as error:  # one job's failure is not the sweep's
+                log.error("Job failed: %s", one_line(error))
+                metrics = read_metrics(job_dir)
+                if metrics.get("status") not in RETRIED:  # failed before training began (data set-up)
+                    metrics = {**metrics, "status": "failed", "error": f"{type(error).__name__}: {one_line(error)}"}
+                    write_metrics(job_dir, metrics)
+                return metrics

@@ -1,0 +1,192 @@
+"""Hyperparameter search with Optuna: the search space from Hydra's sweep syntax, the study kept in the sweep folder,
+and each trial's report of its epochs (for pruning) from inside its own job.
+
+The study lives in ``<sweep dir>/optuna.journal`` (Optuna's journal file storage: one append-only file, safe for
+several processes, no database), named after the sweep folder.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+import optuna
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
+from lightning.pytorch import Callback, LightningModule, Trainer
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+from typing_extensions import override
+
+from mlplab.errors import MlplabError
+from mlplab.run.config import COMMAND_KEYS
+from mlplab.run.train import Pruned
+from mlplab.sweeps.jobs import STUDY_FILE
+
+
+class SearchError(MlplabError):
+    """A search that cannot run as configured."""
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # mlplab prints what a search did; Optuna's INFO repeats it
+
+
+def journal(sweep_dir: Path) -> optuna.storages.JournalStorage:
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(sweep_dir / STUDY_FILE)))
+
+
+def open_study(sweep_dir: Path, direction: str = "maximize", sampler: Any = None, pruner: Any = None) -> optuna.Study:
+    """The sweep's study, created on first use and continued afterwards."""
+    return optuna.create_study(study_name=sweep_dir.name, storage=journal(sweep_dir), direction=direction,
+                               sampler=sampler, pruner=pruner or optuna.pruners.NopPruner(), load_if_exists=True)
+
+
+def search_space(overrides: list[Override]) -> dict[str, BaseDistribution]:
+    """Optuna distributions for the sweep overrides: ``choice(...)`` or ``a,b,c`` (categorical), ``range(a, b)``
+    (integers), ``interval(a, b)`` (floats, or integers when both ends are), ``tag(log, interval(a, b))`` (log scale)."""
+    space: dict[str, BaseDistribution] = {}
+    for item in overrides:
+        value, key = item.value(), item.get_key_element()
+        if isinstance(value, ChoiceSweep):
+            space[key] = CategoricalDistribution(list(value.list))
+        elif isinstance(value, RangeSweep):
+            values = list(item.sweep_iterator())
+            step = values[1] - values[0] if len(values) > 1 else 1
+            if all(isinstance(v, int) for v in values):
+                space[key] = IntDistribution(values[0], values[-1], step=step)
+            else:
+                space[key] = CategoricalDistribution(values)
+        elif isinstance(value, IntervalSweep):
+            log = "log" in value.tags
+            if isinstance(value.start, int) and isinstance(value.end, int):
+                space[key] = IntDistribution(value.start, value.end, log=log)
+            else:
+                space[key] = FloatDistribution(float(value.start), float(value.end), log=log)
+        else:
+            raise SearchError(f"{key}: {item.input_line} is not a search dimension; use choice(...), range(a, b) or "
+                              "interval(a, b) (tag(log, interval(a, b)) for a log scale)")
+    return space
+
+
+def parse_params(params: dict[str, Any] | None, arguments: list[str]) -> tuple[list[str], dict[str, BaseDistribution]]:
+    """(fixed overrides, search space) from ``hydra.sweeper.params`` and the command line (which wins)."""
+    lines = [f"{key}={value}" for key, value in (params or {}).items()] + list(arguments)
+    overrides = {item.get_key_element(): item for item in OverridesParser.create().parse_overrides(lines)}
+    fixed = [item.input_line for item in overrides.values() if not item.is_sweep_override()]
+    return fixed, search_space([item for item in overrides.values() if item.is_sweep_override()])
+
+
+def as_override(key: str, value: Any) -> str:
+    """A sampled value as a command-line override; floats written exactly."""
+    return f"{key}={value!r}" if isinstance(value, float) else f"{key}={value}"
+
+
+def counted(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Trials that count towards ``n_trials``: completed, pruned and failed ones, not those cut short by a crash."""
+    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    return finished + failed_trials(study)
+
+
+def failed_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Trials whose job failed, diverged or had an invalid config (the sweeper records why, as ``error``)."""
+    return [trial for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if "error" in trial.user_attrs]
+
+
+def recover_crashed(study: optuna.Study) -> list[int]:
+    """Trials left running by a search process that died: told failed (with no ``error``: not counted) and asked
+    again with the same values, so the same job folder, whose job resumes from its last checkpoint."""
+    numbers = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+        study.enqueue_trial(trial.params)
+        numbers.append(trial.number)
+    return numbers
+
+
+def trial_callback(sweep_dir: Path, number: int, metric: str, pruner: Any) -> Callback:
+    """The callback a trial's job trains with: reports ``metric`` after each validation, stops when pruned."""
+    storage = journal(sweep_dir)
+    study = optuna.load_study(study_name=sweep_dir.name, storage=storage, pruner=pruner or optuna.pruners.NopPruner())
+    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(sweep_dir.name), number)
+    return ReportToStudy(study, storage, trial_id, metric)
+
+
+class ReportToStudy(Callback):
+    """Tells the study the metric of each epoch, through its shared storage (so parallel trials see each other), and
+    ends the run (``Pruned``) when the study's pruner finds it clearly worse than the others at the same epoch.
+
+    Through the storage and pruner APIs, as ``Trial.report`` and ``Trial.should_prune`` do: the trial was asked
+    for in the sweeper's process, and Optuna has no public way to rebuild its ``Trial`` in another.
+    """
+
+    def __init__(self, study: optuna.Study, storage: optuna.storages.BaseStorage, trial_id: int, metric: str):
+        self.study, self.storage, self.trial_id, self.metric = study, storage, trial_id, metric
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        value = trainer.callback_metrics.get(self.metric)
+        if trainer.sanity_checking or value is None:
+            return
+        self.storage.set_trial_intermediate_value(self.trial_id, trainer.current_epoch, float(value))
+        if self.study.pruner.prune(self.study, self.storage.get_trial(self.trial_id)):
+            raise Pruned(f"pruned after epoch {trainer.current_epoch}: {self.metric} {float(value):.4f} is clearly "
+                         "worse than other trials' at that epoch")
+
+
+def search_summary(sweep_dir: Path) -> str:
+    """Markdown for a search's summary: trial counts, the best trial and its command; draws ``search.png``."""
+    study = open_study(sweep_dir)
+    trials = study.get_trials(deepcopy=False)
+    states = {state: sum(trial.state == state for trial in trials) for state in TrialState}
+    lines = ["", "## Search", "", f"Optuna study `{sweep_dir.name}` in `{sweep_dir / STUDY_FILE}`: "
+             + ", ".join(f"{count} {state.name.lower()}" for state, count in states.items() if count) + "."]
+    complete = [trial for trial in trials if trial.state == TrialState.COMPLETE]
+    if complete:
+        best = study.best_trial
+        overrides = [o for o in best.user_attrs.get("overrides", []) if o.lstrip("+~").split("=")[0] not in COMMAND_KEYS]
+        lines += [f"Best: trial {best.number}, {best.user_attrs.get('job', '')}, objective {best.value:.4f}.",
+                  "", "Its command, ready to run:", "", "```", "mlplab-train " + " ".join(map(shlex.quote, overrides)), "```"]
+    importances = _importances(study)
+    if importances:
+        lines += ["", "Parameter importances (fANOVA): " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()) + "."]
+    _plot(trials, importances, study.direction, sweep_dir / "search.png")
+    return "\n".join(lines) + "\n"
+
+
+def _importances(study: optuna.Study, least: int = 4) -> dict[str, float]:
+    """fANOVA importances, once enough trials completed for them to mean something (Optuna says all are equal)."""
+    if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < least:
+        return {}
+    try:
+        return optuna.importance.get_param_importances(study)
+    except (ValueError, RuntimeError):  # nothing varied
+        return {}
+
+
+def _plot(trials: list[optuna.trial.FrozenTrial], importances: dict[str, float], direction: Any, path: Path) -> None:
+    """Optimisation history (each trial's objective, best so far) and parameter importances."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (history, bars) = plt.subplots(1, 2, figsize=(11, 4))
+    complete = [trial for trial in trials if trial.state == TrialState.COMPLETE]
+    pick = max if direction == optuna.study.StudyDirection.MAXIMIZE else min
+    best_so_far, running = [], None
+    for trial in complete:
+        running = trial.value if running is None else pick(running, trial.value)
+        best_so_far.append(running)
+    history.plot([t.number for t in complete], [t.value for t in complete], "o", label="completed trial")
+    history.step([t.number for t in complete], best_so_far, where="post", label="best so far")
+    pruned = [trial for trial in trials if trial.state == TrialState.PRUNED and trial.intermediate_values]
+    history.plot([t.number for t in pruned], [t.intermediate_values[max(t.intermediate_values)] for t in pruned], "x",
+                 color="grey", label="pruned (last reported)")
+    history.set(title="optimisation history", xlabel="trial", ylabel="objective")
+    history.legend(fontsize=8)
+    names = list(importances)[::-1]
+    bars.barh(names, [importances[name] for name in names])
+    bars.set(title="parameter importances (fANOVA)", xlabel="importance")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,202 @@
+"""Sweep reports: summary.csv, summary.md and summary.png from a sweep's job folders."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mlplab.run.records import MONITOR, read_metrics
+from mlplab.sweeps.jobs import STUDY_FILE, job_state
+
+JOBS_FILE = "jobs.json"  # written by the sweeper before the first job: lets a report list jobs not started yet
+METRICS = ("val/acc", "val/loss", "best_epoch", "test/acc", "test/loss", "epochs", "wall_seconds", "num_parameters")
+
+
+def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Every job of the sweep, listed or started, with its state, overrides and metrics."""
+    listed = json.loads((sweep_dir / JOBS_FILE).read_text()) if (sweep_dir / JOBS_FILE).is_file() else []
+    overrides = {sweep_dir / job["dir"]: job["overrides"] for job in listed}
+    for config in sorted(sweep_dir.glob("*/.hydra/overrides.yaml")):
+        overrides.setdefault(config.parent.parent, [str(o) for o in yaml.safe_load(config.read_text()) or []])
+    jobs = []
+    for job_dir, job_overrides in overrides.items():
+        metrics = read_metrics(job_dir)
+        jobs.append({
+            "job": job_dir.name,
+            "status": job_state(job_dir),
+            "overrides": job_overrides,
+            "values": dict(override.lstrip("+~").partition("=")[::2] for override in job_overrides),
+            **{key: metrics[key] for key in METRICS if key in metrics},
+            "history": metrics.get("history", []),
+            "run_dir": str(job_dir),
+            "error": metrics.get("error", ""),
+        })
+    return jobs
+
+
+def swept_keys(jobs: list[dict[str, Any]]) -> list[str]:
+    """Keys whose value differs between jobs, in command-line order."""
+    keys = list(dict.fromkeys(key for job in jobs for key in job["values"]))
+    return [key for key in keys if len({job["values"].get(key) for job in jobs}) > 1]
+
+
+def ranked(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Finished jobs, best validation accuracy first."""
+    return sorted((job for job in jobs if job["status"] == "completed" and MONITOR in job), key=lambda job: -job[MONITOR])
+
+
+def write_csv(jobs: list[dict[str, Any]], path: Path) -> None:
+    keys = swept_keys(jobs)
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["job", "overrides", "status", *keys, *METRICS, "run_dir", "error"])
+        for job in jobs:
+            writer.writerow([job["job"], " ".join(job["overrides"]), job["status"], *(job["values"].get(k, "") for k in keys),
+                             *(job.get(metric, "") for metric in METRICS), job["run_dir"], job["error"]])
+
+
+def markdown(jobs: list[dict[str, Any]], title: str) -> str:
+    """The sweep as a markdown report: ranked table, seed aggregates, failures, unfinished jobs."""
+    keys = swept_keys(jobs)
+    counts = defaultdict(int)
+    for job in jobs:
+        counts[job["status"]] += 1
+    lines = [f"# Sweep {title}", "", f"{len(jobs)} jobs: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + ".",
+             f"Ranked by best validation accuracy (`{MONITOR}`); test accuracy is shown, never used to choose.", ""]
+    header = ["rank", *keys, "val/acc", "val/loss", "best epoch", "test/acc", "epochs", "seconds", "parameters", "job"]
+    lines += [_row(header), _row(["---"] * len(header))]
+    for rank, job in enumerate(ranked(jobs), start=1):
+        lines.append(_row([f"{rank} (best)" if rank == 1 else str(rank), *(job["values"].get(k, "") for k in keys),
+                           _number(job.get("val/acc")), _number(job.get("val/loss")), job.get("best_epoch", ""),
+                           _number(job.get("test/acc")), job.get("epochs", ""), _number(job.get("wall_seconds"), 1),
+                           job.get("num_parameters", ""), job["job"]]))
+    if "seed" in keys:
+        lines += ["", "## Over seeds", "", *seed_table(jobs, [k for k in keys if k != "seed"])]
+    pruned = [job for job in jobs if job["status"] == "pruned"]
+    if pruned:
+        lines += ["", "## Pruned", ""] + [f"- `{job['job']}`: stopped after {job.get('epochs', '?')} epochs, best val/acc "
+                                          f"{_number(job.get('val/acc'))}" for job in pruned]
+    failed = [job for job in jobs if job["status"] in ("failed", "diverged")]
+    if failed:
+        lines += ["", "## Failed", ""] + [f"- `{job['job']}`: {job['status']}: {job['error'] or 'no error recorded'}" for job in failed]
+    unfinished = [job for job in jobs if job["status"] in ("running", "interrupted", "pending")]
+    if unfinished:
+        lines += ["", "## Not finished", ""] + [f"- `{job['job']}`: {job['status']}" for job in unfinished]
+    return "\n".join(lines) + "\n"
+
+
+def seed_table(jobs: list[dict[str, Any]], keys: list[str]) -> list[str]:
+    """Mean and standard deviation over seeds of each configuration, best mean validation accuracy first."""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for job in ranked(jobs):
+        groups[tuple(job["values"].get(k, "") for k in keys)].append(job)
+    header = [*keys, "seeds", "val/acc mean", "val/acc std", "test/acc mean", "test/acc std"]
+    rows = []
+    for config, members in groups.items():
+        val, test = [job["val/acc"] for job in members], [job["test/acc"] for job in members if "test/acc" in job]
+        rows.append((statistics.fmean(val), [*config, len(members), _number(statistics.fmean(val)), _number(_std(val)),
+                                              _number(statistics.fmean(test) if test else None), _number(_std(test))]))
+    return [_row(header), _row(["---"] * len(header))] + [_row(cells) for _, cells in sorted(rows, key=lambda r: -r[0])]
+
+
+def _std(values: list[float]) -> float | None:
+    return statistics.stdev(values) if len(values) > 1 else None
+
+
+def _number(value: Any, digits: int = 4) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def _row(cells: list[Any]) -> str:
+    return "| " + " | ".join(str(cell) for cell in cells) + " |"
+
+
+def plot(jobs: list[dict[str, Any]], path: Path, top: int = 5) -> None:
+    """best val/acc against each swept key (one line per value of a second key), and the top runs' curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    finished = ranked(jobs)
+    keys = [key for key in swept_keys(jobs) if key != "seed"]
+    panels = len(keys) + 1
+    columns = min(panels, 3)
+    rows = -(-panels // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 4 * rows), squeeze=False)
+    for axis, key in zip(axes.flat, keys):
+        others = [other for other in keys if other != key]
+        _plot_against(axis, finished, key, others[0] if others else None)
+    curves = axes.flat[len(keys)]
+    for job in finished[:top]:
+        history = [point for point in job["history"] if MONITOR in point]
+        label = " ".join(f"{key}={job['values'][key]}" for key in swept_keys(jobs) if key in job["values"])
+        curves.plot([p["epoch"] for p in history], [p[MONITOR] for p in history], marker="o", label=label or job["job"])
+    curves.set(title=f"{MONITOR} per epoch, top {min(top, len(finished))} runs", xlabel="epoch", ylabel=MONITOR)
+    curves.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    if finished:
+        curves.legend(fontsize=7)
+    for axis in list(axes.flat)[panels:]:
+        axis.axis("off")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _plot_against(axis: Any, jobs: list[dict[str, Any]], key: str, line_key: str | None) -> None:
+    """Mean best val/acc per value of ``key`` (error bars: spread over the other keys and seeds)."""
+    values = sorted({job["values"][key] for job in jobs if key in job["values"]}, key=_sort_key)
+    numeric = all(_is_number(value) for value in values)
+    positions = {value: float(value) if numeric else index for index, value in enumerate(values)}
+    lines: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for job in jobs:
+        lines[job["values"].get(line_key, "") if line_key else "all"].append(job)
+    for label, members in sorted(lines.items(), key=lambda item: _sort_key(item[0])):
+        points = defaultdict(list)
+        for job in members:
+            points[job["values"].get(key)].append(job[MONITOR])
+        xs = [value for value in values if value in points]
+        axis.errorbar([positions[x] for x in xs], [statistics.fmean(points[x]) for x in xs],
+                      yerr=[_std(points[x]) or 0.0 for x in xs], marker="o", capsize=3,
+                      label=f"{line_key}={label}" if line_key else None)
+    if numeric and values and float(values[0]) > 0 and float(values[-1]) / float(values[0]) >= 8:
+        axis.set_xscale("log", base=2)  # widths, batch sizes, learning rates: spaced by factors
+    axis.set_xticks(list(positions.values()), list(positions), rotation=20 if not numeric else 0)
+    axis.minorticks_off()
+    axis.set(title=f"best {MONITOR} by {key}", xlabel=key, ylabel=f"best {MONITOR} (mean ± sd of its jobs)")
+    if line_key:
+        axis.legend(fontsize=8)
+
+
+def _is_number(value: str) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _sort_key(value: str) -> tuple:
+    return (0, float(value), "") if _is_number(value) else (1, 0.0, value)
+
+
+def write_summary(sweep_dir: Path) -> tuple[list[dict[str, Any]], str]:
+    """Write summary.csv, summary.md and summary.png into the sweep folder; returns the jobs and the markdown."""
+    jobs = collect_jobs(sweep_dir)
+    text = markdown(jobs, sweep_dir.name)
+    if (sweep_dir / STUDY_FILE).is_file():
+        from mlplab.sweeps.search import search_summary  # Optuna, only for searches
+
+        text += search_summary(sweep_dir)
+    write_csv(jobs, sweep_dir / "summary.csv")
+    (sweep_dir / "summary.md").write_text(text)
+    plot(jobs, sweep_dir / "summary.png")
+    return jobs, text
+

@@ -1,0 +1,71 @@
+import pytest
+import torch
+from torch import nn
+
+from mlplab.model.backbones import count_parameters
+from mlplab.model.backbones.mlp import ACTIVATIONS, MLP
+
+
+def build_mlp(input_shape, num_classes, **settings):
+    return MLP(**settings).build(input_shape, num_classes)
+
+
+def linears(network: nn.Module) -> list[nn.Linear]:
+    return [m for m in network if isinstance(m, nn.Linear)]
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2, 3])
+def test_depth_sets_hidden_layers_and_shapes(depth):
+    network = build_mlp((1, 28, 28), 10, depth=depth, width=64)
+    layers = linears(network)
+    assert len(layers) == depth + 1
+    assert isinstance(network[0], nn.Flatten)
+    assert layers[0].in_features == 784
+    assert [l.out_features for l in layers] == [64] * depth + [10]
+    assert network(torch.zeros(5, 1, 28, 28)).shape == (5, 10)
+
+
+def test_depth_zero_is_logistic_regression():
+    network = build_mlp((1, 28, 28), 10, depth=0, width=1)
+    assert [type(m) for m in network] == [nn.Flatten, nn.Linear]
+    assert count_parameters(network) == 784 * 10 + 10
+
+
+def test_list_width_gives_one_size_per_layer():
+    network = build_mlp((3, 32, 32), 10, depth=3, width=[256, 128, 64])
+    assert [(l.in_features, l.out_features) for l in linears(network)] == [(3072, 256), (256, 128), (128, 64), (64, 10)]
+    assert network(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_each_activation_follows_each_hidden_linear(name):
+    network = build_mlp((1, 28, 28), 10, depth=2, width=32, activation=name)
+    kinds = [type(m) for m in network]
+    assert kinds == [nn.Flatten, nn.Linear, ACTIVATIONS[name], nn.Linear, ACTIVATIONS[name], nn.Linear]
+
+
+def test_dropout_after_each_activation_only_when_asked():
+    assert not any(isinstance(m, nn.Dropout) for m in build_mlp((1, 28, 28), 10, depth=2, width=8))
+    dropouts = [m for m in build_mlp((1, 28, 28), 10, depth=2, width=8, dropout=0.25) if isinstance(m, nn.Dropout)]
+    assert [d.p for d in dropouts] == [0.25, 0.25]
+
+
+def test_output_activation_clips_logits():
+    network = build_mlp((1, 28, 28), 10, depth=1, width=16, output_activation="relu")
+    assert isinstance(network[-1], nn.ReLU)
+    assert (network(torch.randn(64, 1, 28, 28)) >= 0).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"depth": -1}, "depth"),
+        ({"depth": 2, "width": 0}, "width"),
+        ({"depth": 2, "width": [64]}, "depth is 2"),
+        ({"activation": "swish"}, "activation"),
+        ({"dropout": 1.0}, "dropout"),
+    ],
+)
+def test_invalid_shapes_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_mlp((1, 28, 28), 10, **kwargs)
