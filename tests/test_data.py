@@ -113,7 +113,7 @@ def test_cifar_like_batches_parse_with_torchvision(tmp_path, monkeypatch):
     datamodule = ImageDataModule(DataSettings("cifar10", val_size=10, download=False), tmp_path)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    assert datamodule.input_shape == (3, 32, 32) and datamodule.num_features == 3072
+    assert datamodule.input_shape == (3, 32, 32)
     assert len(datamodule.splits["train"]) == 90 and len(datamodule.splits["test"]) == 20
     labels, images = written["test_batch"]
     assert torch.equal(datamodule.splits["test"].labels, torch.as_tensor(labels))

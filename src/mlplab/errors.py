@@ -7,6 +7,7 @@ class MlplabError(Exception):
     """A problem the user can fix (a setting, a file, a path); the message says what is wrong and what is allowed."""
 
     exit_status = 2
+    label: str | None = "error"  # the word after the tool's name: "mlplab-train: error: ..."
 
 
 def one_line(error: BaseException) -> str:

@@ -38,7 +38,10 @@ SEARCH_LOCK = ".search.lock"
 
 
 class SweepIncomplete(MlplabError):
+    """Jobs that did not complete, or a search that gave up: said after the summary."""
+
     exit_status = 1
+    label = None
 
 
 class MlplabSweeper(Sweeper):

@@ -9,7 +9,6 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from hydra.errors import CompactHydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
@@ -57,9 +56,10 @@ OmegaConf.register_new_resolver("mlplab.monitor_mode", lambda: MONITOR_MODE, rep
 
 def validated(cfg: DictConfig) -> RunConfig:
     """The run's settings of a composed config, checked; raises ConfigError (resolving included)."""
-    run_keys = [key for key in cfg if key != "hydra"]
+    # A sweeper's composed job config holds Hydra's own settings too, which resolve only in a running job.
+    run_cfg = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]) if "hydra" in cfg else cfg
     try:
-        raw = OmegaConf.to_container(OmegaConf.masked_copy(cfg, run_keys), resolve=True)
+        raw = OmegaConf.to_container(run_cfg, resolve=True)
     except OmegaConfBaseException as error:  # an interpolation that does not resolve: ${oops}, ${oc.env:UNSET}
         raise ConfigError(describe_config_error(error)) from None
     return parse_run_config(raw)
@@ -83,7 +83,7 @@ def describe_config_error(error: Exception) -> str:
         return f"{group}={option}: no such option; allowed: {', '.join(sorted(error.options))}"
     if isinstance(error, OverrideParseException):
         reason = " ".join(str(error).split("See https://")[0].split())
-        return f"cannot read an override ({reason}); write key=value, quoting values with spaces, commas or brackets: key='a, b'"
+        return f"cannot read {error.override!r} ({reason}); write key=value, quoting values with spaces, commas or brackets: key='a, b'"
     cause = error if isinstance(error, OmegaConfBaseException) else error.__cause__
     if not (isinstance(cause, OmegaConfBaseException) and cause.full_key):
         return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
@@ -104,11 +104,7 @@ def _fields_of(section: str) -> list[str]:
     if section in SECTIONS:
         return [f.name for f in dataclasses.fields(SECTIONS[section])]
     if section == "model":
-        return sorted({"family", *(f.name for p in Path(CONFIG_DIR, "model").glob("*.yaml")
-                                   for f in dataclasses.fields(backbone_class(_family(p))))})
+        families = sorted({OmegaConf.load(p).get("family", "mlp") for p in Path(CONFIG_DIR, "model").glob("*.yaml")})
+        return list(dict.fromkeys(["family", *(f.name for family in families
+                                               for f in dataclasses.fields(backbone_class(family)))]))
     return []
-
-
-def _family(model_yaml: Path) -> str:
-    values: Any = OmegaConf.load(model_yaml)
-    return values.get("family", "mlp") if "family" in values else "mlp"

@@ -4,6 +4,7 @@ traceback for something the user can fix."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 from hydra.errors import CompactHydraException
@@ -11,7 +12,6 @@ from omegaconf.errors import OmegaConfBaseException
 
 from mlplab.cli.compose import describe_config_error
 from mlplab.errors import MlplabError, one_line
-from mlplab.model.classifier import DivergedError
 
 
 class Stopped(KeyboardInterrupt):
@@ -32,15 +32,14 @@ def exit_for(tool: str, error: BaseException, before_task: bool = False) -> NoRe
         print(f"{tool}: {error}", file=sys.stderr)
         sys.exit(error.exit_status)
     if isinstance(error, MlplabError):
-        label = "diverged" if isinstance(error, DivergedError) else "error"
-        print(f"{tool}: {label}: {one_line(error)}", file=sys.stderr)
+        print(f"{tool}: {error.label + ': ' if error.label else ''}{one_line(error)}", file=sys.stderr)
         sys.exit(error.exit_status)
     if isinstance(error, (CompactHydraException, OmegaConfBaseException)):
         print(f"{tool}: error: {describe_config_error(error)}", file=sys.stderr)
         sys.exit(2)
     if isinstance(error, OSError) and before_task:  # Hydra could not make the run directory or its log file
-        where = f" {error.filename}" if error.filename else ""
-        print(f"{tool}: error: cannot write the run directory{where} ({error.strerror or one_line(error)}); run from a "
+        where = f" under {Path(error.filename).absolute()}" if error.filename else ""
+        print(f"{tool}: error: cannot write run directories{where} ({error.strerror or one_line(error)}); run from a "
               "writable directory or set hydra.run.dir=<a writable path> (hydra.sweep.dir=... for -m)", file=sys.stderr)
         sys.exit(2)
     if isinstance(error, ValueError) and before_task:  # Hydra's own command-line checks (-m with --cfg)

@@ -6,6 +6,7 @@ data-parallel rank) trains through ``mlplab.run.train.train``.
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import shutil
@@ -39,6 +40,7 @@ from mlplab.run.train import train
 from mlplab.run.views.hparams import run_hparams
 from mlplab.sweeps.jobs import run_sweep_job
 
+log = logging.getLogger(__name__)
 TOOL = "mlplab-train"
 _task_started = False
 
@@ -81,13 +83,17 @@ def hydra_main(cfg: DictConfig) -> dict[str, Any]:
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     hydra_config = HydraConfig.get()
     run_dir = Path(hydra_config.runtime.output_dir)
-    with discarded_if_refused(run_dir):
-        request = RunRequest.of(cfg, hydra_config, run_dir)
-    # A sweep's job has mode MULTIRUN, or none when the sweep's mode came from a config (a search preset), not -m.
-    if hydra_config.mode != RunMode.RUN:
-        return request.train_sweep_job(hydra_config)
-    with discarded_if_refused(run_dir):
-        return request.train_run()
+    # Ended here, not raised: Hydra would add a line of its own ("Error executing job with overrides") to the one.
+    try:
+        with discarded_if_refused(run_dir):
+            request = RunRequest.of(cfg, hydra_config, run_dir)
+        # A sweep's job has mode MULTIRUN, or none when the sweep's mode came from a config (a search preset), not -m.
+        if hydra_config.mode != RunMode.RUN:
+            return request.train_sweep_job(hydra_config)
+        with discarded_if_refused(run_dir):
+            return request.train_run()
+    except (MlplabError, Stopped) as error:
+        exit_for(TOOL, error)
 
 
 @dataclass
@@ -104,7 +110,7 @@ class RunRequest:
 
     @classmethod
     def of(cls, cfg: DictConfig, hydra_config: DictConfig, run_dir: Path) -> RunRequest:
-        overrides = list(hydra_config.overrides.task)
+        overrides = OmegaConf.to_container(hydra_config.overrides.task)  # as typed: ${...} in them stays unresolved
         resume_from = None
         if cfg.get("resume"):
             cfg, overrides = resumed_config(cfg, overrides)
@@ -122,6 +128,8 @@ class RunRequest:
         return cls(cfg, config, run_dir, overrides, callbacks, resume_from, build_logger(cfg.logger, run_dir, resume_from))
 
     def train_run(self) -> dict[str, Any]:
+        if self.resume_from:
+            log.info("Resuming from %s", self.resume_from)
         try:
             return self.train_attempt(self.resume_from, None)
         except OSError as error:  # an unwritable run directory, a full disk: the last complete checkpoint stays

@@ -35,6 +35,7 @@ class DivergedError(MlplabError):
     """The training loss became NaN or infinite."""
 
     exit_status = 1
+    label = "diverged"
 
 
 class ImageClassifier(L.LightningModule):

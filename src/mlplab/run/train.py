@@ -34,7 +34,8 @@ class Pruned(Exception):
 
 def build_model(config: RunConfig, datamodule: ImageDataModule) -> ImageClassifier:
     input_shape, num_classes = datamodule.input_shape, len(datamodule.class_names)
-    require_memory_for(config.model.planned_parameters(input_shape, num_classes))
+    size_keys = [f"model.{name}" for name in config.model.size_settings] or ["model"]
+    require_memory_for(config.model.planned_parameters(input_shape, num_classes), size_keys)
     return ImageClassifier(
         config.model, input_shape, num_classes, config.optimizer, config.scheduler,
         max_epochs=config.trainer.max_epochs, input_mean=datamodule.mean, input_std=datamodule.std,

@@ -126,14 +126,15 @@ def end_ranks(trainer: L.Trainer) -> None:
 TRAINING_BYTES_PER_PARAMETER = 16
 
 
-def require_memory_for(num_parameters: int) -> None:
-    """Refuse, naming the keys, a network whose training state alone would not fit in this machine's memory."""
+def require_memory_for(num_parameters: int, size_keys: Sequence[str]) -> None:
+    """Refuse, naming the keys that set its size, a network whose training state alone would not fit in this
+    machine's memory."""
     needed = num_parameters * TRAINING_BYTES_PER_PARAMETER
     available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if needed > available:
-        raise TrainerError(f"the model settings make a network of {num_parameters:,} parameters, "
+        raise TrainerError(f"{' and '.join(size_keys)} make a network of {num_parameters:,} parameters, "
                            f"{needed / 2**30:.0f} GiB to train, more than this machine's {available / 2**30:.0f} GiB; "
-                           "choose a smaller network (model.width, model.depth)")
+                           f"choose a smaller {' or '.join(size_keys)}")
 
 
 def require_batches(settings: TrainerSettings, datamodule: L.LightningDataModule) -> None:

@@ -8,7 +8,7 @@ import dataclasses
 import importlib
 import math
 import pkgutil
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -17,6 +17,8 @@ from torch import nn
 class Backbone:
     """Base of the family dataclasses: ``build(input_shape, num_classes)`` returns an ``nn.Module`` mapping float
     images N x C x H x W to N x num_classes logits."""
+
+    size_settings: ClassVar[tuple[str, ...]] = ()  # the settings that make the network bigger, for messages
 
     def build(self, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
         raise NotImplementedError

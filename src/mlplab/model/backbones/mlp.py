@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import nn
 
@@ -25,6 +26,8 @@ class MLP(Backbone):
     dropout: float = 0.0  # after each hidden activation
     # Other than "none", applied to the logits: only to reproduce networks written that way (it clips or squashes).
     output_activation: str = "none"
+
+    size_settings: ClassVar[tuple[str, ...]] = ("width", "depth")
 
     def __post_init__(self) -> None:
         if self.depth < 0:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from typing import Any
 
 from mlplab.run.config import RunConfig
 
+_UNIONS = (typing.Union, types.UnionType)
 # metrics.json key -> the scalar tag the HParams table shows as a column. Tags of their own, so that a final value
 # never lands as an extra point on a training curve.
 FINAL_METRICS = {
@@ -23,9 +26,15 @@ FINAL_METRICS = {
 def run_hparams(config: RunConfig, overrides: dict[str, str] | None = None) -> dict[str, Any]:
     """The hyperparameters a user compares runs by (every model, optimizer and schedule setting, the data set and
     batch size, epochs and seed), plus every key set on the command line (as written)."""
-    values: dict[str, Any] = {f"model.{key}": value for key, value in config.model.as_dict().items()}
-    values |= {f"optimizer.{key}": value for key, value in dataclasses.asdict(config.optimizer).items()}
-    values |= {f"scheduler.{key}": value for key, value in dataclasses.asdict(config.scheduler).items()}
+    values: dict[str, Any] = {}
+    for group, settings in (("model", config.model), ("optimizer", config.optimizer), ("scheduler", config.scheduler)):
+        hints = typing.get_type_hints(type(settings))
+        for field in dataclasses.fields(settings):
+            value = getattr(settings, field.name)
+            # A setting that may be a list is one text column, as written (512, [512, 256]): a column has one type.
+            values[f"{group}.{field.name}"] = str(value) if typing.get_origin(hints[field.name]) in _UNIONS and any(
+                typing.get_origin(option) is list for option in typing.get_args(hints[field.name])) else value
+    values["model.family"] = config.model.as_dict()["family"]
     values |= {"data.name": config.data.name, "data.batch_size": config.data.batch_size,
                "trainer.max_epochs": config.trainer.max_epochs, "seed": config.seed}
     for key, value in (overrides or {}).items():

@@ -1,0 +1,53 @@
+"""A run directory written by mlplab 0.1.0 (tests/data/run-0.1.0: 2 epochs on the synthetic Fashion-MNIST of
+conftest, depth 1, width 16) still evaluates, predicts and resumes with this version."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli
+
+OLD_RUN = Path(__file__).parent / "data" / "run-0.1.0"
+
+
+@pytest.fixture
+def old_run(tmp_path) -> Path:
+    return Path(shutil.copytree(OLD_RUN, tmp_path / "run-0.1.0"))
+
+
+def test_old_checkpoint_evaluates_to_its_recorded_metrics(old_run, synthetic_data_dir, tmp_path):
+    result = run_cli(["mlplab-eval", f"run={old_run}", "format=json", "accelerator=cpu"], tmp_path, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    recorded = json.loads((OLD_RUN / "metrics.json").read_text())
+    assert report["test/acc"] == pytest.approx(recorded["test/acc"], abs=1e-6)
+    assert report["test/loss"] == pytest.approx(recorded["test/loss"], rel=1e-5)
+
+
+def test_old_checkpoint_predicts_the_test_set(old_run, synthetic_data_dir, tmp_path):
+    result = run_cli(["mlplab-predict", f"run={old_run}", "inputs=test", "checkpoint=last"], tmp_path, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader((old_run / "predictions_test.csv").open()))
+    assert len(rows) == 200 and rows[0]["label_name"] in ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                                                           "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+
+def test_old_run_resumes_where_it_stopped_and_keeps_its_record(old_run, synthetic_data_dir, tmp_path):
+    before = torch.load(old_run / "checkpoints" / "last.ckpt", weights_only=True)
+    result = run_cli(["mlplab-train", f"resume={old_run}", "trainer.max_epochs=3"], tmp_path, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((old_run / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["epochs"] == 3
+    assert [row["epoch"] for row in metrics["history"]] == [0, 1, 2]  # its two epochs, then one more
+    after = torch.load(old_run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert after["global_step"] == before["global_step"] * 3 // 2
+    assert after["state_dict"]["network.1.weight"].shape == (16, 784)  # the old run's own network, continued
+    overrides = (old_run / ".hydra" / "overrides.yaml").read_text()
+    assert "model.width=16" in overrides and "trainer.max_epochs=3" in overrides and "resume" not in overrides
+    assert not (tmp_path / "outputs").exists()  # nothing written anywhere else
