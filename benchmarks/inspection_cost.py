@@ -1,4 +1,4 @@
-"""What the TensorBoard views beyond scalars (src/mlplab/inspection.py) cost: the time spent in each callback's hooks
+"""What the TensorBoard views beyond scalars (src/mlplab/run/views/) cost: the time spent in each callback's hooks
 during a default run of 3 epochs with every view on (weight histograms every epoch), next to the epoch time.
 
     python benchmarks/inspection_cost.py [--epochs 3] [--data-dir data]
@@ -17,15 +17,16 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import mlplab.inspection as inspection
-from mlplab.config import CONFIG_DIR, parse_run_config
-from mlplab.train import build_callbacks, build_logger
-from mlplab.training import train
+from mlplab.run.views import network, predictions
+from mlplab.cli.compose import CONFIG_DIR
+from mlplab.cli.train import build_callbacks, build_logger
+from mlplab.run.config import parse_run_config
+from mlplab.run.train import train
 
 HOOKS = ("on_fit_start", "on_train_epoch_start", "on_before_optimizer_step", "on_train_epoch_end", "on_validation_end",
          "on_test_end")
-VIEWS = (inspection.ConfusionMatrix, inspection.PerClassAccuracy, inspection.MisclassifiedImages,
-         inspection.WeightHistograms, inspection.ModelDescription, inspection.LearningRate)
+VIEWS = (predictions.ConfusionMatrix, predictions.PerClassAccuracy, predictions.MisclassifiedImages,
+         network.WeightHistograms, network.ModelDescription, network.LearningRate)
 
 
 def timed_hooks(spent: dict[str, float]) -> None:

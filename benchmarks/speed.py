@@ -40,13 +40,14 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 from torchvision.datasets import FashionMNIST
 
-from mlplab.config import parse_run_config
-from mlplab.data import channel_stats, split_off_validation
-from mlplab.datasets import DataUnavailableError, load_dataset, provide_files
-from mlplab.network import build_mlp
-from mlplab.synthetic import write_mnist_like
-from mlplab.train import CONFIG_DIR, build_callbacks, build_logger
-from mlplab.training import train
+from mlplab.cli.compose import CONFIG_DIR
+from mlplab.cli.train import build_callbacks, build_logger
+from mlplab.data.datamodule import channel_stats, split_off_validation
+from mlplab.data.datasets import DataUnavailableError, load_dataset, provide_files
+from mlplab.data.synthetic import write_mnist_like
+from mlplab.model.backbones.mlp import MLP
+from mlplab.run.config import parse_run_config
+from mlplab.run.train import train
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -213,7 +214,7 @@ class BareLoop:
         normalise = lambda images: ((images.float() / 255 - mean[0]) / std[0]).to(args.device)  # noqa: E731
         self.x, self.y = normalise(train_split.images), train_split.labels.to(args.device)
         self.x_val, self.y_val = normalise(val_split.images), val_split.labels.to(args.device)
-        self.model = build_mlp(784, 10, depth=2, width=512).to(args.device)
+        self.model = MLP(depth=2, width=512).build((1, 28, 28), 10).to(args.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3, fused=fused)
         self.batch_size, self.device = batch_size, args.device
 
@@ -278,7 +279,7 @@ def time_classic(args, data_dir: Path, batch_size: int) -> float:
     val_indices, train_indices = order[: val_size(args)], order[val_size(args):]
     train_loader = DataLoader(Subset(full, train_indices), batch_size=batch_size, shuffle=True)
     val_loader = DataLoader(Subset(full, val_indices), batch_size=batch_size)
-    model = build_mlp(784, 10, depth=2, width=512).to(args.device)
+    model = MLP(depth=2, width=512).build((1, 28, 28), 10).to(args.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     sync(args.device)
     started = time.perf_counter()

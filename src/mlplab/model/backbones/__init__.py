@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import math
 import pkgutil
 from typing import Any, ClassVar
 
@@ -64,7 +63,3 @@ def backbone_from_dict(values: dict[str, Any]) -> Backbone:
 
 def count_parameters(network: nn.Module) -> int:
     return sum(p.numel() for p in network.parameters())
-
-
-def num_features(input_shape: tuple[int, ...]) -> int:
-    return math.prod(input_shape)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 from torch import nn
 
-from mlplab.model.backbones import Backbone, num_features
+from mlplab.model.backbones import Backbone
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -50,7 +51,7 @@ class MLP(Backbone):
 
     def build(self, input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
         layers: list[nn.Module] = [nn.Flatten()]
-        in_features = num_features(input_shape)
+        in_features = math.prod(input_shape)
         for out_features in self.widths:
             layers += [nn.Linear(in_features, out_features), ACTIVATIONS[self.activation]()]
             if self.dropout > 0:
