@@ -10,15 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from mlplab.cli.compose import CONFIG_DIR
 from mlplab.cli.evaluate import load_data, load_model
 from mlplab.cli.failure import exit_for
+from mlplab.data.images import read_image
 from mlplab.errors import MlplabError
 from mlplab.model.classifier import ImageClassifier
 from mlplab.run.config import ConfigError
@@ -74,22 +73,6 @@ def input_files(inputs: Any) -> list[Path]:
     return files
 
 
-def prepare_image(path: Path, shape: tuple[int, int, int]) -> Tensor:
-    """An image file as the dataset's images are: uint8, grayscale or RGB as the model's, resized to its size.
-
-    Shrinking averages whole pixel areas (an image enlarged by a whole factor comes back exactly); the aspect ratio
-    is not kept.
-    """
-    channels, height, width = shape
-    with Image.open(path) as image:
-        image = image.convert("L" if channels == 1 else "RGB")
-        if image.size != (width, height):
-            shrinking = image.width >= width and image.height >= height
-            image = image.resize((width, height), Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR)
-        pixels = torch.from_numpy(np.array(image, dtype=np.uint8))
-    return pixels.unsqueeze(0) if channels == 1 else pixels.permute(2, 0, 1).contiguous()
-
-
 def class_probabilities(model: ImageClassifier, images: Tensor, batch_size: int = 1000) -> Tensor:
     """Softmax probabilities, N x classes, for uint8 images N x C x H x W."""
     with torch.inference_mode():
@@ -104,9 +87,9 @@ def predict_files(model: ImageClassifier, files: list[Path], top_k: int = 1) -> 
     images: list[Tensor] = []
     for path in files:
         try:
-            images.append(prepare_image(path, shape))
+            images.append(read_image(path, shape))
             results.append({"path": str(path)})
-        except (OSError, UnidentifiedImageError, ValueError) as error:
+        except (OSError, ValueError) as error:  # not an image, damaged, too large
             results.append({"path": str(path), "error": f"cannot read it as an image ({' '.join(str(error).split())})"})
     if images:
         probabilities, classes = class_probabilities(model, torch.stack(images)).topk(top_k, dim=1)

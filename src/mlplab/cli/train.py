@@ -105,6 +105,7 @@ class RunRequest:
     run_dir: Path
     overrides: list[str]  # the run's own, as given when it started (plus what a resume changed)
     callbacks: list[Any]
+    hparams: dict[str, Any]  # TensorBoard's HParams columns
     resume_from: Path | None
     logger: Any  # for an attempt from resume_from; a sweep job's first attempt may start elsewhere
 
@@ -124,8 +125,10 @@ class RunRequest:
             sweeper = hydra_config.sweeper
             pruner = instantiate(sweeper.pruner) if sweeper.get("pruner") else None
             callbacks.append(trial_callback(Path(hydra_config.sweep.dir), cfg.trial, sweeper.metric, pruner))
+        hparams = run_hparams(config, command_line_values(overrides, groups=set(hydra_config.runtime.choices)))
         # Built now: a wrong logger setting fails here, before any work.
-        return cls(cfg, config, run_dir, overrides, callbacks, resume_from, build_logger(cfg.logger, run_dir, resume_from))
+        return cls(cfg, config, run_dir, overrides, callbacks, hparams, resume_from,
+                   build_logger(cfg.logger, run_dir, resume_from))
 
     def train_run(self) -> dict[str, Any]:
         if self.resume_from:
@@ -151,7 +154,7 @@ class RunRequest:
         # A sweep job learns where it resumes from (the logger's purge step) only once it holds the job.
         logger = self.logger if resume_from == self.resume_from else build_logger(self.cfg.logger, self.run_dir, resume_from)
         return train(self.config, self.run_dir, logger,
-                     self.callbacks, hparams=run_hparams(self.config, command_line_values(self.overrides)),
+                     self.callbacks, hparams=self.hparams,
                      resume_from=resume_from, gpu_index=gpu_index,
                      rank_command=rank_command(self.overrides, self.run_dir, resume_from))
 
@@ -176,12 +179,13 @@ def resumed_config(cfg: DictConfig, given: list[str]) -> tuple[DictConfig, list[
     return compose(config_name="train", overrides=[*overrides, f"resume={quoted(checkpoint)}"]), overrides
 
 
-def command_line_values(overrides: list[str]) -> dict[str, str]:
-    """``key: value`` of each override the user typed, leaving out those that do not define the experiment."""
+def command_line_values(overrides: list[str], groups: set[str]) -> dict[str, str]:
+    """``key: value`` of each setting the user typed, leaving out those that do not define the experiment and the
+    choices of config groups (``optimizer=adamw``: its settings are columns of their own, ``optimizer.name``)."""
     values = {}
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
-        if key not in NON_EXPERIMENT_KEYS:
+        if key not in NON_EXPERIMENT_KEYS and key not in groups:
             values[key] = value
     return values
 

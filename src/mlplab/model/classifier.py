@@ -95,7 +95,8 @@ class ImageClassifier(L.LightningModule):
 
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 N x C x H x W -> float, standardised per channel with the training split's statistics."""
-        return images.float().mul_(self.input_scale).add_(self.input_shift)
+        # In the module's own dtype: float32, or what a "-true" precision (bf16, 16, 64) made its weights.
+        return images.to(self.input_scale.dtype).mul_(self.input_scale).add_(self.input_shift)
 
     @override
     def forward(self, images: Tensor) -> Tensor:

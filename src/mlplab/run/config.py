@@ -8,6 +8,7 @@ The schema of each group lives with the code that uses it (``model``: the family
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -89,6 +90,8 @@ def parse_section(name: str, cls: type, values: dict[str, Any]) -> Any:
     for key, value in values.items():
         _require(key in fields, f"{name}.{key}: unknown key; allowed: {', '.join(fields)}")
         _require(_matches(value, hints[key]), f"{name}.{key} must be {_describe(hints[key])}, got {value!r}")
+        _require(not (isinstance(value, float) and not math.isfinite(value)),
+                 f"{name}.{key} must be a finite number, got {value}")
     for key, f in fields.items():
         no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         _require(key in values or not no_default, f"{name}.{key} is required ({_describe(hints[key])})")

@@ -22,7 +22,7 @@ from mlplab.run.checkpoints import ResumePoints, StopRequested
 from mlplab.run.config import RunConfig
 from mlplab.run.history import EpochHistory
 from mlplab.run.records import MONITOR, write_metrics
-from mlplab.run.trainer import build_trainer, end_ranks, require_batches, require_memory_for
+from mlplab.run.trainer import build_trainer, end_ranks, quiet_lightning, require_batches, require_memory_for
 from mlplab.run.views.hparams import log_hparams
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,9 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(config.seed, workers=True, verbose=False)
     history, resume_points = EpochHistory(), ResumePoints(run_dir, config.checkpoint.every_n_steps)
-    trainer = build_trainer(config.trainer, run_dir, logger, [*(callbacks or []), history, resume_points], gpu_index,
-                            rank_command)
+    with quiet_lightning():
+        trainer = build_trainer(config.trainer, run_dir, logger, [*(callbacks or []), history, resume_points],
+                                gpu_index, rank_command)
     datamodule = ImageDataModule(config.data, config.data_dir, shuffle_seed=config.seed)
     if trainer.is_global_zero:
         datamodule.prepare_data()

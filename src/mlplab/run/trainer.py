@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,6 +116,30 @@ def build_trainer(
         )
     except MisconfigurationException as error:
         raise TrainerError(f"trainer: {one_line(error)}") from None
+
+
+class LightningNotes(logging.Filter):
+    """Drops Lightning's notes that a user of mlplab cannot act on: an advertisement, and remarks on settings mlplab
+    makes itself (its own model summary callback, batch limits of 1.0)."""
+
+    NOTES = ("💡 Tip:", "Trainer already configured with model summary callbacks", "` was configured so ")
+    LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(note in record.getMessage() for note in self.NOTES)
+
+
+@contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """LightningNotes while the block runs (one run's trainer), and nowhere else."""
+    notes, loggers = LightningNotes(), [logging.getLogger(name) for name in LightningNotes.LOGGERS]
+    for logger in loggers:
+        logger.addFilter(notes)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(notes)
 
 
 def end_ranks(trainer: L.Trainer) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import itertools
 import logging
 import os
 import shutil
@@ -109,20 +110,20 @@ def threads_per_job(parallel_jobs: int | None) -> int | None:
 
 @contextmanager
 def gpu_slot(sweep_dir: Path, gpu_count: int) -> Iterator[int | None]:
-    """A GPU no other job of the sweep is using, held while the block runs; None with fewer than two GPUs.
+    """A GPU for one job of the sweep, held while the block runs; None with fewer than two GPUs.
 
-    When every GPU is taken (more parallel jobs than GPUs), jobs share the first one rather than wait.
+    Jobs spread evenly: each GPU's first slot is taken before any GPU's second, and so on (8 jobs on 4 GPUs: two
+    each). A slot is a lock file, so a job that dies frees its slot.
     """
     if gpu_count < 2:
         yield None
         return
-    for index in range(gpu_count):
-        with claim(sweep_dir, f".gpu{index}.lock") as free:
-            if free:
-                yield index
-                return
-    yield 0
-
+    for share in itertools.count():
+        for index in range(gpu_count):
+            with claim(sweep_dir, f".gpu{index}.{share}.lock") as free:
+                if free:
+                    yield index
+                    return
 
 
 # Trains one attempt of a job: (checkpoint to resume from or None, GPU index or None) -> the run's metrics.
