@@ -58,3 +58,16 @@ class RecordTrainingSamples(Callback):
         if trainer.current_epoch == 0:
             with open(f"{self.path}.rank{trainer.global_rank}", "w") as file:
                 file.write("\n".join(self.seen))
+
+
+class FailOnceWithOSError(Callback):
+    """The environment failing mid-run, once: at the start of ``epoch`` (after the epochs before it and their
+    checkpoints), an OSError as a full disk raises it; ``marker`` records that it happened."""
+
+    def __init__(self, marker: str, epoch: int):
+        self.marker, self.epoch = marker, epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            raise OSError(28, "No space left on device")

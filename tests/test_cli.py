@@ -50,6 +50,30 @@ def test_train_writes_config_events_checkpoints_and_metrics(trained_run):
     assert metrics["wall_seconds"] > 0 and metrics["best_checkpoint"] == "checkpoints/best.ckpt"
 
 
+def test_a_run_prints_no_lightning_notes_a_user_cannot_act_on(synthetic_data_dir, tmp_path):
+    result = run_cli(["mlplab-train", *SYNTHETIC_RUN, "trainer.limit_train_batches=2"], tmp_path, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    for note in ("Tip:", "litlogger", "Trainer already configured with model summary", "was configured so"):
+        assert note not in output
+    assert "Finished: test/acc" in output  # mlplab's own report is still there
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16-true", torch.bfloat16), ("64-true", torch.float64),
+                                              ("16-true", torch.float16)])
+def test_every_offered_true_precision_trains_and_evaluates(precision, dtype, synthetic_data_dir, tmp_path):
+    result = run_cli(["mlplab-train", *SYNTHETIC_RUN, f"trainer.precision={precision}", "trainer.limit_train_batches=3",
+                      "model.width=32"], tmp_path, synthetic_data_dir)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    run_dir = single_run_dir(tmp_path)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and 0 <= metrics["test/acc"] <= 1
+    weights = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
+    assert weights["network.1.weight"].dtype == dtype  # trained in that precision, not silently in float32
+    evaluated = run_cli(["mlplab-eval", f"run={run_dir}", "format=json", "accelerator=cpu"], tmp_path, synthetic_data_dir)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+
+
 def test_checkpoint_holds_plain_values_and_loads_without_hydra(trained_run):
     checkpoint = trained_run / "checkpoints" / "best.ckpt"
     state = torch.load(checkpoint, weights_only=True)
@@ -111,6 +135,9 @@ BAD_INPUTS = [  # (override, the key the message must name, what it must say is 
     ("optimizer.momentum=0.5", "optimizer.momentum", "options that have it: sgd"),  # not in optimizer=adam
     ("model.depth=${oops}", "model.depth", "Interpolation key 'oops' not found"),  # fails once resolved
     ("trainer.limit_train_batches=0.05", "trainer.limit_train_batches", "at least 0.1"),  # of 10 batches: none
+    ("optimizer.lr=1e400", "optimizer.lr", "a finite number, got inf"),  # beyond a double: inf
+    ("model.dropout=nan", "model.dropout", "a finite number, got nan"),
+    ("trainer.gradient_clip_val=inf", "trainer.gradient_clip_val", "a finite number, got inf"),
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append(("trainer=gpu", "trainer.accelerator=gpu", "trainer=cpu"))

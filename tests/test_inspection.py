@@ -6,6 +6,7 @@ import io
 import json
 import time
 import urllib.request
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -158,6 +159,31 @@ def test_predict_on_the_test_set_agrees_with_the_recorded_test_accuracy(test_pre
     assert accuracy == pytest.approx(json.loads((run / "metrics.json").read_text())["test/acc"])
     row = test_predictions[0]
     assert float(row["probability"]) == pytest.approx(max(float(row[f"p_{name}"]) for name in CLASSES))
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims ``width`` x ``height`` pixels: what a decompression bomb looks like at first."""
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")  # IHDR's data starts after 8 + 4 + 4 bytes
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")  # the chunk's CRC over its type and data
+    return bytes(data)
+
+
+def test_a_decompression_bomb_is_reported_and_the_other_images_are_predicted(run, synthetic_data_dir, tmp_path):
+    checkpoint = run / "checkpoints" / "best.ckpt"
+    data = load_data(checkpoint, synthetic_data_dir)
+    data.setup("test")
+    Image.fromarray(data.splits["test"].images[0, 0].numpy()).save(tmp_path / "a_good.png")
+    (tmp_path / "b_bomb.png").write_bytes(png_claiming(30000, 30000))  # 900 megapixels
+    result = run_cli(["mlplab-predict", f"run={run}", f"inputs={tmp_path}", "format=json"], tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    good, bomb = json.loads(result.stdout)
+    assert good["path"].endswith("a_good.png") and good["class"] in CLASSES
+    assert bomb["path"].endswith("b_bomb.png") and "30000x30000 pixels, more than the limit" in bomb["error"]
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"mlplab-predict: {tmp_path / 'b_bomb.png'}: cannot read it as an image")
 
 
 def test_predict_refuses_bad_input_in_one_line(run, tmp_path):

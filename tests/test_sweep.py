@@ -1,6 +1,7 @@
 """Sweeps as a user runs them (mlplab-train -m, mlplab-report, TensorBoard), in subprocesses on synthetic data."""
 
 import csv
+import contextlib
 import json
 import os
 import signal
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -123,6 +125,18 @@ def test_hparams_in_each_jobs_own_event_files(grid):
         for key, tag in FINAL_METRICS.items():
             assert session["scalars"][tag] == pytest.approx(recorded[key]), tag
         assert "hp_metric" not in session["scalars"]
+
+
+def test_hparams_have_one_column_per_setting_named_as_on_the_command_line(synthetic_data_dir, tmp_path):
+    result = run_cli(["mlplab-train", *SYNTHETIC_RUN, "optimizer=adamw", "scheduler=cosine", "model.width=[32,16]",
+                      "model.depth=2", "trainer.limit_train_batches=2"], tmp_path, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
+    hparams = hparams_session(run_dir)["hparams"]
+    # a group's choice is shown by its settings' columns, not as a column of its own beside them
+    assert "optimizer" not in hparams and "scheduler" not in hparams
+    assert hparams["optimizer.name"] == "adamw" and hparams["scheduler.name"] == "cosine"
+    assert hparams["model.width"] == "[32, 16]"  # a list, as written
 
 
 def post(url: str, body: dict) -> dict:
@@ -263,6 +277,16 @@ def test_parallel_jobs_share_cores_and_take_distinct_gpus(tmp_path):
         assert again == 0  # released when the job ended
     with gpu_slot(tmp_path, 1) as single:
         assert single is None  # one GPU: Lightning's own choice
+
+
+def test_more_jobs_than_gpus_are_spread_evenly(tmp_path):
+    with contextlib.ExitStack() as jobs:
+        gpus = [jobs.enter_context(gpu_slot(tmp_path, 4)) for _ in range(8)]
+        assert Counter(gpus) == {0: 2, 1: 2, 2: 2, 3: 2}  # the README's "4 GPUs: two jobs each"
+        with contextlib.ExitStack() as more:
+            assert [more.enter_context(gpu_slot(tmp_path, 4)) for _ in range(3)] == [0, 1, 2]  # a third each, in turn
+    with contextlib.ExitStack() as jobs:  # all released: the next jobs start from the first GPU again
+        assert [jobs.enter_context(gpu_slot(tmp_path, 4)) for _ in range(5)] == [0, 1, 2, 3, 0]
 
 
 def test_jobs_derived_from_a_composed_one_equal_hydras_own_composition():

@@ -38,7 +38,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         # One writer at a time per run (the sweep's claim and resume= see to that), so half-written files left
         # beside it are a killed writer's.
-        write_atomically(Path(path), lambda file: torch.save(checkpoint, file), durable=True, sole_writer=True)
+        try:
+            write_atomically(Path(path), lambda file: torch.save(checkpoint, file), durable=True, sole_writer=True)
+        except RuntimeError as error:  # torch.save reports a failed write (a full disk) so: "unexpected pos ..."
+            raise OSError(f"could not write {path}: {one_line(error)[:200]}") from None
 
 
 class UnreadableCheckpointError(MlplabError):

@@ -116,8 +116,13 @@ def train(
     return metrics
 
 
+# Failures of the machine, not of the run: a full disk, an unwritable folder, memory. The run is interrupted and
+# continues from its last complete checkpoint (a sweep job too); only its own errors make it start over.
+ENVIRONMENT_ERRORS = (OSError, MemoryError)
+
+
 def _status_of(error: BaseException) -> str:
-    if isinstance(error, (KeyboardInterrupt, SystemExit)):
+    if isinstance(error, (KeyboardInterrupt, SystemExit, *ENVIRONMENT_ERRORS)):
         return "interrupted"
     return "diverged" if isinstance(error, DivergedError) else "failed"
 

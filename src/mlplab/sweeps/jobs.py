@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import itertools
 import logging
@@ -18,6 +19,7 @@ import torch
 from mlplab.errors import one_line
 from mlplab.run.distributed import launched_rank, one_job_of_many
 from mlplab.run.records import CHECKPOINT_DIR, LAST_CHECKPOINT, read_metrics, write_metrics
+from mlplab.run.train import ENVIRONMENT_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +164,9 @@ def run_sweep_job(job_dir: Path, sweep_dir: Path, attempt: Attempt, parallel_job
             except Exception as error:  # one job's failure is not the sweep's
                 log.error("Job failed: %s", one_line(error))
                 metrics = read_metrics(job_dir)
-                if metrics.get("status") not in RETRIED:  # failed before training began (data set-up)
-                    metrics = {**metrics, "status": "failed", "error": f"{type(error).__name__}: {one_line(error)}"}
-                    write_metrics(job_dir, metrics)
+                if metrics.get("status") in (None, "running"):  # failed before training began, or its record did
+                    status = "interrupted" if isinstance(error, ENVIRONMENT_ERRORS) else "failed"
+                    metrics = {**metrics, "status": status, "error": f"{type(error).__name__}: {one_line(error)}"}
+                    with contextlib.suppress(OSError):  # a full disk: the job stays unfinished and resumes next time
+                        write_metrics(job_dir, metrics)
                 return metrics
