@@ -215,7 +215,8 @@ def test_an_unwritable_checkpoint_folder_is_one_clear_line(synthetic_data_dir, t
     assert result.returncode == 1 and "Traceback" not in result.stderr
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("mlplab-train: error:")]
     assert "could not write the run's files" in line and "checkpoints" in line
-    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "failed"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and "checkpoints" in metrics["error"]  # resumable, not failed
 
 
 def test_killed_right_after_an_epoch_ends_resumes_without_doubled_points(uninterrupted, synthetic_data_dir, tmp_path):
