@@ -74,6 +74,16 @@ def test_every_offered_true_precision_trains_and_evaluates(precision, dtype, syn
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
 
 
+def test_progress_off_a_terminal_is_one_line_per_epoch(synthetic_data_dir, tmp_path):
+    args = [arg for arg in SYNTHETIC_RUN if not arg.startswith("callbacks.progress_bar")]
+    result = run_cli(["mlplab-train", *args, "trainer.max_epochs=3"], tmp_path, synthetic_data_dir)  # output: pipes
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "\r" not in result.stdout + result.stderr  # no bar redrawn in place
+    lines = [line for line in result.stderr.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    assert all("train/loss" in line and "val/acc" in line for line in lines)
+
+
 def test_checkpoint_holds_plain_values_and_loads_without_hydra(trained_run):
     checkpoint = trained_run / "checkpoints" / "best.ckpt"
     state = torch.load(checkpoint, weights_only=True)

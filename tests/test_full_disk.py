@@ -65,4 +65,4 @@ def test_a_sweep_job_the_environment_stopped_resumes_instead_of_starting_over(sy
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"Resuming from {job / 'checkpoints' / 'last.ckpt'}" in second.stdout + second.stderr
     done = json.loads((job / "metrics.json").read_text())
-    assert done["status"] == "completed" and [row["epoch"] for row in done["history"]] == [0, 1, 2]
+    assert done["status"] == "completed" and [row["epoch"] for row in done["history"]] == [1, 2, 3]

@@ -44,7 +44,7 @@ def test_old_run_resumes_where_it_stopped_and_keeps_its_record(old_run, syntheti
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((old_run / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["epochs"] == 3
-    assert [row["epoch"] for row in metrics["history"]] == [0, 1, 2]  # its two epochs, then one more
+    assert [row["epoch"] for row in metrics["history"]] == [1, 2, 3]  # its two (0.1 counted from 0), one more
     after = torch.load(old_run / "checkpoints" / "last.ckpt", weights_only=True)
     assert after["global_step"] == before["global_step"] * 3 // 2
     assert after["state_dict"]["network.1.weight"].shape == (16, 784)  # the old run's own network, continued

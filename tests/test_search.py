@@ -2,6 +2,7 @@
 study is read back with Optuna itself."""
 
 import csv
+import json
 import signal
 import subprocess
 import sys
@@ -112,7 +113,7 @@ def test_a_hopeless_search_stops_with_a_clear_message(synthetic_data_dir, tmp_pa
 def test_clearly_worse_trials_are_pruned_early(synthetic_data_dir, tmp_path):
     result = search(["optimizer.lr=choice(0.00001, 0.003)", "trainer.max_epochs=4", "hydra.sweeper.n_trials=8",
                      "hydra.sweeper.sampler._target_=optuna.samplers.RandomSampler", "hydra.sweeper.sampler.seed=1",
-                     "hydra.sweeper.pruner.n_startup_trials=2", "hydra.sweeper.pruner.n_warmup_steps=0"],
+                     "hydra.sweeper.pruner.n_startup_trials=2", "hydra.sweeper.pruner.n_warmup_steps=2"],
                     tmp_path, synthetic_data_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     sweep_dir = tmp_path / "outputs" / "sweeps" / "search"
@@ -122,7 +123,10 @@ def test_clearly_worse_trials_are_pruned_early(synthetic_data_dir, tmp_path):
     summary = (sweep_dir / "summary.md").read_text()
     for trial in pruned:  # stopped early, and shown so
         metrics = (sweep_dir / trial.user_attrs["job"] / "metrics.json").read_text()
-        assert '"status": "pruned"' in metrics and max(trial.intermediate_values) < 3
+        recorded = json.loads(metrics)
+        # the first epoch it could be pruned in (n_warmup_steps=2), counted from 1, and recorded with that epoch
+        assert recorded["status"] == "pruned" and sorted(trial.intermediate_values) == [1, 2]
+        assert [row["epoch"] for row in recorded["history"]] == [1, 2] and recorded["epochs"] == 2
         assert f"`{trial.user_attrs['job']}`: stopped after" in summary
 
 
@@ -133,7 +137,7 @@ def test_two_parallel_workers_share_the_study_without_duplicates(synthetic_data_
     trials = study_of(sweep_dir).get_trials()
     assert len(trials) == 6 and all(t.state.name == "COMPLETE" for t in trials)
     assert len({t.number for t in trials}) == 6 and len({t.user_attrs["job"] for t in trials}) == 6
-    assert all(list(t.intermediate_values) == [0] for t in trials)  # reported from the workers, for pruning
+    assert all(list(t.intermediate_values) == [1] for t in trials)  # reported from the workers, for pruning
     assert len([p for p in sweep_dir.iterdir() if (p / "metrics.json").is_file()]) == 6
 
 
@@ -152,7 +156,7 @@ def test_the_preset_runs_as_a_search_whose_trials_report_each_epoch(synthetic_da
     assert result.returncode == 0, result.stderr[-3000:]
     sweep_dir = tmp_path / "outputs" / "sweeps" / "preset"
     trials = study_of(sweep_dir).get_trials()
-    assert len(trials) == 2 and all(sorted(t.intermediate_values) == [0, 1] for t in trials)
+    assert len(trials) == 2 and all(sorted(t.intermediate_values) == [1, 2] for t in trials)
     assert all((sweep_dir / t.user_attrs["job"] / ".lock").is_file() for t in trials)  # claimed as sweep jobs
     for trial in trials:  # each job prunes with the preset's pruner, not the default one
         job_hydra = OmegaConf.load(sweep_dir / trial.user_attrs["job"] / ".hydra" / "hydra.yaml").hydra

@@ -228,7 +228,7 @@ def test_killed_sweep_resumes_where_it_stopped(synthetic_data_dir, tmp_path):
     assert "Resuming from" in (second / "train.log").read_text()
     resumed = metrics(second)
     assert resumed["status"] == "completed" and resumed["epochs"] == 3
-    assert [point["epoch"] for point in resumed["history"]] == [0, 1, 2]
+    assert [point["epoch"] for point in resumed["history"]] == [1, 2, 3]
     assert {row["status"] for row in summary_rows(sweep_dir).values()} == {"completed"}
     assert len(summary_rows(sweep_dir)) == 3
 

@@ -160,7 +160,7 @@ class ImageClassifier(L.LightningModule):
             self._diverged(float(outputs[first][0]), self.global_step - len(outputs) + first + 1)
 
     def _diverged(self, loss: float, step: int) -> None:
-        raise DivergedError(f"train/loss became {loss} at step {step} (epoch {self.current_epoch}); "
+        raise DivergedError(f"train/loss became {loss} at step {step} (epoch {self.current_epoch + 1}); "
                             "try a lower optimizer.lr or set trainer.gradient_clip_val")
 
     @override

@@ -13,6 +13,7 @@ from mlplab.run.records import MONITOR
 
 class EpochHistory(Callback):
     """Records ``val/*`` after each validation epoch (sanity checks excluded) and each training epoch's seconds.
+    Epochs count from 1, as users count them (Lightning's ``current_epoch`` counts from 0).
 
     Reporting the best epoch from here avoids validating again after training, which would log a second
     point at the last step and bend the curves.
@@ -34,7 +35,8 @@ class EpochHistory(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"epochs": self.epochs, "epoch_seconds": self.epoch_seconds, "wall_seconds": self.wall_seconds}
+        return {"epochs": self.epochs, "epoch_seconds": self.epoch_seconds, "wall_seconds": self.wall_seconds,
+                "first_epoch": 1}
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -44,7 +46,9 @@ class EpochHistory(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._fitted:  # testing the best checkpoint would otherwise rewind the record to that epoch
             return
-        self.epochs = list(state_dict["epochs"])
+        # Checkpoints of mlplab 0.1 numbered epochs from 0.
+        shift = 1 - state_dict.get("first_epoch", 0)
+        self.epochs = [{**row, "epoch": row["epoch"] + shift} for row in state_dict["epochs"]]
         self.epoch_seconds = list(state_dict["epoch_seconds"])
         self._earlier_seconds = state_dict["wall_seconds"]
         self._started = time.perf_counter()
@@ -63,7 +67,7 @@ class EpochHistory(Callback):
         if trainer.sanity_checking:
             return
         values = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("val/")}
-        self.epochs.append({"epoch": trainer.current_epoch, **values})
+        self.epochs.append({"epoch": trainer.current_epoch + 1, **values})
 
     def best(self) -> dict[str, Any]:
         """The first epoch with the highest ``monitor`` value, as ModelCheckpoint keeps it."""

@@ -63,7 +63,8 @@ def train(
     L.seed_everything(config.seed, workers=True, verbose=False)
     history, resume_points = EpochHistory(), ResumePoints(run_dir, config.checkpoint.every_n_steps)
     with quiet_lightning():
-        trainer = build_trainer(config.trainer, run_dir, logger, [*(callbacks or []), history, resume_points],
+        # The history first: an epoch a callback ends the run after (a search's pruning) is recorded too.
+        trainer = build_trainer(config.trainer, run_dir, logger, [history, *(callbacks or []), resume_points],
                                 gpu_index, rank_command)
     datamodule = ImageDataModule(config.data, config.data_dir, shuffle_seed=config.seed)
     if trainer.is_global_zero:

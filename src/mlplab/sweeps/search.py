@@ -127,9 +127,10 @@ class ReportToStudy(Callback):
         value = trainer.callback_metrics.get(self.metric)
         if trainer.sanity_checking or value is None:
             return
-        self.storage.set_trial_intermediate_value(self.trial_id, trainer.current_epoch, float(value))
+        epoch = trainer.current_epoch + 1  # the step Optuna sees: n_warmup_steps=6 may prune from the 6th epoch on
+        self.storage.set_trial_intermediate_value(self.trial_id, epoch, float(value))
         if self.study.pruner.prune(self.study, self.storage.get_trial(self.trial_id)):
-            raise Pruned(f"pruned after epoch {trainer.current_epoch}: {self.metric} {float(value):.4f} is clearly "
+            raise Pruned(f"pruned after epoch {epoch}: {self.metric} {float(value):.4f} is clearly "
                          "worse than other trials' at that epoch")
 
 

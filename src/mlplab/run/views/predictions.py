@@ -67,7 +67,7 @@ class ConfusionMatrix(Callback):
             return
         names = class_names_of(pl_module)
         counts = confusion_counts(predictions.classes, predictions.labels, len(names)).cpu().numpy()
-        when = f"epoch {trainer.current_epoch}, step {trainer.global_step}" if stage == "val" else f"step {trainer.global_step}"
+        when = f"epoch {trainer.current_epoch + 1}, step {trainer.global_step}" if stage == "val" else f"step {trainer.global_step}"
         title = f"{stage} confusion matrix ({counts.sum()} images; {when}), colour: share of the row"
         writer.add_image(f"{stage}/confusion_matrix", confusion_image(counts, names, title), trainer.global_step, dataformats="HWC")
         if stage == "test":
