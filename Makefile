@@ -19,12 +19,14 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # Fashion-MNIST offline: the Debian package, when this machine has apt and we may use it.
-# Without it, mlplab-train falls back to data/ and then to torchvision's download.
+# Without it, mlplab-train falls back to data/ and then to torchvision's download. In CI (CI=true) its absence fails.
 data:
 	@if [ -d $(FASHION_MNIST_SYSTEM_DIR) ]; then echo "Fashion-MNIST: $(FASHION_MNIST_SYSTEM_DIR)"; \
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || echo "note: apt-get could not install dataset-fashion-mnist"; \
-	else echo "note: $(FASHION_MNIST_SYSTEM_DIR) is absent; run 'sudo apt-get install dataset-fashion-mnist' or let torchvision download"; fi
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || { echo "note: apt-get could not install dataset-fashion-mnist"; \
+	    if [ "$$CI" = true ]; then echo "error: CI needs the real Fashion-MNIST (tests/test_real_data.py)"; exit 1; fi; }; \
+	else echo "note: $(FASHION_MNIST_SYSTEM_DIR) is absent; run 'sudo apt-get install dataset-fashion-mnist' or let torchvision download"; \
+	  if [ "$$CI" = true ]; then exit 1; fi; fi
 
 train: setup data
 	$(BIN)/mlplab-train $(ARGS)
