@@ -9,6 +9,8 @@ import logging
 import os
 import shutil
 import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,44 +31,107 @@ RETRIED = ("failed", "diverged")
 FINISHED = ("completed", "pruned")  # a job in either state is never trained again
 
 
+# A holder renews its claim every HEARTBEAT_SECONDS (the lock file's time); a claim not renewed for LEASE_SECONDS
+# is a dead holder's. That matters across hosts: there is no process to ask, and a network file system may keep a
+# dead host's lock for long (NFSv3's lock manager until the host returns).
+HEARTBEAT_SECONDS = 15.0
+LEASE_SECONDS = 120.0
+
+
 @contextmanager
 def claim(job_dir: Path, lock_name: str = LOCK_FILE) -> Iterator[bool]:
     """Hold the job for this process while the block runs; yields False when another process holds it.
 
     An flock rather than a marker file: the kernel drops it when its owner dies, SIGKILL included, so a crashed
-    sweep never leaves a job locked. The file names the holder for ``running_on``.
+    sweep never leaves a job locked. The file names the holder for ``running_on`` and is renewed while held; one
+    whose lease ran out is taken over.
     """
     job_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(job_dir / lock_name, os.O_RDWR | os.O_CREAT, 0o644)
+    path = job_dir / lock_name
+    fd = _locked(path, os.O_RDWR | os.O_CREAT)
+    if fd is None and _expired(path):
+        fd = _take_over(path)
+    if fd is None:
+        yield False
+        return
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
         os.ftruncate(fd, 0)
         os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
-        try:
-            yield True
-        finally:
-            os.ftruncate(fd, 0)
+        with _renewed(fd):
+            try:
+                yield True
+            finally:
+                os.ftruncate(fd, 0)
     finally:
         os.close(fd)
 
 
+def _locked(path: Path, flags: int) -> int | None:
+    """A descriptor of ``path`` holding its flock, or None if another process holds it."""
+    fd = os.open(path, flags, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _expired(path: Path) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime > LEASE_SECONDS
+    except FileNotFoundError:
+        return False
+
+
+def _take_over(path: Path) -> int | None:
+    """A fresh lock file in place of one whose holder stopped renewing it; None if another process was quicker."""
+    expired = path.with_name(f"{path.name}.expired.{socket.gethostname()}.{os.getpid()}")
+    try:
+        path.rename(expired)
+        fd = _locked(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+    except (FileNotFoundError, FileExistsError):
+        return None
+    log.warning("Took over %s: its holder (%s) stopped renewing it %.0f s ago", path.parent,
+                expired.read_text().strip() or "unknown", time.time() - expired.stat().st_mtime)
+    expired.unlink(missing_ok=True)
+    return fd
+
+
+@contextmanager
+def _renewed(fd: int) -> Iterator[None]:
+    """Renew the claim (the lock file's time) every HEARTBEAT_SECONDS while the block runs."""
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(HEARTBEAT_SECONDS):
+            with contextlib.suppress(OSError):
+                os.utime(fd)
+
+    thread = threading.Thread(target=renew, name="claim-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def running_on(job_dir: Path) -> str | None:
     """"host pid" of the process working on the job now, if one is (for reports: reading never takes the lock)."""
+    path = job_dir / LOCK_FILE
     try:
-        host, pid = (job_dir / LOCK_FILE).read_text().split()
+        host, pid = path.read_text().split()
     except (OSError, ValueError):
         return None
-    if host == socket.gethostname():
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return None  # died without releasing: SIGKILL, power loss
-        except PermissionError:
-            pass  # alive, someone else's
+    if host != socket.gethostname():
+        return None if _expired(path) else f"{host} {pid}"  # no process to ask: the lease says
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return None  # died without releasing: SIGKILL, power loss
+    except PermissionError:
+        pass  # alive, someone else's
     return f"{host} {pid}"
 
 
