@@ -7,9 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import SYNTHETIC_RUN, run_cli
+from mlplab.cli.compose import CONFIG_DIR
 
 
 def single_run_dir(cwd: Path) -> Path:
@@ -108,7 +111,11 @@ def test_eval_reproduces_the_recorded_test_accuracy(trained_run, synthetic_data_
     assert list(tmp_path.iterdir()) == []  # eval writes nothing where it runs
 
     by_file = run_cli(["mlplab-eval", f"run={trained_run / 'checkpoints' / 'best.ckpt'}"], tmp_path, synthetic_data_dir)
-    assert by_file.returncode == 0 and "test/acc" in by_file.stdout
+    assert by_file.returncode == 0, by_file.stderr[-2000:]
+    table = dict(line.rsplit(None, 1) for line in by_file.stdout.splitlines() if line.strip())  # "key  value" rows
+    assert float(table["test/acc"]) == pytest.approx(recorded["test/acc"], abs=5e-5)  # printed with 4 decimals
+    assert float(table["recorded test/acc"]) == pytest.approx(recorded["test/acc"], abs=5e-5)
+    assert table["checkpoint"].endswith("checkpoints/best.ckpt")
 
 
 def test_checkpoint_records_the_data_setup_eval_rebuilds(trained_run):
@@ -122,13 +129,22 @@ def test_checkpoint_records_the_data_setup_eval_rebuilds(trained_run):
 
 
 def test_runs_started_in_the_same_second_get_their_own_directories(synthetic_data_dir, tmp_path):
-    args = [str(Path(sys.executable).parent / "mlplab-train"), *SYNTHETIC_RUN, "trainer.limit_train_batches=2"]
+    # The default run directory with its time part pinned: the two runs surely share that second.
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        default = OmegaConf.to_container(compose("train", return_hydra_config=True).hydra.run)["dir"]  # unresolved
+    new_run = "outputs/runs/${now:%Y-%m-%d_%H-%M-%S}_${mlplab.pid:}"
+    assert new_run in default  # a new run's directory, as pinned below
+    pinned = new_run.replace("${now:%Y-%m-%d_%H-%M-%S}", "2026-01-01_00-00-00")
+    args = [str(Path(sys.executable).parent / "mlplab-train"), *SYNTHETIC_RUN, "trainer.limit_train_batches=2",
+            f"hydra.run.dir={pinned}"]
     env = {"MLPLAB_DATA_DIR": str(synthetic_data_dir), "PATH": str(Path(sys.executable).parent)}
     processes = [subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
     assert [p.wait(timeout=300) for p in processes] == [0, 0]
-    run_dirs = list((tmp_path / "outputs" / "runs").iterdir())
-    assert len(run_dirs) == 2
-    assert all((d / "metrics.json").is_file() and len(list(d.glob("events.out.tfevents.*"))) >= 1 for d in run_dirs)
+    run_dirs = sorted((tmp_path / "outputs" / "runs").iterdir())
+    assert len(run_dirs) == 2 and all(d.name.startswith("2026-01-01_00-00-00_") for d in run_dirs)
+    for run_dir in run_dirs:  # each run whole in its own directory
+        assert json.loads((run_dir / "metrics.json").read_text())["status"] == "completed"
+        assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
 
 
 BAD_INPUTS = [  # (override, the key the message must name, what it must say is allowed)

@@ -54,15 +54,57 @@ def test_linear_preset_has_no_hidden_layer():
     assert [type(m) for m in network("model=linear")] == [nn.Flatten, nn.Linear]
 
 
+def own_values(path: Path, group: str) -> dict[str, object]:
+    """The values a YAML file sets itself (not through its defaults list), as dotted keys of the whole config."""
+    text = path.read_text()
+    values = OmegaConf.to_container(OmegaConf.load(path))
+    values.pop("defaults", None)
+    flat: dict[str, object] = {}
+
+    def walk(prefix: str, node: object) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else key, value)
+        else:
+            flat[prefix] = node
+
+    walk("" if "@package _global_" in text else group, values)
+    return flat
+
+
+def setting(config, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
 @pytest.mark.parametrize("path", sorted((Path(CONFIG_DIR) / "experiment").glob("*.yaml")), ids=lambda p: p.stem)
-def test_every_experiment_preset_composes_and_validates(path):
-    assert parsed(f"experiment={path.stem}")
+def test_every_experiment_preset_composes_and_sets_its_values(path):
+    config = parsed(f"experiment={path.stem}")
+    values = own_values(path, "experiment")
+    assert values
+    for key, value in values.items():
+        assert setting(config, key) == value, key
 
 
-@pytest.mark.parametrize("group", ["model", "data", "optimizer", "scheduler", "trainer", "logger", "debug"])
-def test_every_option_composes_and_validates(group):
-    for path in (Path(CONFIG_DIR) / group).glob("*.yaml"):
-        parsed(f"{group}={path.stem}")
+@pytest.mark.parametrize("group", ["model", "data", "optimizer", "scheduler", "trainer", "debug"])
+def test_every_option_composes_and_sets_its_values(group):
+    paths = sorted((Path(CONFIG_DIR) / group).glob("*.yaml"))
+    assert len(paths) >= 1
+    for path in paths:
+        config = parsed(f"{group}={path.stem}")
+        for key, value in own_values(path, group).items():
+            actual = config.model.as_dict()["family"] if key == "model.family" else setting(config, key)
+            assert actual == value, (path.stem, key)
+
+
+@pytest.mark.parametrize("option", ["tensorboard", "csv", "none"])
+def test_every_logger_option_is_the_logger_it_names(option):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        logger = compose("train", overrides=[f"logger={option}"]).logger
+    expected = {"tensorboard": "TensorBoardLogger", "csv": "CSVLogger"}.get(option)
+    assert (logger.get("_target_", "").endswith(expected) if expected else not logger)
 
 
 def test_list_width_and_sgd_settings_pass():

@@ -173,10 +173,15 @@ def test_tensorboard_server_shows_one_hparams_row_per_job(grid, tmp_path):
 
 
 def test_parallel_launcher_gives_the_same_results_as_one_process(grid, synthetic_data_dir, tmp_path):
-    result = sweep([*GRID, "sweep=grid", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2"], tmp_path, synthetic_data_dir)
+    two_cores = sorted(os.sched_getaffinity(0))[:2]  # the sweep sees 2 cores on any machine: 1 thread per job of 2
+    result = subprocess.run([str(BIN / "mlplab-train"), "-m", *SYNTHETIC_RUN, *GRID, "sweep=grid",
+                             "hydra/launcher=parallel", "hydra.launcher.n_jobs=2"], cwd=tmp_path,
+                            env={**os.environ, "MLPLAB_DATA_DIR": str(synthetic_data_dir)}, capture_output=True,
+                            text=True, timeout=600, preexec_fn=lambda: os.sched_setaffinity(0, two_cores))
     assert result.returncode == 0, result.stderr[-3000:]
     parallel = tmp_path / "outputs" / "sweeps" / "grid"
-    assert "CPU threads for this job: 1" in "".join(p.read_text() for p in parallel.glob("*/train.log"))
+    logs = [p.read_text() for p in parallel.glob("*/train.log")]
+    assert len(logs) == 4 and all("CPU threads for this job: 1" in log for log in logs)
     sequential_rows, parallel_rows = summary_rows(grid), summary_rows(parallel)
     assert sequential_rows.keys() == parallel_rows.keys()
     for job, row in parallel_rows.items():
