@@ -164,7 +164,11 @@ def test_tensorboard_server_shows_one_hparams_row_per_job(grid, tmp_path):
             runs = json.loads(response.read())
     jobs = {job.name: job for job in job_dirs(grid)}
     assert sorted(group["name"] for group in groups) == sorted(jobs)
-    assert {"final/best_val_acc", "final/test_acc", "final/wall_seconds"} <= {m["name"]["tag"] for m in experiment["metricInfos"]}
+    assert {m["name"]["tag"] for m in experiment["metricInfos"]} == set(FINAL_METRICS.values())  # all seven
+    columns = {info["name"]: info.get("type") for info in experiment["hparamInfos"]}
+    assert {"model.depth", "model.width", "optimizer.name", "optimizer.lr", "seed", "trainer.max_epochs"} <= set(columns)
+    assert not {"model", "optimizer", "scheduler", "data", "trainer"} & set(columns)  # named as on the command line
+    assert columns["model.width"] == "DATA_TYPE_STRING"  # a width may be a list: one text column, as written
     for group in groups:
         value = {m["name"]["tag"]: m["value"] for m in group["metricValues"]}["final/best_val_acc"]
         assert value == pytest.approx(metrics(jobs[group["name"]])["val/acc"])
