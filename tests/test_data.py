@@ -4,7 +4,7 @@ from torchvision import datasets
 
 from mlplab.data.datamodule import DataSettings, ImageDataModule, ShardSampler, num_shard_batches, shard_batches
 import mlplab.data.datasets as datasets_module
-from mlplab.data.datasets import CACHE_DIR, DataUnavailableError, _load_once, load_dataset, provide_files
+from mlplab.data.datasets import CACHE_DIR, DataDamagedError, DataUnavailableError, _load_once, load_dataset, provide_files
 from mlplab.model.backbones.mlp import MLP
 from mlplab.model.classifier import ImageClassifier
 from mlplab.data.synthetic import write_cifar_like, write_mnist_like
@@ -119,6 +119,24 @@ def test_cifar_like_batches_parse_with_torchvision(tmp_path, monkeypatch):
     assert torch.equal(datamodule.splits["test"].labels, torch.as_tensor(labels))
     assert torch.equal(datamodule.splits["test"].images, torch.from_numpy(images))  # channels first, as written
     assert datamodule.class_names[0] == "airplane" and len(datamodule.mean) == 3
+
+
+def test_a_damaged_cifar_file_is_named_with_the_remedy(tmp_path, monkeypatch):
+    base = tmp_path / datasets.CIFAR10.base_folder
+    write_cifar_like(base)
+    from torchvision.datasets.utils import calculate_md5
+
+    # The other files pass torchvision's MD5 check; the test batch, cut short, does not.
+    monkeypatch.setattr(datasets.CIFAR10, "train_list", [[f"data_batch_{i}", calculate_md5(base / f"data_batch_{i}")] for i in range(1, 6)])
+    monkeypatch.setattr(datasets.CIFAR10, "test_list", [["test_batch", calculate_md5(base / "test_batch")]])
+    monkeypatch.setattr(datasets.CIFAR10, "meta", {**datasets.CIFAR10.meta, "md5": calculate_md5(base / "batches.meta")})
+    (base / "test_batch").write_bytes((base / "test_batch").read_bytes()[:100])
+    datamodule = ImageDataModule(DataSettings("cifar10", val_size=10, download=False), tmp_path)
+    with pytest.raises(DataDamagedError) as refused:
+        datamodule.setup("fit")
+    message = str(refused.value)
+    assert "CIFAR-10 files in" in message and "damaged" in message and f"delete {base}" in message
+    assert "\n" not in message
 
 
 @pytest.fixture

@@ -161,6 +161,22 @@ def test_predict_on_the_test_set_agrees_with_the_recorded_test_accuracy(test_pre
     assert float(row["probability"]) == pytest.approx(max(float(row[f"p_{name}"]) for name in CLASSES))
 
 
+def test_predict_takes_a_glob_and_the_last_checkpoint(run, synthetic_data_dir, tmp_path):
+    data = load_data(run / "checkpoints" / "last.ckpt", synthetic_data_dir)
+    data.setup("test")
+    for index in range(3):
+        Image.fromarray(data.splits["test"].images[index, 0].numpy()).save(tmp_path / f"image{index}.png")
+    (tmp_path / "notes.txt").write_text("not matched by the glob")
+    result = run_cli(["mlplab-predict", f"run={run}", "checkpoint=last", f"inputs='{tmp_path}/image*.png'",
+                      "format=json"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    predicted = json.loads(result.stdout)
+    assert [Path(p["path"]).name for p in predicted] == ["image0.png", "image1.png", "image2.png"]
+    model = load_model(run / "checkpoints" / "last.ckpt")  # the last checkpoint's own answers
+    expected = model(data.splits["test"].images[:3]).argmax(dim=1).tolist()
+    assert [CLASSES.index(p["class"]) for p in predicted] == expected
+
+
 def png_claiming(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims ``width`` x ``height`` pixels: what a decompression bomb looks like at first."""
     buffer = io.BytesIO()

@@ -141,6 +141,21 @@ def test_two_parallel_workers_share_the_study_without_duplicates(synthetic_data_
     assert len([p for p in sweep_dir.iterdir() if (p / "metrics.json").is_file()]) == 6
 
 
+def test_a_sampled_config_that_is_invalid_is_a_failed_trial_and_the_search_goes_on(synthetic_data_dir, tmp_path):
+    # dropout must be below 1: about half the space is invalid
+    result = search(["model.dropout=interval(0.5, 1.5)", "hydra.sweeper.n_trials=4", "hydra.sweeper.max_failure_ratio=1",
+                     "hydra.sweeper.sampler._target_=optuna.samplers.RandomSampler", "hydra.sweeper.sampler.seed=3"],
+                    tmp_path, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep_dir = tmp_path / "outputs" / "sweeps" / "search"
+    trials = study_of(sweep_dir).get_trials()
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    assert failed and all(t.params["model.dropout"] >= 1 for t in failed)
+    assert all("model.dropout must satisfy 0 <= p < 1" in t.user_attrs["error"] for t in failed)
+    assert all("job" not in t.user_attrs for t in failed)  # refused before training: no job folder
+    assert all(t.state.name == "COMPLETE" and t.params["model.dropout"] < 1 for t in trials if t not in failed)
+
+
 def test_a_search_without_dimensions_or_with_a_sweep_it_cannot_sample_is_refused(synthetic_data_dir, tmp_path):
     result = search(["model.width=16"], tmp_path, synthetic_data_dir)
     assert result.returncode == 2 and "no dimensions" in result.stderr

@@ -230,6 +230,14 @@ def test_killed_sweep_resumes_where_it_stopped(synthetic_data_dir, tmp_path):
     first, second = job_dirs(sweep_dir)  # the third never started
     assert metrics(first)["status"] == "completed" and metrics(second)["status"] == "running"
     finished_files = file_stamps(first)
+    report = run_cli(["mlplab-report", str(sweep_dir)], tmp_path)  # mid-sweep: from jobs.json and the folders
+    assert report.returncode == 0, report.stderr[-2000:]
+    statuses = {row["job"]: row["status"] for row in summary_rows(sweep_dir).values()}
+    assert sorted(statuses.values()) == ["completed", "interrupted", "pending"]  # killed: not "running"
+    assert statuses[second.name] == "interrupted"
+    listed = json.loads((sweep_dir / "jobs.json").read_text())
+    assert len(listed) == 3 and [job["dir"] for job in listed][:2] == [first.name, second.name]
+    assert all("seed=" in " ".join(job["overrides"]) for job in listed)
 
     result = sweep(args, tmp_path, synthetic_data_dir)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -240,6 +248,21 @@ def test_killed_sweep_resumes_where_it_stopped(synthetic_data_dir, tmp_path):
     assert [point["epoch"] for point in resumed["history"]] == [1, 2, 3]
     assert {row["status"] for row in summary_rows(sweep_dir).values()} == {"completed"}
     assert len(summary_rows(sweep_dir)) == 3
+
+
+def test_over_seeds_table_averages_each_configuration(synthetic_data_dir, tmp_path):
+    result = sweep(["model.width=16,32", "seed=1,2", "optimizer.lr=0.0003", "sweep=seeds"], tmp_path, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep_dir = tmp_path / "outputs" / "sweeps" / "seeds"
+    text = (sweep_dir / "summary.md").read_text()
+    seeds_section = text.split("## Over seeds")[1].split("\n## ")[0]
+    rows = [line.split("|")[1:-1] for line in seeds_section.splitlines() if line.startswith("| ")][2:]
+    assert len(rows) == 2  # one per width, over its two seeds
+    for width, count, val_mean, _, test_mean, _ in ([cell.strip() for cell in row] for row in rows):
+        jobs = [job for job in job_dirs(sweep_dir) if f"model.width={width}," in job.name + ","]
+        assert count == "2" and len(jobs) == 2
+        assert float(val_mean) == pytest.approx(sum(metrics(job)["val/acc"] for job in jobs) / 2, abs=1e-4)
+        assert float(test_mean) == pytest.approx(sum(metrics(job)["test/acc"] for job in jobs) / 2, abs=1e-4)
 
 
 def test_two_processes_on_one_sweep_train_each_job_once(synthetic_data_dir, tmp_path):
