@@ -71,3 +71,14 @@ class FailOnceWithOSError(Callback):
         if trainer.current_epoch == self.epoch and not os.path.exists(self.marker):
             open(self.marker, "w").close()
             raise OSError(28, "No space left on device")
+
+
+class RaiseAtStart(Callback):
+    """A job's own error (not its environment's): raises when training starts if ``fail``."""
+
+    def __init__(self, fail: bool):
+        self.fail = fail
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.fail:
+            raise RuntimeError("this trial's own bug")

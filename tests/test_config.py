@@ -156,7 +156,9 @@ def test_job_directory_names_are_one_path_component_of_bounded_length():
 USER_KEYS = ["model.depth", "model.width", "model.activation", "model.dropout", "model.output_activation",
              "optimizer.lr", "optimizer.weight_decay", "optimizer.momentum", "scheduler.min_lr", "data.batch_size",
              "data.eval_batch_size", "data.val_size", "data.split_seed", "trainer.max_epochs", "trainer.deterministic",
-             "trainer.limit_train_batches", "trainer.gradient_clip_val", "checkpoint.every_n_steps", "seed"]
+             "trainer.limit_train_batches", "trainer.gradient_clip_val", "checkpoint.every_n_steps", "seed",
+             "trainer.precision", "trainer.accelerator", "trainer.devices", "trainer.strategy",
+             "trainer.log_every_n_steps", "trainer.num_sanity_val_steps", "data.name", "data.download"]
 VALUES = st.one_of(  # plausible values as often as wild ones, so that both paths are exercised
     st.integers(0, 8).map(str),
     st.floats(0, 1).map(repr),
@@ -203,6 +205,8 @@ def test_any_value_on_the_command_line_trains_or_is_refused_naming_the_key(key, 
     numbers = [int(n) for n in re.findall(r"\d+", value)]
     assume(not (key == "model.depth" and any(n > 16 for n in numbers)))
     assume(not (key == "model.width" and any(n > 2048 for n in numbers)))
+    # Several devices on the CPU is data-parallel training: processes of their own (tests/test_scale_out.py).
+    assume(not (key == "trainer.devices" and value.strip().isdigit() and int(value) > 1))
     override = f"{key}={value}"
     cwd = Path(tempfile.mkdtemp(dir=tmp_path))
     code, output = forked_cli.run([*SYNTHETIC_RUN, f"paths.data_dir={synthetic_data_dir}", "trainer.limit_val_batches=1",

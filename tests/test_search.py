@@ -156,6 +156,25 @@ def test_a_sampled_config_that_is_invalid_is_a_failed_trial_and_the_search_goes_
     assert all(t.state.name == "COMPLETE" and t.params["model.dropout"] < 1 for t in trials if t not in failed)
 
 
+def test_a_failing_trial_is_told_failed_with_its_error_and_the_search_goes_on(synthetic_data_dir, tmp_path):
+    result = search(["+callbacks.boom._target_=probes.RaiseAtStart", "+callbacks.boom.fail=choice(true, false)",
+                     "hydra.sweeper.n_trials=4", "hydra.sweeper.max_failure_ratio=1",
+                     "hydra.sweeper.sampler._target_=optuna.samplers.RandomSampler", "hydra.sweeper.sampler.seed=0"],
+                    tmp_path, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep_dir = tmp_path / "outputs" / "sweeps" / "search"
+    trials = study_of(sweep_dir).get_trials()
+    assert len(trials) == 4 and {t.params["+callbacks.boom.fail"] for t in trials} == {True, False}
+    for trial in trials:
+        job = json.loads((sweep_dir / trial.user_attrs["job"] / "metrics.json").read_text())
+        if trial.params["+callbacks.boom.fail"]:
+            assert trial.state.name == "FAIL" and "this trial's own bug" in trial.user_attrs["error"]
+            assert job["status"] == "failed"  # its own error: started over if the search is run again
+        else:
+            assert trial.state.name == "COMPLETE" and job["status"] == "completed"
+    assert "## Failed" in (sweep_dir / "summary.md").read_text()
+
+
 def test_a_search_without_dimensions_or_with_a_sweep_it_cannot_sample_is_refused(synthetic_data_dir, tmp_path):
     result = search(["model.width=16"], tmp_path, synthetic_data_dir)
     assert result.returncode == 2 and "no dimensions" in result.stderr

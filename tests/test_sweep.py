@@ -17,10 +17,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from conftest import SYNTHETIC_RUN, run_cli, tensorboard_server
-from mlplab.run.views.hparams import FINAL_METRICS
 from mlplab.sweeps.jobs import gpu_slot, threads_per_job
 
 BIN = Path(sys.executable).parent
+# metrics.json key -> the HParams column (a scalar tag of its own) a user compares runs by; as the README lists them.
+FINAL_METRICS = {"val/acc": "final/best_val_acc", "val/loss": "final/best_val_loss", "test/acc": "final/test_acc",
+                 "test/loss": "final/test_loss", "epochs": "final/epochs", "wall_seconds": "final/wall_seconds",
+                 "num_parameters": "final/num_parameters"}
 GRID = ["model.depth=1,2", "model.width=16,32", "trainer.max_epochs=2"]
 SLOW_JOBS = ["data.batch_size=2", "trainer.max_epochs=3"]  # a few seconds per job: time to kill or contend
 
