@@ -244,3 +244,23 @@ def test_a_read_only_place_for_runs_is_one_clear_line(synthetic_data_dir, tmp_pa
     assert "mlplab-train: error: cannot write run directories under /sys" in result.stderr
     elsewhere = run_cli(["mlplab-train", *SYNTHETIC_RUN, f"hydra.run.dir={read_only}/run"], tmp_path, synthetic_data_dir)
     assert elsewhere.returncode == 2 and "hydra.run.dir=<a writable path>" in elsewhere.stderr
+
+
+def test_a_second_signal_stops_at_once(synthetic_data_dir, tmp_path):
+    # Steps of 20 s: one signal waits for the step to end (seconds away); a second must not.
+    process = start([*RUN, "+callbacks.pace={_target_:probes.PaceSteps,seconds:20}"], tmp_path, synthetic_data_dir)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "outputs" / "runs").glob("*/metrics.json")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(3)  # training under way: inside the first step's pause
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    second = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert time.monotonic() - second < 10, "the second signal waited for the step"
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    run_dir = run_dir_of(tmp_path)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and metrics["step"] == 1  # stopped in the pause after the first step,
+    assert not (run_dir / "checkpoints" / "last.ckpt").exists()  # before the checkpoint one signal would have waited for
