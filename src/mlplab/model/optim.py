@@ -31,6 +31,11 @@ class OptimizerSettings:
         if self.momentum and self.name != "sgd":
             raise ValueError("momentum applies only to optimizer=sgd")
 
+    @property
+    def state_per_parameter(self) -> int:
+        """Values the optimizer keeps per parameter: Adam's two moments, SGD's momentum buffer."""
+        return 2 if self.name in ("adam", "adamw") else int(self.momentum > 0)
+
     def build(self, parameters: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
         # fused: one kernel updates every parameter (CPU and CUDA); the default loops over parameters in Python,
         # which on the CPU costs 0.6 ms per step against 0.2 ms for the default network. Same update up to rounding.

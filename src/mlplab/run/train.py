@@ -22,7 +22,8 @@ from mlplab.run.checkpoints import ResumePoints, StopRequested
 from mlplab.run.config import RunConfig
 from mlplab.run.history import EpochHistory
 from mlplab.run.records import MONITOR, write_metrics
-from mlplab.run.trainer import build_trainer, end_ranks, quiet_lightning, require_batches, require_memory_for
+from mlplab.run.trainer import (build_trainer, end_ranks, quiet_lightning, require_batches, require_memory_for,
+                                training_peak_bytes)
 from mlplab.run.views.hparams import log_hparams
 
 log = logging.getLogger(__name__)
@@ -32,15 +33,19 @@ class Pruned(Exception):
     """Raised by a callback (a search's pruning) to end the run early by decision, not failure: status pruned."""
 
 
-def build_model(config: RunConfig, datamodule: ImageDataModule) -> ImageClassifier:
+def build_model(config: RunConfig, datamodule: ImageDataModule, processes: int) -> tuple[ImageClassifier, int]:
+    """The model, after checking that training it fits in memory; and the estimated peak memory of this process."""
     input_shape, num_classes = datamodule.input_shape, len(datamodule.class_names)
+    parameters, activations = config.model.planned_size(input_shape, num_classes)
+    peak = training_peak_bytes(parameters, config.optimizer.state_per_parameter, activations,
+                               config.data.batch_size, config.data.eval_batch_size)
     size_keys = [f"model.{name}" for name in config.model.size_settings] or ["model"]
-    require_memory_for(config.model.planned_parameters(input_shape, num_classes), size_keys)
+    estimate = require_memory_for(peak, processes, parameters, size_keys)
     return ImageClassifier(
         config.model, input_shape, num_classes, config.optimizer, config.scheduler,
         max_epochs=config.trainer.max_epochs, input_mean=datamodule.mean, input_std=datamodule.std,
         class_names=datamodule.class_names,
-    )
+    ), estimate
 
 
 def train(
@@ -71,10 +76,11 @@ def train(
         datamodule.prepare_data()
     datamodule.setup("fit")
     require_batches(config.trainer, datamodule)
-    model = build_model(config, datamodule)
+    model, memory_estimate = build_model(config, datamodule, trainer.world_size)
     log.info("Run directory: %s", run_dir)
 
-    metrics: dict[str, Any] = {"status": "running", "num_parameters": count_parameters(model.network)}
+    metrics: dict[str, Any] = {"status": "running", "num_parameters": count_parameters(model.network),
+                               "memory_estimate_bytes": memory_estimate}
     if trainer.is_global_zero:
         write_metrics(run_dir, metrics)  # a sweep report can tell running jobs from pending ones
     # Lightning sets this at import so device checks cannot initialise CUDA before a fork. With it set, torch's

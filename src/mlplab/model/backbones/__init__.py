@@ -22,10 +22,18 @@ class Backbone:
     def build(self, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
         raise NotImplementedError
 
-    def planned_parameters(self, input_shape: tuple[int, ...], num_classes: int) -> int:
-        """The parameter count ``build`` would produce, without allocating their memory."""
+    def planned_size(self, input_shape: tuple[int, ...], num_classes: int) -> tuple[int, int]:
+        """(parameters, activation values per sample) of the network ``build`` would make, without allocating
+        either: built and run on the meta device, every layer's output counted."""
+        outputs = []
         with torch.device("meta"):
-            return count_parameters(self.build(input_shape, num_classes))
+            network = self.build(input_shape, num_classes)
+            hooks = [module.register_forward_hook(lambda _, __, out: outputs.append(out.numel()))
+                     for module in network.modules() if not list(module.children())]
+            network(torch.zeros(1, *input_shape))
+        for hook in hooks:
+            hook.remove()
+        return count_parameters(network), sum(outputs)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values, for checkpoints: ``family`` and every field."""
