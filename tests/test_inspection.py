@@ -87,18 +87,29 @@ def test_confusion_matrix_and_per_class_accuracy_equal_the_test_predictions(even
     assert np.trace(expected) / expected.sum() == pytest.approx(recorded)
 
 
-def test_misclassified_grid_shows_the_most_confident_mistakes(events, test_predictions, run, synthetic_data_dir):
-    from mlplab.run.views.figures import image_grid
+def where_in(grid: np.ndarray, patch: np.ndarray) -> list[tuple[int, int]]:
+    """Every (row, column) at which ``patch`` appears, pixel for pixel, in ``grid`` (both H x W x 3)."""
+    height, width = patch.shape[:2]
+    starts = np.argwhere((grid[: grid.shape[0] - height + 1, : grid.shape[1] - width + 1] == patch[0, 0]).all(axis=2))
+    return [(y, x) for y, x in starts if np.array_equal(grid[y:y + height, x:x + width], patch)]
 
+
+def test_misclassified_grid_shows_the_most_confident_mistakes(events, test_predictions, run, synthetic_data_dir):
     wrong = sorted((row for row in test_predictions if row["correct"] == "0"), key=lambda row: -float(row["probability"]))[:32]
     assert wrong, "the run should make mistakes"
     datamodule = load_data(run / "checkpoints" / "best.ckpt", synthetic_data_dir)
     datamodule.setup("test")
-    images = datamodule.splits["test"].images[[int(row["index"]) for row in wrong]]
-    captions = [f"true: {row['label_name']}\npred: {row['predicted_name']} {float(row['probability']):.2f}" for row in wrong]
+    images = datamodule.splits["test"].images[[int(row["index"]) for row in wrong]].numpy()
     (event,) = events.Images("test/misclassified")
-    shown = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)))
-    assert np.array_equal(shown, image_grid(images.numpy(), captions))
+    shown = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"))
+    # Each mistake, enlarged three times (as the README says), is in the grid, in order of confidence: row by row.
+    places = []
+    for image in images:
+        patch = np.repeat(np.repeat(image[0], 3, axis=0), 3, axis=1)
+        found = where_in(shown, np.stack([patch] * 3, axis=-1))
+        assert found, "a mistake is missing from the grid"
+        places.append(found[0])
+    assert places == sorted(places, key=lambda place: (place[0], place[1]))  # reading order
 
 
 def test_histograms_are_off_by_default(synthetic_data_dir, tmp_path):
