@@ -13,7 +13,10 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+
 from conftest import SYNTHETIC_RUN, cli_env
+from mlplab.run.checkpoints import AtomicCheckpointIO
 
 LIMIT_BYTES = 6 * 2**20  # a default network's checkpoint (weights and Adam's state) is about 8 MB
 
@@ -66,3 +69,31 @@ def test_a_sweep_job_the_environment_stopped_resumes_instead_of_starting_over(sy
     assert f"Resuming from {job / 'checkpoints' / 'last.ckpt'}" in second.stdout + second.stderr
     done = json.loads((job / "metrics.json").read_text())
     assert done["status"] == "completed" and [row["epoch"] for row in done["history"]] == [1, 2, 3]
+
+
+WRITE_TWO_CHECKPOINTS = """
+import sys, torch
+from pathlib import Path
+from mlplab.run.checkpoints import AtomicCheckpointIO
+path, io = Path(sys.argv[1]), AtomicCheckpointIO()
+io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, path)
+try:
+    io.save_checkpoint({"state_dict": {"w": torch.zeros(4 * 2**20)}, "global_step": 2}, path)  # 16 MB: no room
+except OSError as error:
+    print("refused:", error)
+"""
+
+
+def test_a_checkpoint_write_the_disk_cannot_hold_leaves_the_previous_one_loadable(tmp_path):
+    with small_place(tmp_path) as (folder, preexec):
+        path = folder / "checkpoints" / "last.ckpt"
+        result = subprocess.run([sys.executable, "-c", WRITE_TWO_CHECKPOINTS, str(path)], capture_output=True, text=True,
+                                timeout=120, preexec_fn=preexec)
+        assert result.returncode == 0 and "refused:" in result.stdout, result.stderr[-2000:]
+        previous = torch.load(path, weights_only=True)
+        assert previous["global_step"] == 1 and torch.equal(previous["state_dict"]["w"], torch.ones(3))
+        assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no partial file left behind
+
+        (path.parent / ".last.ckpt.999999.partial").write_bytes(b"half of a checkpoint from a killed process")
+        AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "global_step": 3}, path)
+        assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # the killed writer's leftover is cleared

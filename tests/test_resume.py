@@ -183,30 +183,6 @@ def test_checkpoints_that_would_run_code_or_are_damaged_are_refused(uninterrupte
         assert result.returncode == 2 and "is not a readable checkpoint" in result.stderr and "Traceback" not in result.stderr
 
 
-class FailsHalfWay:
-    """Pickling this fails after the checkpoint's first tensors are written, as a full disk would."""
-
-    def __reduce__(self):
-        raise OSError(28, "No space left on device")
-
-
-def test_a_checkpoint_write_that_fails_half_way_leaves_the_previous_one_loadable(tmp_path):
-    from mlplab.run.checkpoints import AtomicCheckpointIO
-
-    path = tmp_path / "checkpoints" / "last.ckpt"
-    io = AtomicCheckpointIO()
-    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, path)
-    with pytest.raises(OSError, match="No space left"):
-        io.save_checkpoint({"state_dict": {"w": torch.zeros(1000)}, "global_step": 2, "broken": FailsHalfWay()}, path)
-    previous = torch.load(path, weights_only=True)
-    assert previous["global_step"] == 1 and torch.equal(previous["state_dict"]["w"], torch.ones(3))
-    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no partial file left behind
-
-    (path.parent / ".last.ckpt.999999.partial").write_bytes(b"half of a checkpoint from a killed process")
-    io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "global_step": 3}, path)
-    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # the killed writer's leftover is cleared
-
-
 def test_an_unwritable_checkpoint_folder_is_one_clear_line(synthetic_data_dir, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()

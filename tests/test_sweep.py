@@ -302,10 +302,10 @@ def test_dry_run_lists_jobs_and_what_is_done_without_training(grid, synthetic_da
     assert len(job_dirs(grid)) == 4  # nothing new trained
 
 
-def test_parallel_jobs_share_cores_and_take_distinct_gpus(tmp_path):
-    cores = len(os.sched_getaffinity(0))
-    assert threads_per_job(None) is None and threads_per_job(1) is None
-    assert threads_per_job(2) == max(1, cores // 2) and threads_per_job(-1) == 1
+def test_parallel_jobs_share_cores_and_take_distinct_gpus(tmp_path, monkeypatch):
+    assert threads_per_job(None) is None and threads_per_job(1) is None  # one job at a time: all the cores
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))  # a machine of 8 cores
+    assert [threads_per_job(jobs) for jobs in (2, 3, 4, 8, 16, -1)] == [4, 2, 2, 1, 1, 1]
     with gpu_slot(tmp_path, 2) as first, gpu_slot(tmp_path, 2) as second, gpu_slot(tmp_path, 2) as third:
         assert (first, second, third) == (0, 1, 0)  # a third job shares rather than waits
     with gpu_slot(tmp_path, 2) as again:
