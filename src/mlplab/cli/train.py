@@ -160,6 +160,8 @@ class RunRequest:
 
 
 class RunWriteError(MlplabError):
+    """The run's files could not be written (a full disk, an unwritable folder); it can be resumed."""
+
     exit_status = 1
 
 
