@@ -142,34 +142,14 @@ def test_killed_ddp_run_resumes_and_completes(synthetic_data_dir, tmp_path):
     assert len(list((tmp_path / "outputs" / "runs").iterdir())) == 1
 
 
-def test_sigterm_to_rank_zero_stops_every_rank_with_a_checkpoint(synthetic_data_dir, tmp_path):
-    args = [*RUN, "trainer.max_epochs=3", "checkpoint.every_n_steps=0", "+callbacks.pace._target_=probes.PaceSteps",
-            "+callbacks.pace.seconds=0.1"]
-    process = subprocess.Popen([str(Path(sys.executable).parent / "mlplab-train"), *args], cwd=tmp_path,
-                               env=cli_env(synthetic_data_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
-    deadline = time.time() + 120
-    while not list((tmp_path / "outputs" / "runs").glob("*/checkpoints/best.ckpt")) and time.time() < deadline:
-        time.sleep(0.1)
-    process.send_signal(signal.SIGTERM)  # rank 0 only: rank 1 learns of it at the next step
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
-    (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["status"] == "interrupted" and metrics["stopped_by"] == "SIGTERM"
-    assert 8 < metrics["step"] < 24  # in the second or third epoch (8 steps each), not at its end
-    result = run_cli(["mlplab-train", f"resume={run_dir}"], tmp_path, synthetic_data_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "completed"
-
-
 def rank_processes(parent: int) -> list[int]:
     """The pids of the other ranks a run's first process started (python -m mlplab.cli.rank)."""
     children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
     return [int(pid) for pid in children if b"mlplab.cli.rank" in Path(f"/proc/{pid}/cmdline").read_bytes()]
 
 
-def test_sigterm_to_rank_one_stops_every_rank_with_a_checkpoint(synthetic_data_dir, tmp_path):
+@pytest.mark.parametrize("rank", [0, 1])
+def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(rank, synthetic_data_dir, tmp_path):
     args = [*RUN, "trainer.max_epochs=3", "checkpoint.every_n_steps=0", "+callbacks.pace._target_=probes.PaceSteps",
             "+callbacks.pace.seconds=0.1"]
     process = subprocess.Popen([str(Path(sys.executable).parent / "mlplab-train"), *args], cwd=tmp_path,
@@ -179,7 +159,7 @@ def test_sigterm_to_rank_one_stops_every_rank_with_a_checkpoint(synthetic_data_d
     while not list((tmp_path / "outputs" / "runs").glob("*/checkpoints/best.ckpt")) and time.time() < deadline:
         time.sleep(0.1)
     (rank_one,) = rank_processes(process.pid)
-    os.kill(rank_one, signal.SIGTERM)  # rank 1 only: rank 0 learns of it at the next step
+    os.kill(process.pid if rank == 0 else rank_one, signal.SIGTERM)  # one rank: the other learns of it at the next step
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
