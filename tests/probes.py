@@ -11,10 +11,10 @@ from lightning.pytorch import Callback
 
 
 class StopAfterOneStep(Callback):
-    """Ends training after its first optimizer step."""
+    """Ends training after its first optimizer step (several batches with trainer.accumulate_grad_batches)."""
 
     def on_train_batch_end(self, trainer, *args) -> None:
-        trainer.should_stop = True
+        trainer.should_stop = trainer.global_step >= 1
 
 
 class SignalDuringValidation(Callback):

@@ -30,7 +30,7 @@ def test_defaults():
     config = parsed()
     assert (config.model.depth, config.model.width, config.model.activation) == (2, 512, "relu")
     assert config.data.name == "fashion_mnist" and config.data.batch_size == 128 and config.data.val_size == 5000
-    assert config.optimizer.name == "adam" and config.scheduler.name == "none"
+    assert config.optimizer.target == "torch.optim.Adam" and config.scheduler.target is None
     assert config.trainer.max_epochs == 10 and config.seed == 42
 
 
@@ -73,6 +73,11 @@ def own_values(path: Path, group: str) -> dict[str, object]:
 
 
 def setting(config, dotted: str):
+    group, _, key = dotted.partition(".")
+    if group in ("optimizer", "scheduler"):  # a class path and its arguments, as the config writes them
+        return getattr(config, group).as_dict()[key]
+    if group == "trainer" and key in config.trainer.options:  # a Lightning argument mlplab passes on as given
+        return config.trainer.options[key]
     value = config
     for part in dotted.split("."):
         value = getattr(value, part)
@@ -109,7 +114,7 @@ def test_every_logger_option_is_the_logger_it_names(option):
 
 def test_list_width_and_sgd_settings_pass():
     config = parsed("model.depth=2", "model.width=[64,32]", "optimizer=sgd", "optimizer.momentum=0.5")
-    assert config.model.width == [64, 32] and config.optimizer.momentum == 0.5
+    assert config.model.width == [64, 32] and config.optimizer.arguments["momentum"] == 0.5
     assert isinstance(parsed("optimizer.lr=1").optimizer.lr, float)
 
 
@@ -154,11 +159,12 @@ def test_job_directory_names_are_one_path_component_of_bounded_length():
 # --- any value for any key, through the command line: trains, or is refused in one line naming the key --------
 
 USER_KEYS = ["model.depth", "model.width", "model.activation", "model.dropout", "model.output_activation",
-             "optimizer.lr", "optimizer.weight_decay", "optimizer.momentum", "scheduler.min_lr", "data.batch_size",
+             "optimizer.lr", "optimizer.weight_decay", "optimizer.momentum", "scheduler.eta_min", "data.batch_size",
              "data.eval_batch_size", "data.val_size", "data.split_seed", "trainer.max_epochs", "trainer.deterministic",
              "trainer.limit_train_batches", "trainer.gradient_clip_val", "checkpoint.every_n_steps", "seed",
              "trainer.precision", "trainer.accelerator", "trainer.devices", "trainer.strategy",
-             "trainer.log_every_n_steps", "trainer.num_sanity_val_steps", "data.name", "data.download"]
+             "trainer.log_every_n_steps", "trainer.num_sanity_val_steps", "data.name", "data.download",
+             "trainer.accumulate_grad_batches", "trainer.max_time", "trainer.val_check_interval"]
 VALUES = st.one_of(  # plausible values as often as wild ones, so that both paths are exercised
     st.integers(0, 8).map(str),
     st.floats(0, 1).map(repr),

@@ -119,7 +119,7 @@ def test_hparams_in_each_jobs_own_event_files(grid):
     for job in job_dirs(grid):
         assert [p.parent for p in job.rglob("events.out.tfevents.*")] == [job] * len(list(job.glob("events.*")))
         session = hparams_session(job)
-        for key in ("data.name", "model.depth", "model.width", "model.activation", "model.dropout", "optimizer.name",
+        for key in ("data.name", "model.depth", "model.width", "model.activation", "model.dropout", "optimizer._target_",
                     "optimizer.lr", "optimizer.weight_decay", "data.batch_size", "trainer.max_epochs", "seed"):
             assert key in session["hparams"], key
         config = (job / ".hydra" / "config.yaml").read_text()
@@ -138,7 +138,8 @@ def test_hparams_have_one_column_per_setting_named_as_on_the_command_line(synthe
     hparams = hparams_session(run_dir)["hparams"]
     # a group's choice is shown by its settings' columns, not as a column of its own beside them
     assert "optimizer" not in hparams and "scheduler" not in hparams
-    assert hparams["optimizer.name"] == "adamw" and hparams["scheduler.name"] == "cosine"
+    assert hparams["optimizer._target_"] == "torch.optim.AdamW"
+    assert hparams["scheduler._target_"] == "torch.optim.lr_scheduler.CosineAnnealingLR"
     assert hparams["model.width"] == "[32, 16]"  # a list, as written
 
 
@@ -169,7 +170,7 @@ def test_tensorboard_server_shows_one_hparams_row_per_job(grid, tmp_path):
     assert sorted(group["name"] for group in groups) == sorted(jobs)
     assert {m["name"]["tag"] for m in experiment["metricInfos"]} == set(FINAL_METRICS.values())  # all seven
     columns = {info["name"]: info.get("type") for info in experiment["hparamInfos"]}
-    assert {"model.depth", "model.width", "optimizer.name", "optimizer.lr", "seed", "trainer.max_epochs"} <= set(columns)
+    assert {"model.depth", "model.width", "optimizer._target_", "optimizer.lr", "seed", "trainer.max_epochs"} <= set(columns)
     assert not {"model", "optimizer", "scheduler", "data", "trainer"} & set(columns)  # named as on the command line
     assert columns["model.width"] == "DATA_TYPE_STRING"  # a width may be a list: one text column, as written
     for group in groups:

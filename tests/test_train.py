@@ -39,13 +39,13 @@ def test_same_seed_same_result_other_seed_other_result(synthetic_data_dir, tmp_p
     assert not torch.equal(weights["a"]["network.1.weight"], weights["c"]["network.1.weight"])
 
 
-def test_cosine_schedule_anneals_over_max_epochs_towards_min_lr(synthetic_data_dir, tmp_path):
-    metrics = run(synthetic_data_dir, tmp_path, "scheduler=cosine", "scheduler.min_lr=0.0001", "trainer.max_epochs=2")
+def test_cosine_schedule_anneals_over_max_epochs_towards_eta_min(synthetic_data_dir, tmp_path):
+    metrics = run(synthetic_data_dir, tmp_path, "scheduler=cosine", "scheduler.eta_min=0.0001", "trainer.max_epochs=2")
     assert metrics["status"] == "completed" and metrics["epochs"] == 2
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     (scheduler,) = state["lr_schedulers"]
-    # Epoch e trains at min_lr + (lr - min_lr) * (1 + cos(pi * e / T)) / 2, T = max_epochs; last.ckpt is written
-    # after the last epoch's step, where the schedule has reached min_lr.
+    # Epoch e trains at eta_min + (lr - eta_min) * (1 + cos(pi * e / T)) / 2, T = max_epochs; last.ckpt is written
+    # after the last epoch's step, where the schedule has reached eta_min.
     assert scheduler["T_max"] == 2 and scheduler["last_epoch"] == 2
     assert scheduler["_last_lr"] == [pytest.approx(0.0001 + (0.001 - 0.0001) * (1 + math.cos(math.pi * 2 / 2)) / 2)]
     best = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True)["lr_schedulers"][0]

@@ -15,12 +15,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mlplab.model.backbones import backbone_class
-from mlplab.run.config import NON_EXPERIMENT_KEYS, SECTIONS, ConfigError, RunConfig, parse_run_config
+from mlplab.run.config import CLASS_SECTIONS, NON_EXPERIMENT_KEYS, SECTIONS, ConfigError, RunConfig, parse_run_config
 from mlplab.run.records import MONITOR, MONITOR_MODE, find_checkpoint
-from mlplab.run.trainer import require_accelerator
+from mlplab.run.trainer import check_trainer_option, require_accelerator
 
-# An installed console script has no sensible working directory to look in: the configs live beside the package.
-CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "conf")
+# The configs ship inside the package (a wheel installs them too); users add their own with --config-dir.
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def job_dirname(overrides: str) -> str:
@@ -92,8 +92,17 @@ def describe_config_error(error: Exception) -> str:
         return f"{key}: {reason}"
     section, _, name = key.partition(".")
     fields = _fields_of(section) if "." not in name else []
-    if name in fields:  # e.g. optimizer.momentum with optimizer=adam
-        having = sorted(p.stem for p in (Path(CONFIG_DIR) / section).glob("*.yaml") if name in (OmegaConf.load(p) or {}))
+    having = sorted(p.stem for p in (Path(CONFIG_DIR) / section).glob("*.yaml") if name in (OmegaConf.load(p) or {}))
+    if section in CLASS_SECTIONS:  # any keyword argument of the chosen class, checked against it once composed
+        options = f"{section} options that have it: {', '.join(having)}; or " if having else ""
+        return f"{key}: not a setting of the chosen {section}; {options}add it as +{key}=... if its class takes it"
+    if section == "trainer" and "." not in name:  # any Lightning Trainer argument, added with +
+        try:
+            check_trainer_option(name)
+        except ValueError as refused:
+            return f"trainer.{refused}"
+        return f"{key}: not in the trainer config; add it as +{key}=..."
+    if name in fields:  # e.g. model.width with a family that has no width
         return f"{key}: not a setting of the chosen {section}; {section} options that have it: {', '.join(having)}"
     if fields:
         return f"{key}: unknown key; allowed: {', '.join(fields)}"

@@ -168,7 +168,7 @@ class RunWriteError(MlplabError):
 def resumed_config(cfg: DictConfig, given: list[str]) -> tuple[DictConfig, list[str]]:
     """The config of the run ``resume=`` names, composed from its own overrides and the changes allowed now."""
     run_dir, checkpoint = find_checkpoint(cfg.resume, "last")
-    original = [str(o) for o in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")]
+    original = [upgraded_override(str(o)) for o in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")]
     changes = [o for o in given if override_key(o) != "resume" and o not in original]
     for change in changes:
         if override_key(change) not in RESUMABLE_KEYS:
@@ -181,9 +181,18 @@ def resumed_config(cfg: DictConfig, given: list[str]) -> tuple[DictConfig, list[
     return compose(config_name="train", overrides=[*overrides, f"resume={quoted(checkpoint)}"]), overrides
 
 
+# Keys of mlplab 0.2 that are written differently now; a resumed run of that version repeats its overrides.
+RENAMED_KEYS = {"optimizer.name": "optimizer", "scheduler.name": "scheduler", "scheduler.min_lr": "scheduler.eta_min"}
+
+
+def upgraded_override(override: str) -> str:
+    key = override_key(override)
+    return override.replace(key, RENAMED_KEYS[key], 1) if key in RENAMED_KEYS else override
+
+
 def command_line_values(overrides: list[str], groups: set[str]) -> dict[str, str]:
     """``key: value`` of each setting the user typed, leaving out those that do not define the experiment and the
-    choices of config groups (``optimizer=adamw``: its settings are columns of their own, ``optimizer.name``)."""
+    choices of config groups (``optimizer=adamw``: its settings are columns of their own, ``optimizer._target_``)."""
     values = {}
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -11,6 +10,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
@@ -60,11 +60,11 @@ class ImageClassifier(L.LightningModule):
     ):
         super().__init__()
         backbone = backbone_from_dict(backbone) if isinstance(backbone, dict) else backbone
-        self.optimizer_settings = OptimizerSettings(**optimizer) if isinstance(optimizer, dict) else optimizer
-        self.schedule_settings = ScheduleSettings(**scheduler) if isinstance(scheduler, dict) else scheduler
+        self.optimizer_settings = OptimizerSettings.from_dict(optimizer) if isinstance(optimizer, dict) else optimizer
+        self.schedule_settings = ScheduleSettings.from_dict(scheduler) if isinstance(scheduler, dict) else scheduler
         self.save_hyperparameters({
             "backbone": backbone.as_dict(), "input_shape": list(input_shape), "num_classes": num_classes,
-            "optimizer": dataclasses.asdict(self.optimizer_settings), "scheduler": dataclasses.asdict(self.schedule_settings),
+            "optimizer": self.optimizer_settings.as_dict(), "scheduler": self.schedule_settings.as_dict(),
             "max_epochs": max_epochs, "input_mean": list(input_mean), "input_std": list(input_std),
             "class_names": list(class_names),
         })
@@ -135,7 +135,7 @@ class ImageClassifier(L.LightningModule):
         loss = self._shared_step(batch, "train")
         # On the CPU the check is free, so a diverged loss stops the run before its step reaches the weights.
         if loss.device.type == "cpu" and not torch.isfinite(loss):
-            self._diverged(float(loss), self.global_step + 1)
+            self._diverged(float(loss.detach()), self.global_step + 1)
         return loss
 
     @override
@@ -175,6 +175,16 @@ class ImageClassifier(L.LightningModule):
     @override
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")
+        schedule = self.lr_schedulers() if self._trainer and self.trainer.state.fn == "fit" else None
+        if isinstance(schedule, ReduceLROnPlateau) and not self.trainer.sanity_checking:
+            schedule.step(self.trainer.callback_metrics[self.schedule_settings.monitor])
+
+    @override
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        # Lightning steps a ReduceLROnPlateau after the epoch's checkpoints are written, and skips that step when a
+        # run resumes from them; stepped above instead, before they are written, a resumed run goes on exactly.
+        if not isinstance(scheduler, ReduceLROnPlateau):
+            super().lr_scheduler_step(scheduler, metric)
 
     @override
     def on_test_epoch_end(self) -> None:
@@ -208,7 +218,7 @@ class ImageClassifier(L.LightningModule):
     @override
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_settings.build(self.parameters())
-        schedule = self.schedule_settings.build(optimizer, self.hparams.max_epochs)
+        schedule = self.schedule_settings.build(optimizer, self.hparams.max_epochs, self.trainer.estimated_stepping_batches)
         return optimizer if schedule is None else {"optimizer": optimizer, "lr_scheduler": schedule}
 
 

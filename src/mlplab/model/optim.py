@@ -1,62 +1,214 @@
-"""The optimizer and the learning-rate schedule: the settings of ``optimizer=...`` and ``scheduler=...``."""
+"""The optimizer and the learning-rate schedule: any ``torch.optim`` class by its path (``_target_``) with its own
+keyword arguments, as ``optimizer=...`` and ``scheduler=...`` give them.
+
+Both are kept as plain values (a class path and its arguments), so checkpoints load with ``weights_only=True``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+import difflib
+import importlib
+import inspect
+import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-SCHEDULES = ("none", "cosine")
+# fused: one kernel updates every parameter (CPU and CUDA); the default loops over parameters in Python, which on
+# the CPU costs 0.6 ms per step against 0.2 ms for the default network. Same update up to rounding.
+FUSED_BY_DEFAULT = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+# The names mlplab 0.1 and 0.2 stored for the optimizer (``name``); checkpoints and runs of theirs still load.
+OPTIMIZER_NAMES = {"adam": "torch.optim.Adam", "adamw": "torch.optim.AdamW", "sgd": "torch.optim.SGD"}
+INTERVALS = ("epoch", "step")
+
+
+def _class_at(path: Any, base: type, kind: str = "", example: str = "") -> type:
+    """The class a dotted path names, which must derive from ``base``; ValueError otherwise."""
+    wanted = f"_target_ must be the path of {kind} class (e.g. {example})"
+    module_name, _, name = str(path).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name) if module_name else None
+    except (ImportError, AttributeError, ValueError):
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ValueError(f"{wanted}; got {path!r}")
+    return cls
+
+
+def _check_arguments(cls: type, path: str, arguments: dict[str, Any], skipped: tuple[str, ...]) -> None:
+    """Refuse keyword arguments ``cls`` does not take, naming the closest it does."""
+    taken = [name for name, p in inspect.signature(cls.__init__).parameters.items()
+             if name not in ("self", *skipped) and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for key, value in arguments.items():
+        if key not in taken:
+            close = difflib.get_close_matches(key, taken, n=3)
+            raise ValueError(f"{key}: not an argument of {path}; "
+                             + (f"did you mean {', '.join(close)}?" if close else f"its arguments: {', '.join(taken)}"))
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{key} must be a finite number, got {value}")
+
+
+def _built(cls: type[torch.optim.Optimizer], parameters: Any, arguments: dict[str, Any]) -> torch.optim.Optimizer:
+    fused = {"fused": True} if cls in FUSED_BY_DEFAULT and "fused" not in arguments else {}
+    return cls(parameters, **arguments, **fused)
+
+
+def _example_parameters() -> list[torch.nn.Parameter]:
+    parameter = torch.nn.Parameter(torch.zeros(2))
+    parameter.grad = torch.ones(2)
+    return [parameter]
 
 
 @dataclass(frozen=True)
 class OptimizerSettings:
-    name: str = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.0  # SGD only
+    """``optimizer=...``: a ``torch.optim.Optimizer`` class path and its keyword arguments."""
+
+    target: str = "torch.optim.Adam"
+    arguments: dict[str, Any] = field(default_factory=lambda: {"lr": 1e-3})
 
     def __post_init__(self) -> None:
-        if self.name not in OPTIMIZERS:
-            raise ValueError(f"name must be one of {', '.join(OPTIMIZERS)}; got {self.name!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be a number > 0, got {self.lr}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must satisfy 0 <= m < 1, got {self.momentum}")
-        if self.momentum and self.name != "sgd":
-            raise ValueError("momentum applies only to optimizer=sgd")
+        cls = _class_at(self.target, torch.optim.Optimizer, "a torch.optim optimizer", "torch.optim.RMSprop")
+        _check_arguments(cls, self.target, self.arguments, skipped=("params",))
+        lr = self.arguments.get("lr", 1.0)
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            raise ValueError(f"lr must be a number > 0, got {lr!r}")
+        if problem := self._refusal(self.arguments):
+            # Which argument: the first the class refuses on its own.
+            key = next((key for key in self.arguments if self._refusal({key: self.arguments[key]})), None)
+            where = f"{key}: {self.target} refuses {self.arguments[key]!r}" if key else f"{self.target} refuses these arguments"
+            raise ValueError(f"{where} ({problem})")
+
+    def _refusal(self, arguments: dict[str, Any]) -> str | None:
+        """The class's own objection to ``arguments`` (a negative rate, a wrong type, an overflow in its update)
+        on one step of an example parameter, or None; found now rather than after the data has loaded."""
+        try:
+            _built(self.cls, _example_parameters(), arguments).step()
+        except (ValueError, TypeError, RuntimeError) as error:
+            return str(error).splitlines()[0]
+        return None
+
+    @property
+    def cls(self) -> type[torch.optim.Optimizer]:
+        return _class_at(self.target, torch.optim.Optimizer)
+
+    @property
+    def lr(self) -> float:
+        return float(self.arguments.get("lr", inspect.signature(self.cls.__init__).parameters["lr"].default))
 
     @property
     def state_per_parameter(self) -> int:
-        """Values the optimizer keeps per parameter: Adam's two moments, SGD's momentum buffer."""
-        return 2 if self.name in ("adam", "adamw") else int(self.momentum > 0)
+        """Values the optimizer keeps per parameter (Adam's two moments, SGD's momentum buffer), for the memory
+        estimate: counted after one step on an example parameter."""
+        parameters = _example_parameters()
+        optimizer = self.build(parameters)
+        optimizer.step()
+        return sum(1 for value in optimizer.state[parameters[0]].values()
+                   if torch.is_tensor(value) and value.shape == parameters[0].shape)
 
-    def build(self, parameters: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        # fused: one kernel updates every parameter (CPU and CUDA); the default loops over parameters in Python,
-        # which on the CPU costs 0.6 ms per step against 0.2 ms for the default network. Same update up to rounding.
-        extra = {"momentum": self.momentum} if self.name == "sgd" else {}
-        return OPTIMIZERS[self.name](parameters, lr=self.lr, weight_decay=self.weight_decay, fused=True, **extra)
+    def build(self, parameters: Any) -> torch.optim.Optimizer:
+        return _built(self.cls, parameters, self.arguments)
+
+    def as_dict(self) -> dict[str, Any]:
+        """As the config writes it: ``_target_`` and the arguments."""
+        return {"_target_": self.target, **self.arguments}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> OptimizerSettings:
+        """The inverse of ``as_dict``; also reads what mlplab 0.2 stored (``name``, ``momentum`` for every one)."""
+        values = dict(values)
+        if "name" in values:
+            name = values.pop("name")
+            if name != "sgd":
+                values.pop("momentum", None)
+            values["_target_"] = OPTIMIZER_NAMES[name]
+        return cls(values.pop("_target_"), values)
+
+
+class WarmupCosineLR(LRScheduler):
+    """A linear warm-up over the first ``warmup_fraction`` of the steps, then cosine annealing to ``eta_min``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float = 0.05,
+                 eta_min: float = 0.0, last_epoch: int = -1):
+        if not 0 <= warmup_fraction < 1:
+            raise ValueError(f"warmup_fraction must satisfy 0 <= f < 1, got {warmup_fraction}")
+        self.total_steps, self.eta_min = total_steps, eta_min
+        self.warmup_steps = round(warmup_fraction * total_steps)
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        step = self.last_epoch
+        if step < self.warmup_steps:
+            return [base * (step + 1) / self.warmup_steps for base in self.base_lrs]
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return [self.eta_min + (base - self.eta_min) * (1 + math.cos(math.pi * progress)) / 2 for base in self.base_lrs]
 
 
 @dataclass(frozen=True)
 class ScheduleSettings:
-    name: str = "none"
-    min_lr: float = 0.0  # cosine: the rate reached at the last epoch
+    """``scheduler=...``: a ``torch.optim.lr_scheduler`` class path (None: a constant rate), its keyword arguments,
+    whether it steps per epoch or per optimizer step, and the metric a ReduceLROnPlateau watches.
+
+    Arguments that follow from the run are filled in when not given: ``T_max`` and ``total_steps`` (the epochs or
+    steps of the run, by ``interval``) and ``max_lr`` (the optimizer's ``lr``).
+    """
+
+    target: str | None = None
+    arguments: dict[str, Any] = field(default_factory=dict)
+    interval: str = "epoch"
+    monitor: str = "val/loss"
 
     def __post_init__(self) -> None:
-        if self.name not in SCHEDULES:
-            raise ValueError(f"name must be one of {', '.join(SCHEDULES)}; got {self.name!r}")
-        if not self.min_lr >= 0:
-            raise ValueError(f"min_lr must be a number >= 0, got {self.min_lr}")
+        if self.target is None:
+            if self.arguments:
+                raise ValueError(f"_target_ is null (a constant rate), which takes no arguments; got {', '.join(self.arguments)}")
+            return
+        cls = _class_at(self.target, LRScheduler, "a torch.optim.lr_scheduler", "torch.optim.lr_scheduler.StepLR")
+        _check_arguments(cls, self.target, self.arguments, skipped=("optimizer",))
+        if self.interval not in INTERVALS:
+            raise ValueError(f"interval must be one of {', '.join(INTERVALS)}; got {self.interval!r}")
 
-    def build(self, optimizer: torch.optim.Optimizer, max_epochs: int) -> dict[str, Any] | None:
-        """Lightning's scheduler config, or None for a constant rate."""
-        if self.name == "none":
+    def check_with(self, optimizer: OptimizerSettings) -> None:
+        """Build and step the schedule on an example optimizer; ValueError with the class's reason if it fails."""
+        try:
+            example = optimizer.cls(_example_parameters(), **optimizer.arguments)
+            config = self.build(example, epochs=10, steps=100)
+            for _ in range(10 if config else 0):  # a few steps: some classes use an argument only at a decay
+                example.step()
+                config["scheduler"].step(*([1.0] if "monitor" in config else []))
+        except (ValueError, TypeError, KeyError) as error:
+            raise ValueError(f"{self.target} refuses these arguments with {optimizer.target}: {error}") from None
+
+    def build(self, optimizer: torch.optim.Optimizer, epochs: int, steps: int) -> dict[str, Any] | None:
+        """Lightning's scheduler config for a run of ``epochs`` epochs and ``steps`` optimizer steps, or None."""
+        if self.target is None:
             return None
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs, eta_min=self.min_lr)
-        return {"scheduler": schedule, "interval": "epoch"}
+        cls = _class_at(self.target, LRScheduler)
+        computed = {"T_max": epochs if self.interval == "epoch" else steps,
+                    "total_steps": steps if self.interval == "step" else epochs,
+                    "max_lr": [group["lr"] for group in optimizer.param_groups]}
+        taken = inspect.signature(cls.__init__).parameters
+        arguments = {key: value for key, value in computed.items() if key in taken} | self.arguments
+        config = {"scheduler": cls(optimizer, **arguments), "interval": self.interval}
+        if issubclass(cls, ReduceLROnPlateau):
+            config["monitor"] = self.monitor
+        return config
+
+    def as_dict(self) -> dict[str, Any]:
+        if self.target is None:
+            return {"_target_": None}
+        plateau = issubclass(_class_at(self.target, LRScheduler), ReduceLROnPlateau)
+        return {"_target_": self.target, **self.arguments, "interval": self.interval,
+                **({"monitor": self.monitor} if plateau else {})}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ScheduleSettings:
+        """The inverse of ``as_dict``; also reads what mlplab 0.2 stored (``name``: none or cosine, ``min_lr``)."""
+        values = dict(values)
+        if "name" in values:
+            if values.pop("name") == "none":
+                return cls()
+            return cls("torch.optim.lr_scheduler.CosineAnnealingLR", {"eta_min": values.get("min_lr", 0.0)})
+        options = {key: values.pop(key) for key in ("interval", "monitor") if key in values}
+        return cls(values.pop("_target_", None), values, **options)

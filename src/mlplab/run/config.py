@@ -2,7 +2,8 @@
 
 The schema of each group lives with the code that uses it (``model``: the family's Backbone dataclass,
 ``data``: DataSettings, ``optimizer`` and ``scheduler``: mlplab.model.optim, ``trainer``: TrainerSettings,
-``checkpoint``: CheckpointSettings). This module only checks keys and types and builds them.
+``checkpoint``: CheckpointSettings). This module only checks keys and types and builds them. The optimizer and
+the schedule are open: a class path (``_target_``) and the keyword arguments that class takes.
 """
 
 from __future__ import annotations
@@ -47,15 +48,16 @@ class RunConfig:
     checkpoint: CheckpointSettings
 
 
-SECTIONS = {"data": DataSettings, "optimizer": OptimizerSettings, "scheduler": ScheduleSettings,
-            "trainer": TrainerSettings, "checkpoint": CheckpointSettings}
+SECTIONS = {"data": DataSettings, "trainer": TrainerSettings, "checkpoint": CheckpointSettings}
+# Groups that are a class and its keyword arguments: any key the class takes.
+CLASS_SECTIONS = {"optimizer": OptimizerSettings, "scheduler": ScheduleSettings}
 # Groups of third-party objects (built by the entry point from their _target_), and where things are.
 OPEN_GROUPS = ("logger", "callbacks")
 
 
 def parse_run_config(raw: dict[str, Any]) -> RunConfig:
     """Check a resolved config (plain dict) key by key and return it typed; raises ConfigError."""
-    allowed = {"seed", "paths", "model", *SECTIONS, *OPEN_GROUPS, *COMMAND_KEYS}
+    allowed = {"seed", "paths", "model", *SECTIONS, *CLASS_SECTIONS, *OPEN_GROUPS, *COMMAND_KEYS}
     for key in raw:
         _require(key in allowed, f"{key}: unknown top-level key; allowed: {', '.join(sorted(allowed))}")
     seed = raw.get("seed")
@@ -66,7 +68,13 @@ def parse_run_config(raw: dict[str, Any]) -> RunConfig:
         _require(key == "data_dir", f"paths.{key}: unknown key; allowed: data_dir")
     data_dir = paths.get("data_dir", "data")
     _require(isinstance(data_dir, str), f"paths.data_dir must be a string, got {data_dir!r}")
-    sections = {name: parse_section(name, cls, raw.get(name) or {}) for name, cls in SECTIONS.items()}
+    sections = {name: parse_section(name, cls, raw.get(name) or {}) for name, cls in SECTIONS.items() if name != "trainer"}
+    sections["trainer"] = parse_trainer(raw.get("trainer") or {})
+    sections |= {name: parse_class_section(name, cls, raw.get(name) or {}) for name, cls in CLASS_SECTIONS.items()}
+    try:
+        sections["scheduler"].check_with(sections["optimizer"])
+    except ValueError as error:
+        raise ConfigError(f"scheduler: {error}") from None
     return RunConfig(seed=seed, data_dir=data_dir, model=parse_model(raw.get("model") or {}), **sections)
 
 
@@ -100,6 +108,28 @@ def parse_section(name: str, cls: type, values: dict[str, Any]) -> Any:
         return cls(**converted)
     except ValueError as error:
         raise ConfigError(f"{name}.{error}" if str(error).split(" ")[0] in fields else f"{name}: {error}") from None
+
+
+def parse_trainer(values: dict[str, Any]) -> TrainerSettings:
+    """TrainerSettings: its typed fields checked as any group's; other keys are Lightning Trainer arguments."""
+    _require(isinstance(values, dict), f"trainer must be a group of keys, got {values!r}")
+    typed = {f.name for f in dataclasses.fields(TrainerSettings)} - {"options"}
+    options = {key: value for key, value in values.items() if key not in typed}
+    settings = parse_section("trainer", TrainerSettings, {key: value for key, value in values.items() if key in typed})
+    try:
+        return dataclasses.replace(settings, options=options)
+    except ValueError as error:
+        raise ConfigError(f"trainer.{error}") from None
+
+
+def parse_class_section(name: str, cls: type, values: dict[str, Any]) -> Any:
+    """``cls.from_dict`` of one class-and-arguments group; its messages get the group's name in front."""
+    _require(isinstance(values, dict), f"{name} must be a group of keys, got {values!r}")
+    try:
+        return cls.from_dict(values)
+    except ValueError as error:
+        first = str(error).split(" ")[0].rstrip(":")
+        raise ConfigError(f"{name}.{error}" if first in {*values, "_target_"} else f"{name}: {error}") from None
 
 
 def _require(ok: bool, message: str) -> None:

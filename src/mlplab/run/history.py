@@ -33,6 +33,11 @@ class EpochHistory(Callback):
         """Wall time of the whole run, over all its attempts."""
         return round(self._earlier_seconds + time.perf_counter() - self._started, 3)
 
+    @property
+    def epochs_validated(self) -> int:
+        """Epochs with at least one validation (trainer.val_check_interval can validate several times in one)."""
+        return len({row["epoch"] for row in self.epochs})
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"epochs": self.epochs, "epoch_seconds": self.epoch_seconds, "wall_seconds": self.wall_seconds,

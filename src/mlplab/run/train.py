@@ -19,7 +19,7 @@ from mlplab.errors import one_line
 from mlplab.model.backbones import count_parameters
 from mlplab.model.classifier import DivergedError, ImageClassifier
 from mlplab.run.checkpoints import ResumePoints, StopRequested
-from mlplab.run.config import RunConfig
+from mlplab.run.config import ConfigError, RunConfig
 from mlplab.run.history import EpochHistory
 from mlplab.run.records import MONITOR, write_metrics
 from mlplab.run.trainer import (build_trainer, end_ranks, quiet_lightning, require_batches, require_memory_for,
@@ -36,7 +36,10 @@ class Pruned(Exception):
 def build_model(config: RunConfig, datamodule: ImageDataModule, processes: int) -> tuple[ImageClassifier, int]:
     """The model, after checking that training it fits in memory; and the estimated peak memory of this process."""
     input_shape, num_classes = datamodule.input_shape, len(datamodule.class_names)
-    parameters, activations = config.model.planned_size(input_shape, num_classes)
+    try:
+        parameters, activations = config.model.planned_size(input_shape, num_classes)
+    except ValueError as error:  # a setting that does not suit this data's images, e.g. too many pooling blocks
+        raise ConfigError(f"model.{error}") from None
     peak = training_peak_bytes(parameters, config.optimizer.state_per_parameter, activations,
                                config.data.batch_size, config.data.eval_batch_size)
     size_keys = [f"model.{name}" for name in config.model.size_settings] or ["model"]
@@ -104,7 +107,7 @@ def train(
         metrics["error"] = f"{type(error).__name__}: {one_line(error)}"
         raise
     finally:
-        metrics["epochs"] = len(history.epochs)
+        metrics["epochs"] = history.epochs_validated
         metrics["epoch_seconds"] = history.epoch_seconds
         metrics["wall_seconds"] = history.wall_seconds
         metrics["history"] = history.epochs

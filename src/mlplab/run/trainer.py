@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +31,40 @@ class TrainerError(MlplabError):
     """The trainer cannot run as configured on this machine."""
 
 
+# Trainer arguments mlplab sets itself, and where a user changes what they decide.
+MANAGED_ARGUMENTS = {
+    "logger": "mlplab sets it from the logger group (logger=tensorboard|csv|mlflow|none)",
+    "callbacks": "mlplab sets it from the callbacks group (+callbacks.<name>._target_=... adds one)",
+    "default_root_dir": "it is the run directory (hydra.run.dir=... moves it)",
+    "enable_checkpointing": "it follows callbacks.model_checkpoint (=null: no checkpoints)",
+    "enable_progress_bar": "it follows callbacks.progress_bar (=null: no bar)",
+    "enable_model_summary": "it follows callbacks.model_summary (=null: no summary)",
+    "plugins": "mlplab sets its own checkpoint writer",
+    "barebones": "it turns off the logging and callbacks mlplab's records are made of",
+    "num_nodes": "mlplab starts data-parallel ranks on one machine (trainer.devices)",
+    "use_distributed_sampler": "mlplab's in-memory batches are sharded across ranks by mlplab",
+}
+
+
+def trainer_arguments() -> list[str]:
+    return [name for name in inspect.signature(L.Trainer.__init__).parameters if name != "self"]
+
+
+def check_trainer_option(key: str) -> None:
+    """Refuse what is not a Lightning Trainer argument (naming the closest ones), or one that mlplab manages."""
+    if key in MANAGED_ARGUMENTS:
+        raise ValueError(f"{key}: not settable here; {MANAGED_ARGUMENTS[key]}")
+    if key not in trainer_arguments():
+        allowed = [name for name in trainer_arguments() if name not in MANAGED_ARGUMENTS]
+        close = difflib.get_close_matches(key, allowed, n=3)
+        raise ValueError(f"{key}: not an argument of lightning.Trainer; "
+                         + (f"did you mean {', '.join(close)}?" if close else f"its arguments: {', '.join(allowed)}"))
+
+
 @dataclass(frozen=True)
 class TrainerSettings:
-    """The settings of ``trainer=...``: Lightning Trainer arguments that mlplab passes on."""
+    """The settings of ``trainer=...``: Lightning Trainer arguments. Those mlplab reads itself are typed fields;
+    any other Trainer argument is passed on as given (``options``, checked by name with check_trainer_option)."""
 
     accelerator: str = "auto"
     strategy: str = "auto"
@@ -45,6 +78,13 @@ class TrainerSettings:
     limit_test_batches: int | float = 1.0
     gradient_clip_val: float | None = None
     num_sanity_val_steps: int = 0
+    accumulate_grad_batches: int = 1
+    max_time: str | dict | None = None
+    max_steps: int = -1
+    val_check_interval: int | float | None = None
+    check_val_every_n_epoch: int | None = 1
+    profiler: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         def require(ok: bool, message: str) -> None:
@@ -65,6 +105,15 @@ class TrainerSettings:
         require(self.gradient_clip_val is None or self.gradient_clip_val > 0,
                 f"gradient_clip_val must be null or a number > 0, got {self.gradient_clip_val}")
         require(self.num_sanity_val_steps >= -1, f"num_sanity_val_steps must be an integer >= -1, got {self.num_sanity_val_steps}")
+        require(self.accumulate_grad_batches >= 1, f"accumulate_grad_batches must be an integer >= 1, got {self.accumulate_grad_batches}")
+        require(self.max_steps >= -1, f"max_steps must be an integer >= 1, or -1 for no limit, got {self.max_steps}")
+        require(self.val_check_interval is None or self.val_check_interval > 0 and (
+            isinstance(self.val_check_interval, int) or self.val_check_interval <= 1),
+            f"val_check_interval must be null, a fraction in (0, 1] or a number of batches >= 1, got {self.val_check_interval}")
+        require(self.check_val_every_n_epoch is None or self.check_val_every_n_epoch >= 1,
+                f"check_val_every_n_epoch must be null or an integer >= 1, got {self.check_val_every_n_epoch}")
+        for key in self.options:
+            check_trainer_option(key)
 
     @property
     def data_parallel(self) -> bool:
@@ -91,7 +140,8 @@ def build_trainer(
     def has(kind: type) -> bool:
         return any(isinstance(callback, kind) for callback in callbacks)
 
-    arguments: dict[str, Any] = dict(vars(settings))
+    arguments: dict[str, Any] = {key: value for key, value in vars(settings).items() if key != "options"}
+    arguments |= settings.options
     if gpu_index is not None:
         arguments.update(accelerator="gpu", devices=[gpu_index])
     if settings.data_parallel:
@@ -114,15 +164,28 @@ def build_trainer(
             enable_progress_bar=has(ProgressBar),
             enable_model_summary=has(ModelSummary),
         )
-    except MisconfigurationException as error:
-        raise TrainerError(f"trainer: {one_line(error)}") from None
+    except (MisconfigurationException, ValueError, TypeError) as error:  # a value Lightning refuses
+        # Lightning's messages rarely name the argument: an option it refuses on its own is named here.
+        given = {**{key: value for key, value in arguments.items() if key not in ("strategy", "devices")}, **settings.options}
+        culprit = next((key for key, value in given.items() if not _accepted(key, value)), None)
+        raise TrainerError(f"trainer.{culprit}: {one_line(error)}" if culprit else f"trainer: {one_line(error)}") from None
+
+
+def _accepted(key: str, value: Any) -> bool:
+    try:
+        L.Trainer(**{"accelerator": "cpu", key: value}, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False)
+    except (MisconfigurationException, ValueError, TypeError):
+        return False
+    return True
 
 
 class LightningNotes(logging.Filter):
     """Drops Lightning's notes that a user of mlplab cannot act on: an advertisement, and remarks on settings mlplab
     makes itself (its own model summary callback, batch limits of 1.0)."""
 
-    NOTES = ("💡 Tip:", "Trainer already configured with model summary callbacks", "` was configured so ")
+    NOTES = ("💡 Tip:", "Trainer already configured with model summary callbacks", "` was configured so ",
+             "to estimate number of stepping batches")
     LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 
     def filter(self, record: logging.LogRecord) -> bool:

@@ -27,13 +27,14 @@ def run_hparams(config: RunConfig, overrides: dict[str, str] | None = None) -> d
     """The hyperparameters a user compares runs by (every model, optimizer and schedule setting, the data set and
     batch size, epochs and seed), plus every key set on the command line (as written)."""
     values: dict[str, Any] = {}
-    for group, settings in (("model", config.model), ("optimizer", config.optimizer), ("scheduler", config.scheduler)):
-        hints = typing.get_type_hints(type(settings))
-        for field in dataclasses.fields(settings):
-            value = getattr(settings, field.name)
-            # A setting that may be a list is one text column, as written (512, [512, 256]): a column has one type.
-            values[f"{group}.{field.name}"] = str(value) if typing.get_origin(hints[field.name]) in _UNIONS and any(
-                typing.get_origin(option) is list for option in typing.get_args(hints[field.name])) else value
+    hints = typing.get_type_hints(type(config.model))
+    for field in dataclasses.fields(config.model):
+        value = getattr(config.model, field.name)
+        # A setting that may be a list is one text column, as written (512, [512, 256]): a column has one type.
+        values[f"model.{field.name}"] = str(value) if typing.get_origin(hints[field.name]) in _UNIONS and any(
+            typing.get_origin(option) is list for option in typing.get_args(hints[field.name])) else value
+    for group, settings in (("optimizer", config.optimizer), ("scheduler", config.scheduler)):
+        values |= {f"{group}.{key}": _plain(value) for key, value in settings.as_dict().items()}
     values["model.family"] = config.model.as_dict()["family"]
     values |= {"data.name": config.data.name, "data.batch_size": config.data.batch_size,
                "trainer.max_epochs": config.trainer.max_epochs, "seed": config.seed}
