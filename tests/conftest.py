@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -11,8 +12,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from lightning.pytorch import Callback
+from omegaconf import OmegaConf
 
+from mlplab.cli.compose import CONFIG_DIR
+from mlplab.cli.train import build_callbacks
 from mlplab.data.synthetic import write_mnist_like
+from mlplab.run.config import parse_run_config
+from mlplab.run.train import train
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +58,53 @@ def run_cli(args: list[str], cwd: Path, data_dir: Path | None = None, timeout: i
     script = Path(sys.executable).parent / args[0]
     return subprocess.run([str(script), *args[1:]], cwd=cwd, env=cli_env(data_dir), capture_output=True, text=True,
                           timeout=timeout)
+
+
+class ForkedCli:
+    """mlplab-train, each command line in its own process, forked from one that imported everything once."""
+
+    def __init__(self):
+        self.server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("forked_cli.py"))], env=cli_env(),
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def run(self, args: list[str], cwd: Path) -> tuple[int, str]:
+        output = cwd / "output.txt"
+        self.server.stdin.write(json.dumps({"args": args, "cwd": str(cwd), "output": str(output)}) + "\n")
+        self.server.stdin.flush()
+        answer = json.loads(self.server.stdout.readline())
+        return answer["returncode"], output.read_text()
+
+    def close(self) -> None:
+        self.server.stdin.close()
+        self.server.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def forked_cli():
+    cli = ForkedCli()
+    yield cli
+    cli.close()
+
+
+class StopAfterEpoch(Callback):
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        trainer.should_stop = trainer.current_epoch + 1 >= self.epoch
+
+
+def train_in_process(data_dir, run_dir, overrides, stop_after=None, resume_from=None) -> dict:
+    """Train as mlplab-train does but in this process (3 epochs of a small MLP); returns last.ckpt's contents.
+    ``stop_after``: end training after that many epochs, as if stopped and resumed later."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[*SYNTHETIC_RUN, f"paths.data_dir={data_dir}", "model.width=16",
+                                          "trainer.max_epochs=3", "callbacks.model_description=null",
+                                          "callbacks.misclassified=null", *overrides])
+    config = parse_run_config(OmegaConf.to_container(cfg, resolve=True))
+    callbacks = build_callbacks(cfg.callbacks) + ([StopAfterEpoch(stop_after)] if stop_after else [])
+    train(config, run_dir, callbacks=callbacks, resume_from=resume_from)
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
 
 
 @contextlib.contextmanager

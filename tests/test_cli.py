@@ -151,7 +151,7 @@ BAD_INPUTS = [  # (override, the key the message must name, what it must say is 
     ("model.depth=-1", "model.depth", ">= 0"),
     ("model.width=0", "model.width", ">= 1"),
     ("model.width=abc", "model.width", "a list of integers"),
-    ("data=nope", "data=nope", "cifar10, fashion_mnist, kmnist, mnist"),
+    ("data=nope", "data=nope", "cifar10, fashion_mnist, folder, kmnist, mnist, tensors"),
     ("optimizer.lr=-1", "optimizer.lr", "> 0"),
     ("+model.depht=3", "model.depht", "depth, width, activation"),
     ("trainer.max_epochs=many", "trainer.max_epochs", "an integer"),
@@ -198,11 +198,13 @@ def test_missing_dataset_says_where_it_looked_and_how_to_provide_it(tmp_path):
 def test_help_lists_groups_options_and_examples(tmp_path):
     result = run_cli(["mlplab-train", "--help"], tmp_path)
     assert result.returncode == 0
-    for line in ("model: article, linear, mlp", "data: cifar10, fashion_mnist, kmnist, mnist",
-                 "optimizer: adam, adamw, sgd", "trainer: auto, cpu, ddp, default, gpu", "mlplab-train -m"):
+    for line in ("model: article, cnn, linear, mlp", "data: cifar10, fashion_mnist, folder, kmnist, mnist, tensors",
+                 "optimizer: adam, adamw, sgd", "scheduler: cosine, none, onecycle, plateau, step, warmup_cosine",
+                 "logger: csv, mlflow, none, tensorboard, tensorboard_mlflow", "trainer: auto, cpu, ddp, default, gpu",
+                 "mlplab-train -m"):
         assert line in result.stdout
     module_help = subprocess.run([sys.executable, "-m", "mlplab.cli.train", "--help"], capture_output=True, text=True, cwd=tmp_path)
-    assert module_help.returncode == 0 and "model: article, linear, mlp" in module_help.stdout
+    assert module_help.returncode == 0 and "model: article, cnn, linear, mlp" in module_help.stdout
 
 
 def test_diverging_run_stops_at_the_step_with_a_hint_and_keeps_no_nan_weights(synthetic_data_dir, tmp_path):

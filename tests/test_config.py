@@ -1,8 +1,6 @@
 import json
 import os
 import re
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -12,7 +10,7 @@ from hypothesis import HealthCheck, assume, event, given, settings, strategies a
 from omegaconf import OmegaConf
 from torch import nn
 
-from conftest import SYNTHETIC_RUN, cli_env
+from conftest import SYNTHETIC_RUN
 from mlplab.cli.compose import CONFIG_DIR
 from mlplab.run.config import ConfigError, parse_run_config
 
@@ -174,32 +172,6 @@ VALUES = st.one_of(  # plausible values as often as wild ones, so that both path
     st.lists(st.integers(-2, 700), max_size=3).map(lambda items: "[" + ",".join(map(str, items)) + "]"),
     st.text(st.characters(codec="ascii", exclude_categories=["Cc"]), max_size=8),
 )
-
-
-class ForkedCli:
-    """mlplab-train, each command line in its own process, forked from one that imported everything once."""
-
-    def __init__(self):
-        self.server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("forked_cli.py"))], env=cli_env(),
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-
-    def run(self, args: list[str], cwd: Path) -> tuple[int, str]:
-        output = cwd / "output.txt"
-        self.server.stdin.write(json.dumps({"args": args, "cwd": str(cwd), "output": str(output)}) + "\n")
-        self.server.stdin.flush()
-        answer = json.loads(self.server.stdout.readline())
-        return answer["returncode"], output.read_text()
-
-    def close(self) -> None:
-        self.server.stdin.close()
-        self.server.wait(timeout=60)
-
-
-@pytest.fixture(scope="module")
-def forked_cli():
-    cli = ForkedCli()
-    yield cli
-    cli.close()
 
 
 @settings(max_examples=int(os.environ.get("MLPLAB_EXAMPLES", "40")), deadline=None,

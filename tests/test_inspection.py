@@ -67,7 +67,7 @@ def test_every_view_is_in_the_event_files(events):
     assert tags["graph"] and "Linear" in str(events.Graph())
     architecture, config = text(events, "run/architecture"), text(events, "run/config")
     assert "Linear(in_features=784, out_features=512" in architecture and "**total**" in architecture
-    assert "depth: 2" in config and "name: cosine" in config and "seed: 42" in config
+    assert "depth: 2" in config and "_target_: torch.optim.lr_scheduler.CosineAnnealingLR" in config and "seed: 42" in config
     lr = [point.value for point in events.Scalars("train/lr")]
     assert lr[0] == pytest.approx(3e-5) and lr[1] < lr[0]  # the cosine schedule, epoch by epoch
 

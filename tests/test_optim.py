@@ -7,35 +7,9 @@ import json
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_dir
-from lightning.pytorch import Callback
-from omegaconf import OmegaConf
 
-from conftest import SYNTHETIC_RUN, run_cli
-from mlplab.cli.compose import CONFIG_DIR
-from mlplab.cli.train import build_callbacks
+from conftest import SYNTHETIC_RUN, run_cli, train_in_process
 from mlplab.model.classifier import ImageClassifier
-from mlplab.run.config import parse_run_config
-from mlplab.run.train import train
-
-
-class StopAfterEpoch(Callback):
-    def __init__(self, epoch: int):
-        self.epoch = epoch
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        trainer.should_stop = trainer.current_epoch + 1 >= self.epoch
-
-
-def run(data_dir, run_dir, overrides, stop_after=None, resume_from=None):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[*SYNTHETIC_RUN, f"paths.data_dir={data_dir}", "model.width=16",
-                                          "trainer.max_epochs=3", "callbacks.model_description=null",
-                                          "callbacks.misclassified=null", *overrides])
-    config = parse_run_config(OmegaConf.to_container(cfg, resolve=True))
-    callbacks = build_callbacks(cfg.callbacks) + ([StopAfterEpoch(stop_after)] if stop_after else [])
-    train(config, run_dir, callbacks=callbacks, resume_from=resume_from)
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
 
 
 SCHEDULES = {
@@ -52,11 +26,11 @@ SCHEDULES = {
 def test_every_schedule_changes_the_rate_and_resumes_exactly(schedule, synthetic_data_dir, tmp_path):
     preset = "none" if schedule == "exponential" else schedule
     overrides = [f"scheduler={preset}", *SCHEDULES[schedule]]
-    straight = run(synthetic_data_dir, tmp_path / "straight", overrides)
-    first = run(synthetic_data_dir, tmp_path / "resumed", overrides, stop_after=2)
+    straight = train_in_process(synthetic_data_dir, tmp_path / "straight", overrides)
+    first = train_in_process(synthetic_data_dir, tmp_path / "resumed", overrides, stop_after=2)
     assert first["global_step"] == 20  # two of the three epochs
-    resumed = run(synthetic_data_dir, tmp_path / "resumed", overrides,
-                  resume_from=tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    resumed = train_in_process(synthetic_data_dir, tmp_path / "resumed", overrides,
+                               resume_from=tmp_path / "resumed" / "checkpoints" / "last.ckpt")
     (state,), (resumed_state,) = straight["lr_schedulers"], resumed["lr_schedulers"]
     lr = straight["optimizer_states"][0]["param_groups"][0]["lr"]
     assert lr != pytest.approx(1e-3), "the schedule never changed the learning rate"
@@ -68,7 +42,7 @@ def test_every_schedule_changes_the_rate_and_resumes_exactly(schedule, synthetic
 
 def test_step_schedules_count_optimizer_steps(synthetic_data_dir, tmp_path):
     # 500 training samples in batches of 50, 3 epochs, two batches per step: 15 steps; one-cycle ends at its floor.
-    state = run(synthetic_data_dir, tmp_path, ["scheduler=onecycle", "trainer.accumulate_grad_batches=2"])
+    state = train_in_process(synthetic_data_dir, tmp_path, ["scheduler=onecycle", "trainer.accumulate_grad_batches=2"])
     (schedule,) = state["lr_schedulers"]
     assert state["global_step"] == 15 and schedule["total_steps"] == 15 and schedule["last_epoch"] == 15
 

@@ -113,7 +113,9 @@ def _fields_of(section: str) -> list[str]:
     if section in SECTIONS:
         return [f.name for f in dataclasses.fields(SECTIONS[section])]
     if section == "model":
-        families = sorted({OmegaConf.load(p).get("family", "mlp") for p in Path(CONFIG_DIR, "model").glob("*.yaml")})
+        # The default family's first: its settings are the ones most users mean.
+        families = sorted({OmegaConf.load(p).get("family", "mlp") for p in Path(CONFIG_DIR, "model").glob("*.yaml")},
+                          key=lambda family: (family != "mlp", family))
         return list(dict.fromkeys(["family", *(f.name for family in families
                                                for f in dataclasses.fields(backbone_class(family)))]))
     return []

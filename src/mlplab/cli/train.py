@@ -36,6 +36,7 @@ from mlplab.files import write_text_atomically
 from mlplab.run.checkpoints import checkpoint_step
 from mlplab.run.config import COMMAND_KEYS, NON_EXPERIMENT_KEYS, RESUMABLE_KEYS, ConfigError, RunConfig
 from mlplab.run.records import CHECKPOINT_DIR, LAST_CHECKPOINT, find_checkpoint, read_metrics
+from mlplab.run.trackers import mlflow_arguments
 from mlplab.run.train import train
 from mlplab.run.views.hparams import run_hparams
 from mlplab.sweeps.jobs import run_sweep_job
@@ -108,6 +109,8 @@ class RunRequest:
     hparams: dict[str, Any]  # TensorBoard's HParams columns
     resume_from: Path | None
     logger: Any  # for an attempt from resume_from; a sweep job's first attempt may start elsewhere
+    experiment: str | None  # a sweep job's: the sweep's name
+    command: list[str]  # what provenance.json records: the command typed, or for a sweep job the run it is
 
     @classmethod
     def of(cls, cfg: DictConfig, hydra_config: DictConfig, run_dir: Path) -> RunRequest:
@@ -126,9 +129,12 @@ class RunRequest:
             pruner = instantiate(sweeper.pruner) if sweeper.get("pruner") else None
             callbacks.append(trial_callback(Path(hydra_config.sweep.dir), cfg.trial, sweeper.metric, pruner))
         hparams = run_hparams(config, command_line_values(overrides, groups=set(hydra_config.runtime.choices)))
+        sweep = hydra_config.mode != RunMode.RUN
+        experiment = Path(hydra_config.sweep.dir).name if sweep else None
+        command = [TOOL, *overrides] if sweep else [TOOL, *sys.argv[1:]]
         # Built now: a wrong logger setting fails here, before any work.
         return cls(cfg, config, run_dir, overrides, callbacks, hparams, resume_from,
-                   build_logger(cfg.logger, run_dir, resume_from))
+                   build_logger(cfg.logger, run_dir, resume_from, experiment), experiment, command)
 
     def train_run(self) -> dict[str, Any]:
         if self.resume_from:
@@ -152,11 +158,11 @@ class RunRequest:
 
     def train_attempt(self, resume_from: Path | None, gpu_index: int | None) -> dict[str, Any]:
         # A sweep job learns where it resumes from (the logger's purge step) only once it holds the job.
-        logger = self.logger if resume_from == self.resume_from else build_logger(self.cfg.logger, self.run_dir, resume_from)
-        return train(self.config, self.run_dir, logger,
-                     self.callbacks, hparams=self.hparams,
+        logger = self.logger if resume_from == self.resume_from else build_logger(
+            self.cfg.logger, self.run_dir, resume_from, self.experiment)
+        return train(self.config, self.run_dir, logger, self.callbacks, hparams=self.hparams,
                      resume_from=resume_from, gpu_index=gpu_index,
-                     rank_command=rank_command(self.overrides, self.run_dir, resume_from))
+                     rank_command=rank_command(self.overrides, self.run_dir, resume_from), command=self.command)
 
 
 class RunWriteError(MlplabError):
@@ -237,18 +243,25 @@ def discarded_if_refused(run_dir: Path) -> Iterator[None]:
         raise
 
 
-def build_logger(logger_cfg: DictConfig | None, run_dir: Path, resume_from: Path | None = None) -> Any:
-    """The configured logger, writing into ``run_dir``.
+def build_logger(logger_cfg: DictConfig | None, run_dir: Path, resume_from: Path | None = None,
+                 experiment: str | None = None) -> Any:
+    """The configured logger, or several (a group of ``name: logger config``), writing into ``run_dir``.
 
     Resuming, TensorBoard hides what the stopped run logged after its checkpoint (``purge_step``), so the curves
-    continue without doubled or rewound points.
+    continue without doubled or rewound points; MLflow continues the run's own MLflow run. ``experiment``: the
+    sweep's name for a sweep job (MLflow's experiment).
     """
     if not logger_cfg:
         return False
-    extra = {}
-    if resume_from and logger_cfg.get("_target_", "").endswith("TensorBoardLogger"):
-        extra["purge_step"] = checkpoint_step(resume_from) + 1
+    if "_target_" not in logger_cfg:
+        return [build_logger(cfg, run_dir, resume_from, experiment) for cfg in logger_cfg.values() if cfg] or False
+    extra: dict[str, Any] = {}
+    target = logger_cfg.get("_target_", "")
     try:
+        if resume_from and target.endswith("TensorBoardLogger"):
+            extra["purge_step"] = checkpoint_step(resume_from) + 1
+        if target.endswith("MLFlowLogger"):
+            extra = mlflow_arguments(OmegaConf.to_container(logger_cfg, resolve=True), run_dir, experiment)
         return instantiate(logger_cfg, save_dir=str(run_dir), **extra)
     except InstantiationException as error:
         raise ConfigError(f"logger: {one_line(error)}") from None

@@ -15,6 +15,11 @@ from torch import Tensor
 from typing_extensions import override
 
 from mlplab.data.datasets import DATASETS, DataError, ParsedDataset, Split, load_dataset, provide_files
+from mlplab.data.user_data import load_image_folder, load_tensor_file, require_path
+
+
+# A user's own data: ``data=folder`` (images in class folders) and ``data=tensors`` (a .pt or .npz file).
+USER_DATA = ("folder", "tensors")
 
 
 @dataclass(frozen=True)
@@ -25,16 +30,30 @@ class DataSettings:
     batch_size: int = 128
     eval_batch_size: int = 1000
     val_size: int = 5000
-    split_seed: int = 0
+    split_seed: int = 0  # seeds the validation split, and a test split held out of a user's data
     system_dir: str | None = None  # .gz files of a system package, used when the data dir lacks the dataset
     download: bool = True
+    path: str | None = None  # folder: the image folder; tensors: the .pt or .npz file
+    test_size: int | float = 0.2  # a user's data without a test split: the share (or number) held out to test
+    image_size: int | list[int] | None = None  # folder: height and width every image becomes; null: the first's
+    channels: int | None = None  # folder: 1 (grayscale) or 3 (RGB); null: the first image's
 
     def __post_init__(self) -> None:
-        if self.name not in DATASETS:
-            raise ValueError(f"name must be one of {', '.join(DATASETS)}; got {self.name!r}")
+        if self.name not in (*DATASETS, *USER_DATA):
+            raise ValueError(f"name must be one of {', '.join((*DATASETS, *USER_DATA))}; got {self.name!r}")
         for key in ("batch_size", "eval_batch_size", "val_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be an integer >= 1, got {getattr(self, key)}")
+        if self.name in USER_DATA and not self.path:
+            what = "DIR (an image folder)" if self.name == "folder" else "FILE (a .pt or .npz file)"
+            raise ValueError(f"path is required with data={self.name}: data.path={what}")
+        if not (self.test_size >= 1 if isinstance(self.test_size, int) else 0 < self.test_size < 1):
+            raise ValueError(f"test_size must be a fraction in (0, 1) or a number of images >= 1, got {self.test_size}")
+        sizes = [self.image_size] if isinstance(self.image_size, int) else self.image_size or []
+        if len(sizes) not in (0, 1, 2) or any(size < 1 for size in sizes):
+            raise ValueError(f"image_size must be null, an integer >= 1 or [height, width], got {self.image_size}")
+        if self.channels not in (None, 1, 3):
+            raise ValueError(f"channels must be null, 1 (grayscale) or 3 (RGB), got {self.channels}")
 
 
 @dataclass(frozen=True)
@@ -47,9 +66,16 @@ class PreparedSplits:
     std: list[float]
 
 
-def prepare_splits(name: str, data_dir: Path, val_size: int, split_seed: int) -> PreparedSplits:
+def prepare_splits(settings: DataSettings, data_dir: Path) -> PreparedSplits:
     """The three splits and the training split's statistics; computed once per process for the same inputs."""
-    return _split_once(load_dataset(name, data_dir), val_size, split_seed)
+    if settings.name == "folder":
+        dataset = load_image_folder(require_path("folder", settings.path), settings.image_size, settings.channels,
+                                    settings.test_size, settings.split_seed, data_dir)
+    elif settings.name == "tensors":
+        dataset = load_tensor_file(require_path("tensors", settings.path), settings.test_size, settings.split_seed)
+    else:
+        dataset = load_dataset(settings.name, data_dir)
+    return _split_once(dataset, settings.val_size, settings.split_seed)
 
 
 @functools.lru_cache(maxsize=2)
@@ -176,7 +202,8 @@ class ImageDataModule(L.LightningDataModule):
     def __init__(self, settings: DataSettings = DataSettings(), data_dir: str | Path = "data", shuffle_seed: int = 0):
         super().__init__()
         # Plain values only, so the checkpoint records the data set-up and still loads with weights_only=True.
-        self.save_hyperparameters({**dataclasses.asdict(settings), "data_dir": str(data_dir), "shuffle_seed": shuffle_seed})
+        self.save_hyperparameters({**dataclasses.asdict(settings), "data_dir": str(data_dir), "shuffle_seed": shuffle_seed},
+                                  logger=False)
         self.settings, self.data_dir, self.shuffle_seed = settings, Path(data_dir), shuffle_seed
         self.splits: dict[str, Split] = {}
         self.class_names: list[str] = []
@@ -193,13 +220,16 @@ class ImageDataModule(L.LightningDataModule):
 
     @override
     def prepare_data(self) -> None:
+        if self.settings.name in USER_DATA:
+            require_path(self.settings.name, self.settings.path)
+            return
         system_dir = Path(self.settings.system_dir) if self.settings.system_dir else None
         provide_files(self.settings.name, self.data_dir, system_dir, self.settings.download)
 
     @override
     def setup(self, stage: str | None = None) -> None:
         if not self.splits:
-            prepared = prepare_splits(self.settings.name, self.data_dir, self.settings.val_size, self.settings.split_seed)
+            prepared = prepare_splits(self.settings, self.data_dir)
             self.class_names, self.mean, self.std = prepared.class_names, prepared.mean, prepared.std
             self.splits = {"train": prepared.train, "val": prepared.val, "test": prepared.test}
         if self.trainer is not None:

@@ -8,6 +8,7 @@ import logging
 import math
 import shutil
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,14 +130,22 @@ def load_dataset(name: str, data_dir: Path) -> ParsedDataset:
 @functools.lru_cache(maxsize=2)
 def _load_once(name: str, data_dir: str, signature: tuple) -> ParsedDataset:
     # Keyed by the source files' sizes and times: the jobs of one sweep share it, a changed file misses it.
-    cache = Path(data_dir) / CACHE_DIR / f"{name}.pt"
-    dataset = _read_cache(cache, signature)
-    if dataset is None:
+    def parse() -> ParsedDataset:
         check_files(name, Path(data_dir))
         train, class_names = _parse_split(name, Path(data_dir), train=True)
         test, _ = _parse_split(name, Path(data_dir), train=False)
-        dataset = ParsedDataset(train, test, class_names)
-        _write_cache(cache, dataset, signature)
+        return ParsedDataset(train, test, class_names)
+
+    return cached(Path(data_dir) / CACHE_DIR / f"{name}.pt", signature, parse)
+
+
+def cached(path: Path, signature: tuple, parse: Callable[[], ParsedDataset]) -> ParsedDataset:
+    """The dataset in the cache file ``path`` if it was made from sources with this ``signature``, else ``parse()``
+    (and the cache written for next time)."""
+    dataset = _read_cache(path, signature)
+    if dataset is None:
+        dataset = parse()
+        _write_cache(path, dataset, signature)
     return dataset
 
 

@@ -47,6 +47,14 @@ class RunConfig:
     trainer: TrainerSettings
     checkpoint: CheckpointSettings
 
+    def as_dict(self) -> dict[str, Any]:
+        """Every setting as plain values, grouped as in the config (the Trainer's options beside its other keys)."""
+        trainer = {key: value for key, value in dataclasses.asdict(self.trainer).items() if key != "options"}
+        return {"seed": self.seed, "paths": {"data_dir": self.data_dir}, "model": self.model.as_dict(),
+                "data": dataclasses.asdict(self.data), "optimizer": self.optimizer.as_dict(),
+                "scheduler": self.scheduler.as_dict(), "trainer": {**trainer, **self.trainer.options},
+                "checkpoint": dataclasses.asdict(self.checkpoint)}
+
 
 SECTIONS = {"data": DataSettings, "trainer": TrainerSettings, "checkpoint": CheckpointSettings}
 # Groups that are a class and its keyword arguments: any key the class takes.

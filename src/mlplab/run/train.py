@@ -8,22 +8,26 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from mlplab.data.datamodule import ImageDataModule
 from mlplab.errors import one_line
 from mlplab.model.backbones import count_parameters
 from mlplab.model.classifier import DivergedError, ImageClassifier
 from mlplab.run.checkpoints import ResumePoints, StopRequested
+from mlplab.run import provenance
 from mlplab.run.config import ConfigError, RunConfig
 from mlplab.run.history import EpochHistory
-from mlplab.run.records import MONITOR, write_metrics
+from mlplab.run.records import CHECKPOINT_DIR, MONITOR, write_metrics
 from mlplab.run.trainer import (build_trainer, end_ranks, quiet_lightning, require_batches, require_memory_for,
                                 training_peak_bytes)
+from mlplab.run.trackers import log_run_start
 from mlplab.run.views.hparams import log_hparams
 
 log = logging.getLogger(__name__)
@@ -61,15 +65,21 @@ def train(
     resume_from: Path | None = None,
     gpu_index: int | None = None,
     rank_command: Sequence[str] | None = None,
+    command: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Train (or resume from a checkpoint), then test the best checkpoint; writes and returns metrics.json's content.
 
-    ``hparams`` go to TensorBoard's HParams tab with the final metrics when the run ends. Only rank 0 of a
+    ``hparams`` go to TensorBoard's HParams tab with the final metrics when the run ends. ``command`` (default: this
+    process's) is recorded in provenance.json with the code's commit and the versions. Only rank 0 of a
     data-parallel run writes anything.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(config.seed, workers=True, verbose=False)
     history, resume_points = EpochHistory(), ResumePoints(run_dir, config.checkpoint.every_n_steps)
+    for callback in callbacks or []:
+        # Lightning would put them under the first logger's folders (MLflow's: <experiment>/<run id>/).
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+            callback.dirpath = str(run_dir / CHECKPOINT_DIR)
     with quiet_lightning():
         # The history first: an epoch a callback ends the run after (a search's pruning) is recorded too.
         trainer = build_trainer(config.trainer, run_dir, logger, [history, *(callbacks or []), resume_points],
@@ -86,6 +96,9 @@ def train(
                                "memory_estimate_bytes": memory_estimate}
     if trainer.is_global_zero:
         write_metrics(run_dir, metrics)  # a sweep report can tell running jobs from pending ones
+        record = provenance.collect(command or sys.argv, trainer.strategy.root_device)
+        provenance.write(run_dir, record)
+        log_run_start(trainer.loggers, config.as_dict(), record, first_attempt=resume_from is None)
     # Lightning sets this at import so device checks cannot initialise CUDA before a fork. With it set, torch's
     # Adam queries NVML at every step (dlopen + init, ~0.3 ms). Nothing forks from here on.
     os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
@@ -94,6 +107,9 @@ def train(
         if resume_points.stopped_by:  # a signal during validation: the epoch ended with its checkpoints
             raise StopRequested
         metrics.update(history.best())
+        stopper = trainer.early_stopping_callback
+        if stopper is not None and stopper.stopped_epoch:
+            metrics["stopped_early_at_epoch"] = stopper.stopped_epoch + 1  # epochs count from 1
         # The best checkpoint by path: "best" would make Lightning warn that there are two ModelCheckpoints.
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
         tested = trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
@@ -119,7 +135,7 @@ def train(
         if trainer.is_global_zero:
             write_metrics(run_dir, metrics)
             if metrics["status"] != "interrupted":  # an interrupted run gets its HParams row when it finishes
-                log_hparams(logger, hparams or {}, metrics, trainer.global_step)
+                log_hparams(trainer.loggers, hparams or {}, metrics, trainer.global_step)
         end_ranks(trainer)
     if trainer.is_global_zero:
         _report(run_dir, metrics)

@@ -53,20 +53,28 @@ def _number_if_numeric(value: str) -> int | float | str:
     return value
 
 
-def log_hparams(logger: Any, hparams: dict[str, Any], metrics: dict[str, Any], step: int) -> None:
-    """Write the HParams session (hyperparameters, status, final metrics) into the run's directory.
+def log_hparams(loggers: list[Any], hparams: dict[str, Any], metrics: dict[str, Any], step: int) -> None:
+    """Write the HParams session (hyperparameters, status, final metrics) into the run's directory; other trackers
+    get the final metrics as metrics of their own.
 
     Lightning's ``log_hyperparams`` would log the metrics at step 0 under their curve's own tag; torch's
     ``SummaryWriter.add_hparams`` would make a timestamped sub-run. Neither is what a sweep table needs. This is
     what ``add_hparams`` writes, into an event file of the run's own directory, which TensorBoard reads as part of it.
     """
     from lightning.pytorch.loggers import TensorBoardLogger
+
+    finals = {tag: float(metrics[key]) for key, tag in FINAL_METRICS.items() if key in metrics}
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            _write_session(logger, hparams, metrics, finals, step)
+        elif finals:
+            logger.log_metrics(finals, step)
+
+
+def _write_session(logger: Any, hparams: dict[str, Any], metrics: dict[str, Any], finals: dict[str, float], step: int) -> None:
     from torch.utils.tensorboard import SummaryWriter
     from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-    if not isinstance(logger, TensorBoardLogger):
-        return
-    finals = {tag: float(metrics[key]) for key, tag in FINAL_METRICS.items() if key in metrics}
     values = {key: _plain(value) for key, value in {**hparams, "status": metrics.get("status", "")}.items()}
     with SummaryWriter(log_dir=logger.log_dir) as writer:
         for summary in hparams_summary(values, dict.fromkeys(FINAL_METRICS.values(), 0.0)):

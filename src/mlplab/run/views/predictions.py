@@ -12,6 +12,7 @@ from typing_extensions import override
 
 from mlplab.model.classifier import EpochPredictions
 from mlplab.run.views.figures import confusion_image, image_grid
+from mlplab.run.trackers import image_writer
 from mlplab.run.views.tensorboard import tensorboard_writer
 
 
@@ -62,15 +63,16 @@ class ConfusionMatrix(Callback):
         self._draw("test", trainer, pl_module)
 
     def _draw(self, stage: str, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        writer, predictions = tensorboard_writer(trainer), split_predictions(trainer, pl_module, stage)
-        if writer is None or predictions is None or not trainer.is_global_zero:
+        write_image, predictions = image_writer(trainer.loggers), split_predictions(trainer, pl_module, stage)
+        if write_image is None or predictions is None or not trainer.is_global_zero:
             return
         names = class_names_of(pl_module)
         counts = confusion_counts(predictions.classes, predictions.labels, len(names)).cpu().numpy()
         when = f"epoch {trainer.current_epoch + 1}, step {trainer.global_step}" if stage == "val" else f"step {trainer.global_step}"
         title = f"{stage} confusion matrix ({counts.sum()} images; {when}), colour: share of the row"
-        writer.add_image(f"{stage}/confusion_matrix", confusion_image(counts, names, title), trainer.global_step, dataformats="HWC")
-        if stage == "test":
+        write_image(f"{stage}/confusion_matrix", confusion_image(counts, names, title), trainer.global_step)
+        writer = tensorboard_writer(trainer)
+        if stage == "test" and writer is not None:
             writer.add_text("test/confusion_matrix", confusion_markdown(counts, names), trainer.global_step)
 
 
@@ -107,8 +109,8 @@ class MisclassifiedImages(Callback):
 
     @override
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        writer, tested = tensorboard_writer(trainer), split_predictions(trainer, pl_module, "test")
-        if writer is None or tested is None or self.max_images <= 0 or not trainer.is_global_zero:
+        write_image, tested = image_writer(trainer.loggers), split_predictions(trainer, pl_module, "test")
+        if write_image is None or tested is None or self.max_images <= 0 or not trainer.is_global_zero:
             return
         predictions, labels, confidences, positions = tested
         wrong = (predictions != labels).nonzero().flatten()
@@ -121,4 +123,4 @@ class MisclassifiedImages(Callback):
             # Tested in order (no shuffling): without positions, the i-th prediction is the split's i-th image.
             shown = wrong[order] if positions is None else positions[wrong[order]]
             images = trainer.datamodule.splits["test"].images[shown].cpu()
-            writer.add_image("test/misclassified", image_grid(images.numpy(), captions), trainer.global_step, dataformats="HWC")
+            write_image("test/misclassified", image_grid(images.numpy(), captions), trainer.global_step)

@@ -1,0 +1,139 @@
+"""The run's loggers beyond Lightning's curves: its config, provenance, final metrics and images go to each
+tracker it logs to (TensorBoard, MLflow, CSV), and MLflow's store and run are set up the way a run of mlplab uses it.
+
+MLflow is an optional extra, imported only when ``logger=mlflow`` is chosen.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger
+
+from mlplab.errors import MlplabError
+
+MLFLOW_HINT = "logger=mlflow needs MLflow, an optional extra: pip install 'mlplab[mlflow]'"
+DEFAULT_EXPERIMENT = "mlplab"  # single runs; a sweep's jobs go to an experiment named after the sweep
+RUN_DIR_TAG = "mlplab.run_dir"  # finds a run's MLflow run again when it resumes
+TAG_LIMIT = 5000  # characters MLflow keeps of a tag's value
+
+
+class TrackerError(MlplabError):
+    """A logger cannot be set up as configured (a missing optional package, an unreachable store)."""
+
+
+def mlflow_arguments(settings: dict[str, Any], run_dir: Path, experiment: str | None) -> dict[str, Any]:
+    """MLFlowLogger's arguments for this run: its experiment (made now, so that parallel jobs do not race to
+    create the store), its name and tags, and the id of the MLflow run it already has when it resumes."""
+    try:
+        from mlflow.tracking import MlflowClient
+    except ImportError:
+        raise TrackerError(MLFLOW_HINT) from None
+    uri = settings.get("tracking_uri")
+    name = settings.get("experiment_name") or experiment or DEFAULT_EXPERIMENT
+    with _store_lock(uri), _quiet("mlflow", "alembic"):  # notes on creating the store's tables
+        client = MlflowClient(uri)
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            location = settings.get("artifact_location") or _default_artifacts(uri)
+            experiment_id = client.create_experiment(name, artifact_location=location)
+        else:
+            experiment_id = found.experiment_id
+    run_dir_value = str(run_dir.resolve())
+    earlier = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{_quoted(run_dir_value)}'",
+                                 max_results=1)
+    return {"experiment_name": name, "run_name": settings.get("run_name") or run_dir.name,
+            "tags": {**(settings.get("tags") or {}), RUN_DIR_TAG: run_dir_value},
+            "run_id": earlier[0].info.run_id if earlier else None}
+
+
+def _quoted(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def _local_path(uri: str | None) -> Path | None:
+    """The file of a local SQLite store (``sqlite:///outputs/mlflow.db``), else None."""
+    return Path(uri.removeprefix("sqlite:///")) if uri and uri.startswith("sqlite:///") else None
+
+
+def _default_artifacts(uri: str | None) -> str | None:
+    """Beside a local store, not in ``./mlruns`` of whatever directory the run started in."""
+    database = _local_path(uri)
+    return (database.parent / "mlflow-artifacts").resolve().as_uri() if database else None
+
+
+@contextmanager
+def _store_lock(uri: str | None) -> Iterator[None]:
+    """One process at a time creates a local store's tables and experiments (the sweep's jobs start together)."""
+    database = _local_path(uri)
+    if database is None:
+        yield
+        return
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+@contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def log_run_start(loggers: list[Logger], config: dict[str, Any], record: dict[str, Any], first_attempt: bool) -> None:
+    """The run's settings (``model.width``: one param each; logged once, so a resume cannot contradict them) and its
+    provenance (TensorBoard's Text tab, MLflow's tags)."""
+    tags = {key: "" if value is None else str(value) for key, value in _flattened(record).items()}
+    for logger in loggers:
+        if first_attempt:
+            logger.log_hyperparams(_flattened(config))
+        if isinstance(logger, TensorBoardLogger):
+            rows = "\n".join(f"| {key} | `{value}` |" for key, value in tags.items())
+            logger.experiment.add_text("run/provenance", f"| | |\n|---|---|\n{rows}", 0)
+        elif isinstance(logger, MLFlowLogger):
+            for key, value in tags.items():
+                logger.experiment.set_tag(logger.run_id, f"mlplab.{key}", value[:TAG_LIMIT])
+
+
+def log_final_metrics(loggers: list[Logger], finals: dict[str, float], step: int) -> None:
+    """The final metrics to trackers other than TensorBoard (whose HParams tab has them: views.hparams)."""
+    for logger in loggers:
+        if not isinstance(logger, TensorBoardLogger) and finals:
+            logger.log_metrics(finals, step)
+
+
+def image_writer(loggers: list[Logger]) -> Callable[[str, np.ndarray, int], None] | None:
+    """Writes an H x W x C uint8 image under a tag: to TensorBoard's Images tab, or, without TensorBoard, to
+    MLflow as a PNG artifact ``<tag>/step_<step>.png``; None when the run has neither."""
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return lambda tag, image, step: logger.experiment.add_image(tag, image, step, dataformats="HWC")
+    for logger in loggers:
+        if isinstance(logger, MLFlowLogger):
+            return lambda tag, image, step: logger.experiment.log_image(
+                logger.run_id, image, artifact_file=f"{tag}/step_{step:06d}.png")
+    return None
+
+
+def _flattened(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat |= _flattened(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
