@@ -95,12 +95,13 @@ class StopAfterEpoch(Callback):
 
 
 def train_in_process(data_dir, run_dir, overrides, stop_after=None, resume_from=None) -> dict:
-    """Train as mlplab-train does but in this process (3 epochs of a small MLP); returns last.ckpt's contents.
+    """Train as mlplab-train does but in this process (3 epochs; an MLP of width 16 unless ``model=`` is among
+    ``overrides``); returns last.ckpt's contents.
     ``stop_after``: end training after that many epochs, as if stopped and resumed later."""
+    small = [] if any(o.startswith("model=") for o in overrides) else ["model.width=16"]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[*SYNTHETIC_RUN, f"paths.data_dir={data_dir}", "model.width=16",
-                                          "trainer.max_epochs=3", "callbacks.model_description=null",
-                                          "callbacks.misclassified=null", *overrides])
+        cfg = compose("train", overrides=[*SYNTHETIC_RUN, f"paths.data_dir={data_dir}", *small, "trainer.max_epochs=3",
+                                          "callbacks.model_description=null", "callbacks.misclassified=null", *overrides])
     config = parse_run_config(OmegaConf.to_container(cfg, resolve=True))
     callbacks = build_callbacks(cfg.callbacks) + ([StopAfterEpoch(stop_after)] if stop_after else [])
     train(config, run_dir, callbacks=callbacks, resume_from=resume_from)

@@ -1,8 +1,12 @@
+import json
+
 import pytest
 import torch
 from torch import nn
 
+from conftest import train_in_process
 from mlplab.model.backbones import count_parameters
+from mlplab.model.backbones.cnn import CNN
 from mlplab.model.backbones.mlp import ACTIVATIONS, MLP
 
 
@@ -69,3 +73,21 @@ def test_output_activation_clips_logits():
 def test_invalid_shapes_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         build_mlp((1, 28, 28), 10, **kwargs)
+
+
+def test_the_cnn_reference_trains_through_the_same_module(synthetic_data_dir, tmp_path):
+    state = train_in_process(synthetic_data_dir, tmp_path, ["model=cnn", "model.channels=[4,8]", "model.hidden=16"])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["test/acc"] > 0.5
+    # 28x28 halved twice: 7x7 maps of 8 channels feed the head's hidden layer.
+    assert state["state_dict"]["network.0.weight"].shape == (4, 1, 3, 3)
+    assert state["state_dict"]["network.9.weight"].shape == (16, 8 * 7 * 7)
+    assert state["hyper_parameters"]["backbone"] == {"family": "cnn", "channels": [4, 8], "kernel_size": 3, "hidden": 16,
+                                                     "activation": "relu", "batch_norm": True, "dropout": 0.0}
+
+
+def test_cnn_settings_that_do_not_fit_the_images_are_refused():
+    with pytest.raises(ValueError, match="kernel_size must be an odd integer"):
+        CNN(kernel_size=4)
+    with pytest.raises(ValueError, match="channels: 5 blocks halve 28x28 images to nothing; use at most 4"):
+        CNN(channels=[2] * 5).planned_size((1, 28, 28), 10)

@@ -13,7 +13,7 @@ import shutil
 import signal
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +111,7 @@ class RunRequest:
     logger: Any  # for an attempt from resume_from; a sweep job's first attempt may start elsewhere
     experiment: str | None  # a sweep job's: the sweep's name
     command: list[str]  # what provenance.json records: the command typed, or for a sweep job the run it is
+    config_dirs: list[str]  # the user's own (--config-dir), which the ranks of a data-parallel run need too
 
     @classmethod
     def of(cls, cfg: DictConfig, hydra_config: DictConfig, run_dir: Path) -> RunRequest:
@@ -132,9 +133,11 @@ class RunRequest:
         sweep = hydra_config.mode != RunMode.RUN
         experiment = Path(hydra_config.sweep.dir).name if sweep else None
         command = [TOOL, *overrides] if sweep else [TOOL, *sys.argv[1:]]
+        config_dirs = [source.path.removeprefix("file://") for source in hydra_config.runtime.config_sources
+                       if source.provider == "command-line" and source.schema == "file"]
         # Built now: a wrong logger setting fails here, before any work.
         return cls(cfg, config, run_dir, overrides, callbacks, hparams, resume_from,
-                   build_logger(cfg.logger, run_dir, resume_from, experiment), experiment, command)
+                   build_logger(cfg.logger, run_dir, resume_from, experiment), experiment, command, config_dirs)
 
     def train_run(self) -> dict[str, Any]:
         if self.resume_from:
@@ -162,7 +165,8 @@ class RunRequest:
             self.cfg.logger, self.run_dir, resume_from, self.experiment)
         return train(self.config, self.run_dir, logger, self.callbacks, hparams=self.hparams,
                      resume_from=resume_from, gpu_index=gpu_index,
-                     rank_command=rank_command(self.overrides, self.run_dir, resume_from), command=self.command)
+                     rank_command=rank_command(self.overrides, self.run_dir, resume_from, self.config_dirs),
+                     command=self.command)
 
 
 class RunWriteError(MlplabError):
@@ -207,13 +211,15 @@ def command_line_values(overrides: list[str], groups: set[str]) -> dict[str, str
     return values
 
 
-def rank_command(overrides: list[str], run_dir: Path, resume_from: Path | None) -> list[str]:
+def rank_command(overrides: list[str], run_dir: Path, resume_from: Path | None,
+                 config_dirs: Sequence[str] = ()) -> list[str]:
     """The command that runs another rank of this run or job, should it train data-parallel (mlplab.cli.rank):
     the job's own overrides as one run in the same directory, writing no config copy and no log file."""
     kept = [override for override in overrides if override_key(override) not in COMMAND_KEYS]
     if resume_from:
         kept.append(f"resume={quoted(resume_from)}")
-    return [sys.executable, "-m", "mlplab.cli.rank", *kept, f"hydra.run.dir={quoted(run_dir)}",
+    return [sys.executable, "-m", "mlplab.cli.rank", *(f"--config-dir={path}" for path in config_dirs), *kept,
+            f"hydra.run.dir={quoted(run_dir)}",
             "hydra.output_subdir=null", "hydra/job_logging=stderr"]
 
 
