@@ -13,7 +13,12 @@ import signal
 import sys
 import traceback
 
+import torch
+
 import mlplab.cli.train
+
+# The first optimizer a process builds imports torch._dynamo (~1.5 s); every run pays it once, so the parent does.
+torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
 
 CHILD_SECONDS = 120
 

@@ -48,7 +48,7 @@ def test_a_backbone_module_and_a_yaml_file_make_a_model_family(synthetic_data_di
     (tmp_path / "conf" / "model" / "tiny_conv.yaml").write_text("family: tiny_conv\nchannels: 6\n")
     result = train(tmp_path, synthetic_data_dir)
     # A name without a dot is a family of mlplab's own package, which has none by that name.
-    assert result.returncode == 2 and "model.family must be one of mlp" in result.stderr
+    assert result.returncode == 2 and "model.family must be one of cnn, mlp" in result.stderr
     (tmp_path / "conf" / "model" / "tiny_conv.yaml").write_text("family: nowhere.tiny_conv\nchannels: 6\n")
     result = train(tmp_path, synthetic_data_dir)
     assert result.returncode == 2 and "model.family 'nowhere.tiny_conv': cannot import it" in result.stderr

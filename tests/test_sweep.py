@@ -25,7 +25,7 @@ FINAL_METRICS = {"val/acc": "final/best_val_acc", "val/loss": "final/best_val_lo
                  "test/loss": "final/test_loss", "epochs": "final/epochs", "wall_seconds": "final/wall_seconds",
                  "num_parameters": "final/num_parameters"}
 GRID = ["model.depth=1,2", "model.width=16,32", "trainer.max_epochs=2"]
-SLOW_JOBS = ["data.batch_size=2", "trainer.max_epochs=3"]  # a few seconds per job: time to kill or contend
+SLOW_JOBS = ["data.batch_size=4", "trainer.max_epochs=3"]  # a few seconds per job: time to kill or contend
 
 
 def sweep(args: list[str], cwd: Path, data_dir: Path) -> subprocess.CompletedProcess:

@@ -175,8 +175,8 @@ class ImageClassifier(L.LightningModule):
     @override
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")
-        schedule = self.lr_schedulers() if self._trainer and self.trainer.state.fn == "fit" else None
-        if isinstance(schedule, ReduceLROnPlateau) and not self.trainer.sanity_checking:
+        schedule = self.lr_schedulers()
+        if isinstance(schedule, ReduceLROnPlateau) and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
             schedule.step(self.trainer.callback_metrics[self.schedule_settings.monitor])
 
     @override
