@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import SYNTHETIC_RUN, run_cli
 
 OLD_RUN = Path(__file__).parent / "data" / "run-0.1.0"
 
@@ -51,3 +51,27 @@ def test_old_run_resumes_where_it_stopped_and_keeps_its_record(old_run, syntheti
     overrides = (old_run / ".hydra" / "overrides.yaml").read_text()
     assert "model.width=16" in overrides and "trainer.max_epochs=3" in overrides and "resume" not in overrides
     assert not (tmp_path / "outputs").exists()  # nothing written anywhere else
+
+
+def test_a_run_that_named_its_optimizer_and_schedule_resumes(synthetic_data_dir, tmp_path):
+    """The version before this one named the optimizer and schedule (``optimizer.name``, ``scheduler.min_lr``) in
+    its checkpoints and overrides; made here from a run of this version, rewritten as that version wrote it."""
+    result = run_cli(["mlplab-train", *SYNTHETIC_RUN, "optimizer=sgd", "scheduler=cosine", "scheduler.eta_min=0.001",
+                      "trainer.max_epochs=2"], tmp_path, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
+    overrides = run_dir / ".hydra" / "overrides.yaml"
+    overrides.write_text(overrides.read_text().replace("optimizer=sgd", "optimizer.name=sgd")
+                         .replace("scheduler=cosine", "scheduler.name=cosine").replace("eta_min", "min_lr"))
+    for name in ("best.ckpt", "last.ckpt"):
+        path = run_dir / "checkpoints" / name
+        state = torch.load(path, weights_only=True)
+        state["hyper_parameters"]["optimizer"] = {"name": "sgd", "lr": 0.01, "weight_decay": 0.0, "momentum": 0.9}
+        state["hyper_parameters"]["scheduler"] = {"name": "cosine", "min_lr": 0.001}
+        torch.save(state, path)
+    result = run_cli(["mlplab-train", f"resume={run_dir}", "trainer.max_epochs=3"], tmp_path, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 3
+    assert "scheduler.eta_min=0.001" in overrides.read_text()  # rewritten as this version names it
+    evaluated = run_cli(["mlplab-eval", f"run={run_dir}", "format=json", "accelerator=cpu"], tmp_path, synthetic_data_dir)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
