@@ -164,7 +164,7 @@ BAD_INPUTS = [  # (override, the key the message must name, what it must say is 
     ("optimizer.lr=1e400", "optimizer.lr", "a finite number, got inf"),  # beyond a double: inf
     ("model.dropout=nan", "model.dropout", "a finite number, got nan"),
     ("trainer.gradient_clip_val=inf", "trainer.gradient_clip_val", "a finite number, got inf"),
-    ("+trainer.no_such_flag=1", "trainer.no_such_flag", "its arguments: accelerator"),  # not a Lightning argument
+    ("+trainer.no_such_flag=1", "trainer.no_such_flag", "allowed: accelerator"),  # not a Lightning argument
     ("+trainer.acumulate_grad_batches=2", "trainer.acumulate_grad_batches", "did you mean accumulate_grad_batches"),
     ("+trainer.logger=false", "trainer.logger", "logger=tensorboard|csv|mlflow|none"),  # mlplab sets it
     ("trainer.max_time=soon", "trainer.max_time", "DD:HH:MM:SS"),  # Lightning's own check, named by its key

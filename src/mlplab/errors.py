@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 
 class MlplabError(Exception):
     """A problem the user can fix (a setting, a file, a path); the message says what is wrong and what is allowed."""
@@ -13,3 +15,9 @@ class MlplabError(Exception):
 def one_line(error: BaseException) -> str:
     """An error (or the error behind it) as one line."""
     return " ".join(str(error.__cause__ or error).split()) or type(error).__name__
+
+
+def closest(name: str, allowed: list[str]) -> str:
+    """The end of an "unknown name" message: the allowed names closest to ``name``, or all of them."""
+    close = difflib.get_close_matches(name, allowed, n=3)
+    return f"did you mean {', '.join(close)}?" if close else f"allowed: {', '.join(allowed)}"

@@ -6,7 +6,6 @@ Both are kept as plain values (a class path and its arguments), so checkpoints l
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import inspect
 import math
@@ -15,6 +14,8 @@ from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+
+from mlplab.errors import closest
 
 # fused: one kernel updates every parameter (CPU and CUDA); the default loops over parameters in Python, which on
 # the CPU costs 0.6 ms per step against 0.2 ms for the default network. Same update up to rounding.
@@ -43,9 +44,7 @@ def _check_arguments(cls: type, path: str, arguments: dict[str, Any], skipped: t
              if name not in ("self", *skipped) and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     for key, value in arguments.items():
         if key not in taken:
-            close = difflib.get_close_matches(key, taken, n=3)
-            raise ValueError(f"{key}: not an argument of {path}; "
-                             + (f"did you mean {', '.join(close)}?" if close else f"its arguments: {', '.join(taken)}"))
+            raise ValueError(f"{key}: not an argument of {path}; {closest(key, taken)}")
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{key} must be a finite number, got {value}")
 

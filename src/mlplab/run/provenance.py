@@ -23,14 +23,16 @@ from mlplab.files import write_text_atomically
 PROVENANCE_FILE = "provenance.json"
 
 
-def git_state(directory: Path) -> dict[str, Any] | None:
+def git_state(directory: Path, tracked: str | None = None) -> dict[str, Any] | None:
     """The repository holding ``directory``: its root, commit and whether tracked files differ from it; None
-    outside a repository or without git."""
+    outside a repository, without git, or when the file ``tracked`` (in ``directory``) is not part of it."""
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True, check=True,
                               timeout=30).stdout.strip()
 
     try:
+        if tracked:
+            git("ls-files", "--error-unmatch", tracked)
         root, commit = git("rev-parse", "--show-toplevel", "HEAD").splitlines()
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError, ValueError):
@@ -65,8 +67,9 @@ def collect(command: Sequence[str], device: torch.device) -> dict[str, Any]:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": shlex.join(command),
         "mlplab": _version("mlplab"),
-        # The code that ran (when it runs from a checkout), and the repository the command ran in (the user's own).
-        "code": git_state(Path(mlplab.__file__).parent),
+        # The code that ran (when it runs from a checkout: an installed copy inside some repository's virtualenv
+        # is not that repository's code), and the repository the command ran in (the user's own).
+        "code": git_state(Path(mlplab.__file__).parent, tracked="__init__.py"),
         "working_directory": {"path": os.getcwd(), "git": git_state(Path.cwd())},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      **{name: _version(name) for name in ("lightning", "hydra-core", "torchvision", "optuna")}},

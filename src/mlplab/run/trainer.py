@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import logging
 import os
@@ -19,7 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressB
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
 from mlplab.compat import RankCommandDDPStrategy
-from mlplab.errors import MlplabError, one_line
+from mlplab.errors import MlplabError, closest, one_line
 from mlplab.run.checkpoints import AtomicCheckpointIO
 
 ACCELERATORS = ("auto", "cpu", "gpu")
@@ -56,9 +55,7 @@ def check_trainer_option(key: str) -> None:
         raise ValueError(f"{key}: not settable here; {MANAGED_ARGUMENTS[key]}")
     if key not in trainer_arguments():
         allowed = [name for name in trainer_arguments() if name not in MANAGED_ARGUMENTS]
-        close = difflib.get_close_matches(key, allowed, n=3)
-        raise ValueError(f"{key}: not an argument of lightning.Trainer; "
-                         + (f"did you mean {', '.join(close)}?" if close else f"its arguments: {', '.join(allowed)}"))
+        raise ValueError(f"{key}: not an argument of lightning.Trainer; {closest(key, allowed)}")
 
 
 @dataclass(frozen=True)
