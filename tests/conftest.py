@@ -5,6 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+
+# Two test workers on two cores, each training in processes of its own: one thread per process, as the README
+# advises for two processes on two cores (oversubscribed, tiny networks spend their steps waiting). Set before torch
+# is imported, so this process and every command the tests start have it; a value set outside wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 import socket
 import subprocess
 import sys

@@ -50,8 +50,8 @@ def ddp_run(synthetic_data_dir, tmp_path_factory) -> tuple[Path, Path, Path]:
     cwd, records = tmp_path_factory.mktemp("ddp"), tmp_path_factory.mktemp("records") / "samples"
     own = tmp_path_factory.mktemp("own-configs")
     (own / "experiment").mkdir()
-    (own / "experiment" / "evaluate_in_64s.yaml").write_text("# @package _global_\ndata:\n  eval_batch_size: 64\n")
-    result = run_cli(["mlplab-train", "--config-dir", str(own), "experiment=evaluate_in_64s", *RUN,
+    (own / "experiment" / "rare_checkpoints.yaml").write_text("# @package _global_\ncheckpoint:\n  every_n_steps: 499\n")
+    result = run_cli(["mlplab-train", "--config-dir", str(own), "experiment=rare_checkpoints", *RUN,
                       "+callbacks.record._target_=probes.RecordTrainingSamples", f"+callbacks.record.path={records}"],
                      cwd, synthetic_data_dir)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -66,7 +66,7 @@ def test_ddp_run_has_one_directory_written_by_rank_zero(ddp_run):
     assert {"metrics.json", "checkpoints/best.ckpt", "checkpoints/last.ckpt", ".hydra/config.yaml"} <= files
     assert [name for name in files if name.endswith(".log")] == ["train.log"]  # the other rank wrote no log file
     assert len([name for name in files if name.endswith(".ckpt")]) == 2
-    assert "eval_batch_size: 64" in (run_dir / ".hydra" / "config.yaml").read_text()
+    assert "every_n_steps: 499" in (run_dir / ".hydra" / "config.yaml").read_text()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["epochs"] == 2
     events = EventAccumulator(str(run_dir))
