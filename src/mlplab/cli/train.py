@@ -191,7 +191,7 @@ def resumed_config(cfg: DictConfig, given: list[str]) -> tuple[DictConfig, list[
     return compose(config_name="train", overrides=[*overrides, f"resume={quoted(checkpoint)}"]), overrides
 
 
-# Keys of mlplab 0.2 that are written differently now; a resumed run of that version repeats its overrides.
+# Keys of earlier versions that are written differently now; resuming one of their runs repeats its overrides.
 RENAMED_KEYS = {"optimizer.name": "optimizer", "scheduler.name": "scheduler", "scheduler.min_lr": "scheduler.eta_min"}
 
 

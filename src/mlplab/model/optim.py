@@ -20,7 +20,7 @@ from mlplab.errors import closest
 # fused: one kernel updates every parameter (CPU and CUDA); the default loops over parameters in Python, which on
 # the CPU costs 0.6 ms per step against 0.2 ms for the default network. Same update up to rounding.
 FUSED_BY_DEFAULT = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
-# The names mlplab 0.1 and 0.2 stored for the optimizer (``name``); checkpoints and runs of theirs still load.
+# The names earlier versions stored for the optimizer (``name``); their checkpoints and runs still load.
 OPTIMIZER_NAMES = {"adam": "torch.optim.Adam", "adamw": "torch.optim.AdamW", "sgd": "torch.optim.SGD"}
 INTERVALS = ("epoch", "step")
 
@@ -115,7 +115,7 @@ class OptimizerSettings:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> OptimizerSettings:
-        """The inverse of ``as_dict``; also reads what mlplab 0.2 stored (``name``, ``momentum`` for every one)."""
+        """The inverse of ``as_dict``; also reads what earlier versions stored (``name``, ``momentum`` for every one)."""
         values = dict(values)
         if "name" in values:
             name = values.pop("name")
@@ -203,7 +203,7 @@ class ScheduleSettings:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ScheduleSettings:
-        """The inverse of ``as_dict``; also reads what mlplab 0.2 stored (``name``: none or cosine, ``min_lr``)."""
+        """The inverse of ``as_dict``; also reads what earlier versions stored (``name``: none or cosine, ``min_lr``)."""
         values = dict(values)
         if "name" in values:
             if values.pop("name") == "none":
