@@ -89,9 +89,7 @@ def split_off_validation(train: Split, val_size: int, split_seed: int) -> tuple[
     """A seeded split of the training set into (train, validation)."""
     if not 0 < val_size < len(train):
         raise DataError(f"data.val_size must be between 1 and {len(train) - 1} for this dataset, got {val_size}")
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(split_seed))
-    val_idx, train_idx = order[:val_size], order[val_size:]
-    return Split(train.images[train_idx], train.labels[train_idx]), Split(train.images[val_idx], train.labels[val_idx])
+    return train.split_off(val_size, split_seed)
 
 
 def channel_stats(images: Tensor) -> tuple[list[float], list[float]]:

@@ -113,6 +113,12 @@ class Split:
     def to(self, device: torch.device) -> Split:
         return Split(self.images.to(device), self.labels.to(device))
 
+    def split_off(self, count: int, seed: int) -> tuple[Split, Split]:
+        """A seeded split into (the rest, ``count`` samples)."""
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        rest, out = order[count:], order[:count]
+        return Split(self.images[rest], self.labels[rest]), Split(self.images[out], self.labels[out])
+
 
 @dataclass(frozen=True, eq=False)  # compared and hashed by identity: one object per parse, shared by a sweep's jobs
 class ParsedDataset:

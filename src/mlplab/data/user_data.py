@@ -45,9 +45,7 @@ def held_out(split: Split, size: int | float, seed: int) -> tuple[Split, Split]:
     if not 0 < count < len(split):
         raise DataError(f"data.test_size={size} holds out {count} of {len(split)} images; it must leave some for "
                         "training and some for testing")
-    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
-    rest, out = order[count:], order[:count]
-    return Split(split.images[rest], split.labels[rest]), Split(split.images[out], split.labels[out])
+    return split.split_off(count, seed)
 
 
 # --- data=folder ----------------------------------------------------------------------------------------------

@@ -93,10 +93,6 @@ class OptimizerSettings:
         return _class_at(self.target, torch.optim.Optimizer)
 
     @property
-    def lr(self) -> float:
-        return float(self.arguments.get("lr", inspect.signature(self.cls.__init__).parameters["lr"].default))
-
-    @property
     def state_per_parameter(self) -> int:
         """Values the optimizer keeps per parameter (Adam's two moments, SGD's momentum buffer), for the memory
         estimate: counted after one step on an example parameter."""
