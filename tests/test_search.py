@@ -14,7 +14,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import SYNTHETIC_RUN, cli_env, run_cli
-from mlplab.sweeps.jobs import STUDY_FILE
+from mlplab.sweeps.study import STUDY_FILE
 
 BIN = Path(sys.executable).parent
 SEARCH = ["-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=6", *SYNTHETIC_RUN, "callbacks.model_summary=null",
@@ -93,7 +93,7 @@ def test_a_killed_search_continues_without_retraining_finished_trials(synthetic_
 
 
 def test_diverging_trials_fail_and_the_search_goes_on_to_a_sane_best(synthetic_data_dir, tmp_path):
-    result = search(["optimizer.lr=choice(0.003, 1e30)", "hydra.sweeper.max_failure_ratio=0.9",
+    result = search(["optimizer.lr=choice(0.003, 1e30)", "seed=choice(1, 2, 3)", "hydra.sweeper.max_failure_ratio=0.9",
                      "hydra.sweeper.sampler.seed=0"], tmp_path, synthetic_data_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     study = study_of(sweep_dir := tmp_path / "outputs" / "sweeps" / "search")
@@ -104,14 +104,15 @@ def test_diverging_trials_fail_and_the_search_goes_on_to_a_sane_best(synthetic_d
 
 
 def test_a_hopeless_search_stops_with_a_clear_message(synthetic_data_dir, tmp_path):
-    result = search(["optimizer.lr=choice(1e30, 2e30)"], tmp_path, synthetic_data_dir)
+    result = search(["optimizer.lr=interval(1e30, 2e30)"], tmp_path, synthetic_data_dir)
     assert result.returncode == 1
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("mlplab-train: search stopped")]
     assert "4 of 6 trials failed" in line and "max_failure_ratio=0.5" in line and "diverged" in line.lower()
 
 
 def test_clearly_worse_trials_are_pruned_early(synthetic_data_dir, tmp_path):
-    result = search(["optimizer.lr=choice(0.00001, 0.003)", "trainer.max_epochs=4", "hydra.sweeper.n_trials=8",
+    result = search(["optimizer.lr=choice(0.00001, 0.003)", "seed=choice(1, 2, 3, 4)", "trainer.max_epochs=4",
+                     "hydra.sweeper.n_trials=8",
                      "hydra.sweeper.sampler._target_=optuna.samplers.RandomSampler", "hydra.sweeper.sampler.seed=1",
                      "hydra.sweeper.pruner.n_startup_trials=2", "hydra.sweeper.pruner.n_warmup_steps=2"],
                     tmp_path, synthetic_data_dir)
@@ -158,6 +159,7 @@ def test_a_sampled_config_that_is_invalid_is_a_failed_trial_and_the_search_goes_
 
 def test_a_failing_trial_is_told_failed_with_its_error_and_the_search_goes_on(synthetic_data_dir, tmp_path):
     result = search(["+callbacks.boom._target_=probes.RaiseAtStart", "+callbacks.boom.fail=choice(true, false)",
+                     "seed=choice(1, 2)",
                      "hydra.sweeper.n_trials=4", "hydra.sweeper.max_failure_ratio=1",
                      "hydra.sweeper.sampler._target_=optuna.samplers.RandomSampler", "hydra.sweeper.sampler.seed=0"],
                     tmp_path, synthetic_data_dir)

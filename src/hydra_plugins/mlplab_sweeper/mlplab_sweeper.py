@@ -1,9 +1,10 @@
 """mlplab's Hydra sweeper (``hydra/sweeper=mlplab``, the default of mlplab-train): a grid, or an Optuna search.
 
 A grid runs every combination of the sweep's values. With ``n_trials`` set (``hydra/sweeper=optuna``, or an
-``hparams_search`` preset) it searches instead: Optuna's ask-and-tell with its journal storage in the sweep folder,
-so a search is resumable, survives failing trials, prunes through each job's own reports and shares one study
-between parallel workers. Either way every job's config is checked before any trains, finished jobs are skipped,
+``hparams_search`` preset) it searches instead: Optuna's ask-and-tell on a study in ``hydra.sweeper.storage`` (by
+default a journal file in the sweep folder), so a search is resumable, survives failing trials, prunes through each
+job's own reports, never proposes a configuration twice, and shares one study between parallel workers and between
+processes on one machine or many. Either way every job's config is checked before any trains, finished jobs are skipped,
 and the sweep folder gets its summary. Each job is a job folder of the usual kind (mlplab.sweeps.jobs).
 
 Optuna is imported only when a search runs: Hydra imports every plugin module at start-up.
@@ -30,11 +31,11 @@ from mlplab.run.config import ConfigError
 from mlplab.run.records import read_metrics
 from mlplab.sweeps.grid import ComposedOnce, Job, SweepError, dry_run_listing, grid_jobs, sweep_overrides, \
     wait_for_other_processes
-from mlplab.sweeps.jobs import claim, job_state
+from mlplab.sweeps.jobs import job_state
 from mlplab.sweeps.summary import JOBS_FILE, write_summary
 
 log = logging.getLogger(__name__)
-SEARCH_LOCK = ".search.lock"
+OTHERS_POLL_SECONDS = 5.0  # how often a search whose last trials run elsewhere looks at the study again
 
 
 class SweepIncomplete(MlplabError):
@@ -48,10 +49,15 @@ class MlplabSweeper(Sweeper):
     def __init__(self, max_batch_size: int | None = None, params: dict[str, str] | None = None,
                  n_trials: int | None = None, direction: str = "maximize", metric: str = "val/acc",
                  n_jobs: int | None = None, timeout: float | None = None, max_failure_ratio: float = 0.5,
-                 sampler: Any = None, pruner: Any = None):
+                 sampler: Any = None, pruner: Any = None, storage: str | None = None, study_name: str | None = None,
+                 max_failure_rate: float | None = None):
         self.max_batch_size, self.params, self.n_trials = max_batch_size, params, n_trials
         self.direction, self.metric, self.n_jobs, self.timeout = direction, metric, n_jobs, timeout
-        self.max_failure_ratio, self.sampler, self.pruner = max_failure_ratio, sampler, pruner
+        self.sampler, self.pruner, self.storage, self.study_name = sampler, pruner, storage, study_name
+        # max_failure_rate: the stable hydra-optuna-sweeper's name (lightning-hydra-template's configs use it)
+        self.max_failure_ratio = max_failure_ratio if max_failure_rate is None else max_failure_rate
+        if n_trials is not None and direction not in ("maximize", "minimize"):
+            raise ConfigError(f"hydra.sweeper.direction={direction}: allowed: maximize, minimize (one objective)")
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
@@ -67,13 +73,20 @@ class MlplabSweeper(Sweeper):
             self._search(sweep_dir, params, arguments)
         elif not self._grid(sweep_dir, sweep_overrides(params, arguments)):
             return  # a dry run
-        jobs, text = write_summary(sweep_dir)
+        jobs, text = write_summary(sweep_dir, getattr(self, "study", None))
         print(text, end="")
         print(f"Summary: {sweep_dir / 'summary.md'} (also .csv, .png); TensorBoard: tensorboard --logdir {sweep_dir}")
         unfinished = [job for job in jobs if job["status"] not in ("completed", "pruned")]
         if self.n_trials is None and unfinished:
             raise SweepIncomplete(f"{len(unfinished)} of {len(jobs)} jobs did not complete: "
                                   + ", ".join(f"{job['job']} ({job['status']})" for job in unfinished))
+        if self.n_trials is not None:
+            from mlplab.sweeps.study import failed_trials
+
+            failed = failed_trials(self.study)
+            if failed and not self.study.get_trials(deepcopy=False, states=(_state("COMPLETE"),)):
+                raise SweepIncomplete(f"search ended without a completed trial: all {len(failed)} failed; errors: "
+                                      + "; ".join(sorted({t.user_attrs["error"] for t in failed}))[:500])
 
     # A grid
 
@@ -110,59 +123,100 @@ class MlplabSweeper(Sweeper):
     # A search
 
     def _search(self, sweep_dir: Path, params: dict[str, Any] | None, arguments: list[str]) -> None:
-        from mlplab.sweeps.search import open_study, parse_params, recover_crashed
+        from mlplab.sweeps.sampling import GRID_SAMPLER, DistinctSampler
+        from mlplab.sweeps.search import parse_params
+        from mlplab.sweeps.study import StudyAddress, open_study
 
         # hparams_search=<preset> stays among each job's overrides: its settings (pruner, mode) reach the jobs.
         fixed, space = parse_params(params, arguments)
         if not space:
             raise SweepError("the search has no dimensions; set hydra.sweeper.params (or use hparams_search=<preset>)")
-        with claim(sweep_dir, SEARCH_LOCK) as claimed:  # one process asks; parallel workers come from the launcher
-            if not claimed:
-                raise SweepError(f"another process is running the search in {sweep_dir}; wait for it, or use "
-                                 "hydra/launcher=parallel for parallel trials")
-            OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-            sampler = _built(self.sampler)
-            study = open_study(sweep_dir, self.direction, sampler, _built(self.pruner))
-            for number in recover_crashed(study):
-                log.info("Trial %d was cut short; its configuration is asked again", number)
-            self._ask_and_tell(study, sweep_dir, fixed, space)
+        spec = dict(self.sampler or {})
+        grid = spec.get("_target_") == GRID_SAMPLER
+        sampler = DistinctSampler(lambda seed: _built(spec, seed), space, spec.get("seed"), grid)
+        address = StudyAddress.of(self.storage, self.study_name, sweep_dir)
+        if not address.is_database:
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+        study = open_study(address, self.direction, space, sampler, _built(self.pruner))  # checked before any write
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        log.info("Search %s: study %r in %s; watch it live: %s", sweep_dir, address.name, address.shown,
+                 address.dashboard_command())
+        self.study = study
+        self._ask_and_tell(study, sweep_dir, fixed, space)
 
     def _ask_and_tell(self, study: Any, sweep_dir: Path, fixed: list[str], space: dict[str, Any]) -> None:
-        from mlplab.sweeps.search import as_override, counted
+        from mlplab.sweeps.sampling import space_size
+        from mlplab.sweeps.study import counted, kept_alive, others_running, retry_cut_short, taken
 
         batch_size = self.n_jobs or self.config.hydra.launcher.get("n_jobs") or 1
-        log.info("Search %s: %d of %d trials done; study %s", sweep_dir, len(counted(study)), self.n_trials,
-                 sweep_dir / "optuna.journal")
+        size = space_size(space)
+        log.info("%d of %d trials done", len(counted(study)), self.n_trials)
         deadline = time.monotonic() + self.timeout if self.timeout else None
-        while (remaining := self.n_trials - len(counted(study))) > 0:
+        waiting_logged = False
+        while len(counted(study)) < self.n_trials:
+            for number in retry_cut_short(study):
+                log.info("Trial %d was cut short; its configuration is asked again", number)
+            if size is not None and len(taken(study)) >= size:
+                log.info("All %d configurations of the search space have been tried", size)
+                break
             if deadline and time.monotonic() > deadline:
                 log.info("Time is up (hydra.sweeper.timeout=%s s): %d of %d trials done; run the same command again "
                          "to continue", self.timeout, len(counted(study)), self.n_trials)
                 break
+            remaining = self.n_trials - len(counted(study)) - len(others_running(study))
+            if remaining <= 0:  # the last trials run in other processes: wait, and take over any whose process dies
+                if not waiting_logged:
+                    log.info("Waiting for the trials other processes are running")
+                    waiting_logged = True
+                time.sleep(OTHERS_POLL_SECONDS)
+                continue
             self._stop_if_hopeless(study)
-            launched = []
-            for trial in [study.ask(space) for _ in range(min(batch_size, remaining))]:
-                overrides = [*fixed, *(as_override(key, value) for key, value in trial.params.items())]
-                trial.set_user_attr("overrides", overrides)
-                try:
-                    checked_job_config(lambda o: self.loader.load_sweep_config(self.config, o), overrides)
-                    launched.append((trial, overrides))
-                except MlplabError as problem:
-                    log.error("Trial %d: %s", trial.number, problem)
-                    trial.set_user_attr("error", str(problem))
-                    study.tell(trial, state=_state("FAIL"))
+            launched = [asked for asked in (self._ask(study, fixed, space) for _ in range(min(batch_size, remaining)))
+                        if asked]
             if launched:
-                returns = self.launcher.launch([[*o, f"trial={t.number}"] for t, o in launched],
-                                               initial_job_idx=launched[0][0].number)
+                with kept_alive([trial for trial, _ in launched]):
+                    returns = self.launcher.launch([[*o, f"trial={t.number}"] for t, o in launched],
+                                                   initial_job_idx=launched[0][0].number)
                 for (trial, _), job in zip(launched, returns):
                     self._tell(study, trial, Path(job.hydra_cfg.hydra.runtime.output_dir))
+
+    def _ask(self, study: Any, fixed: list[str], space: dict[str, Any]) -> tuple[Any, list[str]] | None:
+        """A new trial and its overrides, checked; None when it is told failed (an invalid config) or set aside
+        (another process proposed the same values first)."""
+        from mlplab.sweeps.search import as_override
+        from mlplab.sweeps.study import DUPLICATE_OF, duplicate_of, mark_running
+
+        trial = study.ask(space)
+        mark_running(trial)
+        overrides = [*fixed, *(as_override(key, value) for key, value in trial.params.items())]
+        trial.set_user_attr("overrides", overrides)
+        try:
+            checked_job_config(lambda o: self.loader.load_sweep_config(self.config, o), overrides)
+        except MlplabError as problem:
+            log.error("Trial %d: %s", trial.number, problem)
+            trial.set_user_attr("error", str(problem))
+            study.tell(trial, state=_state("FAIL"))
+            return None
+        first = duplicate_of(study, trial)
+        if first is not None:
+            log.info("Trial %d: trial %d has the same values; asking again", trial.number, first)
+            trial.set_user_attr(DUPLICATE_OF, first)
+            study.tell(trial, state=_state("FAIL"))
+            return None
+        return trial, overrides
 
     def _tell(self, study: Any, trial: Any, job_dir: Path) -> None:
         """Tell Optuna how the trial's job ended, from its metrics.json."""
         metrics = read_metrics(job_dir)
         status, value = metrics.get("status"), metrics.get(self.metric)
         trial.set_user_attr("job", job_dir.name)
-        if status == "completed" and value is not None:
+        if status == "running":  # another process holds the job folder: its trial has these values
+            from mlplab.sweeps.study import DUPLICATE_OF
+
+            trial.set_user_attr(DUPLICATE_OF, "a trial another process is running")
+            study.tell(trial, state=_state("FAIL"))
+        elif status == "completed" and value is not None:
             study.tell(trial, float(value))
         elif status == "pruned":
             study.tell(trial, state=_state("PRUNED"))
@@ -174,23 +228,25 @@ class MlplabSweeper(Sweeper):
         log.info("Trial %d: %s %s", trial.number, status, f"{self.metric} {value:.4f}" if value is not None else "")
 
     def _stop_if_hopeless(self, study: Any) -> None:
-        from mlplab.sweeps.search import failed_trials
+        from mlplab.sweeps.study import failed_trials
 
         failed = failed_trials(study)
         if len(failed) > self.max_failure_ratio * self.n_trials:
             reasons = sorted({trial.user_attrs.get("error", "?") for trial in failed})
-            write_summary(Path(self.config.hydra.sweep.dir))
+            write_summary(Path(self.config.hydra.sweep.dir), study)
             raise SweepIncomplete(f"search stopped: {len(failed)} of {self.n_trials} trials failed, more than "
                                   f"hydra.sweeper.max_failure_ratio={self.max_failure_ratio}; errors: "
                                   f"{'; '.join(reasons)[:500]}")
 
 
-def _built(spec: Any) -> Any:
-    """A sampler or pruner from its config (``_target_``); the sweeper's config is not built recursively, so that a
-    grid never imports Optuna."""
+def _built(spec: Any, seed: int | None = None) -> Any:
+    """A sampler or pruner from its config (``_target_``), with ``seed`` if given; the sweeper's config is not built
+    recursively, so that a grid never imports Optuna."""
     from hydra.utils import instantiate
 
-    return instantiate(spec) if spec else None
+    if not spec:
+        return None
+    return instantiate(spec, seed=seed) if seed is not None else instantiate(spec)
 
 
 def _state(name: str) -> Any:

@@ -125,10 +125,12 @@ class RunRequest:
         if hydra_config.mode != RunMode.RUN and cfg.get("trial") is not None:
             # A trial of a search: reports its epochs to the study. Optuna is imported only where a search runs.
             from mlplab.sweeps.search import trial_callback
+            from mlplab.sweeps.study import StudyAddress
 
             sweeper = hydra_config.sweeper
             pruner = instantiate(sweeper.pruner) if sweeper.get("pruner") else None
-            callbacks.append(trial_callback(Path(hydra_config.sweep.dir), cfg.trial, sweeper.metric, pruner))
+            address = StudyAddress.of(sweeper.get("storage"), sweeper.get("study_name"), Path(hydra_config.sweep.dir))
+            callbacks.append(trial_callback(address, cfg.trial, sweeper.metric, pruner))
         hparams = run_hparams(config, command_line_values(overrides, groups=set(hydra_config.runtime.choices)))
         sweep = hydra_config.mode != RunMode.RUN
         experiment = Path(hydra_config.sweep.dir).name if sweep else None

@@ -26,7 +26,6 @@ from mlplab.run.train import ENVIRONMENT_ERRORS
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
-STUDY_FILE = "optuna.journal"  # a search's Optuna study (hydra/sweeper=optuna), in the sweep folder
 RETRIED = ("failed", "diverged")
 FINISHED = ("completed", "pruned")  # a job in either state is never trained again
 

@@ -1,9 +1,6 @@
-"""Hyperparameter search with Optuna: the search space from Hydra's sweep syntax, the study kept in the sweep folder,
-and each trial's report of its epochs (for pruning) from inside its own job.
-
-The study lives in ``<sweep dir>/optuna.journal`` (Optuna's journal file storage: one append-only file, safe for
-several processes, no database), named after the sweep folder.
-"""
+"""Hyperparameter search with Optuna: the search space from Hydra's sweep syntax, each trial's report of its epochs
+(for pruning) from inside its own job, and the search's part of the sweep summary. Where the study is kept and who
+runs which trial: ``mlplab.sweeps.study``."""
 
 from __future__ import annotations
 
@@ -19,26 +16,9 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import TrialState
 from typing_extensions import override
 
-from mlplab.errors import MlplabError
 from mlplab.run.config import COMMAND_KEYS
 from mlplab.run.train import Pruned
-from mlplab.sweeps.jobs import STUDY_FILE
-
-
-class SearchError(MlplabError):
-    """A search that cannot run as configured."""
-
-optuna.logging.set_verbosity(optuna.logging.WARNING)  # mlplab prints what a search did; Optuna's INFO repeats it
-
-
-def journal(sweep_dir: Path) -> optuna.storages.JournalStorage:
-    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(sweep_dir / STUDY_FILE)))
-
-
-def open_study(sweep_dir: Path, direction: str = "maximize", sampler: Any = None, pruner: Any = None) -> optuna.Study:
-    """The sweep's study, created on first use and continued afterwards."""
-    return optuna.create_study(study_name=sweep_dir.name, storage=journal(sweep_dir), direction=direction,
-                               sampler=sampler, pruner=pruner or optuna.pruners.NopPruner(), load_if_exists=True)
+from mlplab.sweeps.study import DUPLICATE_OF, RETRY_OF, SearchError, StudyAddress, counted, load_study
 
 
 def search_space(overrides: list[Override]) -> dict[str, BaseDistribution]:
@@ -81,33 +61,11 @@ def as_override(key: str, value: Any) -> str:
     return f"{key}={value!r}" if isinstance(value, float) else f"{key}={value}"
 
 
-def counted(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Trials that count towards ``n_trials``: completed, pruned and failed ones, not those cut short by a crash."""
-    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-    return finished + failed_trials(study)
-
-
-def failed_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Trials whose job failed, diverged or had an invalid config (the sweeper records why, as ``error``)."""
-    return [trial for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if "error" in trial.user_attrs]
-
-
-def recover_crashed(study: optuna.Study) -> list[int]:
-    """Trials left running by a search process that died: told failed (with no ``error``: not counted) and asked
-    again with the same values, so the same job folder, whose job resumes from its last checkpoint."""
-    numbers = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-        study.enqueue_trial(trial.params)
-        numbers.append(trial.number)
-    return numbers
-
-
-def trial_callback(sweep_dir: Path, number: int, metric: str, pruner: Any) -> Callback:
+def trial_callback(address: StudyAddress, number: int, metric: str, pruner: Any) -> Callback:
     """The callback a trial's job trains with: reports ``metric`` after each validation, stops when pruned."""
-    storage = journal(sweep_dir)
-    study = optuna.load_study(study_name=sweep_dir.name, storage=storage, pruner=pruner or optuna.pruners.NopPruner())
-    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(sweep_dir.name), number)
+    storage = address.open()
+    study = optuna.load_study(study_name=address.name, storage=storage, pruner=pruner or optuna.pruners.NopPruner())
+    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(address.name), number)
     return ReportToStudy(study, storage, trial_id, metric)
 
 
@@ -134,13 +92,26 @@ class ReportToStudy(Callback):
                          "worse than other trials' at that epoch")
 
 
-def search_summary(sweep_dir: Path) -> str:
-    """Markdown for a search's summary: trial counts, the best trial and its command; draws ``search.png``."""
-    study = open_study(sweep_dir)
+def search_summary(sweep_dir: Path, address: StudyAddress, study: optuna.Study | None = None) -> str:
+    """Markdown for a search's summary: its distinct trials, the best one and its command; draws ``search.png``."""
+    study = study or load_study(address)
     trials = study.get_trials(deepcopy=False)
-    states = {state: sum(trial.state == state for trial in trials) for state in TrialState}
-    lines = ["", "## Search", "", f"Optuna study `{sweep_dir.name}` in `{sweep_dir / STUDY_FILE}`: "
-             + ", ".join(f"{count} {state.name.lower()}" for state, count in states.items() if count) + "."]
+    distinct = counted(study)
+    states = {state: sum(trial.state == state for trial in distinct) for state in TrialState}
+    running = sum(trial.state == TrialState.RUNNING for trial in trials)
+    cut_short = [t for t in trials if t.state == TrialState.FAIL and "error" not in t.user_attrs
+                 and DUPLICATE_OF not in t.user_attrs]
+    retries = {t.user_attrs[RETRY_OF]: t.number for t in trials if RETRY_OF in t.user_attrs}
+    duplicates = sum(DUPLICATE_OF in t.user_attrs for t in trials)
+    counts = ", ".join(f"{count} {state.name.lower()}" for state, count in states.items() if count)
+    line = f"Optuna study `{address.name}` in `{address.shown}`: {len(distinct)} distinct trials" + \
+        (f" ({counts})" if counts else "") + (f", {running} running" if running else "") + "."
+    if cut_short:
+        line += " Cut short and asked again: " + ", ".join(
+            f"trial {t.number}" + (f" (as trial {retries[t.number]})" if t.number in retries else "") for t in cut_short) + "."
+    if duplicates:
+        line += f" {duplicates} proposal(s) set aside: another process had proposed the same values first."
+    lines = ["", "## Search", "", line, "", f"Watch it live: `{address.dashboard_command()}`"]
     complete = [trial for trial in trials if trial.state == TrialState.COMPLETE]
     if complete:
         best = study.best_trial

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import statistics
 from collections import defaultdict
@@ -12,7 +13,8 @@ from typing import Any
 import yaml
 
 from mlplab.run.records import MONITOR, read_metrics
-from mlplab.sweeps.jobs import STUDY_FILE, job_state
+from mlplab.files import write_text_atomically
+from mlplab.sweeps.jobs import job_state
 
 JOBS_FILE = "jobs.json"  # written by the sweeper before the first job: lets a report list jobs not started yet
 METRICS = ("val/acc", "val/loss", "best_epoch", "test/acc", "test/loss", "epochs", "wall_seconds", "num_parameters")
@@ -53,12 +55,13 @@ def ranked(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def write_csv(jobs: list[dict[str, Any]], path: Path) -> None:
     keys = swept_keys(jobs)
-    with path.open("w", newline="") as file:
+    with io.StringIO(newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["job", "overrides", "status", *keys, *METRICS, "run_dir", "error"])
         for job in jobs:
             writer.writerow([job["job"], " ".join(job["overrides"]), job["status"], *(job["values"].get(k, "") for k in keys),
                              *(job.get(metric, "") for metric in METRICS), job["run_dir"], job["error"]])
+        write_text_atomically(path, file.getvalue())
 
 
 def markdown(jobs: list[dict[str, Any]], title: str) -> str:
@@ -187,16 +190,21 @@ def _sort_key(value: str) -> tuple:
     return (0, float(value), "") if _is_number(value) else (1, 0.0, value)
 
 
-def write_summary(sweep_dir: Path) -> tuple[list[dict[str, Any]], str]:
-    """Write summary.csv, summary.md and summary.png into the sweep folder; returns the jobs and the markdown."""
+def write_summary(sweep_dir: Path, study: Any = None) -> tuple[list[dict[str, Any]], str]:
+    """Write summary.csv, summary.md and summary.png into the sweep folder; returns the jobs and the markdown.
+    ``study``: a search's open Optuna study (else found from the folder's multirun.yaml)."""
     jobs = collect_jobs(sweep_dir)
     text = markdown(jobs, sweep_dir.name)
-    if (sweep_dir / STUDY_FILE).is_file():
-        from mlplab.sweeps.search import search_summary  # Optuna, only for searches
+    if study is not None or (sweep_dir / "multirun.yaml").is_file():
+        from mlplab.sweeps.study import StudyAddress  # Optuna, only for searches
 
-        text += search_summary(sweep_dir)
+        address = StudyAddress.of_sweep(sweep_dir)
+        if address is not None:
+            from mlplab.sweeps.search import search_summary
+
+            text += search_summary(sweep_dir, address, study)
     write_csv(jobs, sweep_dir / "summary.csv")
-    (sweep_dir / "summary.md").write_text(text)
+    write_text_atomically(sweep_dir / "summary.md", text)
     plot(jobs, sweep_dir / "summary.png")
     return jobs, text
 

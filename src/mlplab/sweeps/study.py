@@ -1,0 +1,302 @@
+"""A search's Optuna study: where it is kept (``hydra.sweeper.storage``), the checks before a search writes into
+it, and which process runs which trial, so that a restarted or shared search neither repeats nor loses a trial.
+
+Any number of mlplab-train processes, on one machine or several, may work on one study. Each trial records its
+process (``mlplab.worker``) and renews ``mlplab.alive`` while its job runs; a running trial whose process died (or,
+on another host, stopped renewing) is cut short: told failed without an ``error`` (not counted) and queued again
+with the same values, so that whoever asks next resumes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from omegaconf import OmegaConf
+from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from mlplab.errors import MlplabError
+from mlplab.sweeps.jobs import HEARTBEAT_SECONDS, LEASE_SECONDS
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # mlplab prints what a search did; Optuna's INFO repeats it
+
+STUDY_FILE = "optuna.journal"  # the default storage: a journal file in the sweep folder
+WORKER = "mlplab.worker"        # "host pid" of the process that asked the trial
+ALIVE = "mlplab.alive"          # when that process last said it is still running the trial (seconds since the epoch)
+RETRY_OF = "mlplab.retry_of"    # the number of the cut-short trial this one continues
+DUPLICATE_OF = "mlplab.duplicate_of"  # set aside: another process proposed the same values first
+SPACE = "mlplab.search_space"   # the study's search space, checked when a search opens the study again
+POSTGRES_HINT = "install the PostgreSQL driver: pip install 'mlplab[postgres]'"
+
+
+class SearchError(MlplabError):
+    """A search that cannot run as configured."""
+
+
+@dataclass(frozen=True)
+class StudyAddress:
+    """Where a search's study is: ``storage`` None (the journal file in the sweep folder), a journal file's path,
+    or a database URL that Optuna's RDB storage accepts (``sqlite:///...``, ``postgresql+psycopg://...``)."""
+
+    storage: str | None
+    name: str
+    sweep_dir: Path
+
+    @classmethod
+    def of(cls, storage: str | None, study_name: str | None, sweep_dir: Path) -> StudyAddress:
+        return cls(str(storage) if storage else None, study_name or sweep_dir.name, sweep_dir)
+
+    @classmethod
+    def of_sweep(cls, sweep_dir: Path) -> StudyAddress | None:
+        """The study of a finished or running search, from its ``multirun.yaml``; None when the sweep is a grid."""
+        saved = sweep_dir / "multirun.yaml"
+        sweeper = OmegaConf.load(saved).hydra.get("sweeper", {}) if saved.is_file() else {}
+        if sweeper.get("n_trials") is None and not (sweep_dir / STUDY_FILE).is_file():
+            return None
+        return cls.of(sweeper.get("storage"), sweeper.get("study_name"), sweep_dir)
+
+    @property
+    def is_database(self) -> bool:
+        return self.storage is not None and "://" in self.storage
+
+    @property
+    def location(self) -> str:
+        """What optuna-dashboard opens: the journal file or the database URL."""
+        return self.storage if self.is_database else str(Path(self.storage or self.sweep_dir / STUDY_FILE))
+
+    @property
+    def shown(self) -> str:
+        """The location without a password, for logs and summaries."""
+        if not self.is_database:
+            return self.location
+        from sqlalchemy.engine import make_url
+
+        with contextlib.suppress(Exception):
+            return make_url(self.location).render_as_string(hide_password=True)
+        return self.location
+
+    def open(self) -> optuna.storages.BaseStorage:
+        """The storage, or one line on why it cannot be used (unreachable, missing driver, not a URL)."""
+        if not self.is_database:
+            path = Path(self.location)
+            if not path.parent.is_dir():
+                raise SearchError(f"hydra.sweeper.storage={self.storage}: folder {path.parent} does not exist; give a "
+                                  "journal file in an existing folder, or a database URL such as sqlite:///study.db")
+            return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+        return _database(self.storage, self.shown)
+
+    def dashboard_command(self) -> str:
+        """The command that shows the study live (a database password shown as ***)."""
+        import shlex
+
+        return f"optuna-dashboard {shlex.quote(self.shown)}"
+
+
+def _database(url: str, shown: str) -> optuna.storages.RDBStorage:
+    import sqlalchemy.exc
+
+    engine: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("postgresql"):
+        engine["connect_args"] = {"connect_timeout": 10}  # an unreachable host fails in seconds, not minutes
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+    except ModuleNotFoundError as missing:
+        hint = POSTGRES_HINT if url.startswith("postgresql") else f"install the Python package {missing.name}"
+        raise SearchError(f"hydra.sweeper.storage={shown}: the database driver {missing.name} is not installed; "
+                          f"{hint}") from None
+    except sqlalchemy.exc.NoSuchModuleError:
+        raise SearchError(f"hydra.sweeper.storage={shown}: unknown kind of database {url.split(':')[0]!r}; use "
+                          "sqlite:///FILE, postgresql+psycopg://USER@HOST:PORT/DB, mysql+pymysql://..., or a journal "
+                          "file's path") from None
+    except sqlalchemy.exc.ArgumentError as error:
+        raise SearchError(f"hydra.sweeper.storage={shown}: not a database URL ({error})") from None
+    except sqlalchemy.exc.SQLAlchemyError as error:
+        reason = str(getattr(error, "orig", None) or error).strip().splitlines()
+        raise SearchError(f"hydra.sweeper.storage={shown}: cannot use the database: {reason[0] if reason else error}"
+                          ) from None
+
+
+# Opening a study with its checks
+
+
+def open_study(address: StudyAddress, direction: str, space: dict[str, BaseDistribution], sampler: Any = None,
+               pruner: Any = None) -> optuna.Study:
+    """The study, created on first use; an existing one must have the same direction and search space (SearchError,
+    before anything is written into it)."""
+    storage = address.open()
+    pruner = pruner or optuna.pruners.NopPruner()
+    try:
+        study = optuna.load_study(study_name=address.name, storage=storage, sampler=sampler, pruner=pruner)
+    except KeyError:
+        study = optuna.create_study(study_name=address.name, storage=storage, direction=direction, sampler=sampler,
+                                    pruner=pruner, load_if_exists=True)
+    _check_direction(study, direction, address)
+    recorded = _recorded_space(study)
+    if recorded:
+        _check_space(recorded, space, address)
+    if SPACE not in study.user_attrs:
+        study.set_user_attr(SPACE, {name: optuna.distributions.distribution_to_json(d) for name, d in space.items()})
+    return study
+
+
+def load_study(address: StudyAddress, pruner: Any = None) -> optuna.Study:
+    """The study as it is, for a job's reports and for summaries."""
+    return optuna.load_study(study_name=address.name, storage=address.open(),
+                             pruner=pruner or optuna.pruners.NopPruner())
+
+
+def _check_direction(study: optuna.Study, direction: str, address: StudyAddress) -> None:
+    existing = study.direction.name.lower()
+    if existing != direction:
+        raise SearchError(f"study {address.name!r} in {address.shown} exists and is to {existing} its objective, not "
+                          f"to {direction}; use hydra.sweeper.direction={existing}, or another hydra.sweeper.study_name")
+
+
+def _recorded_space(study: optuna.Study) -> dict[str, BaseDistribution]:
+    """The space a study was searched over: recorded by mlplab, or (a study of an earlier version) its trials'."""
+    recorded = study.user_attrs.get(SPACE)
+    if recorded:
+        return {name: optuna.distributions.json_to_distribution(text) for name, text in recorded.items()}
+    space: dict[str, BaseDistribution] = {}
+    for trial in study.get_trials(deepcopy=False):
+        space.update(trial.distributions)
+    return space
+
+
+def _check_space(recorded: dict[str, BaseDistribution], space: dict[str, BaseDistribution],
+                 address: StudyAddress) -> None:
+    differences = [f"{name} (was {sweep_syntax(recorded[name])}, now {sweep_syntax(space[name])})"
+                   for name in recorded.keys() & space.keys() if recorded[name] != space[name]]
+    differences += [f"{name} (searched before, not now)" for name in recorded.keys() - space.keys()]
+    differences += [f"{name} (new)" for name in space.keys() - recorded.keys()]
+    if differences:
+        raise SearchError(f"study {address.name!r} in {address.shown} was searched over another space: "
+                          f"{'; '.join(sorted(differences))}; search the same space, or use another "
+                          "hydra.sweeper.study_name")
+
+
+def sweep_syntax(distribution: BaseDistribution) -> str:
+    """A distribution as it is written in a sweep: choice(...), range(a, b), interval(a, b), tag(log, ...)."""
+    if isinstance(distribution, CategoricalDistribution):
+        return f"choice({', '.join(map(str, distribution.choices))})"
+    if isinstance(distribution, IntDistribution) and not distribution.log:
+        return f"range({distribution.low}, {distribution.high + 1}, {distribution.step})"
+    text = f"interval({distribution.low}, {distribution.high})"
+    return f"tag(log, {text})" if getattr(distribution, "log", False) else text
+
+
+# Which trials count, and which are taken
+
+
+def counted(study: optuna.Study) -> list[FrozenTrial]:
+    """Trials that count towards ``n_trials``: completed, pruned, and failed for a reason (``error``); not those
+    cut short by a crash or set aside as duplicates."""
+    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    return finished + failed_trials(study)
+
+
+def failed_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Trials whose job failed, diverged or had an invalid config (the sweeper records why, as ``error``)."""
+    return [trial for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if "error" in trial.user_attrs]
+
+
+def configuration(params: dict[str, Any]) -> tuple:
+    return tuple(sorted(params.items()))
+
+
+def taken(study: optuna.Study, but: int | None = None) -> dict[tuple, int]:
+    """The configurations of the study's counted, running and queued trials (but trial ``but``), each with the
+    lowest trial number that has it."""
+    configurations: dict[tuple, int] = {}
+    for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        if trial.number == but:
+            continue
+        if trial.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING) or "error" in trial.user_attrs:
+            configurations.setdefault(configuration(trial.params), trial.number)
+        elif trial.state == TrialState.WAITING:
+            configurations.setdefault(configuration(trial.system_attrs.get("fixed_params", {})), trial.number)
+    return configurations
+
+
+def duplicate_of(study: optuna.Study, trial: optuna.trial.BaseTrial) -> int | None:
+    """A trial with a lower number and the same values: two processes proposed them at the same moment; the
+    later-numbered one gives way."""
+    first = taken(study, but=trial.number).get(configuration(trial.params))
+    return first if first is not None and first < trial.number else None
+
+
+# Who runs which trial
+
+
+def _this_worker() -> str:
+    return f"{socket.gethostname()} {os.getpid()}"
+
+
+def mark_running(trial: optuna.trial.Trial) -> None:
+    """Record that this process runs the trial."""
+    trial.set_user_attr(WORKER, _this_worker())
+    trial.set_user_attr(ALIVE, time.time())
+
+
+def others_running(study: optuna.Study) -> list[FrozenTrial]:
+    """Trials other processes are running now."""
+    return [trial for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if not _stale(trial)]
+
+
+def _stale(trial: FrozenTrial) -> bool:
+    """Whether the process that runs the trial is gone: a dead process on this host, or a holder elsewhere that
+    stopped renewing its claim. A trial without a worker was asked by an earlier version, which ran one search per
+    folder: a running one is always a crashed search's."""
+    worker = trial.user_attrs.get(WORKER)
+    if not worker:
+        return True
+    host, _, pid = worker.rpartition(" ")
+    if host == socket.gethostname():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+    return time.time() - float(trial.user_attrs.get(ALIVE, 0)) > LEASE_SECONDS
+
+
+def retry_cut_short(study: optuna.Study) -> list[int]:
+    """Trials whose process died: told failed (no ``error``: not counted) and queued again with the same values, so
+    that the next ask resumes them in their job folder. Returns their numbers."""
+    numbers = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if _stale(trial):
+            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+            study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number})
+            numbers.append(trial.number)
+    return numbers
+
+
+@contextlib.contextmanager
+def kept_alive(trials: list[optuna.trial.Trial]) -> Iterator[None]:
+    """Renew the trials' ``mlplab.alive`` while the block runs their jobs."""
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(HEARTBEAT_SECONDS):
+            for trial in trials:
+                with contextlib.suppress(Exception):  # a database blip: the next renewal comes in time
+                    trial.set_user_attr(ALIVE, time.time())
+
+    thread = threading.Thread(target=renew, name="trial-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
