@@ -1,12 +1,15 @@
-"""Callbacks tests add to real command lines: ``+callbacks.<name>._target_=probes.<Class>`` (tests/ on PYTHONPATH)."""
+"""Callbacks tests add to real command lines: ``+callbacks.<name>._target_=probes.<Class>``, or Hydra's own
+``+hydra.callbacks.<name>._target_=...`` (tests/ on PYTHONPATH)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import signal
+import threading
 import time
 
+from hydra.experimental.callback import Callback as HydraCallback
 from lightning.pytorch import Callback
 
 
@@ -82,3 +85,36 @@ class RaiseAtStart(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         if self.fail:
             raise RuntimeError("this trial's own bug")
+
+
+class KillDuringJob(HydraCallback):
+    """A Hydra callback (``+hydra.callbacks.<name>._target_=probes.KillDuringJob``): SIGKILLs the sweep's process
+    during its ``job``-th job, once that job has written a checkpoint: a crash in the middle of a trial."""
+
+    def __init__(self, job: int):
+        self.job, self.started = job, 0
+
+    def on_job_start(self, config, **kwargs) -> None:
+        self.started += 1
+        if self.started == self.job:
+            checkpoint = os.path.join(config.hydra.runtime.output_dir, "checkpoints", "last.ckpt")
+            threading.Thread(target=_kill_when, args=(checkpoint,), daemon=True).start()
+
+
+class KillAfterJobs(HydraCallback):
+    """SIGKILLs the sweep's process as its ``jobs``-th job returns, before the sweeper hears of it: a crash between
+    trials."""
+
+    def __init__(self, jobs: int):
+        self.jobs, self.ended = jobs, 0
+
+    def on_job_end(self, config, job_return, **kwargs) -> None:
+        self.ended += 1
+        if self.ended == self.jobs:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _kill_when(path: str) -> None:
+    while not os.path.exists(path):
+        time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGKILL)
