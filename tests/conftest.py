@@ -10,9 +10,11 @@ import os
 # advises for two processes on two cores (oversubscribed, tiny networks spend their steps waiting). Set before torch
 # is imported, so this process and every command the tests start have it; a value set outside wins.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -116,9 +118,7 @@ def train_in_process(data_dir, run_dir, overrides, stop_after=None, resume_from=
 @contextlib.contextmanager
 def tensorboard_server(logdir: Path) -> Iterator[str]:
     """A real TensorBoard server on a free loopback port, stopped afterwards; yields its plugin data URL."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([str(Path(sys.executable).parent / "tensorboard"), "--logdir", str(logdir),
                                "--host", "127.0.0.1", "--port", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -127,3 +127,34 @@ def tensorboard_server(logdir: Path) -> Iterator[str]:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def postgres_server() -> Iterator[str]:
+    """A real PostgreSQL server on a free loopback port, in a temporary folder, stopped and removed afterwards;
+    yields a database URL for Optuna. PostgreSQL refuses to run as root: as root, it runs as the postgres user."""
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    if not (initdb and pg_ctl):
+        pytest.skip("PostgreSQL's initdb and pg_ctl are not on the PATH (.ci/run installs Debian's postgresql)")
+    folder = Path(tempfile.mkdtemp(prefix="mlplab-postgres-"))
+    as_user = []
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data, port = folder / "data", free_port()
+    subprocess.run([*as_user, initdb, "-D", str(data), "-U", "mlplab", "--auth=trust"], check=True,
+                   capture_output=True)
+    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-l", str(folder / "server.log"), "-w", "-o",
+                    f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={folder}", "start"],
+                   check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg://mlplab@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)

@@ -20,9 +20,10 @@ from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.plugins import Plugins
+from hydra.experimental.callback import Callback
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 
 from mlplab.cli.compose import checked_job_config
 from mlplab.cli.failure import Stopped
@@ -35,6 +36,7 @@ from mlplab.sweeps.jobs import job_state
 from mlplab.sweeps.summary import JOBS_FILE, write_summary
 
 log = logging.getLogger(__name__)
+STABLE_OPTUNA_SWEEPER = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
 OTHERS_POLL_SECONDS = 5.0  # how often a search whose last trials run elsewhere looks at the study again
 
 
@@ -56,6 +58,7 @@ class MlplabSweeper(Sweeper):
         self.sampler, self.pruner, self.storage, self.study_name = sampler, pruner, storage, study_name
         # max_failure_rate: the stable hydra-optuna-sweeper's name (lightning-hydra-template's configs use it)
         self.max_failure_ratio = max_failure_ratio if max_failure_rate is None else max_failure_rate
+        self.failure_limit_key = "max_failure_ratio" if max_failure_rate is None else "max_failure_rate"
         if n_trials is not None and direction not in ("maximize", "minimize"):
             raise ConfigError(f"hydra.sweeper.direction={direction}: allowed: maximize, minimize (one objective)")
 
@@ -235,7 +238,7 @@ class MlplabSweeper(Sweeper):
             reasons = sorted({trial.user_attrs.get("error", "?") for trial in failed})
             write_summary(Path(self.config.hydra.sweep.dir), study)
             raise SweepIncomplete(f"search stopped: {len(failed)} of {self.n_trials} trials failed, more than "
-                                  f"hydra.sweeper.max_failure_ratio={self.max_failure_ratio}; errors: "
+                                  f"hydra.sweeper.{self.failure_limit_key}={self.max_failure_ratio}; errors: "
                                   f"{'; '.join(reasons)[:500]}")
 
 
@@ -253,3 +256,16 @@ def _state(name: str) -> Any:
     from optuna.trial import TrialState
 
     return TrialState[name]
+
+
+class StableOptunaConfigs(Callback):
+    """Runs search configs written for the stable hydra-optuna-sweeper (lightning-hydra-template's ``hparams_search``
+    files) on mlplab's sweeper, which takes the same keys: they name that plugin's class, which Hydra would look up
+    among the installed plugins. A Hydra callback (``hydra.callbacks`` in train.yaml): it runs after the config is
+    composed and before the sweeper is built."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.hydra.sweeper.get("_target_") == STABLE_OPTUNA_SWEEPER:
+            with read_write(config.hydra.sweeper):
+                config.hydra.sweeper._target_ = f"{MlplabSweeper.__module__}.{MlplabSweeper.__name__}"
+            log.info("hydra.sweeper._target_ names hydra-optuna-sweeper's class; mlplab's sweeper runs the search")

@@ -51,6 +51,10 @@ OmegaConf.register_new_resolver("mlplab.run_dir", run_dir, replace=True)
 OmegaConf.register_new_resolver("mlplab.unless_resumed", lambda resume, value: None if resume else value, replace=True)
 OmegaConf.register_new_resolver("mlplab.non_experiment_keys", lambda: list(NON_EXPERIMENT_KEYS), replace=True)
 OmegaConf.register_new_resolver("mlplab.monitor", lambda: MONITOR, replace=True)
+# A search's objective: lightning-hydra-template's optimized_metric names the best epoch's value "<metric>_best";
+# metrics.json holds every metric at the best epoch under its own name.
+OmegaConf.register_new_resolver("mlplab.objective",
+                                lambda name: MONITOR if name is None else str(name).removesuffix("_best"), replace=True)
 OmegaConf.register_new_resolver("mlplab.monitor_mode", lambda: MONITOR_MODE, replace=True)
 
 

@@ -22,8 +22,9 @@ from mlplab.model.optim import OptimizerSettings, ScheduleSettings
 from mlplab.run.checkpoints import CheckpointSettings
 from mlplab.run.trainer import TrainerSettings
 
-# Keys that steer the command (name or list a sweep, resume a run, a search's trial), not settings of a run.
-COMMAND_KEYS = ("sweep", "dry_run", "resume", "trial", "hparams_search")
+# Keys that steer the command (name or list a sweep, resume a run, a search's trial and objective), not settings of
+# a run.
+COMMAND_KEYS = ("sweep", "dry_run", "resume", "trial", "hparams_search", "optimized_metric")
 # Keys that do not define an experiment: left out of job folder names, the HParams table and a search's best
 # command. Besides the command's own keys, where things are and how a run reports and checkpoints.
 NON_EXPERIMENT_KEYS = (*COMMAND_KEYS, "debug", "paths.data_dir", "data.system_dir", "data.download",

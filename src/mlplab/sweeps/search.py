@@ -111,7 +111,7 @@ def search_summary(sweep_dir: Path, address: StudyAddress, study: optuna.Study |
             f"trial {t.number}" + (f" (as trial {retries[t.number]})" if t.number in retries else "") for t in cut_short) + "."
     if duplicates:
         line += f" {duplicates} proposal(s) set aside: another process had proposed the same values first."
-    lines = ["", "## Search", "", line, "", f"Watch it live: `{address.dashboard_command()}`"]
+    lines = ["", "## Search", "", line, "", f"Watch it live: `{address.dashboard_command()}`", ""]
     complete = [trial for trial in trials if trial.state == TrialState.COMPLETE]
     if complete:
         best = study.best_trial

@@ -10,7 +10,9 @@ with the same values, so that whoever asks next resumes it.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import random
 import socket
 import threading
 import time
@@ -108,11 +110,12 @@ def _database(url: str, shown: str) -> optuna.storages.RDBStorage:
     if url.startswith("postgresql"):
         engine["connect_args"] = {"connect_timeout": 10}  # an unreachable host fails in seconds, not minutes
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine)
-    except ModuleNotFoundError as missing:
-        hint = POSTGRES_HINT if url.startswith("postgresql") else f"install the Python package {missing.name}"
-        raise SearchError(f"hydra.sweeper.storage={shown}: the database driver {missing.name} is not installed; "
-                          f"{hint}") from None
+        return _created_once(url, engine)
+    except ImportError as error:  # Optuna's, raised from the driver's ModuleNotFoundError
+        name = getattr(error.__cause__, "name", None) or getattr(error, "name", None) or "for this URL"
+        hint = POSTGRES_HINT if url.startswith("postgresql") else f"install the Python package {name}"
+        raise SearchError(f"hydra.sweeper.storage={shown}: the database driver {name} is not installed; {hint}"
+                          ) from None
     except sqlalchemy.exc.NoSuchModuleError:
         raise SearchError(f"hydra.sweeper.storage={shown}: unknown kind of database {url.split(':')[0]!r}; use "
                           "sqlite:///FILE, postgresql+psycopg://USER@HOST:PORT/DB, mysql+pymysql://..., or a journal "
@@ -123,6 +126,20 @@ def _database(url: str, shown: str) -> optuna.storages.RDBStorage:
         reason = str(getattr(error, "orig", None) or error).strip().splitlines()
         raise SearchError(f"hydra.sweeper.storage={shown}: cannot use the database: {reason[0] if reason else error}"
                           ) from None
+
+
+def _created_once(url: str, engine: dict[str, Any]) -> optuna.storages.RDBStorage:
+    """The RDB storage; processes starting together on a new database race to create Optuna's tables, and all but
+    one see the others' half-made schema: they try again."""
+    import sqlalchemy.exc
+
+    for attempt in itertools.count():
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            if attempt == 4:
+                raise
+            time.sleep(0.5 + random.random())
 
 
 # Opening a study with its checks

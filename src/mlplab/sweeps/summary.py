@@ -174,7 +174,7 @@ def _plot_against(axis: Any, jobs: list[dict[str, Any]], key: str, line_key: str
     axis.set_xticks(list(positions.values()), list(positions), rotation=20 if not numeric else 0)
     axis.minorticks_off()
     axis.set(title=f"best {MONITOR} by {key}", xlabel=key, ylabel=f"best {MONITOR} (mean ± sd of its jobs)")
-    if line_key:
+    if line_key and axis.get_legend_handles_labels()[0]:
         axis.legend(fontsize=8)
 
 
