@@ -18,7 +18,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, IntD
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from mlplab.sweeps.study import SearchError, configuration, sweep_syntax, taken
+from mlplab.sweeps.study import RETRY_OF, SearchError, configuration, sweep_syntax, taken
 
 GRID_SAMPLER = "optuna.samplers.GridSampler"
 PROPOSALS = 20  # the sampler's tries at an untaken configuration before one is drawn from the untaken ones
@@ -79,7 +79,7 @@ class DistinctSampler(BaseSampler):
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         # All of the space is sampled together, so that a whole configuration can be checked; none for a trial
         # queued with its values (a cut-short trial asked again).
-        return {} if "fixed_params" in trial.system_attrs else dict(self.space)
+        return {} if RETRY_OF in trial.user_attrs else dict(self.space)
 
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
                         search_space: dict[str, BaseDistribution]) -> dict[str, Any]:

@@ -233,14 +233,16 @@ def configuration(params: dict[str, Any]) -> tuple:
 def taken(study: optuna.Study, but: int | None = None) -> dict[tuple, int]:
     """The configurations of the study's counted, running and queued trials (but trial ``but``), each with the
     lowest trial number that has it."""
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    params = {trial.number: trial.params for trial in trials}
     configurations: dict[tuple, int] = {}
-    for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+    for trial in trials:
         if trial.number == but:
             continue
         if trial.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING) or "error" in trial.user_attrs:
             configurations.setdefault(configuration(trial.params), trial.number)
-        elif trial.state == TrialState.WAITING:
-            configurations.setdefault(configuration(trial.system_attrs.get("fixed_params", {})), trial.number)
+        elif trial.state == TrialState.WAITING and RETRY_OF in trial.user_attrs:  # queued: the values it retries
+            configurations.setdefault(configuration(params.get(trial.user_attrs[RETRY_OF], {})), trial.number)
     return configurations
 
 
