@@ -116,7 +116,7 @@ def test_every_logger_option_is_the_logger_it_names(option):
 def test_list_width_and_sgd_settings_pass():
     config = parsed("model.depth=2", "model.width=[64,32]", "optimizer=sgd", "optimizer.momentum=0.5")
     assert config.model.width == [64, 32] and config.optimizer.arguments["momentum"] == 0.5
-    assert isinstance(parsed("optimizer.lr=1").optimizer.lr, float)
+    assert parsed("optimizer.lr=1").optimizer.arguments["lr"] == 1
 
 
 @pytest.mark.parametrize(

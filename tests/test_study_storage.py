@@ -60,6 +60,24 @@ def test_two_processes_with_their_own_sweep_folders_share_one_postgresql_study(s
         assert "mlplab@127.0.0.1" in summary and not (sweep_dir / STUDY_FILE).exists()
 
 
+def test_two_processes_share_one_sweep_folder_and_its_journal(synthetic_data_dir, tmp_path):
+    slow = ["data.batch_size=10", "+callbacks.pace={_target_:probes.PaceSteps,seconds:0.01}"]
+    args = [str(BIN / "mlplab-train"), *SEARCH, "hydra.sweeper.n_trials=6", "sweep=together", *SPACE, *slow]
+    processes = [subprocess.Popen(args, cwd=tmp_path, env=cli_env(synthetic_data_dir), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [process.communicate(timeout=400) for process in processes]
+    for process, (_, stderr) in zip(processes, outputs):
+        assert process.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]
+    sweep_dir = tmp_path / "outputs" / "sweeps" / "together"
+    study = optuna.load_study(study_name="together", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(sweep_dir / STUDY_FILE))))
+    trials = study.get_trials(states=COMPLETE)
+    assert len(trials) == 6 and len(study.get_trials()) == 6
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 6
+    assert len({t.user_attrs["mlplab.worker"] for t in trials}) == 2  # both processes ran trials
+    assert sorted(jobs_in_summary(sweep_dir)) == sorted(t.user_attrs["job"] for t in trials)
+
+
 def test_a_search_kept_in_sqlite_continues_from_it(synthetic_data_dir, tmp_path):
     url = f"sqlite:///{tmp_path / 'studies.db'}"
     args = [f"hydra.sweeper.storage={url}", "sweep=lite", *SPACE]

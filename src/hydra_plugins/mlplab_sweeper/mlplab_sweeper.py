@@ -138,10 +138,8 @@ class MlplabSweeper(Sweeper):
         grid = spec.get("_target_") == GRID_SAMPLER
         sampler = DistinctSampler(lambda seed: _built(spec, seed), space, spec.get("seed"), grid)
         address = StudyAddress.of(self.storage, self.study_name, sweep_dir)
-        if not address.is_database:
-            sweep_dir.mkdir(parents=True, exist_ok=True)
-        study = open_study(address, self.direction, space, sampler, _built(self.pruner))  # checked before any write
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        study = open_study(address, self.direction, space, sampler, _built(self.pruner))  # checked before any write
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         log.info("Search %s: study %r in %s; watch it live: %s", sweep_dir, address.name, address.shown,
                  address.dashboard_command())
@@ -211,6 +209,15 @@ class MlplabSweeper(Sweeper):
 
     def _tell(self, study: Any, trial: Any, job_dir: Path) -> None:
         """Tell Optuna how the trial's job ended, from its metrics.json."""
+        from optuna.exceptions import UpdateFinishedTrialError
+
+        try:
+            self._tell_once(study, trial, job_dir)
+        except UpdateFinishedTrialError:  # another process took the trial over, thinking this one had died
+            log.warning("Trial %d was taken over by another process meanwhile; its job's results stay in %s",
+                        trial.number, job_dir)
+
+    def _tell_once(self, study: Any, trial: Any, job_dir: Path) -> None:
         metrics = read_metrics(job_dir)
         status, value = metrics.get("status"), metrics.get(self.metric)
         trial.set_user_attr("job", job_dir.name)

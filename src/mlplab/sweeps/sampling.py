@@ -62,7 +62,7 @@ class DistinctSampler(BaseSampler):
             if continuous:
                 raise SearchError(f"a grid search needs discrete dimensions, but {', '.join(continuous)} is "
                                   "continuous; use choice(...) or range(a, b) for it, or another sampler")
-        self.space, self.seed, self.grid, self._build = space, seed, grid, build
+        self.space, self.seed, self.grid, self.build = space, seed, grid, build
         self.inner = None if grid else build(seed)
 
     def reseed_rng(self) -> None:
@@ -73,7 +73,7 @@ class DistinctSampler(BaseSampler):
         if self.grid:
             return
         if self.seed is not None:
-            self.inner = self._build(self.seed + trial.number)
+            self.inner = self.build(self.seed + trial.number)
         self.inner.before_trial(study, trial)
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
@@ -87,7 +87,9 @@ class DistinctSampler(BaseSampler):
             return {}
         others = taken(study, but=trial.number)
         if self.grid:
-            return next((cell for cell in cells(self.space) if configuration(cell) not in others), {})
+            # every cell taken (another process took the last one meanwhile): a repeat, which the sweeper sets aside
+            return next((cell for cell in cells(self.space) if configuration(cell) not in others),
+                        next(cells(self.space)))
         for _ in range(PROPOSALS):
             params = self._proposal(study, trial)
             if configuration(params) not in others:

@@ -37,6 +37,7 @@ ALIVE = "mlplab.alive"          # when that process last said it is still runnin
 RETRY_OF = "mlplab.retry_of"    # the number of the cut-short trial this one continues
 DUPLICATE_OF = "mlplab.duplicate_of"  # set aside: another process proposed the same values first
 SPACE = "mlplab.search_space"   # the study's search space, checked when a search opens the study again
+CLAIM_GRACE_SECONDS = 3.0  # between asking for a trial and claiming it, a process takes milliseconds
 POSTGRES_HINT = "install the PostgreSQL driver: pip install 'mlplab[postgres]'"
 
 
@@ -272,12 +273,11 @@ def others_running(study: optuna.Study) -> list[FrozenTrial]:
 
 
 def _stale(trial: FrozenTrial) -> bool:
-    """Whether the process that runs the trial is gone: a dead process on this host, or a holder elsewhere that
-    stopped renewing its claim. A trial without a worker was asked by an earlier version, which ran one search per
-    folder: a running one is always a crashed search's."""
+    """Whether the process that claimed the trial is gone: a dead process on this host, or a holder elsewhere that
+    stopped renewing its claim. A trial not claimed (yet) is not stale: see ``retry_cut_short``."""
     worker = trial.user_attrs.get(WORKER)
     if not worker:
-        return True
+        return False
     host, _, pid = worker.rpartition(" ")
     if host == socket.gethostname():
         try:
@@ -291,14 +291,21 @@ def _stale(trial: FrozenTrial) -> bool:
 
 def retry_cut_short(study: optuna.Study) -> list[int]:
     """Trials whose process died: told failed (no ``error``: not counted) and queued again with the same values, so
-    that the next ask resumes them in their job folder. Returns their numbers."""
-    numbers = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if _stale(trial):
-            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-            study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number})
-            numbers.append(trial.number)
-    return numbers
+    that the next ask resumes them in their job folder. Returns their numbers.
+
+    A trial is claimed just after it is asked; one still unclaimed after ``CLAIM_GRACE_SECONDS`` was cut short
+    in between, or asked by an earlier version of mlplab (which ran one search per folder)."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    cut_short = [trial for trial in running if _stale(trial)]
+    unclaimed = {trial.number for trial in running if WORKER not in trial.user_attrs}
+    if unclaimed:
+        time.sleep(CLAIM_GRACE_SECONDS)
+        cut_short += [trial for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                      if trial.number in unclaimed and WORKER not in trial.user_attrs]
+    for trial in cut_short:
+        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+        study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number})
+    return [trial.number for trial in cut_short]
 
 
 @contextlib.contextmanager
