@@ -14,7 +14,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import SYNTHETIC_RUN, cli_env, run_cli
-from mlplab.sweeps.study import STUDY_FILE
+from mlplab.sweeps.storage import STUDY_FILE
 
 BIN = Path(sys.executable).parent
 SEARCH = ["-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=6", *SYNTHETIC_RUN, "callbacks.model_summary=null",

@@ -13,7 +13,8 @@ import optuna
 import pytest
 
 from conftest import SYNTHETIC_RUN, cli_env, run_cli
-from mlplab.sweeps.study import DUPLICATE_OF, STUDY_FILE
+from mlplab.sweeps.storage import STUDY_FILE
+from mlplab.sweeps.study import DUPLICATE_OF
 
 BIN = Path(sys.executable).parent
 # six configurations, four trials: a sampler that repeats itself would show it

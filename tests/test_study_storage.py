@@ -15,7 +15,7 @@ import optuna
 import pytest
 
 from conftest import SYNTHETIC_RUN, cli_env, free_port, postgres_server, run_cli
-from mlplab.sweeps.study import STUDY_FILE
+from mlplab.sweeps.storage import STUDY_FILE
 
 BIN = Path(sys.executable).parent
 SEARCH = ["-m", "hydra/sweeper=optuna", *SYNTHETIC_RUN, "callbacks.model_summary=null"]

@@ -128,7 +128,8 @@ class MlplabSweeper(Sweeper):
     def _search(self, sweep_dir: Path, params: dict[str, Any] | None, arguments: list[str]) -> None:
         from mlplab.sweeps.sampling import GRID_SAMPLER, DistinctSampler
         from mlplab.sweeps.search import parse_params
-        from mlplab.sweeps.study import StudyAddress, open_study
+        from mlplab.sweeps.storage import StudyAddress
+        from mlplab.sweeps.study import open_study
 
         # hparams_search=<preset> stays among each job's overrides: its settings (pruner, mode) reach the jobs.
         fixed, space = parse_params(params, arguments)

@@ -125,7 +125,7 @@ class RunRequest:
         if hydra_config.mode != RunMode.RUN and cfg.get("trial") is not None:
             # A trial of a search: reports its epochs to the study. Optuna is imported only where a search runs.
             from mlplab.sweeps.search import trial_callback
-            from mlplab.sweeps.study import StudyAddress
+            from mlplab.sweeps.storage import StudyAddress
 
             sweeper = hydra_config.sweeper
             pruner = instantiate(sweeper.pruner) if sweeper.get("pruner") else None

@@ -56,7 +56,7 @@ def claim(job_dir: Path, lock_name: str = LOCK_FILE) -> Iterator[bool]:
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
-        with _renewed(fd):
+        with renewed(lambda: os.utime(fd)):
             try:
                 yield True
             finally:
@@ -98,16 +98,17 @@ def _take_over(path: Path) -> int | None:
 
 
 @contextmanager
-def _renewed(fd: int) -> Iterator[None]:
-    """Renew the claim (the lock file's time) every HEARTBEAT_SECONDS while the block runs."""
+def renewed(renew: Callable[[], None]) -> Iterator[None]:
+    """Call ``renew`` every HEARTBEAT_SECONDS while the block runs: a claim's heartbeat. A renewal that fails (a
+    file system or database blip) is left to the next one, well within the lease."""
     stop = threading.Event()
 
-    def renew() -> None:
+    def beat() -> None:
         while not stop.wait(HEARTBEAT_SECONDS):
-            with contextlib.suppress(OSError):
-                os.utime(fd)
+            with contextlib.suppress(Exception):
+                renew()
 
-    thread = threading.Thread(target=renew, name="claim-heartbeat", daemon=True)
+    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
     thread.start()
     try:
         yield

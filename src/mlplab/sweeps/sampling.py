@@ -18,7 +18,8 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, IntD
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from mlplab.sweeps.study import RETRY_OF, SearchError, configuration, sweep_syntax, taken
+from mlplab.sweeps.storage import SearchError
+from mlplab.sweeps.study import RETRY_OF, configuration, sweep_syntax, taken
 
 GRID_SAMPLER = "optuna.samplers.GridSampler"
 PROPOSALS = 20  # the sampler's tries at an untaken configuration before one is drawn from the untaken ones

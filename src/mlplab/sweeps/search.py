@@ -18,7 +18,8 @@ from typing_extensions import override
 
 from mlplab.run.config import COMMAND_KEYS
 from mlplab.run.train import Pruned
-from mlplab.sweeps.study import DUPLICATE_OF, RETRY_OF, SearchError, StudyAddress, counted, load_study
+from mlplab.sweeps.storage import SearchError, StudyAddress
+from mlplab.sweeps.study import DUPLICATE_OF, RETRY_OF, counted, load_study
 
 
 def search_space(overrides: list[Override]) -> dict[str, BaseDistribution]:

@@ -1,5 +1,6 @@
-"""A search's Optuna study: where it is kept (``hydra.sweeper.storage``), the checks before a search writes into
-it, and which process runs which trial, so that a restarted or shared search neither repeats nor loses a trial.
+"""A search's Optuna study: the checks before a search writes into it, which trials count and which configurations
+are taken, and which process runs which trial, so that a restarted or shared search neither repeats nor loses a
+trial. Where the study is kept: ``mlplab.sweeps.storage``.
 
 Any number of mlplab-train processes, on one machine or several, may work on one study. Each trial records its
 process (``mlplab.worker``) and renews ``mlplab.alive`` while its job runs; a running trial whose process died (or,
@@ -10,137 +11,24 @@ with the same values, so that whoever asks next resumes it.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
-import random
 import socket
-import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import optuna
-from omegaconf import OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from mlplab.errors import MlplabError
-from mlplab.sweeps.jobs import HEARTBEAT_SECONDS, LEASE_SECONDS
+from mlplab.sweeps.jobs import LEASE_SECONDS, renewed
+from mlplab.sweeps.storage import SearchError, StudyAddress
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)  # mlplab prints what a search did; Optuna's INFO repeats it
-
-STUDY_FILE = "optuna.journal"  # the default storage: a journal file in the sweep folder
 WORKER = "mlplab.worker"        # "host pid" of the process that asked the trial
 ALIVE = "mlplab.alive"          # when that process last said it is still running the trial (seconds since the epoch)
 RETRY_OF = "mlplab.retry_of"    # the number of the cut-short trial this one continues
 DUPLICATE_OF = "mlplab.duplicate_of"  # set aside: another process proposed the same values first
 SPACE = "mlplab.search_space"   # the study's search space, checked when a search opens the study again
 CLAIM_GRACE_SECONDS = 3.0  # between asking for a trial and claiming it, a process takes milliseconds
-POSTGRES_HINT = "install the PostgreSQL driver: pip install 'mlplab[postgres]'"
-
-
-class SearchError(MlplabError):
-    """A search that cannot run as configured."""
-
-
-@dataclass(frozen=True)
-class StudyAddress:
-    """Where a search's study is: ``storage`` None (the journal file in the sweep folder), a journal file's path,
-    or a database URL that Optuna's RDB storage accepts (``sqlite:///...``, ``postgresql+psycopg://...``)."""
-
-    storage: str | None
-    name: str
-    sweep_dir: Path
-
-    @classmethod
-    def of(cls, storage: str | None, study_name: str | None, sweep_dir: Path) -> StudyAddress:
-        return cls(str(storage) if storage else None, study_name or sweep_dir.name, sweep_dir)
-
-    @classmethod
-    def of_sweep(cls, sweep_dir: Path) -> StudyAddress | None:
-        """The study of a finished or running search, from its ``multirun.yaml``; None when the sweep is a grid."""
-        saved = sweep_dir / "multirun.yaml"
-        sweeper = OmegaConf.load(saved).hydra.get("sweeper", {}) if saved.is_file() else {}
-        if sweeper.get("n_trials") is None and not (sweep_dir / STUDY_FILE).is_file():
-            return None
-        return cls.of(sweeper.get("storage"), sweeper.get("study_name"), sweep_dir)
-
-    @property
-    def is_database(self) -> bool:
-        return self.storage is not None and "://" in self.storage
-
-    @property
-    def location(self) -> str:
-        """What optuna-dashboard opens: the journal file or the database URL."""
-        return self.storage if self.is_database else str(Path(self.storage or self.sweep_dir / STUDY_FILE))
-
-    @property
-    def shown(self) -> str:
-        """The location without a password, for logs and summaries."""
-        if not self.is_database:
-            return self.location
-        from sqlalchemy.engine import make_url
-
-        with contextlib.suppress(Exception):
-            return make_url(self.location).render_as_string(hide_password=True)
-        return self.location
-
-    def open(self) -> optuna.storages.BaseStorage:
-        """The storage, or one line on why it cannot be used (unreachable, missing driver, not a URL)."""
-        if not self.is_database:
-            path = Path(self.location)
-            if not path.parent.is_dir():
-                raise SearchError(f"hydra.sweeper.storage={self.storage}: folder {path.parent} does not exist; give a "
-                                  "journal file in an existing folder, or a database URL such as sqlite:///study.db")
-            return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
-        return _database(self.storage, self.shown)
-
-    def dashboard_command(self) -> str:
-        """The command that shows the study live (a database password shown as ***)."""
-        import shlex
-
-        return f"optuna-dashboard {shlex.quote(self.shown)}"
-
-
-def _database(url: str, shown: str) -> optuna.storages.RDBStorage:
-    import sqlalchemy.exc
-
-    engine: dict[str, Any] = {"pool_pre_ping": True}
-    if url.startswith("postgresql"):
-        engine["connect_args"] = {"connect_timeout": 10}  # an unreachable host fails in seconds, not minutes
-    try:
-        return _created_once(url, engine)
-    except ImportError as error:  # Optuna's, raised from the driver's ModuleNotFoundError
-        name = getattr(error.__cause__, "name", None) or getattr(error, "name", None) or "for this URL"
-        hint = POSTGRES_HINT if url.startswith("postgresql") else f"install the Python package {name}"
-        raise SearchError(f"hydra.sweeper.storage={shown}: the database driver {name} is not installed; {hint}"
-                          ) from None
-    except sqlalchemy.exc.NoSuchModuleError:
-        raise SearchError(f"hydra.sweeper.storage={shown}: unknown kind of database {url.split(':')[0]!r}; use "
-                          "sqlite:///FILE, postgresql+psycopg://USER@HOST:PORT/DB, mysql+pymysql://..., or a journal "
-                          "file's path") from None
-    except sqlalchemy.exc.ArgumentError as error:
-        raise SearchError(f"hydra.sweeper.storage={shown}: not a database URL ({error})") from None
-    except sqlalchemy.exc.SQLAlchemyError as error:
-        reason = str(getattr(error, "orig", None) or error).strip().splitlines()
-        raise SearchError(f"hydra.sweeper.storage={shown}: cannot use the database: {reason[0] if reason else error}"
-                          ) from None
-
-
-def _created_once(url: str, engine: dict[str, Any]) -> optuna.storages.RDBStorage:
-    """The RDB storage; processes starting together on a new database race to create Optuna's tables, and all but
-    one see the others' half-made schema: they try again."""
-    import sqlalchemy.exc
-
-    for attempt in itertools.count():
-        try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine)
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
-            if attempt == 4:
-                raise
-            time.sleep(0.5 + random.random())
 
 
 # Opening a study with its checks
@@ -308,21 +196,6 @@ def retry_cut_short(study: optuna.Study) -> list[int]:
     return [trial.number for trial in cut_short]
 
 
-@contextlib.contextmanager
-def kept_alive(trials: list[optuna.trial.Trial]) -> Iterator[None]:
+def kept_alive(trials: list[optuna.trial.Trial]) -> contextlib.AbstractContextManager:
     """Renew the trials' ``mlplab.alive`` while the block runs their jobs."""
-    stop = threading.Event()
-
-    def renew() -> None:
-        while not stop.wait(HEARTBEAT_SECONDS):
-            for trial in trials:
-                with contextlib.suppress(Exception):  # a database blip: the next renewal comes in time
-                    trial.set_user_attr(ALIVE, time.time())
-
-    thread = threading.Thread(target=renew, name="trial-heartbeat", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
+    return renewed(lambda: [trial.set_user_attr(ALIVE, time.time()) for trial in trials])

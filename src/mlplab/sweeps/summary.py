@@ -196,7 +196,7 @@ def write_summary(sweep_dir: Path, study: Any = None) -> tuple[list[dict[str, An
     jobs = collect_jobs(sweep_dir)
     text = markdown(jobs, sweep_dir.name)
     if study is not None or (sweep_dir / "multirun.yaml").is_file():
-        from mlplab.sweeps.study import StudyAddress  # Optuna, only for searches
+        from mlplab.sweeps.storage import StudyAddress  # Optuna, only for searches
 
         address = StudyAddress.of_sweep(sweep_dir)
         if address is not None:
