@@ -37,7 +37,7 @@ from mlplab.sweeps.summary import JOBS_FILE, write_summary
 
 log = logging.getLogger(__name__)
 STABLE_OPTUNA_SWEEPER = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
-OTHERS_POLL_SECONDS = 5.0  # how often a search whose last trials run elsewhere looks at the study again
+OTHERS_POLL_SECONDS = 2.0  # how often a search whose last trials run elsewhere looks at the study again
 
 
 class SweepIncomplete(MlplabError):

@@ -1,0 +1,104 @@
+"""The stacked engine: K networks of one shape as one (mlplab.model.stacked), against each network trained alone
+with torch's own layers and optimizers."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mlplab.model.backbones.mlp import MLP
+from mlplab.model.stacked import StackedAdam, StackedMLP, StackedSGD, StackError
+
+SHAPE, CLASSES, SEEDS = (1, 8, 8), 10, (1, 2, 3)
+
+
+def networks(backbones: list[MLP]) -> list[torch.nn.Sequential]:
+    """Each network as a single run builds it: the seed, then the backbone's build."""
+    built = []
+    for seed, backbone in zip(SEEDS, backbones):
+        torch.manual_seed(seed)
+        built.append(backbone.build(SHAPE, CLASSES))
+    return built
+
+
+def batches(steps: int, size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each network's own batches: K x B images and labels per step."""
+    generator = torch.Generator().manual_seed(0)
+    return [(torch.randn(len(SEEDS), size, *SHAPE, generator=generator),
+             torch.randint(0, CLASSES, (len(SEEDS), size), generator=generator)) for _ in range(steps)]
+
+
+def test_a_stack_computes_what_each_network_computes_alone():
+    backbones = [MLP(depth=2, width=[32, 16], activation="gelu")] * 3
+    alone = networks(backbones)
+    stacked = StackedMLP(backbones, alone).eval()
+    images, _ = batches(1)[0]
+    expected = torch.stack([network.eval()(images[k]) for k, network in enumerate(alone)])
+    torch.testing.assert_close(stacked(images), expected)
+    for k, network in enumerate(alone):  # and each can be taken out as the single network's state
+        state = stacked.network_state(k)
+        assert state.keys() == network.state_dict().keys()
+        assert all(torch.equal(state[key], value) for key, value in network.state_dict().items())
+
+
+OPTIMIZERS = {
+    "adam": (lambda p, k: torch.optim.Adam(p, lr=[1e-3, 3e-3, 1e-2][k], betas=[(0.9, 0.999), (0.8, 0.99), (0.95, 0.9)][k],
+                                           eps=[1e-8, 1e-6, 1e-7][k], weight_decay=[0.0, 1e-2, 1e-3][k]),
+             lambda p: StackedAdam(p, lr=[1e-3, 3e-3, 1e-2], betas=[(0.9, 0.999), (0.8, 0.99), (0.95, 0.9)],
+                                   eps=[1e-8, 1e-6, 1e-7], weight_decay=[0.0, 1e-2, 1e-3])),
+    "adamw": (lambda p, k: torch.optim.AdamW(p, lr=[1e-3, 3e-3, 1e-2][k], weight_decay=[0.0, 0.1, 0.01][k]),
+              lambda p: StackedAdam(p, lr=[1e-3, 3e-3, 1e-2], betas=[(0.9, 0.999)] * 3, eps=[1e-8] * 3,
+                                    weight_decay=[0.0, 0.1, 0.01], decoupled=True)),
+    "sgd": (lambda p, k: torch.optim.SGD(p, lr=[0.1, 0.05, 0.01][k], momentum=[0.0, 0.9, 0.5][k],
+                                         weight_decay=[0.0, 1e-3, 1e-2][k], dampening=[0.0, 0.1, 0.0][k]),
+            lambda p: StackedSGD(p, lr=[0.1, 0.05, 0.01], momentum=[0.0, 0.9, 0.5], weight_decay=[0.0, 1e-3, 1e-2],
+                                 dampening=[0.0, 0.1, 0.0])),
+    "nesterov": (lambda p, k: torch.optim.SGD(p, lr=[0.1, 0.05, 0.01][k], momentum=[0.9, 0.8, 0.5][k], nesterov=True),
+                 lambda p: StackedSGD(p, lr=[0.1, 0.05, 0.01], momentum=[0.9, 0.8, 0.5], weight_decay=[0.0] * 3,
+                                      nesterov=True)),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_each_network_of_a_stack_trains_as_it_would_alone_with_its_own_numbers(name):
+    single_optimizer, stacked_optimizer = OPTIMIZERS[name]
+    backbones = [MLP(depth=2, width=32)] * 3
+    alone = networks(backbones)
+    stacked = StackedMLP(backbones, networks(backbones))
+    optimizers = [single_optimizer(network.parameters(), k) for k, network in enumerate(alone)]
+    optimizer = stacked_optimizer(list(stacked.parameters()))
+    for images, labels in batches(20):
+        for k, (network, single) in enumerate(zip(alone, optimizers)):
+            single.zero_grad()
+            F.cross_entropy(network(images[k]), labels[k]).backward()
+            single.step()
+        optimizer.zero_grad()
+        logits = stacked(images)
+        # the sum of the networks' own losses: each network's gradient is its own loss's
+        F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(3, -1).mean(1).sum().backward()
+        optimizer.step()
+    for k, network in enumerate(alone):
+        for key, value in network.state_dict().items():
+            torch.testing.assert_close(stacked.network_state(k)[key], value, rtol=1e-3, atol=1e-5)  # 20 steps of rounding
+    assert not torch.equal(stacked.network_state(0)["1.weight"], networks(backbones)[0].state_dict()["1.weight"])
+
+
+def test_each_network_drops_out_at_its_own_rate():
+    backbones = [MLP(depth=1, width=256, dropout=p) for p in (0.0, 0.5, 0.2)]
+    stacked = StackedMLP(backbones, networks(backbones))
+    images, _ = batches(1, size=64)[0]
+    torch.manual_seed(0)
+    trained = stacked.train()(images)
+    evaluated = stacked.eval()(images)
+    torch.testing.assert_close(trained[0], evaluated[0])  # no dropout: training and evaluation agree
+    assert not torch.allclose(trained[1], evaluated[1])
+    kept = stacked.train()._dropped(torch.ones(3, 64, 256))  # the share kept, scaled as nn.Dropout scales it
+    assert kept[0].eq(1).all()
+    for k, rate in ((1, 0.5), (2, 0.2)):
+        assert abs(kept[k].eq(0).float().mean().item() - rate) < 0.02
+        assert torch.allclose(kept[k][kept[k] > 0], torch.tensor(1 / (1 - rate)))
+
+
+def test_networks_of_different_shapes_do_not_stack():
+    backbones = [MLP(depth=2, width=32), MLP(depth=2, width=64)]
+    with pytest.raises(StackError, match="different shapes"):
+        StackedMLP(backbones, networks(backbones))
