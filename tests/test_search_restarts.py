@@ -12,7 +12,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from conftest import SYNTHETIC_RUN, cli_env, run_cli
+from conftest import SYNTHETIC_RUN, cli_env
 from mlplab.sweeps.storage import STUDY_FILE
 from mlplab.sweeps.study import DUPLICATE_OF
 
@@ -47,23 +47,22 @@ def _text(path: Path) -> str:
     return path.read_text() if path.is_file() else ""
 
 
-def killed_run(args: list[str], cwd: Path, data_dir: Path) -> None:
-    result = run_cli(args, cwd, data_dir)
-    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
-
-
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
-def test_a_search_killed_three_times_runs_each_configuration_once(sampler, synthetic_data_dir, tmp_path):
+def test_a_search_killed_three_times_runs_each_configuration_once(sampler, forked_cli, synthetic_data_dir, tmp_path):
     sweep_dir = tmp_path / "outputs" / "sweeps" / "restarts"
-    args = command(sampler)
+    args = [*command(sampler), f"paths.data_dir={synthetic_data_dir}"]
+    # mlplab-train's main() in processes forked from one that imported it (conftest.ForkedCli), killed by Hydra
+    # callbacks of the test's (tests/probes.py); the third run is a process of its own, killed from outside.
     # 1: killed during its second trial, once that trial has a checkpoint
-    killed_run([*args, "+hydra.callbacks.kill._target_=probes.KillDuringJob", "+hydra.callbacks.kill.job=2"],
-               tmp_path, synthetic_data_dir)
+    code, output = forked_cli.run([*args[1:], "+hydra.callbacks.kill._target_=probes.KillDuringJob",
+                                   "+hydra.callbacks.kill.job=2"], tmp_path)
+    assert code == -signal.SIGKILL, output[-3000:]
     done = finished_jobs(sweep_dir)
     assert len(done) == 1
     # 2: the cut-short trial resumes; killed as the next new trial's job returns, before the study hears of it
-    killed_run([*args, "+hydra.callbacks.kill._target_=probes.KillAfterJobs", "+hydra.callbacks.kill.jobs=2"],
-               tmp_path, synthetic_data_dir)
+    code, output = forked_cli.run([*args[1:], "+hydra.callbacks.kill._target_=probes.KillAfterJobs",
+                                   "+hydra.callbacks.kill.jobs=2"], tmp_path)
+    assert code == -signal.SIGKILL, output[-3000:]
     done_later = finished_jobs(sweep_dir)
     assert len(done_later) == 3 and done.items() <= done_later.items()
     # 3: the last trial trains, then the process dies while it writes the summary
@@ -75,8 +74,8 @@ def test_a_search_killed_three_times_runs_each_configuration_once(sampler, synth
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
     # 4: nothing left to train: the summary is written
-    result = run_cli(args, tmp_path, synthetic_data_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
+    code, output = forked_cli.run(args[1:], tmp_path)
+    assert code == 0 and "Traceback" not in output, output[-3000:]
 
     study = study_of(sweep_dir)
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))

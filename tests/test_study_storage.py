@@ -14,7 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from conftest import SYNTHETIC_RUN, cli_env, free_port, postgres_server, run_cli
+from conftest import SYNTHETIC_RUN, cli_env, free_port, postgres_server
 from mlplab.sweeps.storage import STUDY_FILE
 
 BIN = Path(sys.executable).parent
@@ -23,10 +23,12 @@ SPACE = ["model.width=choice(16, 24, 32)", "optimizer.lr=tag(log, interval(0.000
 COMPLETE = (optuna.trial.TrialState.COMPLETE,)
 
 
-def search(args: list[str], cwd: Path, data_dir: Path) -> subprocess.CompletedProcess:
-    result = run_cli(["mlplab-train", *SEARCH, *args], cwd, data_dir)
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    return result
+def search(forked_cli, args: list[str], cwd: Path, data_dir: Path) -> tuple[int, str]:
+    """mlplab-train's main() in a process forked from one that imported it (conftest.ForkedCli): exit status and
+    output."""
+    code, output = forked_cli.run([*SEARCH, f"paths.data_dir={data_dir}", *args], cwd)
+    assert "Traceback" not in output, output[-3000:]
+    return code, output
 
 
 def jobs_in_summary(sweep_dir: Path) -> list[str]:
@@ -78,13 +80,13 @@ def test_two_processes_share_one_sweep_folder_and_its_journal(synthetic_data_dir
     assert sorted(jobs_in_summary(sweep_dir)) == sorted(t.user_attrs["job"] for t in trials)
 
 
-def test_a_search_kept_in_sqlite_continues_from_it(synthetic_data_dir, tmp_path):
+def test_a_search_kept_in_sqlite_continues_from_it(forked_cli, synthetic_data_dir, tmp_path):
     url = f"sqlite:///{tmp_path / 'studies.db'}"
     args = [f"hydra.sweeper.storage={url}", "sweep=lite", *SPACE]
-    assert search([*args, "hydra.sweeper.n_trials=1"], tmp_path, synthetic_data_dir).returncode == 0
+    assert search(forked_cli, [*args, "hydra.sweeper.n_trials=1"], tmp_path, synthetic_data_dir)[0] == 0
     first = optuna.load_study(study_name="lite", storage=url).get_trials(states=COMPLETE)
     assert len(first) == 1
-    assert search([*args, "hydra.sweeper.n_trials=2"], tmp_path, synthetic_data_dir).returncode == 0
+    assert search(forked_cli, [*args, "hydra.sweeper.n_trials=2"], tmp_path, synthetic_data_dir)[0] == 0
     trials = optuna.load_study(study_name="lite", storage=url).get_trials(states=COMPLETE)
     assert len(trials) == 2 and trials[0].params == first[0].params and trials[1].params != first[0].params
     sweep_dir = tmp_path / "outputs" / "sweeps" / "lite"
@@ -95,7 +97,7 @@ def test_a_search_kept_in_sqlite_continues_from_it(synthetic_data_dir, tmp_path)
 def test_a_study_that_cannot_be_used_is_refused_with_one_line_and_left_as_it_was(forked_cli, synthetic_data_dir,
                                                                                   tmp_path):
     args = ["hydra.sweeper.n_trials=2", "sweep=kept", "model.width=choice(16, 32)"]
-    assert search(args, tmp_path, synthetic_data_dir).returncode == 0
+    assert search(forked_cli, args, tmp_path, synthetic_data_dir)[0] == 0
     sweep_dir = tmp_path / "outputs" / "sweeps" / "kept"
     journal, folders = (sweep_dir / STUDY_FILE).read_bytes(), sorted(p.name for p in sweep_dir.iterdir())
     refusals = {
@@ -119,7 +121,8 @@ def test_a_study_that_cannot_be_used_is_refused_with_one_line_and_left_as_it_was
         assert sorted(p.name for p in sweep_dir.iterdir()) == folders  # nothing trained
 
 
-def test_a_search_config_shaped_like_lightning_hydra_templates_runs_as_it_is(synthetic_data_dir, tmp_path):
+def test_a_search_config_shaped_like_lightning_hydra_templates_runs_as_it_is(forked_cli, synthetic_data_dir,
+                                                                            tmp_path):
     # configs/hparams_search/mnist_optuna.yaml of lightning-hydra-template, with mlplab's model keys
     (tmp_path / "conf" / "hparams_search").mkdir(parents=True)
     (tmp_path / "conf" / "hparams_search" / "mnist_optuna.yaml").write_text("""\
@@ -148,8 +151,8 @@ hydra:
 """)
     own = [arg for arg in SYNTHETIC_RUN if not arg.startswith("data.batch_size")]  # the command line would win
     args = ["--config-dir", "conf", "hparams_search=mnist_optuna", *own, "sweep=lht"]  # no -m: the config's mode
-    result = run_cli(["mlplab-train", *args], tmp_path, synthetic_data_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
+    code, output = forked_cli.run([*args, f"paths.data_dir={synthetic_data_dir}"], tmp_path)
+    assert code == 0, output[-3000:]
     sweep_dir = tmp_path / "outputs" / "sweeps" / "lht"
     study = optuna.load_study(study_name="lht", storage=optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(sweep_dir / STUDY_FILE))))
@@ -160,21 +163,22 @@ hydra:
         assert trial.value == metrics["val/acc"]
 
 
-def test_a_failure_limit_by_the_stable_plugins_name_stops_the_search(synthetic_data_dir, tmp_path):
-    result = search(["hydra.sweeper.n_trials=6", "optimizer.lr=interval(1e30, 2e30)", "sweep=limit",
+def test_a_failure_limit_by_the_stable_plugins_name_stops_the_search(forked_cli, synthetic_data_dir, tmp_path):
+    code, output = search(forked_cli, ["hydra.sweeper.n_trials=6", "optimizer.lr=interval(1e30, 2e30)", "sweep=limit",
                      "hydra.sweeper.max_failure_rate=0.2"], tmp_path, synthetic_data_dir)
-    (line,) = [line for line in result.stderr.splitlines() if line.startswith("mlplab-train: search stopped")]
-    assert result.returncode == 1 and "2 of 6 trials failed" in line and "max_failure_rate=0.2" in line
+    (line,) = [line for line in output.splitlines() if line.startswith("mlplab-train: search stopped")]
+    assert code == 1 and "2 of 6 trials failed" in line and "max_failure_rate=0.2" in line
 
 
-def test_optuna_dashboard_reads_the_search(synthetic_data_dir, tmp_path):
+def test_optuna_dashboard_reads_the_search(forked_cli, synthetic_data_dir, tmp_path):
     dashboard = BIN / "optuna-dashboard"
     if not dashboard.exists() and not shutil.which("optuna-dashboard"):
         pytest.skip("optuna-dashboard is not installed (pip install 'mlplab[dashboard]')")
-    result = search(["hydra.sweeper.n_trials=2", "sweep=watched", *SPACE], tmp_path, synthetic_data_dir)
-    assert result.returncode == 0
+    code, output = search(forked_cli, ["hydra.sweeper.n_trials=2", "sweep=watched", *SPACE], tmp_path,
+                          synthetic_data_dir)
+    assert code == 0
     # the command the search printed, as the user would run it, on a loopback port
-    (printed,) = [line for line in (result.stdout + result.stderr).splitlines() if "watch it live: " in line]
+    (printed,) = [line for line in output.splitlines() if "watch it live: " in line]
     command = printed.split("watch it live: ")[1].split()
     assert command == ["optuna-dashboard", "outputs/sweeps/watched/optuna.journal"]
     port = free_port()
