@@ -7,7 +7,7 @@
 Compute only, no data pipeline or framework: each contender trains K default networks (depth 2, width 512, on
 28 x 28 inputs) for --steps Adam steps at batch --batch-size, each network on its own random batches. "one after
 another" is torch's fused Adam on each network in turn, as mlplab trains a single job; "stacked" is one batched
-forward, backward and StackedAdam step for all K. Repeats are interleaved; the table gives medians and the ratio.
+forward and backward for all K and torch's fused Adam on each network's slice (PerNetworkOptimizer). Repeats are interleaved; the table gives medians and the ratio.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from mlplab.model.backbones.mlp import MLP
-from mlplab.model.stacked import StackedAdam, StackedMLP
+from mlplab.model.stacked import PerNetworkOptimizer, StackedMLP
 
 HERE = Path(__file__).resolve().parent
 SHAPE, CLASSES = (1, 28, 28), 10
@@ -49,8 +49,7 @@ def one_after_another(k: int, steps: int, batch: int, device: torch.device) -> f
 def stacked(k: int, steps: int, batch: int, device: torch.device) -> float:
     backbones = [MLP()] * k
     model = StackedMLP(backbones, [b.build(SHAPE, CLASSES) for b in backbones]).to(device)
-    optimizer = StackedAdam(list(model.parameters()), lr=[1e-3] * k, betas=[(0.9, 0.999)] * k, eps=[1e-8] * k,
-                            weight_decay=[0.0] * k)
+    optimizer = PerNetworkOptimizer(list(model.parameters()), torch.optim.Adam, [{"lr": 1e-3}] * k, fused=True)
     images = torch.randn(steps, k, batch, *SHAPE, device=device)
     labels = torch.randint(0, CLASSES, (steps, k * batch), device=device)
     _sync(device)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mlplab.model.backbones.mlp import MLP
-from mlplab.model.stacked import StackedAdam, StackedMLP, StackedSGD, StackError
+from mlplab.model.stacked import PerNetworkOptimizer, StackedMLP, StackError
 
 SHAPE, CLASSES, SEEDS = (1, 8, 8), 10, (1, 2, 3)
 
@@ -40,32 +40,28 @@ def test_a_stack_computes_what_each_network_computes_alone():
         assert all(torch.equal(state[key], value) for key, value in network.state_dict().items())
 
 
+# Each network's own numbers, as torch.optim takes them
 OPTIMIZERS = {
-    "adam": (lambda p, k: torch.optim.Adam(p, lr=[1e-3, 3e-3, 1e-2][k], betas=[(0.9, 0.999), (0.8, 0.99), (0.95, 0.9)][k],
-                                           eps=[1e-8, 1e-6, 1e-7][k], weight_decay=[0.0, 1e-2, 1e-3][k]),
-             lambda p: StackedAdam(p, lr=[1e-3, 3e-3, 1e-2], betas=[(0.9, 0.999), (0.8, 0.99), (0.95, 0.9)],
-                                   eps=[1e-8, 1e-6, 1e-7], weight_decay=[0.0, 1e-2, 1e-3])),
-    "adamw": (lambda p, k: torch.optim.AdamW(p, lr=[1e-3, 3e-3, 1e-2][k], weight_decay=[0.0, 0.1, 0.01][k]),
-              lambda p: StackedAdam(p, lr=[1e-3, 3e-3, 1e-2], betas=[(0.9, 0.999)] * 3, eps=[1e-8] * 3,
-                                    weight_decay=[0.0, 0.1, 0.01], decoupled=True)),
-    "sgd": (lambda p, k: torch.optim.SGD(p, lr=[0.1, 0.05, 0.01][k], momentum=[0.0, 0.9, 0.5][k],
-                                         weight_decay=[0.0, 1e-3, 1e-2][k], dampening=[0.0, 0.1, 0.0][k]),
-            lambda p: StackedSGD(p, lr=[0.1, 0.05, 0.01], momentum=[0.0, 0.9, 0.5], weight_decay=[0.0, 1e-3, 1e-2],
-                                 dampening=[0.0, 0.1, 0.0])),
-    "nesterov": (lambda p, k: torch.optim.SGD(p, lr=[0.1, 0.05, 0.01][k], momentum=[0.9, 0.8, 0.5][k], nesterov=True),
-                 lambda p: StackedSGD(p, lr=[0.1, 0.05, 0.01], momentum=[0.9, 0.8, 0.5], weight_decay=[0.0] * 3,
-                                      nesterov=True)),
+    "adam": (torch.optim.Adam, [{"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
+                                {"lr": 3e-3, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 1e-2},
+                                {"lr": 1e-2, "betas": (0.95, 0.9), "eps": 1e-7, "weight_decay": 1e-3}], {}),
+    "fused adamw": (torch.optim.AdamW, [{"lr": 1e-3, "weight_decay": 0.0}, {"lr": 3e-3, "weight_decay": 0.1},
+                                        {"lr": 1e-2, "weight_decay": 0.01}], {"fused": True}),
+    "sgd": (torch.optim.SGD, [{"lr": 0.1, "momentum": 0.0, "weight_decay": 0.0},
+                              {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3, "dampening": 0.1},
+                              {"lr": 0.01, "momentum": 0.5, "weight_decay": 1e-2, "nesterov": True}], {}),
 }
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_each_network_of_a_stack_trains_as_it_would_alone_with_its_own_numbers(name):
-    single_optimizer, stacked_optimizer = OPTIMIZERS[name]
+    optimizer_class, per_network, shared = OPTIMIZERS[name]
     backbones = [MLP(depth=2, width=32)] * 3
     alone = networks(backbones)
     stacked = StackedMLP(backbones, networks(backbones))
-    optimizers = [single_optimizer(network.parameters(), k) for k, network in enumerate(alone)]
-    optimizer = stacked_optimizer(list(stacked.parameters()))
+    optimizers = [optimizer_class(network.parameters(), **arguments, **shared)
+                  for network, arguments in zip(alone, per_network)]
+    optimizer = PerNetworkOptimizer(list(stacked.parameters()), optimizer_class, per_network, **shared)
     for images, labels in batches(20):
         for k, (network, single) in enumerate(zip(alone, optimizers)):
             single.zero_grad()
@@ -78,7 +74,14 @@ def test_each_network_of_a_stack_trains_as_it_would_alone_with_its_own_numbers(n
         optimizer.step()
     for k, network in enumerate(alone):
         for key, value in network.state_dict().items():
-            torch.testing.assert_close(stacked.network_state(k)[key], value, rtol=1e-3, atol=1e-5)  # 20 steps of rounding
+            torch.testing.assert_close(stacked.network_state(k)[key], value, rtol=1e-4, atol=1e-6)
+        # and its optimizer state is its own, as the single network's optimizer holds it
+        single_state = optimizers[k].state.get(next(network.parameters()), {})  # the first layer's weight
+        stacked_state = optimizer.optimizer.state.get(optimizer.slices[k][0], {})
+        assert single_state.keys() == stacked_state.keys()
+        for key, value in single_state.items():  # a stacked weight is held transposed (in x out)
+            mine = stacked_state[key].T if value.dim() == 2 else stacked_state[key]
+            torch.testing.assert_close(mine, value, rtol=1e-4, atol=1e-6)
     assert not torch.equal(stacked.network_state(0)["1.weight"], networks(backbones)[0].state_dict()["1.weight"])
 
 
