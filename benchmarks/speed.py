@@ -90,6 +90,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--parts", nargs="+", default=["epoch", "startup", "sweep", "memory"],
                         choices=["epoch", "startup", "sweep", "memory"])
     parser.add_argument("--no-classic", action="store_true", help="leave out the torchvision DataLoader pipeline")
+    parser.add_argument("--precision", default="32-true",
+                        help="mlplab's trainer.precision (auto: bf16-mixed where native); the bare loops stay fp32")
     parser.add_argument("--quick", action="store_true", help="tiny synthetic data and one repeat: checks the script runs")
     parser.add_argument("--output", type=Path, default=HERE / "results", help="folder for the JSON result")
     args = parser.parse_args()
@@ -122,7 +124,7 @@ def val_size(args: argparse.Namespace) -> int:
 def run_overrides(args: argparse.Namespace, data_dir: Path, batch_size: int) -> list[str]:
     return [f"paths.data_dir={data_dir}", f"data.batch_size={batch_size}", f"data.val_size={val_size(args)}",
             f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}", "trainer.devices=1",
-            "data.system_dir=null", "data.download=false", "callbacks.progress_bar=null"]
+            "data.system_dir=null", "data.download=false", "callbacks.progress_bar=null", f"trainer.precision={args.precision}"]
 
 
 # --- per-epoch time ---------------------------------------------------------------------------------------------

@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--output", type=Path, default=HERE / "results", help="folder for the JSON result")
     args = parser.parse_args()
     device = torch.device(args.device)
     times: dict[tuple[int, str], list[float]] = {}
@@ -94,7 +95,7 @@ def main() -> None:
     result = {"benchmark": "stacked_engine", "date": datetime.now().isoformat(timespec="seconds"),
               "device": device_name, "threads": torch.get_num_threads(), "torch": torch.__version__,
               "steps": args.steps, "batch_size": args.batch_size, "repeats": args.repeats, "rows": rows}
-    out = HERE / "results" / f"stacked-engine-{device.type}-{datetime.now():%Y-%m-%dT%H%M}.json"
+    out = args.output / f"stacked-engine-{device.type}-{datetime.now():%Y-%m-%dT%H%M}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"saved {out}")
 

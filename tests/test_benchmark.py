@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+STACKED = BENCHMARK.with_name("stacked_engine.py")
 
 
 def test_quick_benchmark_writes_every_part(tmp_path):
@@ -22,3 +23,12 @@ def test_quick_benchmark_writes_every_part(tmp_path):
     assert report["memory"]["peak_rss_mb"] > 0
     assert report["machine"]["cores"] >= 1 and "torch" in report["machine"]["packages"]
     assert "ratio" in result.stdout and "Start-up" in result.stdout
+
+
+def test_stacked_engine_benchmark_writes_its_table(tmp_path):
+    result = subprocess.run([sys.executable, str(STACKED), "--ks", "1", "2", "--steps", "2", "--repeats", "1",
+                             "--output", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (path,) = tmp_path.glob("stacked-engine-cpu-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert [row["k"] for row in rows] == [1, 2] and all(row["stacked_s"] > 0 and row["ratio"] > 0 for row in rows)

@@ -1,6 +1,8 @@
 """``train(config, run_dir)`` in-process: what a notebook or another tool calls."""
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from mlplab.cli.compose import CONFIG_DIR
 from mlplab.cli.train import build_callbacks
 from mlplab.run.config import parse_run_config
 from mlplab.run.train import train
+from mlplab.run.trainer import fast_bf16
 
 
 def run(data_dir, run_dir, *overrides):
@@ -52,3 +55,20 @@ def test_cosine_schedule_anneals_over_max_epochs_towards_eta_min(synthetic_data_
     stepped = best["last_epoch"]  # the epochs done when the best checkpoint was taken
     assert stepped == metrics["best_epoch"]  # epochs count from 1
     assert best["_last_lr"] == [pytest.approx(0.0001 + (0.001 - 0.0001) * (1 + math.cos(math.pi * stepped / 2)) / 2)]
+
+
+def test_precision_auto_is_bf16_mixed_where_the_cpu_multiplies_bf16_and_is_recorded(synthetic_data_dir, tmp_path):
+    metrics = run(synthetic_data_dir, tmp_path / "run", "trainer.precision=auto")
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    assert metrics["status"] == "completed" and metrics["precision"] == ("bf16-mixed" if native else "32-true")
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["precision"] == metrics["precision"]
+
+
+@pytest.mark.parametrize("flags, native", [("fpu sse avx512f avx512_bf16", True), ("fpu amx_tile amx_bf16", True),
+                                           ("fpu sse avx2 avx512f", False)])
+def test_native_bf16_is_read_from_the_cpu_flags(flags, native, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    assert fast_bf16(on_gpu=False, cpuinfo=cpuinfo) is native
+    assert fast_bf16(on_gpu=False, cpuinfo=tmp_path / "absent") is False

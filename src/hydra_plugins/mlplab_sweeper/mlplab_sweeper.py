@@ -56,6 +56,7 @@ class MlplabSweeper(Sweeper):
         self.max_batch_size, self.params, self.n_trials = max_batch_size, params, n_trials
         self.direction, self.metric, self.n_jobs, self.timeout = direction, metric, n_jobs, timeout
         self.sampler, self.pruner, self.storage, self.study_name = sampler, pruner, storage, study_name
+        self.study: Any = None  # a search's Optuna study, once opened
         # max_failure_rate: the stable hydra-optuna-sweeper's name (lightning-hydra-template's configs use it)
         self.max_failure_ratio = max_failure_ratio if max_failure_rate is None else max_failure_rate
         self.failure_limit_key = "max_failure_ratio" if max_failure_rate is None else "max_failure_rate"
@@ -76,7 +77,7 @@ class MlplabSweeper(Sweeper):
             self._search(sweep_dir, params, arguments)
         elif not self._grid(sweep_dir, sweep_overrides(params, arguments)):
             return  # a dry run
-        jobs, text = write_summary(sweep_dir, getattr(self, "study", None))
+        jobs, text = write_summary(sweep_dir, self.study)
         print(text, end="")
         print(f"Summary: {sweep_dir / 'summary.md'} (also .csv, .png); TensorBoard: tensorboard --logdir {sweep_dir}")
         unfinished = [job for job in jobs if job["status"] not in ("completed", "pruned")]

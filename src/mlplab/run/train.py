@@ -92,7 +92,8 @@ def train(
     model, memory_estimate = build_model(config, datamodule, trainer.world_size)
     log.info("Run directory: %s", run_dir)
 
-    metrics: dict[str, Any] = {"status": "running", "num_parameters": count_parameters(model.network),
+    metrics: dict[str, Any] = {"status": "running", "precision": str(trainer.precision),  # trainer.precision=auto's choice
+                               "num_parameters": count_parameters(model.network),
                                "memory_estimate_bytes": memory_estimate}
     if trainer.is_global_zero:
         write_metrics(run_dir, metrics)  # a sweep report can tell running jobs from pending ones

@@ -23,7 +23,8 @@ from mlplab.run.checkpoints import AtomicCheckpointIO
 
 ACCELERATORS = ("auto", "cpu", "gpu")
 STRATEGIES = ("auto", "ddp")
-PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", 16, 32, 64)
+PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", 16, 32, 64)
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # CPU instructions that multiply bf16 matrices natively
 
 
 class TrainerError(MlplabError):
@@ -123,6 +124,29 @@ def require_accelerator(accelerator: str, key: str, alternative: str) -> None:
         raise TrainerError(f"{key}=gpu, but this machine has no usable CUDA GPU; {alternative}")
 
 
+def fast_bf16(on_gpu: bool, cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this machine multiplies bf16 natively: a GPU with bf16 units (Ampere or later), or a CPU with
+    AVX512-BF16 or AMX. Elsewhere bf16 is emulated, and slower than fp32."""
+    if on_gpu:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    try:
+        flags = {flag for line in cpuinfo.read_text().splitlines() if line.startswith("flags")
+                 for flag in line.split(":", 1)[1].split()}
+    except OSError:  # not Linux: no way to tell, so no bf16
+        return False
+    return any(flag in flags for flag in CPU_BF16_FLAGS)
+
+
+def resolved_precision(settings: TrainerSettings, gpu_index: int | None = None) -> str | int:
+    """``trainer.precision``, with ``auto`` made ``bf16-mixed`` where the device multiplies bf16 natively (fp32
+    weights and optimizer, bf16 matrix multiplies) and ``32-true`` elsewhere."""
+    if settings.precision != "auto":
+        return settings.precision
+    on_gpu = gpu_index is not None or settings.accelerator == "gpu" or (
+        settings.accelerator == "auto" and torch.cuda.is_available())
+    return "bf16-mixed" if fast_bf16(on_gpu) else "32-true"
+
+
 def build_trainer(
     settings: TrainerSettings, run_dir: Path, loggers: Any, callbacks: list[Any], gpu_index: int | None = None,
     rank_command: Sequence[str] | None = None,
@@ -139,6 +163,7 @@ def build_trainer(
 
     arguments: dict[str, Any] = {key: value for key, value in vars(settings).items() if key != "options"}
     arguments |= settings.options
+    arguments["precision"] = resolved_precision(settings, gpu_index)
     if gpu_index is not None:
         arguments.update(accelerator="gpu", devices=[gpu_index])
     if settings.data_parallel:
