@@ -1,6 +1,6 @@
 """Hyperparameter search with Optuna: the search space from Hydra's sweep syntax, each trial's report of its epochs
-(for pruning) from inside its own job, and the search's part of the sweep summary. Where the study is kept and who
-runs which trial: ``mlplab.sweeps.study``."""
+(for pruning) from inside its own job, and the search's part of the sweep summary. Where the study is kept:
+``mlplab.sweeps.storage``; which trials count and who runs which: ``mlplab.sweeps.study``."""
 
 from __future__ import annotations
 
