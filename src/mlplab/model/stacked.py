@@ -3,8 +3,8 @@ matrix multiply (``torch.baddbmm``) for all K, and an optimizer step that applie
 
 The engine of stacked sweeps: jobs that differ only in numbers (seed, learning rate, weight decay, dropout, momentum,
 betas) do the same computation, so K of them cost little more than one where a single network leaves the device
-idle. Each network is built as a single run builds it (the same initial weights for the same seed) and can be taken
-out again as an ordinary ``nn.Sequential`` state dict.
+idle. The stack is made from networks built as single runs build them (so the same initial weights for the same
+seed), and each can be taken out again as an ordinary ``nn.Sequential`` state dict.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from mlplab.model.backbones.mlp import ACTIVATIONS, MLP
 
 
 class StackError(ValueError):
-    """Networks or optimizers that cannot train as one stack; the message says what differs."""
+    """Networks that cannot train as one stack; the message says what differs."""
 
 
 def stack_key(backbone: MLP) -> tuple:
@@ -48,12 +48,9 @@ class StackedMLP(nn.Module):
         self.biases = nn.ParameterList(
             nn.Parameter(torch.stack([layers[i].bias.detach() for layers in linears])) for i in range(len(linears[0])))
         self.register_buffer("dropout", torch.tensor([backbone.dropout for backbone in backbones]))
+        self.drops = any(backbone.dropout > 0 for backbone in backbones)  # known here: no device sync per step
         self.activation = ACTIVATIONS[first.activation]()
         self.output_activation = None if first.output_activation == "none" else ACTIVATIONS[first.output_activation]()
-
-    @property
-    def size(self) -> int:
-        return len(self.dropout)
 
     def forward(self, images: Tensor) -> Tensor:
         hidden = images.flatten(2)
@@ -66,7 +63,7 @@ class StackedMLP(nn.Module):
 
     def _dropped(self, hidden: Tensor) -> Tensor:
         """Each network's own dropout rate (inverted dropout, as ``nn.Dropout``)."""
-        if not self.training or not bool((self.dropout > 0).any()):
+        if not self.training or not self.drops:
             return hidden
         keep = (1 - self.dropout).view(-1, 1, 1).to(hidden.dtype)
         return hidden * (torch.rand_like(hidden) < keep) / keep

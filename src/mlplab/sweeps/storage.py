@@ -1,5 +1,7 @@
 """Where a search's Optuna study is kept (``hydra.sweeper.storage``): a journal file (by default in the sweep
-folder) or a database Optuna's RDB storage accepts; one line for a storage that cannot be used."""
+folder) or a database Optuna's RDB storage accepts; one line for a storage that cannot be used.
+
+Optuna is imported only when a storage is opened: a grid's summary asks ``StudyAddress.of_sweep`` too."""
 
 from __future__ import annotations
 
@@ -9,14 +11,14 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import optuna
 from omegaconf import OmegaConf
 
 from mlplab.errors import MlplabError
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)  # mlplab prints what a search did; Optuna's INFO repeats it
+if TYPE_CHECKING:
+    import optuna
 
 STUDY_FILE = "optuna.journal"  # the default storage: a journal file in the sweep folder
 POSTGRES_HINT = "install the PostgreSQL driver: pip install 'mlplab[postgres]'"
@@ -70,6 +72,8 @@ class StudyAddress:
 
     def open(self) -> optuna.storages.BaseStorage:
         """The storage, or one line on why it cannot be used (unreachable, missing driver, not a URL)."""
+        import optuna
+
         if not self.is_database:
             path = Path(self.location)
             if not path.parent.is_dir():
@@ -113,6 +117,7 @@ def _database(url: str, shown: str) -> optuna.storages.RDBStorage:
 def _created_once(url: str, engine: dict[str, Any]) -> optuna.storages.RDBStorage:
     """The RDB storage; processes starting together on a new database race to create Optuna's tables, and all but
     one see the others' half-made schema: they try again."""
+    import optuna
     import sqlalchemy.exc
 
     for attempt in itertools.count():

@@ -23,6 +23,8 @@ from optuna.trial import FrozenTrial, TrialState
 from mlplab.sweeps.jobs import LEASE_SECONDS, renewed
 from mlplab.sweeps.storage import SearchError, StudyAddress
 
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # mlplab prints what a search did; Optuna's INFO repeats it
+
 WORKER = "mlplab.worker"        # "host pid" of the process that asked the trial
 ALIVE = "mlplab.alive"          # when that process last said it is still running the trial (seconds since the epoch)
 RETRY_OF = "mlplab.retry_of"    # the number of the cut-short trial this one continues

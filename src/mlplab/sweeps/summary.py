@@ -15,6 +15,7 @@ import yaml
 from mlplab.run.records import MONITOR, read_metrics
 from mlplab.files import write_text_atomically
 from mlplab.sweeps.jobs import job_state
+from mlplab.sweeps.storage import StudyAddress
 
 JOBS_FILE = "jobs.json"  # written by the sweeper before the first job: lets a report list jobs not started yet
 METRICS = ("val/acc", "val/loss", "best_epoch", "test/acc", "test/loss", "epochs", "wall_seconds", "num_parameters")
@@ -195,14 +196,11 @@ def write_summary(sweep_dir: Path, study: Any = None) -> tuple[list[dict[str, An
     ``study``: a search's open Optuna study (else found from the folder's multirun.yaml)."""
     jobs = collect_jobs(sweep_dir)
     text = markdown(jobs, sweep_dir.name)
-    if study is not None or (sweep_dir / "multirun.yaml").is_file():
-        from mlplab.sweeps.storage import StudyAddress  # Optuna, only for searches
+    address = StudyAddress.of_sweep(sweep_dir)
+    if address is not None:
+        from mlplab.sweeps.search import search_summary  # Optuna, only for searches
 
-        address = StudyAddress.of_sweep(sweep_dir)
-        if address is not None:
-            from mlplab.sweeps.search import search_summary
-
-            text += search_summary(sweep_dir, address, study)
+        text += search_summary(sweep_dir, address, study)
     write_csv(jobs, sweep_dir / "summary.csv")
     write_text_atomically(sweep_dir / "summary.md", text)
     plot(jobs, sweep_dir / "summary.png")
