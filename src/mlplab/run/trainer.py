@@ -293,3 +293,11 @@ def require_batches(settings: TrainerSettings, datamodule: L.LightningDataModule
         if isinstance(limit, float) and limit * batches < 1:
             raise TrainerError(f"trainer.limit_{stage}_batches={limit} selects none of the {batches} {stage} batches; "
                                f"give at least {1 / batches:.3g} or a number of batches")
+    train_batches = len(datamodule.train_dataloader())
+    limit = settings.limit_train_batches
+    train_batches = min(train_batches, limit) if isinstance(limit, int) else int(limit * train_batches)
+    interval = settings.val_check_interval
+    if isinstance(interval, int) and settings.check_val_every_n_epoch is not None and interval > train_batches:
+        raise TrainerError(f"trainer.val_check_interval={interval} is more than the {train_batches} training batches "
+                           "of an epoch; give at most that many, a fraction in (0, 1], or also "
+                           "trainer.check_val_every_n_epoch=null")
