@@ -13,6 +13,7 @@ forward and backward for all K and torch's fused Adam on each network's slice (P
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -49,7 +50,7 @@ def one_after_another(k: int, steps: int, batch: int, device: torch.device) -> f
 def stacked(k: int, steps: int, batch: int, device: torch.device) -> float:
     backbones = [MLP()] * k
     model = StackedMLP(backbones, [b.build(SHAPE, CLASSES) for b in backbones]).to(device)
-    optimizer = PerNetworkOptimizer(list(model.parameters()), torch.optim.Adam, [{"lr": 1e-3}] * k, fused=True)
+    optimizer = PerNetworkOptimizer(model, [functools.partial(torch.optim.Adam, lr=1e-3, fused=True)] * k)
     images = torch.randn(steps, k, batch, *SHAPE, device=device)
     labels = torch.randint(0, CLASSES, (steps, k * batch), device=device)
     _sync(device)

@@ -1,6 +1,8 @@
 """The stacked engine: K networks of one shape as one (mlplab.model.stacked), against each network trained alone
 with torch's own layers and optimizers."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -61,7 +63,8 @@ def test_each_network_of_a_stack_trains_as_it_would_alone_with_its_own_numbers(n
     stacked = StackedMLP(backbones, networks(backbones))
     optimizers = [optimizer_class(network.parameters(), **arguments, **shared)
                   for network, arguments in zip(alone, per_network)]
-    optimizer = PerNetworkOptimizer(list(stacked.parameters()), optimizer_class, per_network, **shared)
+    optimizer = PerNetworkOptimizer(stacked, [functools.partial(optimizer_class, **arguments, **shared)
+                                              for arguments in per_network])
     for images, labels in batches(20):
         for k, (network, single) in enumerate(zip(alone, optimizers)):
             single.zero_grad()
@@ -76,12 +79,13 @@ def test_each_network_of_a_stack_trains_as_it_would_alone_with_its_own_numbers(n
         for key, value in network.state_dict().items():
             torch.testing.assert_close(stacked.network_state(k)[key], value, rtol=1e-4, atol=1e-6)
         # and its optimizer state is its own, as the single network's optimizer holds it
-        single_state = optimizers[k].state.get(next(network.parameters()), {})  # the first layer's weight
-        stacked_state = optimizer.optimizer.state.get(optimizer.slices[k][0], {})
-        assert single_state.keys() == stacked_state.keys()
-        for key, value in single_state.items():  # a stacked weight is held transposed (in x out)
-            mine = stacked_state[key].T if value.dim() == 2 else stacked_state[key]
-            torch.testing.assert_close(mine, value, rtol=1e-4, atol=1e-6)
+        single_state, stacked_state = optimizers[k].state_dict(), optimizer.network_state_dict(k)
+        assert single_state["param_groups"] == stacked_state["param_groups"]
+        assert single_state["state"].keys() == stacked_state["state"].keys()
+        for index, values in single_state["state"].items():
+            assert values.keys() == stacked_state["state"][index].keys()
+            for key, value in values.items():
+                torch.testing.assert_close(stacked_state["state"][index][key], value, rtol=1e-4, atol=1e-6)
     assert not torch.equal(stacked.network_state(0)["1.weight"], networks(backbones)[0].state_dict()["1.weight"])
 
 

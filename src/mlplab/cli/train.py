@@ -23,6 +23,7 @@ import hydra
 import torch
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import configure_log
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -39,6 +40,7 @@ from mlplab.run.records import CHECKPOINT_DIR, LAST_CHECKPOINT, find_checkpoint,
 from mlplab.run.trackers import mlflow_arguments
 from mlplab.run.train import train
 from mlplab.run.views.hparams import run_hparams
+from mlplab.sweeps import stacked
 from mlplab.sweeps.jobs import run_sweep_job
 
 log = logging.getLogger(__name__)
@@ -90,6 +92,8 @@ def hydra_main(cfg: DictConfig) -> dict[str, Any]:
             request = RunRequest.of(cfg, hydra_config, run_dir)
         # A sweep's job has mode MULTIRUN, or none when the sweep's mode came from a config (a search preset), not -m.
         if hydra_config.mode != RunMode.RUN:
+            if stacked.collecting():  # hydra/launcher=stacked trains the jobs once it knows them all
+                return request.stacked_job(hydra_config)
             return request.train_sweep_job(hydra_config)
         with discarded_if_refused(run_dir):
             return request.train_run()
@@ -160,6 +164,17 @@ class RunRequest:
                                  hydra_config.launcher.get("n_jobs"), torch.cuda.device_count() if one_device else 0)
         except (KeyboardInterrupt, SystemExit):
             raise stopped(self.run_dir, sweep=True) from None
+
+    def stacked_job(self, hydra_config: DictConfig) -> stacked.StackedJob:
+        def train_alone() -> dict[str, Any]:
+            configure_log(hydra_config.job_logging, hydra_config.verbose)  # into the job's own log file again
+            return self.train_sweep_job(hydra_config)
+
+        return stacked.StackedJob(
+            self.config, self.run_dir, self.callbacks, self.hparams, self.command,
+            logger_for=lambda resume_from: self.logger if resume_from is None else build_logger(
+                self.cfg.logger, self.run_dir, resume_from, self.experiment),
+            train_alone=train_alone)
 
     def train_attempt(self, resume_from: Path | None, gpu_index: int | None) -> dict[str, Any]:
         # A sweep job learns where it resumes from (the logger's purge step) only once it holds the job.

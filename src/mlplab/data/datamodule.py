@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,16 +179,49 @@ class InMemoryBatches:
         batches = self._batches()
         resume, self._resume_at = self._resume_at, None
         self._served = resume["batches"] if resume and resume["epoch"] == self.sampler.epoch else 0
+        images, labels = self.split.images, self.split.labels
         for batch in batches[self._served:]:
             self._served += 1
             # index_select copies whole rows; `images[batch]` goes element by element, ten times slower.
-            yield self.split.images.index_select(0, batch), self.split.labels.index_select(0, batch)
+            # A batch of several runs (StackedBatches) is K x B indices: K x B x C x H x W images.
+            rows = batch.flatten()
+            yield (images.index_select(0, rows).view(*batch.shape, *images.shape[1:]),
+                   labels.index_select(0, rows).view(batch.shape))
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.sampler.epoch, "batches": self._served}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._resume_at = dict(state)
+
+
+class SeedSamplers:
+    """The samplers of several runs of one split, each with its own seed; ``set_epoch`` sets all."""
+
+    def __init__(self, num_samples: int, seeds: Sequence[int]):
+        self.samplers = [ShardSampler(num_samples, True, seed) for seed in seeds]
+        self.num_samples, self.rank, self.world_size = num_samples, 0, 1
+
+    @property
+    def epoch(self) -> int:
+        return self.samplers[0].epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        for sampler in self.samplers:
+            sampler.set_epoch(epoch)
+
+
+class StackedBatches(InMemoryBatches):
+    """The training batches of K runs served together (a stacked sweep): step i gives each run its own i-th batch,
+    in its own seed's order, as K x B images and labels."""
+
+    def __init__(self, split: Split, batch_size: int, seeds: Sequence[int]):
+        super().__init__(split, batch_size, SeedSamplers(len(split), seeds))  # type: ignore[arg-type]
+
+    def _batches(self) -> list[Tensor]:
+        device = self.split.images.device
+        per_run = [shard_batches(sampler.order().to(device), self.batch_size) for sampler in self.sampler.samplers]
+        return [torch.stack(batches) for batches in zip(*per_run)]
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -266,3 +299,16 @@ class ImageDataModule(L.LightningDataModule):
     @override
     def test_dataloader(self) -> InMemoryBatches:
         return self._batches("test", shuffle=False, batch_size=self.settings.eval_batch_size)
+
+
+class StackedDataModule(ImageDataModule):
+    """The data of K runs that differ only in their seeds' batch order: training serves StackedBatches;
+    validation and test batches are the same for all."""
+
+    def __init__(self, settings: DataSettings, data_dir: str | Path, seeds: Sequence[int]):
+        super().__init__(settings, data_dir, shuffle_seed=seeds[0])
+        self.seeds = list(seeds)
+
+    @override
+    def train_dataloader(self) -> StackedBatches:
+        return StackedBatches(self.splits["train"], self.settings.batch_size, self.seeds)

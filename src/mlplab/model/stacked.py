@@ -9,7 +9,7 @@ seed), and each can be taken out again as an ordinary ``nn.Sequential`` state di
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -68,6 +68,14 @@ class StackedMLP(nn.Module):
         keep = (1 - self.dropout).view(-1, 1, 1).to(hidden.dtype)
         return hidden * (torch.rand_like(hidden) < keep) / keep
 
+    def network_parameters(self, index: int) -> list[Tensor]:
+        """Network ``index``'s slices of the stacked parameters, in its single network's order (weight, bias, ...)."""
+        return [tensor.detach()[index] for pair in zip(self.weights, self.biases) for tensor in pair]
+
+    def network_gradients(self, index: int) -> list[Tensor | None]:
+        return [None if tensor.grad is None else tensor.grad[index]
+                for pair in zip(self.weights, self.biases) for tensor in pair]
+
     def network_state(self, index: int) -> dict[str, Tensor]:
         """Network ``index`` as the single ``nn.Sequential`` the backbone builds would hold it."""
         state = {}
@@ -77,33 +85,52 @@ class StackedMLP(nn.Module):
         return state
 
 
-class PerNetworkOptimizer:
-    """A torch optimizer over each network's slice of the stacked parameters: one param group per network with that
-    network's own hyperparameters (lr, betas, weight decay, momentum, ...), and torch's own step (fused where
-    ``shared`` asks for it). So each network steps exactly as it would alone, and its state is its own.
+class PerNetworkOptimizer(torch.optim.Optimizer):
+    """Each network's own torch optimizer over its slices of the stacked parameters; ``step`` steps them all.
 
-    The slices are views of the stacked tensors' storage (leaves, so torch.optim takes them); before each step each
-    one is handed its slice of the stacked gradient.
+    A network's optimizer is built as its single run builds it (``build[k]``: its class, its numbers, fused where
+    that run's is), over the single network's parameters in their order, so its state is the one that network
+    would have alone (weights held transposed aside: ``network_state_dict`` turns them back). The slices are views
+    of the stacked tensors' storage; before each step each is handed its slice of the stacked gradient.
+    A Lightning module can return it as its one optimizer: Lightning counts one step per batch, as for one run.
     """
 
-    def __init__(self, stacked: Sequence[nn.Parameter], optimizer_class: type[torch.optim.Optimizer],
-                 per_network: Sequence[dict[str, Any]], **shared: Any):
-        self.stacked = list(stacked)
-        self.slices = [[param.detach()[index] for param in self.stacked] for index in range(len(per_network))]
-        groups = [{"params": slices, **arguments} for slices, arguments in zip(self.slices, per_network)]
-        self.optimizer = optimizer_class(groups, **shared)
+    def __init__(self, stack: StackedMLP, build: Sequence[Callable[[list[Tensor]], torch.optim.Optimizer]]):
+        super().__init__(list(stack.parameters()), {})
+        self.stack = stack
+        self.slices = [stack.network_parameters(index) for index in range(len(build))]
+        self.networks = [make(slices) for make, slices in zip(build, self.slices)]
+        self.frozen: set[int] = set()  # networks that no longer step (diverged)
 
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        """One per network, in stack order: a schedule sets each network's ``lr`` here."""
-        return self.optimizer.param_groups
-
-    def zero_grad(self) -> None:
-        for param in self.stacked:
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for param in self.stack.parameters():
             param.grad = None
 
-    def step(self) -> None:
-        for position, param in enumerate(self.stacked):
-            for index, slices in enumerate(self.slices):
-                slices[position].grad = None if param.grad is None else param.grad[index]
-        self.optimizer.step()
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for index, (optimizer, slices) in enumerate(zip(self.networks, self.slices)):
+            if index in self.frozen:
+                continue
+            for view, grad in zip(slices, self.stack.network_gradients(index)):
+                view.grad = grad
+            optimizer.step()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"networks": [optimizer.state_dict() for optimizer in self.networks], "frozen": sorted(self.frozen)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for optimizer, state in zip(self.networks, state_dict["networks"]):
+            optimizer.load_state_dict(state)
+        self.frozen = set(state_dict["frozen"])
+
+    def network_state_dict(self, index: int) -> dict[str, Any]:
+        """Network ``index``'s optimizer state as its single run's optimizer would hold it."""
+        state = self.networks[index].state_dict()
+        return {**state, "state": {key: {name: value.T.contiguous() if torch.is_tensor(value) and value.dim() == 2
+                                         else value for name, value in values.items()}
+                                   for key, values in state["state"].items()}}

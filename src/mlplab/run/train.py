@@ -124,22 +124,26 @@ def train(
         metrics["error"] = f"{type(error).__name__}: {one_line(error)}"
         raise
     finally:
-        metrics["epochs"] = history.epochs_validated
-        metrics["epoch_seconds"] = history.epoch_seconds
-        metrics["wall_seconds"] = history.wall_seconds
-        metrics["history"] = history.epochs
-        metrics["step"] = trainer.global_step
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
+        metrics.update(finished_metrics(history, trainer.global_step, best, run_dir))
         if resume_points.stopped_by:
             metrics["stopped_by"] = resume_points.stopped_by
-        if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path:
-            metrics["best_checkpoint"] = os.path.relpath(trainer.checkpoint_callback.best_model_path, run_dir)
         if trainer.is_global_zero:
             write_metrics(run_dir, metrics)
             if metrics["status"] != "interrupted":  # an interrupted run gets its HParams row when it finishes
                 log_hparams(trainer.loggers, hparams or {}, metrics, trainer.global_step)
         end_ranks(trainer)
     if trainer.is_global_zero:
-        _report(run_dir, metrics)
+        report(run_dir, metrics)
+    return metrics
+
+
+def finished_metrics(history: EpochHistory, step: int, best_checkpoint: str | None, run_dir: Path) -> dict[str, Any]:
+    """What metrics.json records of a run's training however it ended: epochs, times, last step, best checkpoint."""
+    metrics = {"epochs": history.epochs_validated, "epoch_seconds": history.epoch_seconds,
+               "wall_seconds": history.wall_seconds, "history": history.epochs, "step": step}
+    if best_checkpoint:
+        metrics["best_checkpoint"] = os.path.relpath(best_checkpoint, run_dir)
     return metrics
 
 
@@ -154,7 +158,7 @@ def _status_of(error: BaseException) -> str:
     return "diverged" if isinstance(error, DivergedError) else "failed"
 
 
-def _report(run_dir: Path, metrics: dict[str, Any]) -> None:
+def report(run_dir: Path, metrics: dict[str, Any]) -> None:
     log.info(
         "Finished: test/acc %.4f, best %s %.4f at epoch %d, %.1f s",
         metrics.get("test/acc", float("nan")), MONITOR, metrics.get(MONITOR, float("nan")),

@@ -72,7 +72,7 @@ class ModelDescription(Callback):
             # Indented four spaces: Markdown shows it as a code block, line breaks kept.
             writer.add_text("run/config", "    " + yaml.safe_dump(self.config, sort_keys=False).replace("\n", "\n    "), 0)
         if self.graph:
-            example = torch.zeros(1, *trainer.datamodule.input_shape, device=pl_module.device, dtype=pl_module.dtype)
+            example = torch.zeros(1, *pl_module.hparams["input_shape"], device=pl_module.device, dtype=pl_module.dtype)
             with warnings.catch_warnings():  # add_graph traces with torch.jit, which warns that it is deprecated
                 warnings.simplefilter("ignore")
                 writer.add_graph(network, example)

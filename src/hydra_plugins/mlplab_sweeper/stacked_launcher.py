@@ -1,0 +1,59 @@
+"""mlplab's stacked launcher (``hydra/launcher=stacked``): the sweep's jobs that differ only in numbers (seed,
+optimizer numbers, dropout) train together as one stack in this process (mlplab.sweeps.stacked); the others run
+one after another, as Hydra's basic launcher runs them.
+
+Each job is composed, checked and given its folder by Hydra as usual (its ``.hydra/`` and log); its task returns
+the job's description instead of training, and the jobs are trained once all are known.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, configure_log, run_job, setup_globals
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, open_dict
+
+from mlplab.sweeps.stacked import collecting_jobs, run_jobs
+
+log = logging.getLogger(__name__)
+
+
+class StackedLauncher(Launcher):
+    def __init__(self, max_stack: int | None = None) -> None:
+        if max_stack is not None and max_stack < 1:
+            from mlplab.run.config import ConfigError
+
+            raise ConfigError(f"hydra.launcher.max_stack must be null (as many as memory holds) or an integer >= 1, "
+                              f"got {max_stack}")
+        self.max_stack = max_stack
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        returns = []
+        with collecting_jobs():
+            for number, overrides in enumerate(job_overrides, start=initial_job_idx):
+                job_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+                with open_dict(job_config):  # as Hydra's own launchers number the jobs
+                    job_config.hydra.job.id = f"{job_config.hydra.job.name}_{number}"
+                    job_config.hydra.job.num = number
+                HydraConfig.instance().set_config(job_config)
+                returns.append(run_job(hydra_context=self.hydra_context, task_function=self.task_function,
+                                       config=job_config, job_dir_key="hydra.sweep.dir",
+                                       job_subdir_key="hydra.sweep.subdir"))
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        results: list[Any] = run_jobs([returned.return_value for returned in returns], sweep_dir, self.max_stack)
+        for returned, metrics in zip(returns, results):
+            returned.return_value = metrics
+        return returns

@@ -1,0 +1,158 @@
+"""K image classifiers of one shape as one Lightning module: a stacked sweep's jobs, trained together.
+
+Each step takes K batches (each job's own, in its seed's order), computes the K networks in one stacked pass,
+and steps each network with its own optimizer. Each network's epoch metrics, and the state of its single run
+(weights, optimizer state, epoch outputs so far), can be read out for that job's records and checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from typing_extensions import override
+
+from mlplab.model.backbones import backbone_from_dict
+from mlplab.model.classifier import EpochPredictions, ImageClassifier
+from mlplab.model.stacked import PerNetworkOptimizer, StackedMLP
+
+
+class StackedClassifier(L.LightningModule):
+    """``models``: each job's classifier as its single run builds it (same seed, same initial weights)."""
+
+    def __init__(self, models: Sequence[ImageClassifier]):
+        super().__init__()
+        self.stack = StackedMLP([backbone_from_dict(model.hparams["backbone"]) for model in models],
+                                [model.network for model in models])
+        self.optimizer_settings = [model.optimizer_settings for model in models]
+        self.register_buffer("input_scale", models[0].input_scale.clone(), persistent=False)
+        self.register_buffer("input_shift", models[0].input_shift.clone(), persistent=False)
+        self.size = len(models)
+        # Per network, why it stopped: a diverged one no longer steps, and its records end there.
+        self.diverged: dict[int, str] = {}
+        self._outputs: dict[str, list[tuple[Tensor, ...]]] = {"train": [], "val": []}
+        # Per stage, each network's loss and accuracy over the last finished epoch.
+        self.epoch_metrics: dict[str, list[dict[str, float]]] = {}
+        self.val_predictions: list[EpochPredictions] = []  # per network, the last validation's
+
+    def normalize(self, images: Tensor) -> Tensor:
+        return images.to(self.input_scale.dtype).mul_(self.input_scale).add_(self.input_shift)
+
+    @override
+    def forward(self, images: Tensor) -> Tensor:
+        """K x B x C x H x W uint8 images (one batch per network) -> K x B x classes logits."""
+        return self.stack(self.normalize(images))
+
+    def _losses(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Each network's mean loss over its batch (labels K x B)."""
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape).mean(1)
+
+    @override
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, labels = batch
+        logits = self(images)
+        losses = self._losses(logits, labels)
+        self._outputs["train"].append((losses.detach(), logits.detach().argmax(dim=2), labels))
+        if losses.device.type == "cpu":  # free on the CPU: a diverged network stops before this step reaches it
+            self.check_finite_loss()
+        return losses.sum()
+
+    @override
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        images, labels = batch  # the same validation batch for every network
+        hidden = self.normalize(images)
+        logits = self.stack(hidden.unsqueeze(0).expand(self.size, *hidden.shape))
+        stacked_labels = labels.unsqueeze(0).expand(self.size, -1)
+        confidences, classes = logits.softmax(dim=2).max(dim=2)
+        self._outputs["val"].append((self._losses(logits, stacked_labels), classes, stacked_labels, confidences))
+
+    def check_finite_loss(self) -> None:
+        """Mark each network whose training loss this epoch became NaN or infinite as diverged: from then on it
+        no longer steps. One device sync per call; called before anything is validated or checkpointed."""
+        outputs = self._outputs["train"]
+        if not outputs:
+            return
+        finite = torch.stack([losses for losses, *_ in outputs]).isfinite()  # steps x K
+        if bool(finite.all()):
+            return
+        for index in (~finite.all(dim=0)).nonzero().flatten().tolist():
+            if index in self.diverged:
+                continue
+            first = int((~finite[:, index]).nonzero()[0])
+            step = self.global_step - len(outputs) + first + 1
+            self.diverged[index] = (f"train/loss became {float(outputs[first][0][index])} at step {step} (epoch "
+                                    f"{self.current_epoch + 1}); try a lower optimizer.lr or set trainer.gradient_clip_val")
+            self.optimizers().optimizer.frozen.add(index)
+
+    def _epoch_metrics(self, stage: str) -> None:
+        outputs = self._outputs[stage]
+        if not outputs:
+            return
+        losses, predictions, labels, *confidences = zip(*outputs)
+        if confidences:  # for the views: each network's predictions over the split
+            split_labels = torch.cat([batch[0] for batch in labels])
+            self.val_predictions = [EpochPredictions(classes, split_labels, confidence) for classes, confidence
+                                    in zip(torch.cat(predictions, dim=1), torch.cat(confidences[0], dim=1))]
+        sizes = torch.tensor([batch.shape[1] for batch in labels], device=losses[0].device, dtype=losses[0].dtype)
+        # As one run's metrics: the batches' mean losses weighted by their sizes; the share of samples right.
+        loss = (torch.stack(losses) * sizes.unsqueeze(1)).sum(0) / sizes.sum()
+        acc = (torch.cat(predictions, dim=1) == torch.cat(labels, dim=1)).float().mean(1)
+        self.epoch_metrics[stage] = [{f"{stage}/loss": values[0], f"{stage}/acc": values[1]}
+                                     for values in torch.stack([loss.float(), acc]).T.tolist()]
+        outputs.clear()
+
+    @override
+    def on_validation_start(self) -> None:
+        self.check_finite_loss()
+
+    def end_train_epoch(self) -> None:
+        """Each network's train/loss and train/acc over the epoch (once per epoch; callbacks may ask first)."""
+        self.check_finite_loss()
+        self._epoch_metrics("train")
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        self.end_train_epoch()
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_metrics("val")
+
+    def epoch_outputs(self, index: int) -> dict[str, Any] | None:
+        """Network ``index``'s training outputs of the epoch so far, as its single run's checkpoint keeps them
+        mid-epoch (ImageClassifier.on_save_checkpoint); None at an epoch's end."""
+        outputs = self._outputs["train"]
+        if not outputs or len(outputs) >= self.trainer.num_training_batches:
+            return None
+        losses, predictions, labels = zip(*outputs)
+        return {"losses": torch.stack([batch[index] for batch in losses]).cpu(),
+                "sizes": [batch.shape[1] for batch in labels],
+                "predictions": torch.cat([batch[index] for batch in predictions]).cpu(),
+                "labels": torch.cat([batch[index] for batch in labels]).cpu()}
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        outputs = self._outputs["train"]
+        if outputs and len(outputs) < self.trainer.num_training_batches:
+            losses, predictions, labels = zip(*outputs)
+            checkpoint["train_epoch_outputs"] = {"losses": torch.stack(losses).cpu(),
+                                                 "predictions": [batch.cpu() for batch in predictions],
+                                                 "labels": [batch.cpu() for batch in labels]}
+        checkpoint["diverged"] = dict(self.diverged)
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("train_epoch_outputs")
+        if saved:
+            self._outputs["train"] = [(losses.to(self.device), predictions.to(self.device), labels.to(self.device))
+                                      for losses, predictions, labels in
+                                      zip(saved["losses"].unbind(), saved["predictions"], saved["labels"])]
+        self.diverged = dict(checkpoint.get("diverged", {}))
+
+    @override
+    def configure_optimizers(self) -> PerNetworkOptimizer:
+        return PerNetworkOptimizer(self.stack, [settings.build for settings in self.optimizer_settings])
