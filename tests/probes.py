@@ -118,3 +118,20 @@ def _kill_when(path: str) -> None:
     while not os.path.exists(path):
         time.sleep(0.01)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillWhenStackCheckpoints(HydraCallback):
+    """SIGKILLs the sweep's process as soon as a stack of its jobs has written a checkpoint (hydra/launcher=stacked):
+    a crash in the middle of a stack's training."""
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        pattern = os.path.join(config.hydra.sweep.dir, ".stacks", "*", "checkpoints", "last.ckpt")
+        threading.Thread(target=_kill_when_any, args=(pattern,), daemon=True).start()
+
+
+def _kill_when_any(pattern: str) -> None:
+    import glob
+
+    while not glob.glob(pattern):
+        time.sleep(0.005)
+    os.kill(os.getpid(), signal.SIGKILL)

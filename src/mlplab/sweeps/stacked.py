@@ -178,7 +178,9 @@ def train_claimed(jobs: Sequence[StackedJob], sweep_dir: Path) -> list[dict[str,
             (group_dir / "jobs.json").write_text(json.dumps(names, indent=1) + "\n")
             last = group_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
             resume_from = last if last.is_file() else None
-            if resume_from is None:
+            if resume_from:
+                log.info("Resuming the stack from %s", resume_from)
+            else:
                 for job in stacked:
                     prepare_attempt(job.run_dir)  # a failed or diverged job starts over
             with logged_to(group_dir / "train.log"):

@@ -1,0 +1,140 @@
+"""Stacked sweeps (hydra/launcher=stacked) through the real command line: each job ends as the same job of a
+job-by-job sweep ends (weights, records, TensorBoard tags, checkpoints that mlplab-eval and resume= take), jobs
+that cannot stack run on their own with a line saying why, a diverging job leaves the stack, and a killed stack
+resumes every job exactly."""
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import SYNTHETIC_RUN, run_cli
+
+SMALL = [*SYNTHETIC_RUN, "model.width=16", "trainer.max_epochs=2", "callbacks.model_summary=null"]
+
+
+def sweep(forked_cli, tmp_path: Path, data_dir: Path, name: str, *overrides: str) -> tuple[int, str, Path]:
+    code, output = forked_cli.run(["-m", *SMALL, f"paths.data_dir={data_dir}", f"hydra.sweep.dir={name}", *overrides],
+                                  tmp_path)
+    return code, output, tmp_path / name
+
+
+def jobs(sweep_dir: Path) -> dict[str, Path]:
+    return {job.name: job for job in sorted(sweep_dir.iterdir()) if (job / "metrics.json").is_file()}
+
+
+def scalars(job: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every tag of the job's event files with its (step, value) points; images and texts by their steps."""
+    found: dict[str, list] = {}
+    for path in sorted(job.glob("events.out.tfevents.*")):
+        events = EventAccumulator(str(path), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+        events.Reload()
+        tags = events.Tags()
+        for tag in tags["scalars"]:
+            found.setdefault(tag, []).extend((event.step, round(event.value, 4)) for event in events.Scalars(tag))
+        for tag in tags["images"]:
+            found.setdefault(tag, []).extend((event.step, None) for event in events.Images(tag))
+        for tag in tags["tensors"]:
+            found.setdefault(tag, []).extend((event.step, None) for event in events.Tensors(tag))
+    return {tag: sorted(points) for tag, points in found.items()}
+
+
+def test_each_stacked_job_ends_as_it_does_in_a_job_by_job_sweep(forked_cli, synthetic_data_dir, tmp_path):
+    grid = ["seed=1,2", "optimizer.lr=0.01,0.002"]  # per job: its seed's weights and batches, its own rate
+    code, output, stacked = sweep(forked_cli, tmp_path, synthetic_data_dir, "stacked", *grid, "hydra/launcher=stacked")
+    assert code == 0, output[-3000:]
+    assert "Training 4 jobs as one stack" in output
+    code, output, alone = sweep(forked_cli, tmp_path, synthetic_data_dir, "alone", *grid)
+    assert code == 0, output[-3000:]
+    assert jobs(stacked).keys() == jobs(alone).keys() and len(jobs(alone)) == 4
+    for name, job in jobs(stacked).items():
+        other = alone / name
+        mine, theirs = (json.loads((folder / "metrics.json").read_text()) for folder in (job, other))
+        assert mine["status"] == theirs["status"] == "completed" and mine["stacked_jobs"] == 4
+        for key in ("val/acc", "test/acc", "best_epoch", "epochs", "step"):
+            assert mine[key] == pytest.approx(theirs[key], abs=1e-4), (name, key)
+        assert sorted(path.name for path in (job / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+        for checkpoint in ("best.ckpt", "last.ckpt"):
+            a, b = (torch.load(folder / "checkpoints" / checkpoint, weights_only=True) for folder in (job, other))
+            assert a.keys() == b.keys() and a["loops"] == b["loops"] and a["callbacks"].keys() == b["callbacks"].keys()
+            assert a["hyper_parameters"] == b["hyper_parameters"]
+            assert a["datamodule_hyper_parameters"]["shuffle_seed"] == b["datamodule_hyper_parameters"]["shuffle_seed"]
+            for key, value in b["state_dict"].items():
+                torch.testing.assert_close(a["state_dict"][key], value, rtol=1e-4, atol=1e-5)
+            ours, single = a["optimizer_states"][0], b["optimizer_states"][0]
+            assert ours["param_groups"] == single["param_groups"]
+            for index, values in single["state"].items():
+                for key, value in values.items():
+                    torch.testing.assert_close(ours["state"][index][key], value, rtol=1e-4, atol=1e-5)
+        # the same TensorBoard tags (curves, views, HParams) at the same steps, with the same values to rounding
+        ours, single = scalars(job), scalars(other)
+        assert ours.keys() == single.keys()
+        for tag, points in single.items():
+            if tag not in ("final/wall_seconds",):
+                assert [step for step, _ in ours[tag]] == [step for step, _ in points], tag
+                assert [value for _, value in ours[tag]] == pytest.approx([value for _, value in points], abs=2e-4), tag
+    # A stacked job's checkpoints are an ordinary run's: mlplab-eval tests them, resume= trains on from them.
+    job = next(iter(jobs(stacked).values()))
+    result = run_cli(["mlplab-eval", f"run='{job}'", "format=json"], tmp_path, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report["test/acc"] == pytest.approx(report["recorded test/acc"], abs=1e-6)
+    code, output = forked_cli.run([f"resume='{job}'", "trainer.max_epochs=3", f"paths.data_dir={synthetic_data_dir}"],
+                                  tmp_path)
+    assert code == 0, output[-3000:]
+    resumed = json.loads((job / "metrics.json").read_text())
+    assert resumed["status"] == "completed" and resumed["epochs"] == 3 and resumed["step"] == 30
+
+
+def test_jobs_that_cannot_stack_run_on_their_own_saying_why(forked_cli, synthetic_data_dir, tmp_path):
+    code, output, swept = sweep(forked_cli, tmp_path, synthetic_data_dir, "mixed", "seed=1,2", "scheduler=none,cosine",
+                                "hydra/launcher=stacked")
+    assert code == 0, output[-3000:]
+    # the two with a schedule each say so; the two without one stack
+    assert output.count("runs on its own: scheduler=torch.optim.lr_scheduler.CosineAnnealingLR: schedules do not "
+                        "stack yet") == 2, output[-3000:]
+    assert "Training 2 jobs as one stack" in output
+    assert all(json.loads((job / "metrics.json").read_text())["status"] == "completed" for job in jobs(swept).values())
+    stacked = [name for name, job in jobs(swept).items() if "stacked_jobs" in (job / "metrics.json").read_text()]
+    assert sorted(stacked) == sorted(name for name in jobs(swept) if "scheduler=none" in name)
+
+
+def test_a_diverging_job_leaves_the_stack_and_the_others_go_on(forked_cli, synthetic_data_dir, tmp_path):
+    code, output, swept = sweep(forked_cli, tmp_path, synthetic_data_dir, "diverging", "optimizer.lr=0.001,1e30",
+                                "seed=1,2", "hydra/launcher=stacked")
+    assert code == 1, output[-3000:]  # the sweep did not complete every job, and says which
+    assert "diverged and leaves the stack" in output and "2 of 4 jobs did not complete" in output
+    for name, job in jobs(swept).items():
+        metrics = json.loads((job / "metrics.json").read_text())
+        if "1e+30" in name:
+            assert metrics["status"] == "diverged" and "lower optimizer.lr" in metrics["error"]
+            last = torch.load(job / "checkpoints" / "last.ckpt", weights_only=True) \
+                if (job / "checkpoints" / "last.ckpt").is_file() else None
+            assert last is None or all(value.isfinite().all() for value in last["state_dict"].values())
+        else:
+            assert metrics["status"] == "completed" and metrics["epochs"] == 2
+
+
+def test_a_killed_stack_resumes_every_job_exactly(forked_cli, synthetic_data_dir, tmp_path):
+    exact = ["seed=1,2,3", "trainer.deterministic=true", "trainer.max_epochs=3", "checkpoint.every_n_steps=3",
+             "hydra/launcher=stacked"]
+    code, output, whole = sweep(forked_cli, tmp_path, synthetic_data_dir, "whole", *exact)
+    assert code == 0, output[-3000:]
+    code, output, killed = sweep(forked_cli, tmp_path, synthetic_data_dir, "killed", *exact,
+                                 "+hydra.callbacks.kill._target_=probes.KillWhenStackCheckpoints")
+    assert code == -signal.SIGKILL, output[-3000:]
+    assert not any('"completed"' in (job / "metrics.json").read_text() for job in jobs(killed).values())
+    code, output, _ = sweep(forked_cli, tmp_path, synthetic_data_dir, "killed", *exact)
+    assert code == 0, output[-3000:]
+    assert "Resuming the stack from" in output
+    for name, job in jobs(whole).items():
+        a, b = (torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True) for folder in (job, killed / name))
+        for key, value in a["state_dict"].items():
+            assert torch.equal(value, b["state_dict"][key]), (name, key)
+        for index, values in a["optimizer_states"][0]["state"].items():
+            assert all(torch.equal(value, b["optimizer_states"][0]["state"][index][key]) for key, value in values.items())
+        histories = [json.loads((folder / "metrics.json").read_text())["history"] for folder in (job, killed / name)]
+        assert histories[0] == histories[1]
