@@ -32,3 +32,15 @@ def test_stacked_engine_benchmark_writes_its_table(tmp_path):
     (path,) = tmp_path.glob("stacked-engine-cpu-*.json")
     rows = json.loads(path.read_text())["rows"]
     assert [row["k"] for row in rows] == [1, 2] and all(row["stacked_s"] > 0 and row["ratio"] > 0 for row in rows)
+
+
+def test_stacked_sweep_benchmark_writes_its_table(tmp_path):
+    result = subprocess.run([sys.executable, str(BENCHMARK.with_name("stacked_sweep.py")), "--quick", "--ks", "2",
+                             "--epochs", "1", "--output", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (path,) = tmp_path.glob("stacked-sweep-cpu-*.json")
+    (row,) = json.loads(path.read_text())["rows"]
+    assert row["k"] == 2 and row["ratio"] > 0 and len(row["stacked"]["test_acc"]) == len(row["alone"]["test_acc"]) == 2
+    # the same two jobs, trained stacked or one by one, end at the same test accuracy to rounding
+    assert row["mean_abs_test_acc_difference"] < 1e-3

@@ -38,3 +38,18 @@ def test_cli_trains_on_the_gpu(precision, synthetic_data_dir, tmp_path):
     (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["test/acc"] > 0.5
+
+
+def test_a_stacked_sweep_on_the_gpu_gives_each_job_what_it_gives_alone(synthetic_data_dir, tmp_path):
+    common = ["mlplab-train", "-m", *SYNTHETIC_RUN, "trainer=gpu", "trainer.max_epochs=2", "seed=1,2,3"]
+    for name, launcher in (("stacked", ["hydra/launcher=stacked"]), ("alone", [])):
+        result = run_cli([*common, f"hydra.sweep.dir={name}", *launcher], tmp_path, synthetic_data_dir)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "Training 3 jobs as one stack" in result.stderr or (tmp_path / "stacked" / ".stacks").is_dir()
+    for job in (tmp_path / "alone").glob("*seed=*"):
+        alone, stacked = (torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+                          for folder in (job, tmp_path / "stacked" / job.name))
+        for key, value in alone["state_dict"].items():
+            torch.testing.assert_close(stacked["state_dict"][key], value, rtol=1e-3, atol=1e-4)
+        metrics = [json.loads((folder / "metrics.json").read_text()) for folder in (job, tmp_path / "stacked" / job.name)]
+        assert metrics[1]["stacked_jobs"] == 3 and abs(metrics[0]["test/acc"] - metrics[1]["test/acc"]) < 0.02

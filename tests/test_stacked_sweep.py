@@ -43,7 +43,8 @@ def scalars(job: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_each_stacked_job_ends_as_it_does_in_a_job_by_job_sweep(forked_cli, synthetic_data_dir, tmp_path):
-    grid = ["seed=1,2", "optimizer.lr=0.01,0.002"]  # per job: its seed's weights and batches, its own rate
+    # per job: its seed's weights and batches, its own rate, and its own schedule of that rate
+    grid = ["seed=1,2", "optimizer.lr=0.01,0.002", "scheduler=cosine"]
     code, output, stacked = sweep(forked_cli, tmp_path, synthetic_data_dir, "stacked", *grid, "hydra/launcher=stacked")
     assert code == 0, output[-3000:]
     assert "Training 4 jobs as one stack" in output
@@ -60,7 +61,7 @@ def test_each_stacked_job_ends_as_it_does_in_a_job_by_job_sweep(forked_cli, synt
         for checkpoint in ("best.ckpt", "last.ckpt"):
             a, b = (torch.load(folder / "checkpoints" / checkpoint, weights_only=True) for folder in (job, other))
             assert a.keys() == b.keys() and a["loops"] == b["loops"] and a["callbacks"].keys() == b["callbacks"].keys()
-            assert a["hyper_parameters"] == b["hyper_parameters"]
+            assert a["hyper_parameters"] == b["hyper_parameters"] and a["lr_schedulers"] == b["lr_schedulers"]
             assert a["datamodule_hyper_parameters"]["shuffle_seed"] == b["datamodule_hyper_parameters"]["shuffle_seed"]
             for key, value in b["state_dict"].items():
                 torch.testing.assert_close(a["state_dict"][key], value, rtol=1e-4, atol=1e-5)
@@ -90,21 +91,21 @@ def test_each_stacked_job_ends_as_it_does_in_a_job_by_job_sweep(forked_cli, synt
 
 
 def test_jobs_that_cannot_stack_run_on_their_own_saying_why(forked_cli, synthetic_data_dir, tmp_path):
-    code, output, swept = sweep(forked_cli, tmp_path, synthetic_data_dir, "mixed", "seed=1,2", "scheduler=none,cosine",
-                                "hydra/launcher=stacked")
+    code, output, swept = sweep(forked_cli, tmp_path, synthetic_data_dir, "mixed", "seed=1,2",
+                                "trainer.gradient_clip_val=null,1.0", "hydra/launcher=stacked")
     assert code == 0, output[-3000:]
-    # the two with a schedule each say so; the two without one stack
-    assert output.count("runs on its own: scheduler=torch.optim.lr_scheduler.CosineAnnealingLR: schedules do not "
-                        "stack yet") == 2, output[-3000:]
+    # the two that clip gradients each say so; the two that do not stack
+    assert output.count("runs on its own: trainer.gradient_clip_val=1.0 applies to each job on its own") == 2, \
+        output[-3000:]
     assert "Training 2 jobs as one stack" in output
     assert all(json.loads((job / "metrics.json").read_text())["status"] == "completed" for job in jobs(swept).values())
     stacked = [name for name, job in jobs(swept).items() if "stacked_jobs" in (job / "metrics.json").read_text()]
-    assert sorted(stacked) == sorted(name for name in jobs(swept) if "scheduler=none" in name)
+    assert sorted(stacked) == sorted(name for name in jobs(swept) if "gradient_clip_val=null" in name)
 
 
 def test_a_diverging_job_leaves_the_stack_and_the_others_go_on(forked_cli, synthetic_data_dir, tmp_path):
     code, output, swept = sweep(forked_cli, tmp_path, synthetic_data_dir, "diverging", "optimizer.lr=0.001,1e30",
-                                "seed=1,2", "hydra/launcher=stacked")
+                                "seed=1,2", "scheduler=plateau", "hydra/launcher=stacked")
     assert code == 1, output[-3000:]  # the sweep did not complete every job, and says which
     assert "diverged and leaves the stack" in output and "2 of 4 jobs did not complete" in output
     for name, job in jobs(swept).items():
@@ -120,7 +121,7 @@ def test_a_diverging_job_leaves_the_stack_and_the_others_go_on(forked_cli, synth
 
 def test_a_killed_stack_resumes_every_job_exactly(forked_cli, synthetic_data_dir, tmp_path):
     exact = ["seed=1,2,3", "trainer.deterministic=true", "trainer.max_epochs=3", "checkpoint.every_n_steps=3",
-             "hydra/launcher=stacked"]
+             "scheduler=warmup_cosine", "hydra/launcher=stacked"]
     code, output, whole = sweep(forked_cli, tmp_path, synthetic_data_dir, "whole", *exact)
     assert code == 0, output[-3000:]
     code, output, killed = sweep(forked_cli, tmp_path, synthetic_data_dir, "killed", *exact,
@@ -136,5 +137,6 @@ def test_a_killed_stack_resumes_every_job_exactly(forked_cli, synthetic_data_dir
             assert torch.equal(value, b["state_dict"][key]), (name, key)
         for index, values in a["optimizer_states"][0]["state"].items():
             assert all(torch.equal(value, b["optimizer_states"][0]["state"][index][key]) for key, value in values.items())
+        assert a["lr_schedulers"] == b["lr_schedulers"]
         histories = [json.loads((folder / "metrics.json").read_text())["history"] for folder in (job, killed / name)]
         assert histories[0] == histories[1]

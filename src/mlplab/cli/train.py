@@ -41,6 +41,7 @@ from mlplab.run.trackers import mlflow_arguments
 from mlplab.run.train import train
 from mlplab.run.views.hparams import run_hparams
 from mlplab.sweeps import stacked
+from mlplab.sweeps.stack_training import StackedJob
 from mlplab.sweeps.jobs import run_sweep_job
 
 log = logging.getLogger(__name__)
@@ -165,12 +166,12 @@ class RunRequest:
         except (KeyboardInterrupt, SystemExit):
             raise stopped(self.run_dir, sweep=True) from None
 
-    def stacked_job(self, hydra_config: DictConfig) -> stacked.StackedJob:
+    def stacked_job(self, hydra_config: DictConfig) -> StackedJob:
         def train_alone() -> dict[str, Any]:
             configure_log(hydra_config.job_logging, hydra_config.verbose)  # into the job's own log file again
             return self.train_sweep_job(hydra_config)
 
-        return stacked.StackedJob(
+        return StackedJob(
             self.config, self.run_dir, self.callbacks, self.hparams, self.command,
             logger_for=lambda resume_from: self.logger if resume_from is None else build_logger(
                 self.cfg.logger, self.run_dir, resume_from, self.experiment),

@@ -218,20 +218,19 @@ class ImageClassifier(L.LightningModule):
     @override
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_settings.build(self.parameters())
-        schedule = self.schedule_settings.build(optimizer, self.hparams.max_epochs, self._optimizer_steps())
+        schedule = self.schedule_settings.build(optimizer, self.hparams.max_epochs, optimizer_steps(self.trainer))
         return optimizer if schedule is None else {"optimizer": optimizer, "lr_scheduler": schedule}
 
 
-    def _optimizer_steps(self) -> int:
-        """The optimizer steps of the whole run, as Lightning's ``estimated_stepping_batches`` counts them. That
-        property sets up the training loader early, and a loader set up before a checkpoint is restored does not
-        get its position back: a run resumed mid-epoch would not continue exactly. Our batches cost nothing to count."""
-        trainer = self.trainer
-        batches = len(trainer.datamodule.train_dataloader())
-        limit = trainer.limit_train_batches
-        batches = int(batches * limit) if isinstance(limit, float) else min(batches, limit)
-        steps = math.ceil(batches / trainer.accumulate_grad_batches) * trainer.max_epochs
-        return steps if trainer.max_steps == -1 else min(steps, trainer.max_steps)
+def optimizer_steps(trainer: L.Trainer) -> int:
+    """The optimizer steps of the whole run, as Lightning's ``estimated_stepping_batches`` counts them. That
+    property sets up the training loader early, and a loader set up before a checkpoint is restored does not
+    get its position back: a run resumed mid-epoch would not continue exactly. Our batches cost nothing to count."""
+    batches = len(trainer.datamodule.train_dataloader())
+    limit = trainer.limit_train_batches
+    batches = int(batches * limit) if isinstance(limit, float) else min(batches, limit)
+    steps = math.ceil(batches / trainer.accumulate_grad_batches) * trainer.max_epochs
+    return steps if trainer.max_steps == -1 else min(steps, trainer.max_steps)
 
 
 def upgraded_hparams(hparams: dict[str, Any]) -> dict[str, Any]:

@@ -14,10 +14,11 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 from typing_extensions import override
 
 from mlplab.model.backbones import backbone_from_dict
-from mlplab.model.classifier import EpochPredictions, ImageClassifier
+from mlplab.model.classifier import EpochPredictions, ImageClassifier, optimizer_steps
 from mlplab.model.stacked import PerNetworkOptimizer, StackedMLP
 
 
@@ -29,6 +30,11 @@ class StackedClassifier(L.LightningModule):
         self.stack = StackedMLP([backbone_from_dict(model.hparams["backbone"]) for model in models],
                                 [model.network for model in models])
         self.optimizer_settings = [model.optimizer_settings for model in models]
+        self.schedule_settings = [model.schedule_settings for model in models]
+        self.max_epochs = models[0].hparams["max_epochs"]
+        # Per network, its schedule's Lightning config (built with the optimizers), or None for a constant rate.
+        self.schedules: list[dict[str, Any] | None] = []
+        self._schedule_states: list[dict[str, Any] | None] | None = None  # a resumed stack's, until they exist
         self.register_buffer("input_scale", models[0].input_scale.clone(), persistent=False)
         self.register_buffer("input_shift", models[0].input_shift.clone(), persistent=False)
         self.size = len(models)
@@ -117,10 +123,13 @@ class StackedClassifier(L.LightningModule):
     @override
     def on_train_epoch_end(self) -> None:
         self.end_train_epoch()
+        self._step_schedules("epoch")
 
     @override
     def on_validation_epoch_end(self) -> None:
         self._epoch_metrics("val")
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            self._step_schedules("epoch", plateau=True)
 
     def epoch_outputs(self, index: int) -> dict[str, Any] | None:
         """Network ``index``'s training outputs of the epoch so far, as its single run's checkpoint keeps them
@@ -143,6 +152,8 @@ class StackedClassifier(L.LightningModule):
                                                  "predictions": [batch.cpu() for batch in predictions],
                                                  "labels": [batch.cpu() for batch in labels]}
         checkpoint["diverged"] = dict(self.diverged)
+        checkpoint["schedules"] = [None if config is None else config["scheduler"].state_dict()
+                                   for config in self.schedules]
 
     @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -152,7 +163,35 @@ class StackedClassifier(L.LightningModule):
                                       for losses, predictions, labels in
                                       zip(saved["losses"].unbind(), saved["predictions"], saved["labels"])]
         self.diverged = dict(checkpoint.get("diverged", {}))
+        self._schedule_states = checkpoint.get("schedules")
+
+    def _step_schedules(self, interval: str, plateau: bool = False) -> None:
+        """Each network's schedule as Lightning steps one run's: per step, per epoch, or (ReduceLROnPlateau) after
+        validation with the network's own monitored metric, as ImageClassifier steps it."""
+        for index, config in enumerate(self.schedules):
+            if config is None or index in self.diverged or config["interval"] != interval:
+                continue
+            scheduler = config["scheduler"]
+            if isinstance(scheduler, ReduceLROnPlateau) == plateau:
+                scheduler.step(*([self.epoch_metrics["val"][index][config["monitor"]]] if plateau else []))
+
+    @override
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self._step_schedules("step")  # before any checkpoint of this step: a resumed stack goes on exactly
 
     @override
     def configure_optimizers(self) -> PerNetworkOptimizer:
-        return PerNetworkOptimizer(self.stack, [settings.build for settings in self.optimizer_settings])
+        optimizer = PerNetworkOptimizer(self.stack, [settings.build for settings in self.optimizer_settings])
+        steps = optimizer_steps(self.trainer)
+        self.schedules = [settings.build(network, self.max_epochs, steps)
+                          for settings, network in zip(self.schedule_settings, optimizer.networks)]
+        for config, state in zip(self.schedules, self._schedule_states or []):
+            if config is not None and state is not None:
+                config["scheduler"].load_state_dict(state)
+        return optimizer
+
+    def schedule_states(self, index: int) -> list[dict[str, Any]]:
+        """Network ``index``'s schedule state as its single run's checkpoint keeps it (``lr_schedulers``)."""
+        config = self.schedules[index] if self.schedules else None
+        return [] if config is None else [config["scheduler"].state_dict()]

@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Seed sweeps of the default network through mlplab-train, stacked (hydra/launcher=stacked) against job by job
+(Hydra's basic launcher), on real Fashion-MNIST: wall time, jobs per minute and epochs per second.
+
+    python benchmarks/stacked_sweep.py --ks 8 --epochs 2 --repeats 3            # the CPU target: 8 seeds
+    python benchmarks/stacked_sweep.py --device cuda --ks 1 4 8 16 32 --epochs 2 --alone-ks 1 4 8
+    python benchmarks/stacked_sweep.py --quick                                  # synthetic data: checks the script
+
+Each sweep is a fresh mlplab-train process (imports and exit counted: that is what a user waits for), seeds
+1..K, default settings otherwise. Repeats are interleaved (stacked, then job by job, for each K in turn); the
+table gives medians. ``--alone-ks`` limits the job-by-job sweeps to those K (on a GPU, 32 jobs one by one take
+long and say little: each job costs the same).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+SYSTEM_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+
+
+def sweep(k: int, stacked: bool, args: argparse.Namespace, workdir: Path, data_dir: Path, number: int) -> dict:
+    """One sweep of seeds 1..k; its wall time and its jobs' test accuracies."""
+    sweep_dir = workdir / f"sweep-{number}-k{k}-{'stacked' if stacked else 'alone'}"
+    command = [str(BIN / "mlplab-train"), "-m", f"seed={','.join(map(str, range(1, k + 1)))}" if k > 1 else "seed=1",
+               f"trainer={'gpu' if args.device == 'cuda' else 'cpu'}", f"trainer.max_epochs={args.epochs}",
+               f"paths.data_dir={data_dir}", "callbacks.progress_bar=null", f"hydra.sweep.dir={sweep_dir}",
+               *(["hydra/launcher=stacked"] if stacked else []), *args.overrides]
+    if args.quick:
+        command += ["data.system_dir=null", "data.download=false", "data.val_size=100", "model.width=16"]
+    elif SYSTEM_DIR.is_dir():
+        command.append(f"data.system_dir={SYSTEM_DIR}")
+    started = time.perf_counter()
+    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed: {result.stderr[-3000:]}")
+    metrics = [json.loads(path.read_text()) for path in sorted(sweep_dir.glob("*/metrics.json"))]
+    return {"wall_s": wall, "test_acc": [job["test/acc"] for job in metrics]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 4, 8, 16, 32])
+    parser.add_argument("--alone-ks", type=int, nargs="*", help="K for which job-by-job sweeps run (default: all)")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="synthetic data, tiny network: checks the script runs")
+    parser.add_argument("--output", type=Path, default=HERE / "results", help="folder for the JSON result")
+    parser.add_argument("overrides", nargs="*", help="further mlplab-train overrides for every sweep")
+    args = parser.parse_args()
+    alone_ks = args.ks if args.alone_ks is None else args.alone_ks
+    runs: dict[tuple[int, bool], list[dict]] = {}
+    with tempfile.TemporaryDirectory() as temporary:
+        workdir = Path(temporary)
+        data_dir = workdir / "data"
+        if args.quick:
+            from mlplab.data.synthetic import write_mnist_like
+
+            write_mnist_like(data_dir / "FashionMNIST" / "raw")
+        number = 0
+        for _ in range(args.repeats):
+            for k in args.ks:
+                for stacked in (True, False):
+                    if stacked or k in alone_ks:
+                        number += 1
+                        runs.setdefault((k, stacked), []).append(sweep(k, stacked, args, workdir, data_dir, number))
+    rows = []
+    print(f"{'K':>3} {'stacked s':>10} {'job by job s':>13} {'ratio':>6} {'jobs/min stacked':>17} "
+          f"{'jobs/min alone':>15} {'epochs/s stacked':>17} {'test/acc stacked':>17} {'test/acc alone':>15}")
+    for k in args.ks:
+        row: dict = {"k": k}
+        for stacked, name in ((True, "stacked"), (False, "alone")):
+            if (k, stacked) not in runs:
+                continue
+            walls = [run["wall_s"] for run in runs[(k, stacked)]]
+            wall = statistics.median(walls)
+            accuracies = runs[(k, stacked)][-1]["test_acc"]
+            row[name] = {"wall_s": wall, "walls_s": walls, "jobs_per_minute": 60 * k / wall,
+                         "epochs_per_second": k * args.epochs / wall, "test_acc": accuracies,
+                         "test_acc_mean": statistics.mean(accuracies)}
+        if "alone" in row:
+            row["ratio"] = row["stacked"]["wall_s"] / row["alone"]["wall_s"]
+            row["mean_abs_test_acc_difference"] = statistics.mean(
+                abs(a - b) for a, b in zip(row["stacked"]["test_acc"], row["alone"]["test_acc"]))
+        rows.append(row)
+        alone = row.get("alone", {})
+        print(f"{k:>3} {row['stacked']['wall_s']:>10.1f} {alone.get('wall_s', float('nan')):>13.1f} "
+              f"{row.get('ratio', float('nan')):>6.2f} {row['stacked']['jobs_per_minute']:>17.1f} "
+              f"{alone.get('jobs_per_minute', float('nan')):>15.1f} {row['stacked']['epochs_per_second']:>17.2f} "
+              f"{row['stacked']['test_acc_mean']:>17.4f} {alone.get('test_acc_mean', float('nan')):>15.4f}")
+    import torch
+
+    device = torch.cuda.get_device_name() if args.device == "cuda" else next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")), platform.processor())
+    result = {"benchmark": "stacked_sweep", "date": datetime.now().isoformat(timespec="seconds"), "device": device,
+              "cores": os.cpu_count(), "torch": torch.__version__, "epochs": args.epochs, "repeats": args.repeats,
+              "quick": args.quick, "overrides": args.overrides, "rows": rows}
+    args.output.mkdir(parents=True, exist_ok=True)
+    out = args.output / f"stacked-sweep-{args.device}-{datetime.now():%Y-%m-%dT%H%M}.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()

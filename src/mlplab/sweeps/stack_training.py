@@ -1,0 +1,321 @@
+"""One stack of a stacked sweep trained: the jobs' networks as one StackedClassifier in one Lightning Trainer, and
+each job's own records written as its single run writes them (JobRecords)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
+from typing_extensions import override
+
+from mlplab.data.datamodule import ImageDataModule, StackedDataModule
+from mlplab.model.backbones import count_parameters
+from mlplab.model.classifier import DivergedError, ImageClassifier
+from mlplab.model.stacked_classifier import StackedClassifier
+from mlplab.run import provenance
+from mlplab.run.checkpoints import ResumePoints, read_checkpoint
+from mlplab.run.history import EpochHistory
+from mlplab.run.records import CHECKPOINT_DIR, LAST_CHECKPOINT, MONITOR, read_metrics, write_metrics
+from mlplab.run.train import build_model, finished_metrics, report
+from mlplab.run.trackers import log_run_start
+from mlplab.run.trainer import available_memory, build_trainer, quiet_lightning, require_batches, resident_bytes
+from mlplab.run.views.hparams import log_hparams
+from mlplab.run.views.network import LearningRate
+
+log = logging.getLogger(__name__)
+
+VIEWS = "mlplab.run.views"  # the module of the views: what TensorBoard shows beyond the curves
+
+
+@dataclass
+class StackedJob:
+    """One job of a stacked sweep, as the entry point composed and checked it."""
+
+    config: Any  # RunConfig
+    run_dir: Path
+    callbacks: list[Any]
+    hparams: dict[str, Any]
+    command: list[str]
+    logger_for: Callable[[Path | None], Any]  # the job's logger(s), continuing from a checkpoint or not
+    train_alone: Callable[[], dict[str, Any]]  # the ordinary way: one job of a sweep
+
+
+def train_stack(jobs: Sequence[StackedJob], group_dir: Path, resume_from: Path | None = None) -> list[dict[str, Any]]:
+    """Train ``jobs`` (stackable, see alone_reason and stack_key) as one stack, then test each job's best
+    checkpoint on its own; writes each job's records and returns each job's metrics.json content."""
+    first = jobs[0].config
+    datamodule = StackedDataModule(first.data, first.data_dir, [job.config.seed for job in jobs])
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    require_batches(first.trainer, datamodule)
+    models, estimates = [], []
+    for job in jobs:
+        L.seed_everything(job.config.seed, workers=True, verbose=False)  # the initial weights of its single run
+        model, estimate = build_model(job.config, datamodule, 1)
+        models.append(model)
+        estimates.append(estimate)
+    _require_stack_memory(jobs, estimates)
+    log.info("Training %d jobs as one stack; its log and jobs: %s", len(jobs), group_dir)
+    module = StackedClassifier(models)
+    records = JobRecords(jobs, models, estimates, resume_from)
+    group_last = ModelCheckpoint(dirpath=group_dir / CHECKPOINT_DIR, filename="last", monitor=None, save_top_k=1,
+                                 enable_version_counter=False, auto_insert_metric_name=False)
+    with quiet_lightning():
+        trainer = build_trainer(first.trainer, group_dir, False,
+                                [records, ResumePoints(group_dir, first.checkpoint.every_n_steps), group_last])
+    os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)  # as in run.train.train: no NVML query per step
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    except BaseException:
+        records.interrupted(trainer)
+        raise
+    results = [records.finish(index, trainer) for index in range(len(jobs))]
+    for path in (group_dir / CHECKPOINT_DIR).glob("*.ckpt"):  # every job has its own now
+        path.unlink()
+    return results
+
+
+def _require_stack_memory(jobs: Sequence[StackedJob], estimates: Sequence[int]) -> None:
+    """Refuse a stack whose jobs together would not fit in the memory free now (hydra.launcher.max_stack)."""
+    here = resident_bytes()  # each estimate counts this process's memory once more
+    needed = sum(estimate - here for estimate in estimates)
+    available = available_memory()
+    if needed > available:
+        raise MemoryError(f"{len(jobs)} stacked jobs need about {needed / 2**30:.1f} GiB and {available / 2**30:.1f} GiB "
+                          "is available; set hydra.launcher.max_stack lower")
+
+
+def _loggers(logger: Any) -> list[Any]:
+    return [] if not logger else list(logger) if isinstance(logger, list) else [logger]
+
+
+class JobRecords(Callback):
+    """Each stacked job's own records, as its single run would write them: metrics.json and provenance.json at the
+    start, its curves after each epoch, its checkpoints with each of the stack's, and at the end its test,
+    metrics and HParams row. Its state (each job's history and best checkpoint) is kept in the stack's checkpoint."""
+
+    def __init__(self, jobs: Sequence[StackedJob], models: Sequence[ImageClassifier], estimates: Sequence[int],
+                 resume_from: Path | None):
+        self.jobs, self.models, self.estimates, self.resume_from = list(jobs), list(models), list(estimates), resume_from
+        self.histories = [EpochHistory() for _ in jobs]
+        self.loggers = [_loggers(job.logger_for(resume_from)) for job in jobs]
+        self.checkpoints = []  # per job: its ModelCheckpoint callbacks (best by val/acc, last)
+        for job in jobs:
+            callbacks = [callback for callback in job.callbacks if isinstance(callback, ModelCheckpoint)]
+            for callback in callbacks:
+                callback.dirpath = str(job.run_dir / CHECKPOINT_DIR)
+            self.checkpoints.append(callbacks)
+        self.improved: set[int] = set()  # jobs whose val/acc improved this epoch: their best checkpoint is due
+        self.ended: set[int] = set()  # jobs whose records are final (diverged)
+        self.views: list[tuple[L.Trainer, list[Callback]]] = []  # per job: its view trainer and views
+        self.epoch_lr: dict[int, float] = {}
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"histories": [history.state_dict() for history in self.histories],
+                "checkpoints": [[callback.state_dict() for callback in callbacks] for callbacks in self.checkpoints],
+                "ended": sorted(self.ended)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for history, state in zip(self.histories, state_dict["histories"]):
+            history.load_state_dict(state)
+        for callbacks, states in zip(self.checkpoints, state_dict["checkpoints"]):
+            for callback, state in zip(callbacks, states):
+                callback.load_state_dict(state)
+        self.ended = set(state_dict["ended"])
+
+    def alive(self, module: StackedClassifier) -> Iterator[int]:
+        return (index for index in range(len(self.jobs)) if index not in self.ended and index not in module.diverged)
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: StackedClassifier) -> None:
+        for index, job in self.alive_jobs(pl_module):
+            write_metrics(job.run_dir, self._started(index, trainer))
+            record = provenance.collect(job.command, trainer.strategy.root_device)
+            provenance.write(job.run_dir, record)
+            log_run_start(self.loggers[index], job.config.as_dict(), record, first_attempt=self.resume_from is None)
+            # The job's views (mlplab.run.views) see its own trainer: its loggers, at the stack's step and epoch.
+            views = [callback for callback in job.callbacks if type(callback).__module__.startswith(VIEWS)]
+            with quiet_lightning():
+                self.views.append((build_trainer(job.config.trainer, job.run_dir, self.loggers[index], views), views))
+            if self.resume_from is None:
+                self._show(index, trainer, pl_module, "on_fit_start")
+
+    def _show(self, index: int, trainer: L.Trainer, module: StackedClassifier, hook: str) -> None:
+        """Call job ``index``'s views' ``hook`` with its own trainer and its network as it is now."""
+        view_trainer, views = self.views[index]
+        view_trainer.fit_loop.load_state_dict(trainer.fit_loop.state_dict())
+        model = self.models[index]
+        model.network.load_state_dict(module.stack.network_state(index))
+        if hook == "on_validation_end":
+            model.epoch_predictions["val"] = module.val_predictions[index]
+        for view in views:
+            getattr(view, hook)(view_trainer, model)
+
+    def alive_jobs(self, module: StackedClassifier) -> list[tuple[int, StackedJob]]:
+        return [(index, self.jobs[index]) for index in self.alive(module)]
+
+    def _started(self, index: int, trainer: L.Trainer) -> dict[str, Any]:
+        return {"status": "running", "precision": str(trainer.precision),
+                "num_parameters": count_parameters(self.models[index].network),
+                "memory_estimate_bytes": self.estimates[index]}
+
+    @override
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: StackedClassifier) -> None:
+        for history in self.histories:
+            history.on_train_epoch_start(trainer, pl_module)
+        # The LearningRate view logs a scheduled run's rate at each epoch's start, with the epoch's train metrics.
+        self.epoch_lr = {index: pl_module.schedules[index]["scheduler"].optimizer.param_groups[0]["lr"]
+                         for index in self.alive(pl_module) if pl_module.schedules[index] is not None
+                         and any(isinstance(view, LearningRate) for view in self.views[index][1])}
+
+    @override
+    def on_validation_end(self, trainer: L.Trainer, pl_module: StackedClassifier) -> None:
+        self._end_diverged(trainer, pl_module)
+        epoch, rows = trainer.current_epoch, pl_module.epoch_metrics["val"]
+        for index in self.alive(pl_module):
+            row = rows[index]
+            self.histories[index].epochs.append({"epoch": epoch + 1, **row})
+            self._log(index, row, trainer)
+            self._show(index, trainer, pl_module, "on_validation_end")
+            for callback in self.checkpoints[index]:
+                if callback.monitor == MONITOR:
+                    score = torch.tensor(row[MONITOR])
+                    callback.current_score = score
+                    if callback.best_model_score is None or score > callback.best_model_score:
+                        self.improved.add(index)
+        accuracies = [rows[index][MONITOR] for index in self.alive(pl_module)]
+        if accuracies:
+            log.info("Stack, epoch %d: %s %.4f to %.4f over %d jobs", epoch + 1, MONITOR, min(accuracies),
+                     max(accuracies), len(accuracies))
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: StackedClassifier) -> None:
+        pl_module.end_train_epoch()
+        self._end_diverged(trainer, pl_module)
+        for index in self.alive(pl_module):
+            self.histories[index].on_train_epoch_end(trainer, pl_module)
+            lr = {"train/lr": self.epoch_lr[index]} if index in self.epoch_lr else {}
+            self._log(index, {**pl_module.epoch_metrics["train"][index], **lr}, trainer)
+            self._show(index, trainer, pl_module, "on_train_epoch_end")
+
+    def _log(self, index: int, row: dict[str, float], trainer: L.Trainer) -> None:
+        for logger in self.loggers[index]:  # at the step and with the epoch Lightning gives a run's epoch metrics
+            logger.log_metrics({**row, "epoch": trainer.current_epoch}, step=trainer.global_step - 1)
+
+    @override
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: StackedClassifier, checkpoint: dict[str, Any]) -> None:
+        """With each of the stack's checkpoints, each job's: its last, and at an epoch's end its best if improved."""
+        self._end_diverged(trainer, pl_module)
+        for index in self.alive(pl_module):
+            callbacks = self.checkpoints[index]
+            paths = {Path(self.jobs[index].run_dir, CHECKPOINT_DIR, LAST_CHECKPOINT)}
+            for callback in callbacks:
+                path = callback.format_checkpoint_name({})
+                if callback.monitor is None:
+                    callback.best_model_path = path
+                    paths.add(Path(path))
+                elif index in self.improved:
+                    callback.best_model_score = callback.kth_value = callback.current_score
+                    callback.best_model_path = callback.kth_best_model_path = path
+                    callback.best_k_models = {path: callback.current_score}
+                    paths.add(Path(path))
+            job_checkpoint = self._job_checkpoint(index, checkpoint, pl_module)
+            for path in sorted(paths):
+                trainer.strategy.checkpoint_io.save_checkpoint(job_checkpoint, path)
+        self.improved.clear()
+
+    def _job_checkpoint(self, index: int, checkpoint: dict[str, Any], module: StackedClassifier) -> dict[str, Any]:
+        """Job ``index``'s checkpoint as its single run would write it at this point."""
+        job = {key: value for key, value in checkpoint.items()
+               if key not in ("train_epoch_outputs", "diverged", "schedules")}
+        job["state_dict"] = {f"network.{name}": value for name, value in module.stack.network_state(index).items()}
+        job["optimizer_states"] = [module.optimizers().optimizer.network_state_dict(index)]
+        job["lr_schedulers"] = module.schedule_states(index)
+        job["loops"] = self._job_loops(index, checkpoint["loops"], module)
+        job["hparams_name"], job["hyper_parameters"] = None, dict(self.models[index].hparams)
+        job["datamodule_hyper_parameters"] = {**checkpoint["datamodule_hyper_parameters"],
+                                              "shuffle_seed": self.jobs[index].config.seed}
+        job["callbacks"] = {self.histories[index].state_key: self.histories[index].state_dict(),
+                            **{callback.state_key: callback.state_dict() for callback in self.checkpoints[index]},
+                            **{key: value for key, value in checkpoint["callbacks"].items() if key == "ResumePoints"}}
+        outputs = module.epoch_outputs(index)
+        if outputs:
+            job["train_epoch_outputs"] = outputs
+        return job
+
+    @staticmethod
+    def _job_loops(index: int, loops: dict[str, Any], module: StackedClassifier) -> dict[str, Any]:
+        """The stack's loop state with job ``index``'s schedule steps counted, as Lightning counts one run's."""
+        config = module.schedules[index] if module.schedules else None
+        if config is None:
+            return loops
+        fit_loop = dict(loops["fit_loop"])
+        steps = config["scheduler"].last_epoch
+        if config["interval"] == "step":
+            current = fit_loop["epoch_loop.batch_progress"]["current"]["completed"]
+        else:
+            current = int(module.epoch_outputs(index) is None)  # at an epoch's end its step is done
+        fit_loop["epoch_loop.scheduler_progress"] = {"total": {"ready": steps, "completed": steps},
+                                                     "current": {"ready": current, "completed": current}}
+        return {**loops, "fit_loop": fit_loop}
+
+    def _end_diverged(self, trainer: L.Trainer, module: StackedClassifier) -> None:
+        """Write the final records of jobs that diverged since the last look; the others go on."""
+        module.check_finite_loss()
+        for index, reason in module.diverged.items():
+            if index in self.ended:
+                continue
+            self.ended.add(index)
+            job = self.jobs[index]
+            log.warning("Job %s diverged and leaves the stack: %s", job.run_dir.name, reason)
+            metrics = {**self._started(index, trainer), **self._record(index, trainer), "status": "diverged",
+                       "error": f"{DivergedError.__name__}: {reason}"}
+            write_metrics(job.run_dir, metrics)
+            log_hparams(self.loggers[index], job.hparams, metrics, trainer.global_step)
+
+    def _record(self, index: int, trainer: L.Trainer) -> dict[str, Any]:
+        best = next((callback.best_model_path for callback in self.checkpoints[index]
+                     if callback.monitor is not None and callback.best_model_path), None)
+        return {**finished_metrics(self.histories[index], trainer.global_step, best, self.jobs[index].run_dir),
+                "stacked_jobs": len(self.jobs)}
+
+    def interrupted(self, trainer: L.Trainer) -> None:
+        """The stack stopped (a signal, a full disk): each unfinished job's record says so; all resume together."""
+        for index, job in enumerate(self.jobs):
+            if index not in self.ended:
+                with contextlib.suppress(OSError):
+                    write_metrics(job.run_dir, {**self._started(index, trainer), **self._record(index, trainer),
+                                                "status": "interrupted"})
+
+    def finish(self, index: int, trainer: L.Trainer) -> dict[str, Any]:
+        """Test job ``index``'s best checkpoint as its single run does, and write its final records."""
+        job = self.jobs[index]
+        if index in self.ended:
+            return read_metrics(job.run_dir)
+        metrics = {**self._started(index, trainer), **self.histories[index].best(), **self._record(index, trainer)}
+        best = job.run_dir / metrics["best_checkpoint"] if "best_checkpoint" in metrics else None
+        model = ImageClassifier.from_checkpoint(read_checkpoint(best or job.run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT))
+        datamodule = ImageDataModule(job.config.data, job.config.data_dir, shuffle_seed=job.config.seed)
+        tester = self.views[index][0]  # logs the test at the run's last step and epoch, as after its own fit
+        tester.fit_loop.load_state_dict(trainer.fit_loop.state_dict())
+        with quiet_lightning():
+            (tested,) = tester.test(model, datamodule=datamodule, verbose=False)
+        metrics.update({key: value for key, value in tested.items() if key.startswith("test/")})
+        metrics["status"] = "completed"
+        write_metrics(job.run_dir, metrics)
+        log_hparams(self.loggers[index], job.hparams, metrics, trainer.global_step)
+        for logger in self.loggers[index]:
+            logger.finalize("success")
+        report(job.run_dir, metrics)
+        return metrics
