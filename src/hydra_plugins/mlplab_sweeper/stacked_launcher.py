@@ -19,6 +19,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
+from mlplab.cli.train import stopped
 from mlplab.sweeps.stacked import collecting_jobs, run_jobs
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,11 @@ class StackedLauncher(Launcher):
                                        config=job_config, job_dir_key="hydra.sweep.dir",
                                        job_subdir_key="hydra.sweep.subdir"))
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        results: list[Any] = run_jobs([returned.return_value for returned in returns], sweep_dir, self.max_stack)
+        jobs = [returned.return_value for returned in returns]
+        try:
+            results: list[Any] = run_jobs(jobs, sweep_dir, self.max_stack)
+        except (KeyboardInterrupt, SystemExit):  # a signal stopped a stack; its jobs resume with the same command
+            raise stopped(jobs[0].run_dir, sweep=True) from None
         for returned, metrics in zip(returns, results):
             returned.return_value = metrics
         return returns

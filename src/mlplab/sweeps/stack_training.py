@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from mlplab.model.backbones import count_parameters
 from mlplab.model.classifier import DivergedError, ImageClassifier
 from mlplab.model.stacked_classifier import StackedClassifier
 from mlplab.run import provenance
-from mlplab.run.checkpoints import ResumePoints, read_checkpoint
+from mlplab.run.checkpoints import ResumePoints, StopRequested, read_checkpoint
 from mlplab.run.history import EpochHistory
 from mlplab.run.records import CHECKPOINT_DIR, LAST_CHECKPOINT, MONITOR, read_metrics, write_metrics
 from mlplab.run.train import build_model, finished_metrics, report
@@ -33,6 +34,7 @@ from mlplab.run.views.network import LearningRate
 
 log = logging.getLogger(__name__)
 
+LOG_FILE = "train.log"  # a stack's log, in its folder
 VIEWS = "mlplab.run.views"  # the module of the views: what TensorBoard shows beyond the curves
 
 
@@ -66,17 +68,22 @@ def train_stack(jobs: Sequence[StackedJob], group_dir: Path, resume_from: Path |
     _require_stack_memory(jobs, estimates)
     log.info("Training %d jobs as one stack; its log and jobs: %s", len(jobs), group_dir)
     module = StackedClassifier(models)
-    records = JobRecords(jobs, models, estimates, resume_from)
+    records = JobRecords(jobs, models, estimates, resume_from, group_dir / LOG_FILE)
+    resume_points = ResumePoints(group_dir, first.checkpoint.every_n_steps)
     group_last = ModelCheckpoint(dirpath=group_dir / CHECKPOINT_DIR, filename="last", monitor=None, save_top_k=1,
                                  enable_version_counter=False, auto_insert_metric_name=False)
     with quiet_lightning():
         trainer = build_trainer(first.trainer, group_dir, False,
-                                [records, ResumePoints(group_dir, first.checkpoint.every_n_steps), group_last])
+                                [records, resume_points, group_last])
     os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)  # as in run.train.train: no NVML query per step
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+        with warnings.catch_warnings():  # the stack's own folder: a resumed stack finds its checkpoints there
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+        if resume_points.stopped_by:  # a signal during validation: the epoch ended with its checkpoints
+            raise StopRequested
     except BaseException:
-        records.interrupted(trainer)
+        records.interrupted(trainer, resume_points.stopped_by)
         raise
     results = [records.finish(index, trainer) for index in range(len(jobs))]
     for path in (group_dir / CHECKPOINT_DIR).glob("*.ckpt"):  # every job has its own now
@@ -104,8 +111,9 @@ class JobRecords(Callback):
     metrics and HParams row. Its state (each job's history and best checkpoint) is kept in the stack's checkpoint."""
 
     def __init__(self, jobs: Sequence[StackedJob], models: Sequence[ImageClassifier], estimates: Sequence[int],
-                 resume_from: Path | None):
+                 resume_from: Path | None, log_file: Path):
         self.jobs, self.models, self.estimates, self.resume_from = list(jobs), list(models), list(estimates), resume_from
+        self.log_file = log_file  # the stack's: where its jobs' training is told
         self.histories = [EpochHistory() for _ in jobs]
         self.loggers = [_loggers(job.logger_for(resume_from)) for job in jobs]
         self.checkpoints = []  # per job: its ModelCheckpoint callbacks (best by val/acc, last)
@@ -287,16 +295,18 @@ class JobRecords(Callback):
     def _record(self, index: int, trainer: L.Trainer) -> dict[str, Any]:
         best = next((callback.best_model_path for callback in self.checkpoints[index]
                      if callback.monitor is not None and callback.best_model_path), None)
-        return {**finished_metrics(self.histories[index], trainer.global_step, best, self.jobs[index].run_dir),
-                "stacked_jobs": len(self.jobs)}
+        run_dir = self.jobs[index].run_dir
+        return {**finished_metrics(self.histories[index], trainer.global_step, best, run_dir),
+                "stacked_jobs": len(self.jobs), "stack_log": os.path.relpath(self.log_file, run_dir)}
 
-    def interrupted(self, trainer: L.Trainer) -> None:
+    def interrupted(self, trainer: L.Trainer, stopped_by: str | None) -> None:
         """The stack stopped (a signal, a full disk): each unfinished job's record says so; all resume together."""
+        signal = {"stopped_by": stopped_by} if stopped_by else {}
         for index, job in enumerate(self.jobs):
             if index not in self.ended:
                 with contextlib.suppress(OSError):
                     write_metrics(job.run_dir, {**self._started(index, trainer), **self._record(index, trainer),
-                                                "status": "interrupted"})
+                                                "status": "interrupted", **signal})
 
     def finish(self, index: int, trainer: L.Trainer) -> dict[str, Any]:
         """Test job ``index``'s best checkpoint as its single run does, and write its final records."""

@@ -29,7 +29,7 @@ from mlplab.run.records import CHECKPOINT_DIR, LAST_CHECKPOINT, MONITOR, read_me
 from mlplab.run.train import ENVIRONMENT_ERRORS
 from mlplab.run.trainer import RUN_OVERHEAD_BYTES, available_memory, training_peak_bytes
 from mlplab.sweeps.jobs import FINISHED, claim, prepare_attempt, resume_point
-from mlplab.sweeps.stack_training import VIEWS, StackedJob, train_stack
+from mlplab.sweeps.stack_training import LOG_FILE, VIEWS, StackedJob, train_stack
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def train_claimed(jobs: Sequence[StackedJob], sweep_dir: Path) -> list[dict[str,
             else:
                 for job in stacked:
                     prepare_attempt(job.run_dir)  # a failed or diverged job starts over
-            with logged_to(group_dir / "train.log"):
+            with logged_to(group_dir / LOG_FILE):
                 for index, metrics in zip(ready, train_stack_safely(stacked, group_dir, resume_from)):
                     results[index] = metrics
     return [results[index] for index in range(len(jobs))]
