@@ -140,3 +140,17 @@ def test_a_killed_stack_resumes_every_job_exactly(forked_cli, synthetic_data_dir
         assert a["lr_schedulers"] == b["lr_schedulers"]
         histories = [json.loads((folder / "metrics.json").read_text())["history"] for folder in (job, killed / name)]
         assert histories[0] == histories[1]
+
+
+def test_max_stack_splits_a_group_and_is_checked(forked_cli, synthetic_data_dir, tmp_path):
+    code, output, swept = sweep(forked_cli, tmp_path, synthetic_data_dir, "capped", "seed=1,2,3",
+                                "hydra/launcher=stacked", "hydra.launcher.max_stack=2")
+    assert code == 0, output[-3000:]
+    assert "Training 2 jobs as one stack" in output and "runs on its own: no other job of the sweep stacks" in output
+    sizes = sorted(json.loads((job / "metrics.json").read_text()).get("stacked_jobs", 1) for job in jobs(swept).values())
+    assert sizes == [1, 2, 2]
+    code, output, _ = sweep(forked_cli, tmp_path, synthetic_data_dir, "refused", "seed=1,2", "hydra/launcher=stacked",
+                            "hydra.launcher.max_stack=0")
+    assert code == 2 and output.strip().splitlines()[-1] == ("mlplab-train: error: hydra.launcher.max_stack must be "
+                                                             "null (as many as memory holds) or an integer >= 1, got 0")
+    assert "Traceback" not in output

@@ -8,7 +8,6 @@ the job's description instead of training, and the jobs are trained once all are
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,24 +19,22 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
 from mlplab.cli.train import stopped
+from mlplab.run.config import ConfigError
 from mlplab.sweeps.stacked import collecting_jobs, run_jobs
-
-log = logging.getLogger(__name__)
 
 
 class StackedLauncher(Launcher):
     def __init__(self, max_stack: int | None = None) -> None:
-        if max_stack is not None and max_stack < 1:
-            from mlplab.run.config import ConfigError
-
-            raise ConfigError(f"hydra.launcher.max_stack must be null (as many as memory holds) or an integer >= 1, "
-                              f"got {max_stack}")
         self.max_stack = max_stack
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        # Checked here, not when Hydra builds the launcher: Hydra would wrap the message in its own.
+        if self.max_stack is not None and (not isinstance(self.max_stack, int) or self.max_stack < 1):
+            raise ConfigError(f"hydra.launcher.max_stack must be null (as many as memory holds) or an integer >= 1, "
+                              f"got {self.max_stack!r}")
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         sweep_dir = Path(self.config.hydra.sweep.dir)

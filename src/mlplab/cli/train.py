@@ -41,8 +41,8 @@ from mlplab.run.trackers import mlflow_arguments
 from mlplab.run.train import train
 from mlplab.run.views.hparams import run_hparams
 from mlplab.sweeps import stacked
-from mlplab.sweeps.stack_training import StackedJob
 from mlplab.sweeps.jobs import run_sweep_job
+from mlplab.sweeps.stack_training import StackedJob
 
 log = logging.getLogger(__name__)
 TOOL = "mlplab-train"

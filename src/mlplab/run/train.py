@@ -120,7 +120,7 @@ def train(
         metrics.update(history.best())
         metrics["status"], metrics["pruned"] = "pruned", str(error)
     except BaseException as error:
-        metrics["status"] = _status_of(error)
+        metrics["status"] = status_of(error)
         metrics["error"] = f"{type(error).__name__}: {one_line(error)}"
         raise
     finally:
@@ -152,7 +152,7 @@ def finished_metrics(history: EpochHistory, step: int, best_checkpoint: str | No
 ENVIRONMENT_ERRORS = (OSError, MemoryError)
 
 
-def _status_of(error: BaseException) -> str:
+def status_of(error: BaseException) -> str:
     if isinstance(error, (KeyboardInterrupt, SystemExit, *ENVIRONMENT_ERRORS)):
         return "interrupted"
     return "diverged" if isinstance(error, DivergedError) else "failed"

@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
 from mlplab.data.datamodule import ImageDataModule, StackedDataModule
+from mlplab.errors import one_line
 from mlplab.model.backbones import count_parameters
 from mlplab.model.classifier import DivergedError, ImageClassifier
 from mlplab.model.stacked_classifier import StackedClassifier
@@ -26,7 +27,7 @@ from mlplab.run import provenance
 from mlplab.run.checkpoints import ResumePoints, StopRequested, read_checkpoint
 from mlplab.run.history import EpochHistory
 from mlplab.run.records import CHECKPOINT_DIR, LAST_CHECKPOINT, MONITOR, read_metrics, write_metrics
-from mlplab.run.train import build_model, finished_metrics, report
+from mlplab.run.train import build_model, finished_metrics, report, status_of
 from mlplab.run.trackers import log_run_start
 from mlplab.run.trainer import available_memory, build_trainer, quiet_lightning, require_batches, resident_bytes
 from mlplab.run.views.hparams import log_hparams
@@ -82,8 +83,8 @@ def train_stack(jobs: Sequence[StackedJob], group_dir: Path, resume_from: Path |
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
         if resume_points.stopped_by:  # a signal during validation: the epoch ended with its checkpoints
             raise StopRequested
-    except BaseException:
-        records.interrupted(trainer, resume_points.stopped_by)
+    except BaseException as error:
+        records.stopped(trainer, error, resume_points.stopped_by)
         raise
     results = [records.finish(index, trainer) for index in range(len(jobs))]
     for path in (group_dir / CHECKPOINT_DIR).glob("*.ckpt"):  # every job has its own now
@@ -299,14 +300,18 @@ class JobRecords(Callback):
         return {**finished_metrics(self.histories[index], trainer.global_step, best, run_dir),
                 "stacked_jobs": len(self.jobs), "stack_log": os.path.relpath(self.log_file, run_dir)}
 
-    def interrupted(self, trainer: L.Trainer, stopped_by: str | None) -> None:
-        """The stack stopped (a signal, a full disk): each unfinished job's record says so; all resume together."""
-        signal = {"stopped_by": stopped_by} if stopped_by else {}
+    def stopped(self, trainer: L.Trainer, error: BaseException, stopped_by: str | None) -> None:
+        """The stack stopped before its end: each unfinished job's record says how. Interrupted (a signal, a full
+        disk): all resume together from the stack's checkpoint; failed: they start over."""
+        status = status_of(error)
+        how = {"stopped_by": stopped_by} if stopped_by else {}
+        if status != "interrupted":
+            how = {"error": f"{type(error).__name__}: {one_line(error)}"}
         for index, job in enumerate(self.jobs):
             if index not in self.ended:
                 with contextlib.suppress(OSError):
                     write_metrics(job.run_dir, {**self._started(index, trainer), **self._record(index, trainer),
-                                                "status": "interrupted", **signal})
+                                                "status": status, **how})
 
     def finish(self, index: int, trainer: L.Trainer) -> dict[str, Any]:
         """Test job ``index``'s best checkpoint as its single run does, and write its final records."""

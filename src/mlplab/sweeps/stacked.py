@@ -15,6 +15,7 @@ import contextvars
 import hashlib
 import json
 import logging
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,8 @@ from mlplab.sweeps.stack_training import LOG_FILE, VIEWS, StackedJob, train_stac
 
 log = logging.getLogger(__name__)
 
-STACKS_DIR = ".stacks"
+STACKS_DIR = ".stacks"  # in the sweep folder: one folder per stack, with its checkpoint (while it runs) and log
+JOBS_FILE = "jobs.json"  # in a stack's folder: its jobs' folder names
 # Optimizers whose update is element by element: a network's slice of the stacked weights steps as its own weight.
 ELEMENTWISE_OPTIMIZERS = ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam")
 # Trainer settings one stack cannot apply per job; each job with one of these set runs on its own.
@@ -134,9 +136,9 @@ def stack_capacity(job: StackedJob) -> int:
 
 def _group_checkpoint(sweep_dir: Path, job: StackedJob) -> bool:
     """Whether a stack that holds this job left a checkpoint (so it resumes as that stack)."""
-    return any(job.run_dir.name in (path.parent.parent / "jobs.json").read_text()
+    return any(job.run_dir.name in json.loads((path.parent.parent / JOBS_FILE).read_text())
                for path in (sweep_dir / STACKS_DIR).glob(f"*/{CHECKPOINT_DIR}/{LAST_CHECKPOINT}")
-               if (path.parent.parent / "jobs.json").is_file())
+               if (path.parent.parent / JOBS_FILE).is_file())
 
 
 def train_claimed(jobs: Sequence[StackedJob], sweep_dir: Path) -> list[dict[str, Any]]:
@@ -161,7 +163,7 @@ def train_claimed(jobs: Sequence[StackedJob], sweep_dir: Path) -> list[dict[str,
             names = sorted(job.run_dir.name for job in stacked)
             group_dir = sweep_dir / STACKS_DIR / hashlib.sha1("\n".join(names).encode()).hexdigest()[:12]
             group_dir.mkdir(parents=True, exist_ok=True)
-            (group_dir / "jobs.json").write_text(json.dumps(names, indent=1) + "\n")
+            (group_dir / JOBS_FILE).write_text(json.dumps(names, indent=1) + "\n")
             last = group_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
             resume_from = last if last.is_file() else None
             if resume_from:
@@ -198,6 +200,8 @@ def train_stack_safely(jobs: Sequence[StackedJob], group_dir: Path, resume_from:
     except Exception as error:
         log.error("Stack failed: %s", one_line(error))
         status = "interrupted" if isinstance(error, ENVIRONMENT_ERRORS) else "failed"
+        if status == "failed":  # its jobs start over: no stack checkpoint to resume from
+            shutil.rmtree(group_dir / CHECKPOINT_DIR, ignore_errors=True)
         results = []
         for job in jobs:
             metrics = read_metrics(job.run_dir)
