@@ -125,7 +125,7 @@ class JobRecords(Callback):
             self.checkpoints.append(callbacks)
         self.improved: set[int] = set()  # jobs whose val/acc improved this epoch: their best checkpoint is due
         self.ended: set[int] = set()  # jobs whose records are final (diverged)
-        self.views: list[tuple[L.Trainer, list[Callback]]] = []  # per job: its view trainer and views
+        self.views: dict[int, tuple[L.Trainer, list[Callback]]] = {}  # per job: its view trainer and views
         self.epoch_lr: dict[int, float] = {}
 
     @override
@@ -148,7 +148,8 @@ class JobRecords(Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: StackedClassifier) -> None:
-        for index, job in self.alive_jobs(pl_module):
+        for index in self.alive(pl_module):
+            job = self.jobs[index]
             write_metrics(job.run_dir, self._started(index, trainer))
             record = provenance.collect(job.command, trainer.strategy.root_device)
             provenance.write(job.run_dir, record)
@@ -156,7 +157,7 @@ class JobRecords(Callback):
             # The job's views (mlplab.run.views) see its own trainer: its loggers, at the stack's step and epoch.
             views = [callback for callback in job.callbacks if type(callback).__module__.startswith(VIEWS)]
             with quiet_lightning():
-                self.views.append((build_trainer(job.config.trainer, job.run_dir, self.loggers[index], views), views))
+                self.views[index] = (build_trainer(job.config.trainer, job.run_dir, self.loggers[index], views), views)
             if self.resume_from is None:
                 self._show(index, trainer, pl_module, "on_fit_start")
 
@@ -170,9 +171,6 @@ class JobRecords(Callback):
             model.epoch_predictions["val"] = module.val_predictions[index]
         for view in views:
             getattr(view, hook)(view_trainer, model)
-
-    def alive_jobs(self, module: StackedClassifier) -> list[tuple[int, StackedJob]]:
-        return [(index, self.jobs[index]) for index in self.alive(module)]
 
     def _started(self, index: int, trainer: L.Trainer) -> dict[str, Any]:
         return {"status": "running", "precision": str(trainer.precision),
