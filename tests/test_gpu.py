@@ -53,3 +53,26 @@ def test_a_stacked_sweep_on_the_gpu_gives_each_job_what_it_gives_alone(synthetic
             torch.testing.assert_close(stacked["state_dict"][key], value, rtol=1e-3, atol=1e-4)
         metrics = [json.loads((folder / "metrics.json").read_text()) for folder in (job, tmp_path / "stacked" / job.name)]
         assert metrics[1]["stacked_jobs"] == 3 and abs(metrics[0]["test/acc"] - metrics[1]["test/acc"]) < 0.02
+
+
+class SyncWatch(L.Callback):
+    """Turns on torch's warning for operations that wait for the GPU, from each batch's start to its end."""
+
+    def on_train_batch_start(self, *args) -> None:
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_batch_end(self, *args) -> None:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_a_training_step_on_the_gpu_never_waits_for_the_device(synthetic_data_dir, recwarn):
+    datamodule = ImageDataModule(DataSettings(batch_size=50, val_size=100, download=False), synthetic_data_dir)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model = ImageClassifier(MLP(depth=2, width=64), datamodule.input_shape, len(datamodule.class_names),
+                            input_mean=datamodule.mean, input_std=datamodule.std)
+    trainer = L.Trainer(accelerator="gpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[SyncWatch()])
+    trainer.fit(model, datamodule=datamodule)
+    waits = [str(warning.message) for warning in recwarn if "synchroniz" in str(warning.message).lower()]
+    assert not waits, waits[:3]

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 STACKS_DIR = ".stacks"  # in the sweep folder: one folder per stack, with its checkpoint (while it runs) and log
 JOBS_FILE = "jobs.json"  # in a stack's folder: its jobs' folder names
+SEARCH = "mlplab.sweeps.search"  # the module of a search trial's callback (reports to the study, prunes)
 # Optimizers whose update is element by element: a network's slice of the stacked weights steps as its own weight.
 ELEMENTWISE_OPTIMIZERS = ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam")
 # Trainer settings one stack cannot apply per job; each job with one of these set runs on its own.
@@ -80,6 +81,8 @@ def alone_reason(job: StackedJob) -> str | None:
                 return "callbacks.model_checkpoint: a stack keeps one best (by val/acc) and one last checkpoint per job"
         elif isinstance(callback, EarlyStopping):
             return "callbacks.early_stopping stops each job on its own"
+        elif type(callback).__module__ == SEARCH:
+            return "a search's trial reports to its study after each epoch, and may be pruned on its own"
         elif not isinstance(callback, (ProgressBar, ModelSummary)) and not type(callback).__module__.startswith(VIEWS):
             return f"callback {type(callback).__name__} acts on one run's training"
     return None
