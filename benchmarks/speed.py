@@ -57,6 +57,12 @@ FUSED = "bare loop, fused Adam"
 # The reference is Adam as tutorials write it (torch's default implementation); mlplab uses the fused kernel,
 # so the same loop with fused=True is shown beside it, to separate framework cost from kernel choice.
 BARE_LOOPS = ("bare loop", FUSED)
+# With --precision other than 32-true, also the fused loop in bf16 autocast: what the arithmetic alone costs there.
+BF16 = "bare loop, bf16 autocast"
+
+
+def bare_loop_names(args: argparse.Namespace) -> tuple[str, ...]:
+    return BARE_LOOPS if args.precision == "32-true" else (*BARE_LOOPS, BF16)
 
 
 def main() -> None:
@@ -131,7 +137,7 @@ def run_overrides(args: argparse.Namespace, data_dir: Path, batch_size: int) -> 
 
 def bench_epochs(args, data_dir: Path, workdir: Path) -> dict:
     """Bare loop and mlplab alternate epoch by epoch in one process; the classic pipeline runs between repeats."""
-    names = [*BARE_LOOPS, "mlplab"] + ([] if args.no_classic else ["torchvision DataLoader"])
+    names = [*bare_loop_names(args), "mlplab"] + ([] if args.no_classic else ["torchvision DataLoader"])
     samples: dict[int, dict[str, list[float]]] = {bs: {name: [] for name in names} for bs in args.batch_sizes}
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     for repeat in range(args.repeats):
@@ -187,19 +193,20 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def train_epoch(model, optimizer, batches, device: str) -> None:
+def train_epoch(model, optimizer, batches, device: str, bf16: bool = False) -> None:
     model.train()
     for images, labels in batches:
-        loss = F.cross_entropy(model(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True))
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
 
-def evaluate_epoch(model, batches, device: str) -> float:
+def evaluate_epoch(model, batches, device: str, bf16: bool = False) -> float:
     model.eval()
     correct = torch.zeros((), device=device)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
         for images, labels in batches:
             labels = labels.to(device, non_blocking=True)
             correct += (model(images.to(device, non_blocking=True)).argmax(1) == labels).sum()
@@ -209,7 +216,7 @@ def evaluate_epoch(model, batches, device: str) -> float:
 class BareLoop:
     """The reference: normalised float tensors preloaded on the device, a plain loop, nothing else."""
 
-    def __init__(self, args, data_dir: Path, batch_size: int, fused: bool = False):
+    def __init__(self, args, data_dir: Path, batch_size: int, fused: bool = False, bf16: bool = False):
         torch.manual_seed(0)
         train_split, val_split = split_off_validation(load_dataset("fashion_mnist", data_dir).train, val_size(args), SPLIT_SEED)
         mean, std = channel_stats(train_split.images)
@@ -218,15 +225,17 @@ class BareLoop:
         self.x_val, self.y_val = normalise(val_split.images), val_split.labels.to(args.device)
         self.model = MLP(depth=2, width=512).build((1, 28, 28), 10).to(args.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3, fused=fused)
-        self.batch_size, self.device = batch_size, args.device
+        self.batch_size, self.device, self.bf16 = batch_size, args.device, bf16
 
     def epoch(self) -> float:
         sync(self.device)
         started = time.perf_counter()
         order = torch.randperm(len(self.y), device=self.device)
-        train_epoch(self.model, self.optimizer, ((self.x[i], self.y[i]) for i in order.split(self.batch_size)), self.device)
+        train_epoch(self.model, self.optimizer, ((self.x[i], self.y[i]) for i in order.split(self.batch_size)), self.device,
+                    self.bf16)
         bs = self.batch_size
-        evaluate_epoch(self.model, ((self.x_val[i : i + bs], self.y_val[i : i + bs]) for i in range(0, len(self.y_val), bs)), self.device)
+        evaluate_epoch(self.model, ((self.x_val[i : i + bs], self.y_val[i : i + bs]) for i in range(0, len(self.y_val), bs)),
+                       self.device, self.bf16)
         sync(self.device)
         return time.perf_counter() - started
 
@@ -264,7 +273,8 @@ def time_bare_and_mlplab(args, data_dir: Path, workdir: Path, batch_size: int, t
         cfg = compose("train", overrides=[*run_overrides(args, data_dir, batch_size), f"trainer.max_epochs={timed_epochs + 1}"])
     config = parse_run_config(OmegaConf.to_container(cfg, resolve=True))
     run_dir = Path(tempfile.mkdtemp(prefix="mlplab-run-", dir=workdir))
-    bare_loops = {name: BareLoop(args, data_dir, batch_size, fused=name == FUSED) for name in BARE_LOOPS}
+    bare_loops = {name: BareLoop(args, data_dir, batch_size, fused=name != "bare loop", bf16=name == BF16)
+                  for name in bare_loop_names(args)}
     alternate = AlternateWithBareLoop(bare_loops, args.device)
     with contextlib.redirect_stdout(io.StringIO()):  # the test table Lightning prints
         train(config, run_dir, build_logger(cfg.logger, run_dir), [alternate, *build_callbacks(cfg.callbacks)])
