@@ -19,7 +19,7 @@ def test_quick_benchmark_writes_every_part(tmp_path):
     assert contenders == {"bare loop", "bare loop, fused Adam", "mlplab", "torchvision DataLoader"}
     assert all(row["median_s"] > 0 and row["samples_per_s"] > 0 for row in report["epoch"]["table"])
     assert report["startup"]["first_step_seconds"] > 0 and report["startup"]["import_seconds"] > 0
-    assert report["sweep"]["jobs"] == 6
+    assert report["sweep"]["jobs"] == 3
     assert report["memory"]["peak_rss_mb"] > 0
     assert report["machine"]["cores"] >= 1 and "torch" in report["machine"]["packages"]
     assert "ratio" in result.stdout and "Start-up" in result.stdout
@@ -35,12 +35,13 @@ def test_stacked_engine_benchmark_writes_its_table(tmp_path):
 
 
 def test_stacked_sweep_benchmark_writes_its_table(tmp_path):
+    # stacked only (--alone-ks with none): tests/test_stacked_sweep.py compares stacked and job-by-job sweeps
     result = subprocess.run([sys.executable, str(BENCHMARK.with_name("stacked_sweep.py")), "--quick", "--ks", "2",
-                             "--epochs", "1", "--output", str(tmp_path)], capture_output=True, text=True, timeout=300,
-                            cwd=tmp_path)
+                             "--alone-ks", "--epochs", "1", "--output", str(tmp_path)], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (path,) = tmp_path.glob("stacked-sweep-cpu-*.json")
     (row,) = json.loads(path.read_text())["rows"]
-    assert row["k"] == 2 and row["ratio"] > 0 and len(row["stacked"]["test_acc"]) == len(row["alone"]["test_acc"]) == 2
-    # the same two jobs, trained stacked or one by one, end at the same test accuracy to rounding
-    assert row["mean_abs_test_acc_difference"] < 1e-3
+    assert row["k"] == 2 and "alone" not in row and len(row["stacked"]["test_acc"]) == 2
+    assert row["stacked"]["jobs_per_minute"] > 0 and row["stacked"]["epochs_per_second"] > 0
+    assert "K" in result.stdout and "saved" in result.stdout
