@@ -31,8 +31,8 @@ data:
 train: setup data
 	$(BIN)/mlplab-train $(ARGS)
 
-# Two workers: most tests start mlplab in subprocesses, and two at a time take ~13 minutes instead of ~20 on 2
-# cores. The 15 slowest tests are listed at the end, to keep an eye on the total.
+# Two workers: most tests start mlplab in subprocesses. The 15 slowest tests are listed at the end, to keep an eye
+# on the total (README, Tests).
 PYTEST_ARGS ?= -n 2 --durations=15
 test: setup
 	$(BIN)/pytest $(PYTEST_ARGS)
