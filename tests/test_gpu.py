@@ -14,15 +14,21 @@ from mlplab.model.classifier import ImageClassifier
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def test_dataset_moves_to_the_gpu_once_and_batches_stay_there(synthetic_data_dir):
-    datamodule = ImageDataModule(DataSettings(batch_size=50, val_size=100, download=False), synthetic_data_dir)
+def fit_on_the_gpu(data_dir, callbacks=()) -> tuple[ImageDataModule, L.Trainer]:
+    """One epoch of a small MLP on the synthetic data, on the GPU, with nothing else of a run."""
+    datamodule = ImageDataModule(DataSettings(batch_size=50, val_size=100, download=False), data_dir)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    model = ImageClassifier(MLP(depth=1, width=32), datamodule.input_shape, len(datamodule.class_names),
+    model = ImageClassifier(MLP(depth=2, width=64), datamodule.input_shape, len(datamodule.class_names),
                             input_mean=datamodule.mean, input_std=datamodule.std)
     trainer = L.Trainer(accelerator="gpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks))
     trainer.fit(model, datamodule=datamodule)
+    return datamodule, trainer
+
+
+def test_dataset_moves_to_the_gpu_once_and_batches_stay_there(synthetic_data_dir):
+    datamodule, trainer = fit_on_the_gpu(synthetic_data_dir)
     assert all(split.images.is_cuda and split.labels.is_cuda for split in datamodule.splits.values())
     images, labels = next(iter(datamodule.train_dataloader()))
     assert images.is_cuda and images.dtype == torch.uint8 and labels.is_cuda
@@ -66,13 +72,6 @@ class SyncWatch(L.Callback):
 
 
 def test_a_training_step_on_the_gpu_never_waits_for_the_device(synthetic_data_dir, recwarn):
-    datamodule = ImageDataModule(DataSettings(batch_size=50, val_size=100, download=False), synthetic_data_dir)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    model = ImageClassifier(MLP(depth=2, width=64), datamodule.input_shape, len(datamodule.class_names),
-                            input_mean=datamodule.mean, input_std=datamodule.std)
-    trainer = L.Trainer(accelerator="gpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[SyncWatch()])
-    trainer.fit(model, datamodule=datamodule)
+    fit_on_the_gpu(synthetic_data_dir, [SyncWatch()])
     waits = [str(warning.message) for warning in recwarn if "synchroniz" in str(warning.message).lower()]
     assert not waits, waits[:3]

@@ -1,5 +1,5 @@
 """mlplab's stacked launcher (``hydra/launcher=stacked``): the sweep's jobs that differ only in numbers (seed,
-optimizer numbers, dropout) train together as one stack in this process (mlplab.sweeps.stacked); the others run
+the optimizer's and the schedule's numbers, dropout) train together as one stack in this process (mlplab.sweeps.stacked); the others run
 one after another, as Hydra's basic launcher runs them.
 
 Each job is composed, checked and given its folder by Hydra as usual (its ``.hydra/`` and log); its task returns

@@ -18,7 +18,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
-from mlplab.data.datamodule import ImageDataModule, StackedDataModule
+from mlplab.data.datamodule import StackedDataModule
 from mlplab.errors import one_line
 from mlplab.model.backbones import count_parameters
 from mlplab.model.classifier import DivergedError, ImageClassifier
@@ -319,11 +319,11 @@ class JobRecords(Callback):
         metrics = {**self._started(index, trainer), **self.histories[index].best(), **self._record(index, trainer)}
         best = job.run_dir / metrics["best_checkpoint"] if "best_checkpoint" in metrics else None
         model = ImageClassifier.from_checkpoint(read_checkpoint(best or job.run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT))
-        datamodule = ImageDataModule(job.config.data, job.config.data_dir, shuffle_seed=job.config.seed)
         tester = self.views[index][0]  # logs the test at the run's last step and epoch, as after its own fit
         tester.fit_loop.load_state_dict(trainer.fit_loop.state_dict())
         with quiet_lightning():
-            (tested,) = tester.test(model, datamodule=datamodule, verbose=False)
+            # The stack's data: its test split is every job's, and already where the stack trained.
+            (tested,) = tester.test(model, datamodule=trainer.datamodule, verbose=False)
         metrics.update({key: value for key, value in tested.items() if key.startswith("test/")})
         metrics["status"] = "completed"
         write_metrics(job.run_dir, metrics)
