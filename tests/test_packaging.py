@@ -22,6 +22,11 @@ def test_the_wheel_trains_from_an_empty_directory_outside_the_source_tree(synthe
     site = tmp_path / "site"
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, capture_output=True)
     assert not (site / "mlplab" / "cli" / "train.py").resolve().is_relative_to(REPO)
+    # The wheel carries the repository's conf/ as mlplab/conf, every file of it, and the source tree no other copy.
+    shipped = sorted(str(p.relative_to(site / "mlplab" / "conf")) for p in (site / "mlplab" / "conf").rglob("*.yaml"))
+    assert shipped == sorted(str(p.relative_to(REPO / "conf")) for p in (REPO / "conf").rglob("*.yaml"))
+    assert "model/mlp.yaml" in shipped and "train.yaml" in shipped
+    assert not list((REPO / "src").rglob("*.yaml"))
 
     work = tmp_path / "empty"
     (work / "mine" / "experiment").mkdir(parents=True)

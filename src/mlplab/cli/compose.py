@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.resources
 import os
 import time
 from collections.abc import Callable
@@ -19,8 +20,9 @@ from mlplab.run.config import CLASS_SECTIONS, NON_EXPERIMENT_KEYS, SECTIONS, Con
 from mlplab.run.records import MONITOR, MONITOR_MODE, find_checkpoint
 from mlplab.run.trainer import check_trainer_option, require_accelerator
 
-# The configs ship inside the package (a wheel installs them too); users add their own with --config-dir.
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+# The configs: conf/ in a checkout, installed as the package mlplab.conf (a wheel carries them); users add their own
+# with --config-dir.
+CONFIG_DIR = str(importlib.resources.files("mlplab.conf"))
 
 
 def job_dirname(overrides: str) -> str:

@@ -1,5 +1,5 @@
 """Network families. Each is one module here holding one ``Backbone`` dataclass: its fields are the settings of
-``model=<family>`` (validated in ``__post_init__``), ``build`` makes the network. ``src/mlplab/conf/model/<name>.yaml`` picks
+``model=<family>`` (validated in ``__post_init__``), ``build`` makes the network. ``conf/model/<name>.yaml`` picks
 the family with ``family: <module name>`` and gives the values."""
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ class WeightHistograms(Callback):
 class ModelDescription(Callback):
     """The network's graph (Graphs tab) and, in the Text tab, its layers with parameter counts and the run's config.
 
-    ``config`` is the run's resolved config (src/mlplab/conf/callbacks/default.yaml fills it in). Written once, when a run
+    ``config`` is the run's resolved config (conf/callbacks/default.yaml fills it in). Written once, when a run
     starts; a resumed run has them already.
     """
 
