@@ -35,6 +35,8 @@ train: setup data
 # on the total (README, Tests).
 PYTEST_ARGS ?= -n 2 --durations=15
 test: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # Speed against a bare PyTorch loop (several minutes); the table is printed and saved under benchmarks/results/.

@@ -34,14 +34,20 @@ BATCH, STEPS_PER_EPOCH, SHAPE = 128, 430, (1, 28, 28)
 
 def network(dtype: torch.dtype = torch.float32) -> nn.Sequential:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
-                         nn.Linear(512, 10)).to(dtype)
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+    ).to(dtype)
 
 
 def batches(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(0)
-    return [(torch.randint(0, 256, (BATCH, *SHAPE), dtype=torch.uint8, generator=generator),
-             torch.randint(0, 10, (BATCH,), generator=generator)) for _ in range(steps)]
+    return [
+        (
+            torch.randint(0, 256, (BATCH, *SHAPE), dtype=torch.uint8, generator=generator),
+            torch.randint(0, 10, (BATCH,), generator=generator),
+        )
+        for _ in range(steps)
+    ]
 
 
 def plain(dtype: torch.dtype, fused: bool, autocast: bool = False) -> Callable:
@@ -54,6 +60,7 @@ def plain(dtype: torch.dtype, fused: bool, autocast: bool = False) -> Callable:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+
     return step
 
 
@@ -73,6 +80,7 @@ def masters() -> Callable:
         with torch.no_grad():
             for copy, master in pairs:
                 copy.copy_(master)
+
     return step
 
 
@@ -89,6 +97,7 @@ def matmuls_only() -> Callable:
         for weight, inputs in zip(reversed(weights), reversed(outputs[:-1])):  # backward: weight and input grads
             _ = grad.T @ inputs
             grad = grad @ weight
+
     return step
 
 
@@ -120,16 +129,36 @@ def main() -> None:
                 step(images, labels)
             seconds[name].append((time.perf_counter() - started) / len(data) * STEPS_PER_EPOCH)
     reference = statistics.median(seconds["fp32"])
-    rows = [{"contender": name, "epoch_s": statistics.median(values), "ratio_to_fp32": statistics.median(values) / reference,
-             "samples_s": values} for name, values in seconds.items()]
+    rows = [
+        {
+            "contender": name,
+            "epoch_s": statistics.median(values),
+            "ratio_to_fp32": statistics.median(values) / reference,
+            "samples_s": values,
+        }
+        for name, values in seconds.items()
+    ]
     print(f"{'contender':<32} {'epoch s':>8} {'/ fp32':>7}")
     for row in rows:
         print(f"{row['contender']:<32} {row['epoch_s']:>8.3f} {row['ratio_to_fp32']:>7.2f}")
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    result = {"benchmark": "cpu_bf16", "date": datetime.now().isoformat(timespec="seconds"), "cpu": cpu,
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "steps": args.steps,
-              "repeats": args.repeats, "rows": rows}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    result = {
+        "benchmark": "cpu_bf16",
+        "date": datetime.now().isoformat(timespec="seconds"),
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "rows": rows,
+    }
     args.output.mkdir(parents=True, exist_ok=True)
     out = args.output / f"cpu-bf16-{datetime.now():%Y-%m-%dT%H%M}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -17,16 +17,28 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from mlplab.run.views import network, predictions
 from mlplab.cli.compose import CONFIG_DIR
 from mlplab.cli.train import build_callbacks, build_logger
 from mlplab.run.config import parse_run_config
 from mlplab.run.train import train
+from mlplab.run.views import network, predictions
 
-HOOKS = ("on_fit_start", "on_train_epoch_start", "on_before_optimizer_step", "on_train_epoch_end", "on_validation_end",
-         "on_test_end")
-VIEWS = (predictions.ConfusionMatrix, predictions.PerClassAccuracy, predictions.MisclassifiedImages,
-         network.WeightHistograms, network.ModelDescription, network.LearningRate)
+HOOKS = (
+    "on_fit_start",
+    "on_train_epoch_start",
+    "on_before_optimizer_step",
+    "on_train_epoch_end",
+    "on_validation_end",
+    "on_test_end",
+)
+VIEWS = (
+    predictions.ConfusionMatrix,
+    predictions.PerClassAccuracy,
+    predictions.MisclassifiedImages,
+    network.WeightHistograms,
+    network.ModelDescription,
+    network.LearningRate,
+)
 
 
 def timed_hooks(spent: dict[str, float]) -> None:
@@ -45,6 +57,7 @@ def _timed(method, key: str, spent: dict[str, float]):
             return method(*args, **kwargs)
         finally:
             spent[key] += time.perf_counter() - started
+
     return wrapper
 
 
@@ -56,8 +69,16 @@ def main() -> None:
     spent: dict[str, float] = collections.defaultdict(float)
     timed_hooks(spent)
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=["trainer=cpu", f"trainer.max_epochs={args.epochs}", "callbacks.progress_bar=null",
-                                          "callbacks.weight_histograms.every_n_epochs=1", f"paths.data_dir={args.data_dir}"])
+        cfg = compose(
+            "train",
+            overrides=[
+                "trainer=cpu",
+                f"trainer.max_epochs={args.epochs}",
+                "callbacks.progress_bar=null",
+                "callbacks.weight_histograms.every_n_epochs=1",
+                f"paths.data_dir={args.data_dir}",
+            ],
+        )
     config = parse_run_config(OmegaConf.to_container(cfg, resolve=True))
     with tempfile.TemporaryDirectory() as run_dir:
         metrics = train(config, Path(run_dir), build_logger(cfg.logger, Path(run_dir)), build_callbacks(cfg.callbacks))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 STEPS, BATCH_SIZE, REPEATS = 100, 128, 3
 x, y = torch.randn(STEPS * BATCH_SIZE, 8), torch.randint(0, 2, (STEPS * BATCH_SIZE,))
-BATCHES = [(x[i:i + BATCH_SIZE], y[i:i + BATCH_SIZE]) for i in range(0, len(y), BATCH_SIZE)]
+BATCHES = [(x[i : i + BATCH_SIZE], y[i : i + BATCH_SIZE]) for i in range(0, len(y), BATCH_SIZE)]
 
 
 class Batches:
@@ -59,8 +59,15 @@ class StepTimer(L.Callback):
 
 def lightning_step(manual: bool) -> float:
     timer = StepTimer()
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+    )
     trainer.fit(Tiny(manual), train_dataloaders=Batches())
     return statistics.median(timer.seconds)
 

@@ -71,7 +71,10 @@ def main() -> None:
     args = parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="mlplab-bench-"))
     data_dir, source = provide_data(args, workdir)
-    print(f"data: {source} ({data_dir}); device {args.device}; {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
+    print(
+        f"data: {source} ({data_dir}); device {args.device}; {os.cpu_count()} cores, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     result = {"machine": machine(args.device), "data": source, "args": vars(args) | {"output": str(args.output)}}
     if "epoch" in args.parts:
         result["epoch"] = bench_epochs(args, data_dir, workdir)
@@ -82,7 +85,9 @@ def main() -> None:
     if "memory" in args.parts:
         result["memory"] = bench_memory(args, data_dir, workdir)
     args.output.mkdir(parents=True, exist_ok=True)
-    path = args.output / f"speed-{args.device}-{'quick-' if args.quick else ''}{datetime.now():%Y-%m-%dT%H%M}.json"  # never overwrites an earlier result
+    path = (
+        args.output / f"speed-{args.device}-{'quick-' if args.quick else ''}{datetime.now():%Y-%m-%dT%H%M}.json"
+    )  # never overwrites an earlier result
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwritten: {path}")
 
@@ -93,12 +98,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 128, 512])
     parser.add_argument("--repeats", type=int, default=3, help="repeats of every measurement, interleaved")
     parser.add_argument("--timed-epochs", type=int, default=3, help="epochs timed per repeat (after one warm-up epoch)")
-    parser.add_argument("--parts", nargs="+", default=["epoch", "startup", "sweep", "memory"],
-                        choices=["epoch", "startup", "sweep", "memory"])
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        default=["epoch", "startup", "sweep", "memory"],
+        choices=["epoch", "startup", "sweep", "memory"],
+    )
     parser.add_argument("--no-classic", action="store_true", help="leave out the torchvision DataLoader pipeline")
-    parser.add_argument("--precision", default="32-true",
-                        help="mlplab's trainer.precision (auto: bf16-mixed where native); the bare loops stay fp32")
-    parser.add_argument("--quick", action="store_true", help="tiny synthetic data and one repeat: checks the script runs")
+    parser.add_argument(
+        "--precision",
+        default="32-true",
+        help="mlplab's trainer.precision (auto: bf16-mixed where native); the bare loops stay fp32",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny synthetic data and one repeat: checks the script runs"
+    )
     parser.add_argument("--output", type=Path, default=HERE / "results", help="folder for the JSON result")
     args = parser.parse_args()
     if args.quick:
@@ -128,12 +142,21 @@ def val_size(args: argparse.Namespace) -> int:
 
 
 def run_overrides(args: argparse.Namespace, data_dir: Path, batch_size: int) -> list[str]:
-    return [f"paths.data_dir={data_dir}", f"data.batch_size={batch_size}", f"data.val_size={val_size(args)}",
-            f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}", "trainer.devices=1",
-            "data.system_dir=null", "data.download=false", "callbacks.progress_bar=null", f"trainer.precision={args.precision}"]
+    return [
+        f"paths.data_dir={data_dir}",
+        f"data.batch_size={batch_size}",
+        f"data.val_size={val_size(args)}",
+        f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
+        "trainer.devices=1",
+        "data.system_dir=null",
+        "data.download=false",
+        "callbacks.progress_bar=null",
+        f"trainer.precision={args.precision}",
+    ]
 
 
 # --- per-epoch time ---------------------------------------------------------------------------------------------
+
 
 def bench_epochs(args, data_dir: Path, workdir: Path) -> dict:
     """Bare loop and mlplab alternate epoch by epoch in one process; the classic pipeline runs between repeats."""
@@ -158,9 +181,16 @@ def bench_epochs(args, data_dir: Path, workdir: Path) -> dict:
         reference = by_name["bare loop"]
         for name, values in by_name.items():
             median = statistics.median(values)
-            row = {"batch_size": batch_size, "contender": name, "median_s": median, "min_s": min(values),
-                   "max_s": max(values), "samples_per_s": n_train / median,
-                   "ratio_to_bare": median / statistics.median(reference), "seconds": values}
+            row = {
+                "batch_size": batch_size,
+                "contender": name,
+                "median_s": median,
+                "min_s": min(values),
+                "max_s": max(values),
+                "samples_per_s": n_train / median,
+                "ratio_to_bare": median / statistics.median(reference),
+                "seconds": values,
+            }
             if len(values) == len(reference):  # measured epoch by epoch next to the bare loop
                 row["paired_ratio_to_bare"] = statistics.median(v / r for v, r in zip(values, reference))
             if name == "mlplab":  # the framework's own cost, with the same optimizer kernel on both sides
@@ -168,19 +198,28 @@ def bench_epochs(args, data_dir: Path, workdir: Path) -> dict:
                 row["ratio_to_fused_bare"] = median / statistics.median(fused)
                 row["paired_ratio_to_fused_bare"] = statistics.median(v / r for v, r in zip(values, fused))
             table.append(row)
-    print(f"\nSeconds per epoch ({args.device}; {len(samples[args.batch_sizes[0]]['mlplab'])} epochs of each, alternating,"
-          f" in {args.repeats} repeats; spread = min..max; ratio = median / bare loop's median;"
-          f" paired = median of each epoch's ratio to the bare epoch just before it)")
-    print(f"{'batch':>5}  {'contender':<24} {'median s':>9} {'spread':>15} {'samples/s':>10} {'ratio':>6} {'paired':>6}")
+    print(
+        f"\nSeconds per epoch ({args.device}; {len(samples[args.batch_sizes[0]]['mlplab'])} epochs of each, "
+        "alternating,"
+        f" in {args.repeats} repeats; spread = min..max; ratio = median / bare loop's median;"
+        f" paired = median of each epoch's ratio to the bare epoch just before it)"
+    )
+    print(
+        f"{'batch':>5}  {'contender':<24} {'median s':>9} {'spread':>15} {'samples/s':>10} {'ratio':>6} {'paired':>6}"
+    )
     for row in table:
         spread = f"{row['min_s']:.3f}..{row['max_s']:.3f}"
         paired = f"{row['paired_ratio_to_bare']:6.3f}" if "paired_ratio_to_bare" in row else f"{'':6}"
-        print(f"{row['batch_size']:>5}  {row['contender']:<24} {row['median_s']:9.3f} {spread:>15} "
-              f"{row['samples_per_s']:10.0f} {row['ratio_to_bare']:6.3f} {paired}")
+        print(
+            f"{row['batch_size']:>5}  {row['contender']:<24} {row['median_s']:9.3f} {spread:>15} "
+            f"{row['samples_per_s']:10.0f} {row['ratio_to_bare']:6.3f} {paired}"
+        )
     for row in table:
         if "ratio_to_fused_bare" in row:
-            print(f"batch {row['batch_size']:>4}: mlplab / bare loop with fused Adam (framework cost alone): "
-                  f"ratio {row['ratio_to_fused_bare']:.3f}, paired {row['paired_ratio_to_fused_bare']:.3f}")
+            print(
+                f"batch {row['batch_size']:>4}: mlplab / bare loop with fused Adam (framework cost alone): "
+                f"ratio {row['ratio_to_fused_bare']:.3f}, paired {row['paired_ratio_to_fused_bare']:.3f}"
+            )
     return {"training_samples": n_train, "table": table}
 
 
@@ -218,7 +257,9 @@ class BareLoop:
 
     def __init__(self, args, data_dir: Path, batch_size: int, fused: bool = False, bf16: bool = False):
         torch.manual_seed(0)
-        train_split, val_split = split_off_validation(load_dataset("fashion_mnist", data_dir).train, val_size(args), SPLIT_SEED)
+        train_split, val_split = split_off_validation(
+            load_dataset("fashion_mnist", data_dir).train, val_size(args), SPLIT_SEED
+        )
         mean, std = channel_stats(train_split.images)
         normalise = lambda images: ((images.float() / 255 - mean[0]) / std[0]).to(args.device)  # noqa: E731
         self.x, self.y = normalise(train_split.images), train_split.labels.to(args.device)
@@ -231,11 +272,20 @@ class BareLoop:
         sync(self.device)
         started = time.perf_counter()
         order = torch.randperm(len(self.y), device=self.device)
-        train_epoch(self.model, self.optimizer, ((self.x[i], self.y[i]) for i in order.split(self.batch_size)), self.device,
-                    self.bf16)
+        train_epoch(
+            self.model,
+            self.optimizer,
+            ((self.x[i], self.y[i]) for i in order.split(self.batch_size)),
+            self.device,
+            self.bf16,
+        )
         bs = self.batch_size
-        evaluate_epoch(self.model, ((self.x_val[i : i + bs], self.y_val[i : i + bs]) for i in range(0, len(self.y_val), bs)),
-                       self.device, self.bf16)
+        evaluate_epoch(
+            self.model,
+            ((self.x_val[i : i + bs], self.y_val[i : i + bs]) for i in range(0, len(self.y_val), bs)),
+            self.device,
+            self.bf16,
+        )
         sync(self.device)
         return time.perf_counter() - started
 
@@ -266,15 +316,21 @@ class AlternateWithBareLoop(Callback):
         self._end_mlplab_epoch()
 
 
-def time_bare_and_mlplab(args, data_dir: Path, workdir: Path, batch_size: int, timed_epochs: int) -> dict[str, list[float]]:
+def time_bare_and_mlplab(
+    args, data_dir: Path, workdir: Path, batch_size: int, timed_epochs: int
+) -> dict[str, list[float]]:
     """mlplab-train's own path (composed config, data module, Lightning module, Trainer, TensorBoard, checkpoints),
     its epochs alternating with the bare loop's. The first pair warms up and is dropped."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[*run_overrides(args, data_dir, batch_size), f"trainer.max_epochs={timed_epochs + 1}"])
+        cfg = compose(
+            "train", overrides=[*run_overrides(args, data_dir, batch_size), f"trainer.max_epochs={timed_epochs + 1}"]
+        )
     config = parse_run_config(OmegaConf.to_container(cfg, resolve=True))
     run_dir = Path(tempfile.mkdtemp(prefix="mlplab-run-", dir=workdir))
-    bare_loops = {name: BareLoop(args, data_dir, batch_size, fused=name != "bare loop", bf16=name == BF16)
-                  for name in bare_loop_names(args)}
+    bare_loops = {
+        name: BareLoop(args, data_dir, batch_size, fused=name != "bare loop", bf16=name == BF16)
+        for name in bare_loop_names(args)
+    }
     alternate = AlternateWithBareLoop(bare_loops, args.device)
     with contextlib.redirect_stdout(io.StringIO()):  # the test table Lightning prints
         train(config, run_dir, build_logger(cfg.logger, run_dir), [alternate, *build_callbacks(cfg.callbacks)])
@@ -286,9 +342,13 @@ def time_classic(args, data_dir: Path, batch_size: int) -> float:
     torch.manual_seed(0)
     train_split, _ = split_off_validation(load_dataset("fashion_mnist", data_dir).train, val_size(args), SPLIT_SEED)
     mean, std = channel_stats(train_split.images)
-    full = FashionMNIST(str(data_dir), train=True, transform=transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)]))
+    full = FashionMNIST(
+        str(data_dir),
+        train=True,
+        transform=transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)]),
+    )
     order = torch.randperm(len(full), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
-    val_indices, train_indices = order[: val_size(args)], order[val_size(args):]
+    val_indices, train_indices = order[: val_size(args)], order[val_size(args) :]
     train_loader = DataLoader(Subset(full, train_indices), batch_size=batch_size, shuffle=True)
     val_loader = DataLoader(Subset(full, val_indices), batch_size=batch_size)
     model = MLP(depth=2, width=512).build((1, 28, 28), 10).to(args.device)
@@ -303,25 +363,37 @@ def time_classic(args, data_dir: Path, batch_size: int) -> float:
 
 # --- start-up, sweeps, memory: the real command line in subprocesses -------------------------------------------------
 
+
 def cli(args_list: list[str], cwd: Path, probe: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
     if probe is not None:
-        args_list = [*args_list, "+callbacks.first_step._target_=startup_probe.FirstStepProbe", f"+callbacks.first_step.path={probe}"]
+        args_list = [
+            *args_list,
+            "+callbacks.first_step._target_=startup_probe.FirstStepProbe",
+            f"+callbacks.first_step.path={probe}",
+        ]
     return subprocess.run([str(BIN / "mlplab-train"), *args_list], cwd=cwd, env=env, capture_output=True, text=True)
 
 
 def measure_import_seconds() -> float:
-    """Launch of `python -c "import torch, lightning"` to the end of its imports (its exit, slow with torch, is not counted)."""
+    """Launch of `python -c "import torch, lightning"` to the end of its imports (its exit, slow with torch, is not
+    counted)."""
     started = time.time()
-    result = subprocess.run([sys.executable, "-c", "import torch, lightning, os, time; print(time.time()); os._exit(0)"],
-                            check=True, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", "import torch, lightning, os, time; print(time.time()); os._exit(0)"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return float(result.stdout) - started
 
 
 def bench_startup(args, data_dir: Path, workdir: Path) -> dict:
     """Launch of mlplab-train to its first optimizer step, next to `import torch, lightning`, interleaved."""
     overrides = run_overrides(args, data_dir, 128)
-    cli([*overrides, "trainer.limit_train_batches=1", "trainer.max_epochs=1"], workdir)  # the dataset cache exists after this
+    cli(
+        [*overrides, "trainer.limit_train_batches=1", "trainer.max_epochs=1"], workdir
+    )  # the dataset cache exists after this
     imports, startups = [], []
     for repeat in range(args.repeats if args.quick else args.repeats + 2):  # 5 launches each by default
         imports.append(measure_import_seconds())
@@ -332,15 +404,24 @@ def bench_startup(args, data_dir: Path, workdir: Path) -> dict:
             raise RuntimeError(f"mlplab-train did not reach a first step: {result.stderr[-2000:]}")
         startups.append(float(probe.read_text()) - started)
     import_s, startup_s = statistics.median(imports), statistics.median(startups)
-    print(f"\nStart-up: mlplab-train to first optimizer step {startup_s:.2f} s (spread {min(startups):.2f}..{max(startups):.2f}); "
-          f"python -c 'import torch, lightning' {import_s:.2f} s; difference {startup_s - import_s:.2f} s "
-          f"(median of {len(startups)}, interleaved)")
-    return {"first_step_seconds": startup_s, "import_seconds": import_s, "difference_seconds": startup_s - import_s,
-            "first_step_samples": startups, "import_samples": imports}
+    print(
+        f"\nStart-up: mlplab-train to first optimizer step {startup_s:.2f} s "
+        f"(spread {min(startups):.2f}..{max(startups):.2f}); "
+        f"python -c 'import torch, lightning' {import_s:.2f} s; difference {startup_s - import_s:.2f} s "
+        f"(median of {len(startups)}, interleaved)"
+    )
+    return {
+        "first_step_seconds": startup_s,
+        "import_seconds": import_s,
+        "difference_seconds": startup_s - import_s,
+        "first_step_samples": startups,
+        "import_samples": imports,
+    }
 
 
 def bench_sweep(args, data_dir: Path, workdir: Path) -> dict:
-    """A 6-job multirun (3 with --quick) of one epoch on 10% of the data: wall time beyond one process's imports and exit and the
+    """A 6-job multirun (3 with --quick) of one epoch on 10% of the data: wall time beyond one process's imports and
+    exit and the
     jobs' epochs, per job; each repeat next to a `python -c "import torch, lightning"` run (imports and exit)."""
     overheads, walls, process_seconds, epoch_seconds = [], [], [], []
     for repeat in range(args.repeats):
@@ -350,8 +431,17 @@ def bench_sweep(args, data_dir: Path, workdir: Path) -> dict:
         sweep_dir = workdir / f"sweep-{repeat}"
         started = time.time()
         seeds = "seed=1,2,3" if args.quick else "seed=1,2,3,4,5,6"
-        result = cli(["-m", *run_overrides(args, data_dir, 128), seeds, "trainer.max_epochs=1",
-                      "trainer.limit_train_batches=0.1", f"hydra.sweep.dir={sweep_dir}"], workdir)
+        result = cli(
+            [
+                "-m",
+                *run_overrides(args, data_dir, 128),
+                seeds,
+                "trainer.max_epochs=1",
+                "trainer.limit_train_batches=0.1",
+                f"hydra.sweep.dir={sweep_dir}",
+            ],
+            workdir,
+        )
         walls.append(time.time() - started)
         if result.returncode != 0:
             raise RuntimeError(f"the sweep failed: {result.stderr[-2000:]}")
@@ -359,31 +449,60 @@ def bench_sweep(args, data_dir: Path, workdir: Path) -> dict:
         epoch_seconds.append(sum(sum(job["epoch_seconds"]) for job in jobs))
         overheads.append((walls[-1] - process_seconds[-1] - epoch_seconds[-1]) / len(jobs))
     per_job = statistics.median(overheads)
-    print(f"\nSweep of {len(jobs)} jobs (1 epoch on 10% of the data each), median of {args.repeats}: "
-          f"{statistics.median(walls):.2f} s in all, {statistics.median(epoch_seconds):.2f} s in epochs, "
-          f"{statistics.median(process_seconds):.2f} s for one process's imports and exit; "
-          f"overhead per job {per_job:.2f} s (spread {min(overheads):.2f}..{max(overheads):.2f})")
-    return {"jobs": len(jobs), "wall_seconds": walls, "epoch_seconds": epoch_seconds, "import_and_exit_seconds": process_seconds,
-            "overhead_per_job_seconds": per_job, "overhead_per_job_repeats": overheads}
+    print(
+        f"\nSweep of {len(jobs)} jobs (1 epoch on 10% of the data each), median of {args.repeats}: "
+        f"{statistics.median(walls):.2f} s in all, {statistics.median(epoch_seconds):.2f} s in epochs, "
+        f"{statistics.median(process_seconds):.2f} s for one process's imports and exit; "
+        f"overhead per job {per_job:.2f} s (spread {min(overheads):.2f}..{max(overheads):.2f})"
+    )
+    return {
+        "jobs": len(jobs),
+        "wall_seconds": walls,
+        "epoch_seconds": epoch_seconds,
+        "import_and_exit_seconds": process_seconds,
+        "overhead_per_job_seconds": per_job,
+        "overhead_per_job_repeats": overheads,
+    }
 
 
 def bench_memory(args, data_dir: Path, workdir: Path) -> dict:
     """Peak resident memory of a default run (one epoch: the peak does not grow with epochs)."""
-    code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
-            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    code = (
+        "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
     overrides = run_overrides(args, data_dir, 128)
-    result = subprocess.run([sys.executable, "-c", code, str(BIN / "mlplab-train"), *overrides, "trainer.max_epochs=1"],
-                            cwd=workdir, capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(BIN / "mlplab-train"), *overrides, "trainer.max_epochs=1"],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     peak_mb = int(result.stdout.split()[-1]) / 1024  # ru_maxrss is in KiB on Linux
     print(f"\nPeak resident memory of a default run (1 epoch): {peak_mb:.0f} MB")
     return {"peak_rss_mb": peak_mb}
 
 
 def machine(device: str) -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "packages": {name: version(name) for name in ("torch", "torchvision", "lightning", "torchmetrics", "hydra-core", "tensorboard")}}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "packages": {
+            name: version(name)
+            for name in ("torch", "torchvision", "lightning", "torchmetrics", "hydra-core", "tensorboard")
+        },
+    }
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info

@@ -7,7 +7,8 @@
 Compute only, no data pipeline or framework: each contender trains K default networks (depth 2, width 512, on
 28 x 28 inputs) for --steps Adam steps at batch --batch-size, each network on its own random batches. "one after
 another" is torch's fused Adam on each network in turn, as mlplab trains a single job; "stacked" is one batched
-forward and backward for all K and torch's fused Adam on each network's slice (PerNetworkOptimizer). Repeats are interleaved; the table gives medians and the ratio.
+forward and backward for all K and torch's fused Adam on each network's slice (PerNetworkOptimizer). Repeats are
+interleaved; the table gives medians and the ratio.
 """
 
 from __future__ import annotations
@@ -89,13 +90,28 @@ def main() -> None:
     print(f"{'K':>3} {'one after another (s)':>22} {'stacked (s)':>12} {'stacked / one after another':>28}")
     for k in args.ks:
         alone, together = (statistics.median(times[(k, name)]) for name in ("one after another", "stacked"))
-        rows.append({"k": k, "one_after_another_s": alone, "stacked_s": together, "ratio": together / alone,
-                     "all_s": {name: times[(k, name)] for name in ("one after another", "stacked")}})
+        rows.append(
+            {
+                "k": k,
+                "one_after_another_s": alone,
+                "stacked_s": together,
+                "ratio": together / alone,
+                "all_s": {name: times[(k, name)] for name in ("one after another", "stacked")},
+            }
+        )
         print(f"{k:>3} {alone:>22.3f} {together:>12.3f} {together / alone:>28.2f}")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    result = {"benchmark": "stacked_engine", "date": datetime.now().isoformat(timespec="seconds"),
-              "device": device_name, "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "steps": args.steps, "batch_size": args.batch_size, "repeats": args.repeats, "rows": rows}
+    result = {
+        "benchmark": "stacked_engine",
+        "date": datetime.now().isoformat(timespec="seconds"),
+        "device": device_name,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "rows": rows,
+    }
     out = args.output / f"stacked-engine-{device.type}-{datetime.now():%Y-%m-%dT%H%M}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"saved {out}")

@@ -34,10 +34,18 @@ SYSTEM_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashi
 def sweep(k: int, stacked: bool, args: argparse.Namespace, workdir: Path, data_dir: Path, number: int) -> dict:
     """One sweep of seeds 1..k; its wall time and its jobs' test accuracies."""
     sweep_dir = workdir / f"sweep-{number}-k{k}-{'stacked' if stacked else 'alone'}"
-    command = [str(BIN / "mlplab-train"), "-m", f"seed={','.join(map(str, range(1, k + 1)))}" if k > 1 else "seed=1",
-               f"trainer={'gpu' if args.device == 'cuda' else 'cpu'}", f"trainer.max_epochs={args.epochs}",
-               f"paths.data_dir={data_dir}", "callbacks.progress_bar=null", f"hydra.sweep.dir={sweep_dir}",
-               *(["hydra/launcher=stacked"] if stacked else []), *args.overrides]
+    command = [
+        str(BIN / "mlplab-train"),
+        "-m",
+        f"seed={','.join(map(str, range(1, k + 1)))}" if k > 1 else "seed=1",
+        f"trainer={'gpu' if args.device == 'cuda' else 'cpu'}",
+        f"trainer.max_epochs={args.epochs}",
+        f"paths.data_dir={data_dir}",
+        "callbacks.progress_bar=null",
+        f"hydra.sweep.dir={sweep_dir}",
+        *(["hydra/launcher=stacked"] if stacked else []),
+        *args.overrides,
+    ]
     if args.quick:
         command += ["data.system_dir=null", "data.download=false", "data.val_size=100", "model.width=16"]
     elif SYSTEM_DIR.is_dir():
@@ -79,8 +87,10 @@ def main() -> None:
                         number += 1
                         runs.setdefault((k, stacked), []).append(sweep(k, stacked, args, workdir, data_dir, number))
     rows = []
-    print(f"{'K':>3} {'stacked s':>10} {'job by job s':>13} {'ratio':>6} {'jobs/min stacked':>17} "
-          f"{'jobs/min alone':>15} {'epochs/s stacked':>17} {'test/acc stacked':>17} {'test/acc alone':>15}")
+    print(
+        f"{'K':>3} {'stacked s':>10} {'job by job s':>13} {'ratio':>6} {'jobs/min stacked':>17} "
+        f"{'jobs/min alone':>15} {'epochs/s stacked':>17} {'test/acc stacked':>17} {'test/acc alone':>15}"
+    )
     for k in args.ks:
         row: dict = {"k": k}
         for stacked, name in ((True, "stacked"), (False, "alone")):
@@ -89,27 +99,53 @@ def main() -> None:
             walls = [run["wall_s"] for run in runs[(k, stacked)]]
             wall = statistics.median(walls)
             accuracies = runs[(k, stacked)][-1]["test_acc"]
-            row[name] = {"wall_s": wall, "walls_s": walls, "jobs_per_minute": 60 * k / wall,
-                         "epochs_per_second": k * args.epochs / wall, "test_acc": accuracies,
-                         "test_acc_mean": statistics.mean(accuracies)}
+            row[name] = {
+                "wall_s": wall,
+                "walls_s": walls,
+                "jobs_per_minute": 60 * k / wall,
+                "epochs_per_second": k * args.epochs / wall,
+                "test_acc": accuracies,
+                "test_acc_mean": statistics.mean(accuracies),
+            }
         if "alone" in row:
             row["ratio"] = row["stacked"]["wall_s"] / row["alone"]["wall_s"]
             row["mean_abs_test_acc_difference"] = statistics.mean(
-                abs(a - b) for a, b in zip(row["stacked"]["test_acc"], row["alone"]["test_acc"]))
+                abs(a - b) for a, b in zip(row["stacked"]["test_acc"], row["alone"]["test_acc"])
+            )
         rows.append(row)
         alone = row.get("alone", {})
-        print(f"{k:>3} {row['stacked']['wall_s']:>10.1f} {alone.get('wall_s', float('nan')):>13.1f} "
-              f"{row.get('ratio', float('nan')):>6.2f} {row['stacked']['jobs_per_minute']:>17.1f} "
-              f"{alone.get('jobs_per_minute', float('nan')):>15.1f} {row['stacked']['epochs_per_second']:>17.2f} "
-              f"{row['stacked']['test_acc_mean']:>17.4f} {alone.get('test_acc_mean', float('nan')):>15.4f}")
+        print(
+            f"{k:>3} {row['stacked']['wall_s']:>10.1f} {alone.get('wall_s', float('nan')):>13.1f} "
+            f"{row.get('ratio', float('nan')):>6.2f} {row['stacked']['jobs_per_minute']:>17.1f} "
+            f"{alone.get('jobs_per_minute', float('nan')):>15.1f} {row['stacked']['epochs_per_second']:>17.2f} "
+            f"{row['stacked']['test_acc_mean']:>17.4f} {alone.get('test_acc_mean', float('nan')):>15.4f}"
+        )
     import torch
 
-    device = torch.cuda.get_device_name() if args.device == "cuda" else next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")), platform.processor())
-    result = {"benchmark": "stacked_sweep", "date": datetime.now().isoformat(timespec="seconds"), "device": device,
-              "cores": os.cpu_count(), "torch": torch.__version__, "epochs": args.epochs, "repeats": args.repeats,
-              "quick": args.quick, "overrides": args.overrides, "rows": rows}
+    device = (
+        torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+    )
+    result = {
+        "benchmark": "stacked_sweep",
+        "date": datetime.now().isoformat(timespec="seconds"),
+        "device": device,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "epochs": args.epochs,
+        "repeats": args.repeats,
+        "quick": args.quick,
+        "overrides": args.overrides,
+        "rows": rows,
+    }
     args.output.mkdir(parents=True, exist_ok=True)
     out = args.output / f"stacked-sweep-{args.device}-{datetime.now():%Y-%m-%dT%H%M}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -60,19 +60,27 @@ def cli_env(data_dir: Path | None = None) -> dict[str, str]:
     return env
 
 
-def run_cli(args: list[str], cwd: Path, data_dir: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], cwd: Path, data_dir: Path | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
     """Run an mlplab console script the way a user does, in a subprocess."""
     script = Path(sys.executable).parent / args[0]
-    return subprocess.run([str(script), *args[1:]], cwd=cwd, env=cli_env(data_dir), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [str(script), *args[1:]], cwd=cwd, env=cli_env(data_dir), capture_output=True, text=True, timeout=timeout
+    )
 
 
 class ForkedCli:
     """mlplab-train, each command line in its own process, forked from one that imported everything once."""
 
     def __init__(self):
-        self.server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("forked_cli.py"))], env=cli_env(),
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.server = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("forked_cli.py"))],
+            env=cli_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
 
     def run(self, args: list[str], cwd: Path) -> tuple[int, str]:
         output = cwd / "output.txt"
@@ -107,8 +115,18 @@ def train_in_process(data_dir, run_dir, overrides, stop_after=None, resume_from=
     ``stop_after``: end training after that many epochs, as if stopped and resumed later."""
     small = [] if any(o.startswith("model=") for o in overrides) else ["model.width=16"]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[*SYNTHETIC_RUN, f"paths.data_dir={data_dir}", *small, "trainer.max_epochs=3",
-                                          "callbacks.model_description=null", "callbacks.misclassified=null", *overrides])
+        cfg = compose(
+            "train",
+            overrides=[
+                *SYNTHETIC_RUN,
+                f"paths.data_dir={data_dir}",
+                *small,
+                "trainer.max_epochs=3",
+                "callbacks.model_description=null",
+                "callbacks.misclassified=null",
+                *overrides,
+            ],
+        )
     config = parse_run_config(OmegaConf.to_container(cfg, resolve=True))
     callbacks = build_callbacks(cfg.callbacks) + ([StopAfterEpoch(stop_after)] if stop_after else [])
     train(config, run_dir, callbacks=callbacks, resume_from=resume_from)
@@ -119,9 +137,19 @@ def train_in_process(data_dir, run_dir, overrides, stop_after=None, resume_from=
 def tensorboard_server(logdir: Path) -> Iterator[str]:
     """A real TensorBoard server on a free loopback port, stopped afterwards; yields its plugin data URL."""
     port = free_port()
-    server = subprocess.Popen([str(Path(sys.executable).parent / "tensorboard"), "--logdir", str(logdir),
-                               "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "tensorboard"),
+            "--logdir",
+            str(logdir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         yield f"http://127.0.0.1:{port}/data/plugin"
     finally:
@@ -148,11 +176,23 @@ def postgres_server() -> Iterator[str]:
         shutil.chown(folder, "postgres")
         as_user = ["runuser", "-u", "postgres", "--"]
     data, port = folder / "data", free_port()
-    subprocess.run([*as_user, initdb, "-D", str(data), "-U", "mlplab", "--auth=trust"], check=True,
-                   capture_output=True)
-    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-l", str(folder / "server.log"), "-w", "-o",
-                    f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={folder}", "start"],
-                   check=True, capture_output=True)
+    subprocess.run([*as_user, initdb, "-D", str(data), "-U", "mlplab", "--auth=trust"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            *as_user,
+            pg_ctl,
+            "-D",
+            str(data),
+            "-l",
+            str(folder / "server.log"),
+            "-w",
+            "-o",
+            f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={folder}",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield f"postgresql+psycopg://mlplab@127.0.0.1:{port}/postgres"
     finally:

@@ -53,8 +53,12 @@ def project_imports(tree: ast.Module, known: set[str]) -> set[str]:
 def test_layers_import_only_downwards_and_without_cycles():
     trees = modules()
     graph = {name: project_imports(tree, set(trees)) - {name} for name, tree in trees.items()}
-    upward = [f"{module} ({LAYERS[layer_of(module)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})"
-              for module, targets in graph.items() for target in targets if layer_of(target) < layer_of(module)]
+    upward = [
+        f"{module} ({LAYERS[layer_of(module)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})"
+        for module, targets in graph.items()
+        for target in targets
+        if layer_of(target) < layer_of(module)
+    ]
     assert not upward, "imports that climb a layer:\n" + "\n".join(upward)
 
     def cycle_from(start: str, path: list[str]) -> list[str] | None:
@@ -76,11 +80,21 @@ def _is_private(name: str) -> bool:
 def test_private_apis_of_libraries_are_used_only_in_compat():
     uses = []
     trees = modules()
-    ours = {node.name for tree in trees.values() for node in ast.walk(tree)
-            if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
-    ours |= {target.attr for tree in trees.values() for node in ast.walk(tree)
-             for target in (node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else [])
-             if isinstance(target, ast.Attribute)}
+    ours = {
+        node.name
+        for tree in trees.values()
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef))
+    }
+    ours |= {
+        target.attr
+        for tree in trees.values()
+        for node in ast.walk(tree)
+        for target in (
+            node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        )
+        if isinstance(target, ast.Attribute)
+    }
     ours |= {"_exit"}  # os._exit: the standard library's documented exit without clean-up
     ours |= {node.id for tree in trees.values() for node in ast.walk(tree) if isinstance(node, ast.Name)}
     for name, tree in trees.items():
@@ -88,7 +102,9 @@ def test_private_apis_of_libraries_are_used_only_in_compat():
             continue
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in LIBRARIES:
-                if any(_is_private(part) for part in node.module.split(".")) or any(_is_private(a.name) for a in node.names):
+                if any(_is_private(part) for part in node.module.split(".")) or any(
+                    _is_private(a.name) for a in node.names
+                ):
                     uses.append(f"{name}: from {node.module} import {', '.join(a.name for a in node.names)}")
             if isinstance(node, ast.Attribute) and _is_private(node.attr) and node.attr not in ours:
                 uses.append(f"{name}: .{node.attr} (line {node.lineno})")
@@ -96,8 +112,11 @@ def test_private_apis_of_libraries_are_used_only_in_compat():
                 module = importlib.import_module(name)
                 cls = getattr(module, node.name, None)
                 for method in (item.name for item in node.body if isinstance(item, ast.FunctionDef)):
-                    bases = [base for base in (cls.__mro__[1:] if inspect.isclass(cls) else [])
-                             if not base.__module__.startswith(("mlplab", "hydra_plugins"))]
+                    bases = [
+                        base
+                        for base in (cls.__mro__[1:] if inspect.isclass(cls) else [])
+                        if not base.__module__.startswith(("mlplab", "hydra_plugins"))
+                    ]
                     if _is_private(method) and any(hasattr(base, method) for base in bases):
                         uses.append(f"{name}: {node.name}.{method} overrides a library's private method")
     assert not uses, f"private APIs outside {COMPAT}:\n" + "\n".join(uses)
@@ -106,8 +125,15 @@ def test_private_apis_of_libraries_are_used_only_in_compat():
 @pytest.mark.parametrize("layer", ["mlplab.run", "mlplab.model", "mlplab.data"])
 def test_hydra_stops_at_the_entry_points(layer):
     trees = modules()
-    users = [name for name, tree in trees.items() if name.startswith(layer) for node in ast.walk(tree)
-             if isinstance(node, (ast.Import, ast.ImportFrom))
-             and any(n.split(".")[0] in ("hydra", "omegaconf")
-                     for n in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]))]
+    users = [
+        name
+        for name, tree in trees.items()
+        if name.startswith(layer)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        and any(
+            n.split(".")[0] in ("hydra", "omegaconf")
+            for n in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""])
+        )
+    ]
     assert not users, f"{layer} imports Hydra or OmegaConf: {sorted(set(users))}"

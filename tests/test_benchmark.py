@@ -10,8 +10,13 @@ STACKED = BENCHMARK.with_name("stacked_engine.py")
 
 
 def test_quick_benchmark_writes_every_part(tmp_path):
-    result = subprocess.run([sys.executable, str(BENCHMARK), "--quick", "--output", str(tmp_path)],
-                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARK), "--quick", "--output", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (path,) = tmp_path.glob("speed-cpu-quick-*.json")
     report = json.loads(path.read_text())
@@ -26,8 +31,13 @@ def test_quick_benchmark_writes_every_part(tmp_path):
 
 
 def test_stacked_engine_benchmark_writes_its_table(tmp_path):
-    result = subprocess.run([sys.executable, str(STACKED), "--ks", "1", "2", "--steps", "2", "--repeats", "1",
-                             "--output", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, str(STACKED), "--ks", "1", "2", "--steps", "2", "--repeats", "1", "--output", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (path,) = tmp_path.glob("stacked-engine-cpu-*.json")
     rows = json.loads(path.read_text())["rows"]
@@ -36,9 +46,24 @@ def test_stacked_engine_benchmark_writes_its_table(tmp_path):
 
 def test_stacked_sweep_benchmark_writes_its_table(tmp_path):
     # stacked only (--alone-ks with none): tests/test_stacked_sweep.py compares stacked and job-by-job sweeps
-    result = subprocess.run([sys.executable, str(BENCHMARK.with_name("stacked_sweep.py")), "--quick", "--ks", "2",
-                             "--alone-ks", "--epochs", "1", "--output", str(tmp_path)], capture_output=True, text=True,
-                            timeout=300, cwd=tmp_path)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARK.with_name("stacked_sweep.py")),
+            "--quick",
+            "--ks",
+            "2",
+            "--alone-ks",
+            "--epochs",
+            "1",
+            "--output",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (path,) = tmp_path.glob("stacked-sweep-cpu-*.json")
     (row,) = json.loads(path.read_text())["rows"]

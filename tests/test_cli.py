@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SYNTHETIC_RUN, run_cli
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import SYNTHETIC_RUN, run_cli
 from mlplab.cli.compose import CONFIG_DIR
 
 
@@ -29,7 +29,9 @@ def scalars(run_dir: Path) -> dict[str, list[float]]:
 @pytest.fixture(scope="module")
 def trained_run(synthetic_data_dir, tmp_path_factory) -> Path:
     cwd = tmp_path_factory.mktemp("train")
-    result = run_cli(["mlplab-train", *SYNTHETIC_RUN, "trainer.max_epochs=2", "model.width=64"], cwd, synthetic_data_dir)
+    result = run_cli(
+        ["mlplab-train", *SYNTHETIC_RUN, "trainer.max_epochs=2", "model.width=64"], cwd, synthetic_data_dir
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return single_run_dir(cwd)
 
@@ -62,18 +64,30 @@ def test_a_run_prints_no_lightning_notes_a_user_cannot_act_on(synthetic_data_dir
     assert "Finished: test/acc" in output  # mlplab's own report is still there
 
 
-@pytest.mark.parametrize("precision, dtype", [("bf16-true", torch.bfloat16), ("64-true", torch.float64),
-                                              ("16-true", torch.float16)])
+@pytest.mark.parametrize(
+    "precision, dtype", [("bf16-true", torch.bfloat16), ("64-true", torch.float64), ("16-true", torch.float16)]
+)
 def test_every_offered_true_precision_trains_and_evaluates(precision, dtype, synthetic_data_dir, tmp_path):
-    result = run_cli(["mlplab-train", *SYNTHETIC_RUN, f"trainer.precision={precision}", "trainer.limit_train_batches=3",
-                      "model.width=32"], tmp_path, synthetic_data_dir)
+    result = run_cli(
+        [
+            "mlplab-train",
+            *SYNTHETIC_RUN,
+            f"trainer.precision={precision}",
+            "trainer.limit_train_batches=3",
+            "model.width=32",
+        ],
+        tmp_path,
+        synthetic_data_dir,
+    )
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
     run_dir = single_run_dir(tmp_path)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "completed" and 0 <= metrics["test/acc"] <= 1
     weights = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
     assert weights["network.1.weight"].dtype == dtype  # trained in that precision, not silently in float32
-    evaluated = run_cli(["mlplab-eval", f"run={run_dir}", "format=json", "accelerator=cpu"], tmp_path, synthetic_data_dir)
+    evaluated = run_cli(
+        ["mlplab-eval", f"run={run_dir}", "format=json", "accelerator=cpu"], tmp_path, synthetic_data_dir
+    )
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
 
 
@@ -90,9 +104,13 @@ def test_progress_off_a_terminal_is_one_line_per_epoch(synthetic_data_dir, tmp_p
 def test_checkpoint_holds_plain_values_and_loads_without_hydra(trained_run):
     checkpoint = trained_run / "checkpoints" / "best.ckpt"
     state = torch.load(checkpoint, weights_only=True)
-    assert state["hyper_parameters"]["backbone"]["width"] == 64 and state["hyper_parameters"]["class_names"][1] == "Trouser"
+    assert (
+        state["hyper_parameters"]["backbone"]["width"] == 64
+        and state["hyper_parameters"]["class_names"][1] == "Trouser"
+    )
     code = (
-        "import sys, torch; sys.modules['hydra'] = None; sys.modules['omegaconf'] = None\n"  # Hydra's imports would fail
+        # Hydra's imports would fail
+        "import sys, torch; sys.modules['hydra'] = None; sys.modules['omegaconf'] = None\n"
         "from mlplab.model.classifier import ImageClassifier\n"
         f"model = ImageClassifier.from_checkpoint(torch.load({str(checkpoint)!r}, weights_only=True))\n"
         "print(sum(p.numel() for p in model.network.parameters()))\n"
@@ -103,7 +121,9 @@ def test_checkpoint_holds_plain_values_and_loads_without_hydra(trained_run):
 
 
 def test_eval_reproduces_the_recorded_test_accuracy(trained_run, synthetic_data_dir, tmp_path):
-    result = run_cli(["mlplab-eval", f"run={trained_run}", "format=json", "accelerator=cpu"], tmp_path, synthetic_data_dir)
+    result = run_cli(
+        ["mlplab-eval", f"run={trained_run}", "format=json", "accelerator=cpu"], tmp_path, synthetic_data_dir
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     recorded = json.loads((trained_run / "metrics.json").read_text())
@@ -126,8 +146,6 @@ def test_checkpoint_records_the_data_setup_eval_rebuilds(trained_run):
     assert state["datamodule_hyper_parameters"]["val_size"] == 100
 
 
-
-
 def test_runs_started_in_the_same_second_get_their_own_directories(synthetic_data_dir, tmp_path):
     # The default run directory with its time part pinned: the two runs surely share that second.
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -135,10 +153,17 @@ def test_runs_started_in_the_same_second_get_their_own_directories(synthetic_dat
     new_run = "outputs/runs/${now:%Y-%m-%d_%H-%M-%S}_${mlplab.pid:}"
     assert new_run in default  # a new run's directory, as pinned below
     pinned = new_run.replace("${now:%Y-%m-%d_%H-%M-%S}", "2026-01-01_00-00-00")
-    args = [str(Path(sys.executable).parent / "mlplab-train"), *SYNTHETIC_RUN, "trainer.limit_train_batches=2",
-            f"hydra.run.dir={pinned}"]
+    args = [
+        str(Path(sys.executable).parent / "mlplab-train"),
+        *SYNTHETIC_RUN,
+        "trainer.limit_train_batches=2",
+        f"hydra.run.dir={pinned}",
+    ]
     env = {"MLPLAB_DATA_DIR": str(synthetic_data_dir), "PATH": str(Path(sys.executable).parent)}
-    processes = [subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
+    processes = [
+        subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
     assert [p.wait(timeout=300) for p in processes] == [0, 0]
     run_dirs = sorted((tmp_path / "outputs" / "runs").iterdir())
     assert len(run_dirs) == 2 and all(d.name.startswith("2026-01-01_00-00-00_") for d in run_dirs)
@@ -156,7 +181,11 @@ BAD_INPUTS = [  # (override, the key the message must name, what it must say is 
     ("+model.depht=3", "model.depht", "depth, width, activation"),
     ("trainer.max_epochs=many", "trainer.max_epochs", "an integer"),
     ("model.width=[64,", "model.width=[64,", "quoting values"),  # Hydra's grammar cannot read it
-    ("model.width=1000000", "model.width", "choose a smaller model.width or model.depth"),  # 10^12 parameters: no memory for it
+    (
+        "model.width=1000000",
+        "model.width",
+        "choose a smaller model.width or model.depth",
+    ),  # 10^12 parameters: no memory for it
     ("model.depht=3", "model.depht", "depth, width, activation"),  # Hydra refuses it while composing
     ("optimizer.momentum=0.5", "optimizer.momentum", "options that have it: sgd"),  # not in optimizer=adam
     ("model.depth=${oops}", "model.depth", "Interpolation key 'oops' not found"),  # fails once resolved
@@ -177,7 +206,9 @@ if not torch.cuda.is_available():
 
 
 @pytest.mark.parametrize("override, key, allowed", BAD_INPUTS, ids=[o for o, _, _ in BAD_INPUTS])
-def test_bad_input_is_one_clear_message_and_no_training(override, key, allowed, forked_cli, synthetic_data_dir, tmp_path):
+def test_bad_input_is_one_clear_message_and_no_training(
+    override, key, allowed, forked_cli, synthetic_data_dir, tmp_path
+):
     # mlplab-train's main() in a process forked from one that imported it (tests/forked_cli.py): the console
     # script's code path without its seconds of imports for each of these.
     code, output = forked_cli.run([*SYNTHETIC_RUN, f"paths.data_dir={synthetic_data_dir}", override], tmp_path)
@@ -200,22 +231,33 @@ def test_missing_dataset_says_where_it_looked_and_how_to_provide_it(tmp_path):
 def test_help_lists_groups_options_and_examples(tmp_path):
     result = run_cli(["mlplab-train", "--help"], tmp_path)
     assert result.returncode == 0
-    for line in ("model: article, cnn, linear, mlp", "data: cifar10, fashion_mnist, folder, kmnist, mnist, tensors",
-                 "optimizer: adam, adamw, sgd", "scheduler: cosine, none, onecycle, plateau, step, warmup_cosine",
-                 "logger: csv, mlflow, none, tensorboard, tensorboard_mlflow", "trainer: auto, cpu, ddp, default, gpu",
-                 "mlplab-train -m"):
+    for line in (
+        "model: article, cnn, linear, mlp",
+        "data: cifar10, fashion_mnist, folder, kmnist, mnist, tensors",
+        "optimizer: adam, adamw, sgd",
+        "scheduler: cosine, none, onecycle, plateau, step, warmup_cosine",
+        "logger: csv, mlflow, none, tensorboard, tensorboard_mlflow",
+        "trainer: auto, cpu, ddp, default, gpu",
+        "mlplab-train -m",
+    ):
         assert line in result.stdout
-    module_help = subprocess.run([sys.executable, "-m", "mlplab.cli.train", "--help"], capture_output=True, text=True, cwd=tmp_path)
+    module_help = subprocess.run(
+        [sys.executable, "-m", "mlplab.cli.train", "--help"], capture_output=True, text=True, cwd=tmp_path
+    )
     assert module_help.returncode == 0 and "model: article, cnn, linear, mlp" in module_help.stdout
 
 
 def test_diverging_run_stops_at_the_step_with_a_hint_and_keeps_no_nan_weights(synthetic_data_dir, tmp_path):
-    result = run_cli(["mlplab-train", *SYNTHETIC_RUN, "optimizer.lr=1e30", "trainer.max_epochs=3"], tmp_path, synthetic_data_dir)
+    result = run_cli(
+        ["mlplab-train", *SYNTHETIC_RUN, "optimizer.lr=1e30", "trainer.max_epochs=3"], tmp_path, synthetic_data_dir
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "mlplab-train: diverged: train/loss became" in result.stderr and "lower optimizer.lr" in result.stderr
     run_dir = single_run_dir(tmp_path)
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["status"] == "diverged" and f"at step {metrics['step'] + 1} " in metrics["error"]  # before that step ran
+    assert (
+        metrics["status"] == "diverged" and f"at step {metrics['step'] + 1} " in metrics["error"]
+    )  # before that step ran
     assert metrics["step"] < 10  # stopped at once, not at the end of the epoch (10 steps)
     for checkpoint in run_dir.glob("checkpoints/*.ckpt"):
         weights = torch.load(checkpoint, weights_only=True)["state_dict"]
@@ -226,8 +268,9 @@ def test_hydra_flags_and_launcher_plugins_are_understood(tmp_path):
     shown = run_cli(["mlplab-train", "--cfg", "job", "-p", "model"], tmp_path)  # "job" and "model" are flag values
     assert shown.returncode == 0 and "depth: 2" in shown.stdout, shown.stderr[-2000:]
     both = run_cli(["mlplab-train", "-m", "seed=1", "--cfg", "job"], tmp_path)
-    assert both.returncode == 2 and both.stderr.strip() == ("mlplab-train: error: Only one of --run, --multirun, --cfg, "
-                                                            "--info and --shell_completion can be specified")
+    assert both.returncode == 2 and both.stderr.strip() == (
+        "mlplab-train: error: Only one of --run, --multirun, --cfg, --info and --shell_completion can be specified"
+    )
     unknown = run_cli(["mlplab-train", "-m", "hydra/launcher=nope", "seed=1"], tmp_path)
     (line,) = unknown.stderr.splitlines()
     assert unknown.returncode == 2 and "parallel" in line and "slurm" in line and "submitit_local" in line

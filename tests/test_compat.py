@@ -23,43 +23,70 @@ def parameters(function) -> list[str]:
 def test_child_process_observer_still_watches_through_run():
     from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 
-    require(parameters(_ChildProcessObserver.__init__)[1:3] == ["main_pid", "child_processes"],
-            "_ChildProcessObserver(main_pid, child_processes)", "RankObserver")
-    require("self._run()" in inspect.getsource(_ChildProcessObserver.run),
-            "how _ChildProcessObserver.run polls (_run)", "RankObserver._run")
+    require(
+        parameters(_ChildProcessObserver.__init__)[1:3] == ["main_pid", "child_processes"],
+        "_ChildProcessObserver(main_pid, child_processes)",
+        "RankObserver",
+    )
+    require(
+        "self._run()" in inspect.getsource(_ChildProcessObserver.run),
+        "how _ChildProcessObserver.run polls (_run)",
+        "RankObserver._run",
+    )
 
 
 def test_subprocess_script_launcher_still_starts_ranks_as_mlplab_replaces_it():
     from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
-    require(parameters(_SubprocessScriptLauncher.__init__)[1:4] == ["cluster_environment", "num_processes", "num_nodes"],
-            "_SubprocessScriptLauncher's constructor", "RankLauncher.__init__")
+    require(
+        parameters(_SubprocessScriptLauncher.__init__)[1:4] == ["cluster_environment", "num_processes", "num_nodes"],
+        "_SubprocessScriptLauncher's constructor",
+        "RankLauncher.__init__",
+    )
     for method in ("launch", "kill", "_call_children_scripts", "_check_can_spawn_children"):
-        require(callable(getattr(_SubprocessScriptLauncher, method, None)), f"_SubprocessScriptLauncher.{method}",
-                "RankLauncher")
-    require("self.procs" in inspect.getsource(_SubprocessScriptLauncher),
-            "where _SubprocessScriptLauncher keeps its child processes (procs)", "RankLauncher._call_children_scripts")
-    require("MASTER_PORT" in inspect.getsource(_SubprocessScriptLauncher._call_children_scripts),
-            "the environment a rank is started with", "RankLauncher._call_children_scripts")
+        require(
+            callable(getattr(_SubprocessScriptLauncher, method, None)),
+            f"_SubprocessScriptLauncher.{method}",
+            "RankLauncher",
+        )
+    require(
+        "self.procs" in inspect.getsource(_SubprocessScriptLauncher),
+        "where _SubprocessScriptLauncher keeps its child processes (procs)",
+        "RankLauncher._call_children_scripts",
+    )
+    require(
+        "MASTER_PORT" in inspect.getsource(_SubprocessScriptLauncher._call_children_scripts),
+        "the environment a rank is started with",
+        "RankLauncher._call_children_scripts",
+    )
 
 
 def test_thread_sharing_helper_keeps_its_signature():
     from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 
-    require(parameters(_set_num_threads_if_needed) == ["num_processes"], "_set_num_threads_if_needed(num_processes)",
-            "RankLauncher.launch")
+    require(
+        parameters(_set_num_threads_if_needed) == ["num_processes"],
+        "_set_num_threads_if_needed(num_processes)",
+        "RankLauncher.launch",
+    )
 
 
 def test_ddp_strategy_still_configures_its_launcher_in_one_method():
     from lightning.pytorch.strategies import DDPStrategy
 
     source = inspect.getsource(DDPStrategy._configure_launcher)
-    require("self._launcher" in source, "DDPStrategy._configure_launcher (it sets self._launcher)",
-            "RankCommandDDPStrategy._configure_launcher")
+    require(
+        "self._launcher" in source,
+        "DDPStrategy._configure_launcher (it sets self._launcher)",
+        "RankCommandDDPStrategy._configure_launcher",
+    )
     from lightning.pytorch.trainer.connectors import accelerator_connector
 
-    require("strategy._configure_launcher()" in inspect.getsource(accelerator_connector),
-            "who calls Strategy._configure_launcher (the trainer's accelerator connector)", "RankCommandDDPStrategy")
+    require(
+        "strategy._configure_launcher()" in inspect.getsource(accelerator_connector),
+        "who calls Strategy._configure_launcher (the trainer's accelerator connector)",
+        "RankCommandDDPStrategy",
+    )
 
 
 def test_rank_command_strategy_builds_mlplabs_launcher():

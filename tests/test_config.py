@@ -5,12 +5,13 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import SYNTHETIC_RUN
 from hydra import compose, initialize_config_dir
-from hypothesis import HealthCheck, assume, event, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import strategies as st
 from omegaconf import OmegaConf
 from torch import nn
 
-from conftest import SYNTHETIC_RUN
 from mlplab.cli.compose import CONFIG_DIR
 from mlplab.run.config import ConfigError, parse_run_config
 
@@ -110,7 +111,7 @@ def test_every_logger_option_is_the_logger_it_names(option):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         logger = compose("train", overrides=[f"logger={option}"]).logger
     expected = {"tensorboard": "TensorBoardLogger", "csv": "CSVLogger"}.get(option)
-    assert (logger.get("_target_", "").endswith(expected) if expected else not logger)
+    assert logger.get("_target_", "").endswith(expected) if expected else not logger
 
 
 def test_list_width_and_sgd_settings_pass():
@@ -159,17 +160,42 @@ def test_job_directory_names_are_one_path_component_of_bounded_length():
 
 # --- any value for any key, through the command line: trains, or is refused in one line naming the key --------
 
-USER_KEYS = ["model.depth", "model.width", "model.activation", "model.dropout", "model.output_activation",
-             "optimizer.lr", "optimizer.weight_decay", "optimizer.momentum", "scheduler.eta_min", "data.batch_size",
-             "data.eval_batch_size", "data.val_size", "data.split_seed", "trainer.max_epochs", "trainer.deterministic",
-             "trainer.limit_train_batches", "trainer.gradient_clip_val", "checkpoint.every_n_steps", "seed",
-             "trainer.precision", "trainer.accelerator", "trainer.devices", "trainer.strategy",
-             "trainer.log_every_n_steps", "trainer.num_sanity_val_steps", "data.name", "data.download",
-             "trainer.accumulate_grad_batches", "trainer.max_time", "trainer.val_check_interval"]
+USER_KEYS = [
+    "model.depth",
+    "model.width",
+    "model.activation",
+    "model.dropout",
+    "model.output_activation",
+    "optimizer.lr",
+    "optimizer.weight_decay",
+    "optimizer.momentum",
+    "scheduler.eta_min",
+    "data.batch_size",
+    "data.eval_batch_size",
+    "data.val_size",
+    "data.split_seed",
+    "trainer.max_epochs",
+    "trainer.deterministic",
+    "trainer.limit_train_batches",
+    "trainer.gradient_clip_val",
+    "checkpoint.every_n_steps",
+    "seed",
+    "trainer.precision",
+    "trainer.accelerator",
+    "trainer.devices",
+    "trainer.strategy",
+    "trainer.log_every_n_steps",
+    "trainer.num_sanity_val_steps",
+    "data.name",
+    "data.download",
+    "trainer.accumulate_grad_batches",
+    "trainer.max_time",
+    "trainer.val_check_interval",
+]
 VALUES = st.one_of(  # plausible values as often as wild ones, so that both paths are exercised
     st.integers(0, 8).map(str),
     st.floats(0, 1).map(repr),
-    st.integers(-10**6, 10**6).map(str),
+    st.integers(-(10**6), 10**6).map(str),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
     st.sampled_from(["true", "false", "null", "relu", "gelu", "none", "[]", "[64,32]", "''", "1e-3", "0.5", "${oops}"]),
     st.lists(st.integers(-2, 700), max_size=3).map(lambda items: "[" + ",".join(map(str, items)) + "]"),
@@ -177,11 +203,15 @@ VALUES = st.one_of(  # plausible values as often as wild ones, so that both path
 )
 
 
-@settings(max_examples=int(os.environ.get("MLPLAB_EXAMPLES", "40")), deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=int(os.environ.get("MLPLAB_EXAMPLES", "40")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(key=st.sampled_from(USER_KEYS), value=VALUES)
-def test_any_value_on_the_command_line_trains_or_is_refused_naming_the_key(key, value, forked_cli, synthetic_data_dir,
-                                                                            tmp_path):
+def test_any_value_on_the_command_line_trains_or_is_refused_naming_the_key(
+    key, value, forked_cli, synthetic_data_dir, tmp_path
+):
     # Networks of hundreds of millions of parameters are allowed (they fit in memory) but take minutes a step.
     numbers = [int(n) for n in re.findall(r"\d+", value)]
     assume(not (key == "model.depth" and any(n > 16 for n in numbers)))
@@ -190,10 +220,20 @@ def test_any_value_on_the_command_line_trains_or_is_refused_naming_the_key(key, 
     assume(not (key == "trainer.devices" and value.strip().isdigit() and int(value) > 1))
     override = f"{key}={value}"
     cwd = Path(tempfile.mkdtemp(dir=tmp_path))
-    code, output = forked_cli.run([*SYNTHETIC_RUN, f"paths.data_dir={synthetic_data_dir}", "trainer.limit_val_batches=1",
-                                   "trainer.limit_test_batches=1", "callbacks.model_summary=null",
-                                   "callbacks.model_description=null", "callbacks.misclassified=null",
-                                   "+callbacks.one_step._target_=probes.StopAfterOneStep", override], cwd)
+    code, output = forked_cli.run(
+        [
+            *SYNTHETIC_RUN,
+            f"paths.data_dir={synthetic_data_dir}",
+            "trainer.limit_val_batches=1",
+            "trainer.limit_test_batches=1",
+            "callbacks.model_summary=null",
+            "callbacks.model_description=null",
+            "callbacks.misclassified=null",
+            "+callbacks.one_step._target_=probes.StopAfterOneStep",
+            override,
+        ],
+        cwd,
+    )
     event(f"exit code {code}")
     assert "Traceback" not in output, output
     runs = sorted((cwd / "outputs" / "runs").glob("*"))

@@ -2,12 +2,19 @@ import pytest
 import torch
 from torchvision import datasets
 
-from mlplab.data.datamodule import DataSettings, ImageDataModule, ShardSampler, num_shard_batches, shard_batches
 import mlplab.data.datasets as datasets_module
-from mlplab.data.datasets import CACHE_DIR, DataDamagedError, DataUnavailableError, _load_once, load_dataset, provide_files
+from mlplab.data.datamodule import DataSettings, ImageDataModule, ShardSampler, num_shard_batches, shard_batches
+from mlplab.data.datasets import (
+    CACHE_DIR,
+    DataDamagedError,
+    DataUnavailableError,
+    _load_once,
+    load_dataset,
+    provide_files,
+)
+from mlplab.data.synthetic import write_cifar_like, write_mnist_like
 from mlplab.model.backbones.mlp import MLP
 from mlplab.model.classifier import ImageClassifier
-from mlplab.data.synthetic import write_cifar_like, write_mnist_like
 
 
 def loaded(data_dir, shuffle_seed=0, **settings) -> ImageDataModule:
@@ -44,7 +51,9 @@ def test_validation_split_is_seeded_disjoint_and_independent_of_run_seed(synthet
 
 def test_normalisation_standardises_the_training_split(synthetic_data_dir):
     datamodule = loaded(synthetic_data_dir)
-    model = ImageClassifier(MLP(depth=1, width=8), (1, 28, 28), 10, input_mean=datamodule.mean, input_std=datamodule.std)
+    model = ImageClassifier(
+        MLP(depth=1, width=8), (1, 28, 28), 10, input_mean=datamodule.mean, input_std=datamodule.std
+    )
     x = model.normalize(datamodule.splits["train"].images)
     assert x.dtype == torch.float32
     assert abs(x.mean().item()) < 1e-4 and abs(x.std().item() - 1) < 1e-3
@@ -57,7 +66,14 @@ def test_shuffling_is_seeded_per_epoch_and_shards_cover_every_sample_once():
     sampler.set_epoch(1)
     assert not torch.equal(first, sampler.order())
     assert sorted(first.tolist()) == list(range(103))
-    for num_samples, batch_size, world_size in [(103, 10, 3), (103, 17, 2), (61, 10, 3), (60, 10, 3), (2, 8, 2), (7, 1, 4)]:
+    for num_samples, batch_size, world_size in [
+        (103, 10, 3),
+        (103, 17, 2),
+        (61, 10, 3),
+        (60, 10, 3),
+        (2, 8, 2),
+        (7, 1, 4),
+    ]:
         order = torch.randperm(num_samples)
         shards = [shard_batches(order, batch_size, rank, world_size) for rank in range(world_size)]
         seen = torch.cat([torch.cat(batches) for batches in shards])
@@ -107,9 +123,15 @@ def test_cifar_like_batches_parse_with_torchvision(tmp_path, monkeypatch):
     # torchvision checks each file's md5 against the real CIFAR-10; point it at the synthetic files' sums.
     from torchvision.datasets.utils import calculate_md5
 
-    monkeypatch.setattr(datasets.CIFAR10, "train_list", [[f"data_batch_{i}", calculate_md5(base / f"data_batch_{i}")] for i in range(1, 6)])
+    monkeypatch.setattr(
+        datasets.CIFAR10,
+        "train_list",
+        [[f"data_batch_{i}", calculate_md5(base / f"data_batch_{i}")] for i in range(1, 6)],
+    )
     monkeypatch.setattr(datasets.CIFAR10, "test_list", [["test_batch", calculate_md5(base / "test_batch")]])
-    monkeypatch.setattr(datasets.CIFAR10, "meta", {**datasets.CIFAR10.meta, "md5": calculate_md5(base / "batches.meta")})
+    monkeypatch.setattr(
+        datasets.CIFAR10, "meta", {**datasets.CIFAR10.meta, "md5": calculate_md5(base / "batches.meta")}
+    )
     datamodule = ImageDataModule(DataSettings("cifar10", val_size=10, download=False), tmp_path)
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -127,9 +149,15 @@ def test_a_damaged_cifar_file_is_named_with_the_remedy(tmp_path, monkeypatch):
     from torchvision.datasets.utils import calculate_md5
 
     # The other files pass torchvision's MD5 check; the test batch, cut short, does not.
-    monkeypatch.setattr(datasets.CIFAR10, "train_list", [[f"data_batch_{i}", calculate_md5(base / f"data_batch_{i}")] for i in range(1, 6)])
+    monkeypatch.setattr(
+        datasets.CIFAR10,
+        "train_list",
+        [[f"data_batch_{i}", calculate_md5(base / f"data_batch_{i}")] for i in range(1, 6)],
+    )
     monkeypatch.setattr(datasets.CIFAR10, "test_list", [["test_batch", calculate_md5(base / "test_batch")]])
-    monkeypatch.setattr(datasets.CIFAR10, "meta", {**datasets.CIFAR10.meta, "md5": calculate_md5(base / "batches.meta")})
+    monkeypatch.setattr(
+        datasets.CIFAR10, "meta", {**datasets.CIFAR10.meta, "md5": calculate_md5(base / "batches.meta")}
+    )
     (base / "test_batch").write_bytes((base / "test_batch").read_bytes()[:100])
     datamodule = ImageDataModule(DataSettings("cifar10", val_size=10, download=False), tmp_path)
     with pytest.raises(DataDamagedError) as refused:
@@ -218,8 +246,11 @@ DAMAGES = {  # file -> (how it is damaged, what the message must say)
     "truncated": ("train-images-idx3-ubyte", lambda data: data[: len(data) // 2], "is truncated"),
     "wrong magic": ("t10k-labels-idx1-ubyte", lambda data: b"\x00\x00\x08\x03" + data[4:], "magic number 00000803"),
     "not IDX at all": ("train-labels-idx1-ubyte", lambda data: b"<html>oops", "is not a 1-dimensional IDX file"),
-    "counts disagree": ("t10k-labels-idx1-ubyte",
-                        lambda data: data[:4] + (199).to_bytes(4, "big") + data[8:-1], "200 t10k images but 199 labels"),
+    "counts disagree": (
+        "t10k-labels-idx1-ubyte",
+        lambda data: data[:4] + (199).to_bytes(4, "big") + data[8:-1],
+        "200 t10k images but 199 labels",
+    ),
 }
 
 

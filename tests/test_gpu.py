@@ -5,8 +5,8 @@ import json
 import lightning as L
 import pytest
 import torch
-
 from conftest import SYNTHETIC_RUN, run_cli
+
 from mlplab.data.datamodule import DataSettings, ImageDataModule
 from mlplab.model.backbones.mlp import MLP
 from mlplab.model.classifier import ImageClassifier
@@ -19,10 +19,23 @@ def fit_on_the_gpu(data_dir, callbacks=()) -> tuple[ImageDataModule, L.Trainer]:
     datamodule = ImageDataModule(DataSettings(batch_size=50, val_size=100, download=False), data_dir)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    model = ImageClassifier(MLP(depth=2, width=64), datamodule.input_shape, len(datamodule.class_names),
-                            input_mean=datamodule.mean, input_std=datamodule.std)
-    trainer = L.Trainer(accelerator="gpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks))
+    model = ImageClassifier(
+        MLP(depth=2, width=64),
+        datamodule.input_shape,
+        len(datamodule.class_names),
+        input_mean=datamodule.mean,
+        input_std=datamodule.std,
+    )
+    trainer = L.Trainer(
+        accelerator="gpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+    )
     trainer.fit(model, datamodule=datamodule)
     return datamodule, trainer
 
@@ -53,11 +66,15 @@ def test_a_stacked_sweep_on_the_gpu_gives_each_job_what_it_gives_alone(synthetic
         assert result.returncode == 0, result.stderr[-3000:]
     assert "Training 3 jobs as one stack" in result.stderr or (tmp_path / "stacked" / ".stacks").is_dir()
     for job in (tmp_path / "alone").glob("*seed=*"):
-        alone, stacked = (torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
-                          for folder in (job, tmp_path / "stacked" / job.name))
+        alone, stacked = (
+            torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+            for folder in (job, tmp_path / "stacked" / job.name)
+        )
         for key, value in alone["state_dict"].items():
             torch.testing.assert_close(stacked["state_dict"][key], value, rtol=1e-3, atol=1e-4)
-        metrics = [json.loads((folder / "metrics.json").read_text()) for folder in (job, tmp_path / "stacked" / job.name)]
+        metrics = [
+            json.loads((folder / "metrics.json").read_text()) for folder in (job, tmp_path / "stacked" / job.name)
+        ]
         assert metrics[1]["stacked_jobs"] == 3 and abs(metrics[0]["test/acc"] - metrics[1]["test/acc"]) < 0.02
 
 

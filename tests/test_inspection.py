@@ -12,16 +12,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SYNTHETIC_RUN, run_cli, tensorboard_server
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import SYNTHETIC_RUN, run_cli, tensorboard_server
 from mlplab.cli.evaluate import load_data, load_model
 
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 # A learning rate low enough that the model still makes mistakes on the (easy) synthetic data.
-RUN = [*SYNTHETIC_RUN, "trainer.max_epochs=2", "scheduler=cosine", "optimizer.lr=3e-5",
-       "callbacks.weight_histograms.every_n_epochs=1"]
+RUN = [
+    *SYNTHETIC_RUN,
+    "trainer.max_epochs=2",
+    "scheduler=cosine",
+    "optimizer.lr=3e-5",
+    "callbacks.weight_histograms.every_n_epochs=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +72,11 @@ def test_every_view_is_in_the_event_files(events):
     assert tags["graph"] and "Linear" in str(events.Graph())
     architecture, config = text(events, "run/architecture"), text(events, "run/config")
     assert "Linear(in_features=784, out_features=512" in architecture and "**total**" in architecture
-    assert "depth: 2" in config and "_target_: torch.optim.lr_scheduler.CosineAnnealingLR" in config and "seed: 42" in config
+    assert (
+        "depth: 2" in config
+        and "_target_: torch.optim.lr_scheduler.CosineAnnealingLR" in config
+        and "seed: 42" in config
+    )
     lr = [point.value for point in events.Scalars("train/lr")]
     assert lr[0] == pytest.approx(3e-5) and lr[1] < lr[0]  # the cosine schedule, epoch by epoch
 
@@ -91,11 +100,13 @@ def where_in(grid: np.ndarray, patch: np.ndarray) -> list[tuple[int, int]]:
     """Every (row, column) at which ``patch`` appears, pixel for pixel, in ``grid`` (both H x W x 3)."""
     height, width = patch.shape[:2]
     starts = np.argwhere((grid[: grid.shape[0] - height + 1, : grid.shape[1] - width + 1] == patch[0, 0]).all(axis=2))
-    return [(y, x) for y, x in starts if np.array_equal(grid[y:y + height, x:x + width], patch)]
+    return [(y, x) for y, x in starts if np.array_equal(grid[y : y + height, x : x + width], patch)]
 
 
 def test_misclassified_grid_shows_the_most_confident_mistakes(events, test_predictions, run, synthetic_data_dir):
-    wrong = sorted((row for row in test_predictions if row["correct"] == "0"), key=lambda row: -float(row["probability"]))[:32]
+    wrong = sorted(
+        (row for row in test_predictions if row["correct"] == "0"), key=lambda row: -float(row["probability"])
+    )[:32]
     assert wrong, "the run should make mistakes"
     datamodule = load_data(run / "checkpoints" / "best.ckpt", synthetic_data_dir)
     datamodule.setup("test")
@@ -178,8 +189,9 @@ def test_predict_takes_a_glob_and_the_last_checkpoint(run, synthetic_data_dir, t
     for index in range(3):
         Image.fromarray(data.splits["test"].images[index, 0].numpy()).save(tmp_path / f"image{index}.png")
     (tmp_path / "notes.txt").write_text("not matched by the glob")
-    result = run_cli(["mlplab-predict", f"run={run}", "checkpoint=last", f"inputs='{tmp_path}/image*.png'",
-                      "format=json"], tmp_path)
+    result = run_cli(
+        ["mlplab-predict", f"run={run}", "checkpoint=last", f"inputs='{tmp_path}/image*.png'", "format=json"], tmp_path
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     predicted = json.loads(result.stdout)
     assert [Path(p["path"]).name for p in predicted] == ["image0.png", "image1.png", "image2.png"]
@@ -214,10 +226,12 @@ def test_a_decompression_bomb_is_reported_and_the_other_images_are_predicted(run
 
 
 def test_predict_refuses_bad_input_in_one_line(run, tmp_path):
-    for args, needle in [([f"run={run}", f"inputs={tmp_path / 'nothing.png'}"], "does not exist"),
-                         ([f"run={run}", f"inputs={tmp_path}"], "holds no images"),
-                         ([f"run={tmp_path}", "inputs=test"], "run="),
-                         ([f"run={run}", "inputs=test", "top_k=0"], "top_k")]:
+    for args, needle in [
+        ([f"run={run}", f"inputs={tmp_path / 'nothing.png'}"], "does not exist"),
+        ([f"run={run}", f"inputs={tmp_path}"], "holds no images"),
+        ([f"run={tmp_path}", "inputs=test"], "run="),
+        ([f"run={run}", "inputs=test", "top_k=0"], "top_k"),
+    ]:
         result = run_cli(["mlplab-predict", *args], tmp_path)
         assert result.returncode == 2 and "Traceback" not in result.stderr, args
         (line,) = result.stderr.splitlines()

@@ -55,7 +55,11 @@ def dead_hosts_lock(tmp_path):
     """A lock file whose flock is still held (as a network file system may keep a dead host's) but not renewed."""
     job = tmp_path / "job"
     lock = stale_claim_of_another_host(job, age_seconds=jobs.LEASE_SECONDS + 30)
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import fcntl, os, sys, time
         fd = os.open({str(lock)!r}, os.O_RDWR)
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -63,7 +67,11 @@ def dead_hosts_lock(tmp_path):
         os.utime(fd, (then, then))
         print("held", flush=True)
         time.sleep(600)
-    """)], stdout=subprocess.PIPE, text=True)
+    """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     yield job
     holder.kill()

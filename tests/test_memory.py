@@ -9,24 +9,44 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import SYNTHETIC_RUN, cli_env
 
 
 def peak_and_estimate(tmp_path: Path, data_dir: Path, *overrides: str) -> tuple[int, int]:
     """(peak resident bytes of one mlplab-train process, the estimate in its metrics.json)."""
-    code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
-            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    args = [str(Path(sys.executable).parent / "mlplab-train"), *SYNTHETIC_RUN, "trainer.limit_train_batches=3", *overrides]
-    result = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, env=cli_env(data_dir),
-                            capture_output=True, text=True, timeout=600)
+    code = (
+        "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    args = [
+        str(Path(sys.executable).parent / "mlplab-train"),
+        *SYNTHETIC_RUN,
+        "trainer.limit_train_batches=3",
+        *overrides,
+    ]
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=tmp_path,
+        env=cli_env(data_dir),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (metrics,) = tmp_path.glob("outputs/runs/*/metrics.json")
     return int(result.stdout.split()[-1]) * 1024, json.loads(metrics.read_text())["memory_estimate_bytes"]
 
 
-@pytest.mark.parametrize("overrides", [["model.width=16"], ["model.width=4000"], ["model.width=2000", "model.depth=4"],
-                                       ["model.width=4000", "optimizer=sgd"]], ids=" ".join)
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.width=16"],
+        ["model.width=4000"],
+        ["model.width=2000", "model.depth=4"],
+        ["model.width=4000", "optimizer=sgd"],
+    ],
+    ids=" ".join,
+)
 def test_the_estimate_is_at_or_above_the_measured_peak(overrides, synthetic_data_dir, tmp_path):
     peak, estimate = peak_and_estimate(tmp_path, synthetic_data_dir, *overrides)
     assert estimate >= peak, f"estimated {estimate >> 20} MB, measured {peak >> 20} MB"
@@ -35,8 +55,14 @@ def test_the_estimate_is_at_or_above_the_measured_peak(overrides, synthetic_data
 
 def test_a_network_that_does_not_fit_is_refused_with_what_is_available(synthetic_data_dir, tmp_path):
     # 100000 x 100000: 10 billion parameters, hundreds of GB to train; no machine here has that free
-    result = subprocess.run([str(Path(sys.executable).parent / "mlplab-train"), *SYNTHETIC_RUN, "model.width=100000"],
-                            cwd=tmp_path, env=cli_env(synthetic_data_dir), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "mlplab-train"), *SYNTHETIC_RUN, "model.width=100000"],
+        cwd=tmp_path,
+        env=cli_env(synthetic_data_dir),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("mlplab-train: error:")]
     assert "model.width and model.depth make a network of 10,079,600,010 parameters" in line

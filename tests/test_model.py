@@ -2,9 +2,9 @@ import json
 
 import pytest
 import torch
+from conftest import train_in_process
 from torch import nn
 
-from conftest import train_in_process
 from mlplab.model.backbones import count_parameters
 from mlplab.model.backbones.cnn import CNN
 from mlplab.model.backbones.mlp import ACTIVATIONS, MLP
@@ -25,7 +25,7 @@ def test_depth_sets_hidden_layers_and_shapes(depth):
     assert len(layers) == depth + 1
     assert isinstance(network[0], nn.Flatten)
     assert layers[0].in_features == 784
-    assert [l.out_features for l in layers] == [64] * depth + [10]
+    assert [layer.out_features for layer in layers] == [64] * depth + [10]
     assert network(torch.zeros(5, 1, 28, 28)).shape == (5, 10)
 
 
@@ -37,7 +37,12 @@ def test_depth_zero_is_logistic_regression():
 
 def test_list_width_gives_one_size_per_layer():
     network = build_mlp((3, 32, 32), 10, depth=3, width=[256, 128, 64])
-    assert [(l.in_features, l.out_features) for l in linears(network)] == [(3072, 256), (256, 128), (128, 64), (64, 10)]
+    assert [(layer.in_features, layer.out_features) for layer in linears(network)] == [
+        (3072, 256),
+        (256, 128),
+        (128, 64),
+        (64, 10),
+    ]
     assert network(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
@@ -82,8 +87,15 @@ def test_the_cnn_reference_trains_through_the_same_module(synthetic_data_dir, tm
     # 28x28 halved twice: 7x7 maps of 8 channels feed the head's hidden layer.
     assert state["state_dict"]["network.0.weight"].shape == (4, 1, 3, 3)
     assert state["state_dict"]["network.9.weight"].shape == (16, 8 * 7 * 7)
-    assert state["hyper_parameters"]["backbone"] == {"family": "cnn", "channels": [4, 8], "kernel_size": 3, "hidden": 16,
-                                                     "activation": "relu", "batch_norm": True, "dropout": 0.0}
+    assert state["hyper_parameters"]["backbone"] == {
+        "family": "cnn",
+        "channels": [4, 8],
+        "kernel_size": 3,
+        "hidden": 16,
+        "activation": "relu",
+        "batch_norm": True,
+        "dropout": 0.0,
+    }
 
 
 def test_cnn_settings_that_do_not_fit_the_images_are_refused():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from conftest import SYNTHETIC_RUN, cli_env
 
-BACKBONE = '''
+BACKBONE = """
 from dataclasses import dataclass
 
 from torch import nn
@@ -30,15 +30,21 @@ class TinyConv(Backbone):
     def build(self, input_shape, num_classes):
         return nn.Sequential(nn.Conv2d(input_shape[0], self.channels, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
                              nn.Flatten(), nn.Linear(self.channels * 16, num_classes))
-'''
+"""
 
 
 def train(tmp_path: Path, data_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = cli_env(data_dir)
     env["PYTHONPATH"] = f"{tmp_path / 'code'}:{env['PYTHONPATH']}"
     script = Path(sys.executable).parent / "mlplab-train"
-    return subprocess.run([str(script), "--config-dir", str(tmp_path / "conf"), *SYNTHETIC_RUN, "model=tiny_conv",
-                           *overrides], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [str(script), "--config-dir", str(tmp_path / "conf"), *SYNTHETIC_RUN, "model=tiny_conv", *overrides],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_a_backbone_module_and_a_yaml_file_make_a_model_family(synthetic_data_dir, tmp_path):
@@ -63,8 +69,13 @@ def test_a_backbone_module_and_a_yaml_file_make_a_model_family(synthetic_data_di
     assert metrics["status"] == "completed" and metrics["num_parameters"] == (1 * 6 * 9 + 6) + (6 * 16 * 10 + 10)
     bad = train(tmp_path, synthetic_data_dir, "model.channels=0")
     assert bad.returncode == 2 and "model.channels must be an integer >= 1, got 0" in bad.stderr
-    evaluated = subprocess.run([str(Path(sys.executable).parent / "mlplab-eval"), f"run={run_dir}", "format=json"],
-                               cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                               env={**cli_env(synthetic_data_dir), "PYTHONPATH": str(tmp_path / "code")})
+    evaluated = subprocess.run(
+        [str(Path(sys.executable).parent / "mlplab-eval"), f"run={run_dir}", "format=json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**cli_env(synthetic_data_dir), "PYTHONPATH": str(tmp_path / "code")},
+    )
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert json.loads(evaluated.stdout)["test/acc"] == metrics["test/acc"]

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import SYNTHETIC_RUN, run_cli
 
 OLD_RUN = Path(__file__).parent / "data" / "run-0.1.0"
@@ -31,11 +30,23 @@ def test_old_checkpoint_evaluates_to_its_recorded_metrics(old_run, synthetic_dat
 
 
 def test_old_checkpoint_predicts_the_test_set(old_run, synthetic_data_dir, tmp_path):
-    result = run_cli(["mlplab-predict", f"run={old_run}", "inputs=test", "checkpoint=last"], tmp_path, synthetic_data_dir)
+    result = run_cli(
+        ["mlplab-predict", f"run={old_run}", "inputs=test", "checkpoint=last"], tmp_path, synthetic_data_dir
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = list(csv.DictReader((old_run / "predictions_test.csv").open()))
-    assert len(rows) == 200 and rows[0]["label_name"] in ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                                                           "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+    assert len(rows) == 200 and rows[0]["label_name"] in (
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    )
 
 
 def test_old_run_resumes_where_it_stopped_and_keeps_its_record(old_run, synthetic_data_dir, tmp_path):
@@ -56,13 +67,27 @@ def test_old_run_resumes_where_it_stopped_and_keeps_its_record(old_run, syntheti
 def test_a_run_that_named_its_optimizer_and_schedule_resumes(synthetic_data_dir, tmp_path):
     """The version before this one named the optimizer and schedule (``optimizer.name``, ``scheduler.min_lr``) in
     its checkpoints and overrides; made here from a run of this version, rewritten as that version wrote it."""
-    result = run_cli(["mlplab-train", *SYNTHETIC_RUN, "optimizer=sgd", "scheduler=cosine", "scheduler.eta_min=0.001",
-                      "trainer.max_epochs=2"], tmp_path, synthetic_data_dir)
+    result = run_cli(
+        [
+            "mlplab-train",
+            *SYNTHETIC_RUN,
+            "optimizer=sgd",
+            "scheduler=cosine",
+            "scheduler.eta_min=0.001",
+            "trainer.max_epochs=2",
+        ],
+        tmp_path,
+        synthetic_data_dir,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
     overrides = run_dir / ".hydra" / "overrides.yaml"
-    overrides.write_text(overrides.read_text().replace("optimizer=sgd", "optimizer.name=sgd")
-                         .replace("scheduler=cosine", "scheduler.name=cosine").replace("eta_min", "min_lr"))
+    overrides.write_text(
+        overrides.read_text()
+        .replace("optimizer=sgd", "optimizer.name=sgd")
+        .replace("scheduler=cosine", "scheduler.name=cosine")
+        .replace("eta_min", "min_lr")
+    )
     for name in ("best.ckpt", "last.ckpt"):
         path = run_dir / "checkpoints" / name
         state = torch.load(path, weights_only=True)
@@ -73,5 +98,7 @@ def test_a_run_that_named_its_optimizer_and_schedule_resumes(synthetic_data_dir,
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 3
     assert "scheduler.eta_min=0.001" in overrides.read_text()  # rewritten as this version names it
-    evaluated = run_cli(["mlplab-eval", f"run={run_dir}", "format=json", "accelerator=cpu"], tmp_path, synthetic_data_dir)
+    evaluated = run_cli(
+        ["mlplab-eval", f"run={run_dir}", "format=json", "accelerator=cpu"], tmp_path, synthetic_data_dir
+    )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]

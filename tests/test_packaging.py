@@ -16,8 +16,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_the_wheel_trains_from_an_empty_directory_outside_the_source_tree(synthetic_data_dir, tmp_path):
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(REPO)],
-                   check=True, capture_output=True, cwd=tmp_path)
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(REPO)],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
+    )
     (wheel,) = (tmp_path / "dist").glob("mlplab-*.whl")
     site = tmp_path / "site"
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, capture_output=True)
@@ -32,14 +36,27 @@ def test_the_wheel_trains_from_an_empty_directory_outside_the_source_tree(synthe
     (work / "mine" / "experiment").mkdir(parents=True)
     # A user's preset in a config directory of their own, used next to the packaged configs.
     (work / "mine" / "experiment" / "narrow.yaml").write_text(
-        "# @package _global_\ndefaults:\n  - override /optimizer: sgd\nmodel:\n  width: 24\n")
+        "# @package _global_\ndefaults:\n  - override /optimizer: sgd\nmodel:\n  width: 24\n"
+    )
     env = {**cli_env(synthetic_data_dir), "PYTHONPATH": str(site)}  # the installed copy first, before the checkout's
-    where = subprocess.run([sys.executable, "-c", "import mlplab.cli.compose as c; print(c.CONFIG_DIR)"],
-                           env=env, cwd=work, capture_output=True, text=True, check=True)
+    where = subprocess.run(
+        [sys.executable, "-c", "import mlplab.cli.compose as c; print(c.CONFIG_DIR)"],
+        env=env,
+        cwd=work,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert Path(where.stdout.strip()) == site / "mlplab" / "conf"
 
-    result = subprocess.run([str(site / "bin" / "mlplab-train"), "--config-dir", "mine", "experiment=narrow",
-                             *SYNTHETIC_RUN], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [str(site / "bin" / "mlplab-train"), "--config-dir", "mine", "experiment=narrow", *SYNTHETIC_RUN],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (work / "outputs" / "runs").iterdir()
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "completed"

@@ -10,22 +10,34 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from conftest import SYNTHETIC_RUN, cli_env, run_cli
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 BIN = Path(sys.executable).parent
 # 250 steps per epoch (500 training images, batch 2), a checkpoint every 100 steps, deterministic kernels.
-RUN = [*SYNTHETIC_RUN, "data.batch_size=2", "trainer.max_epochs=3", "trainer.deterministic=true",
-       "checkpoint.every_n_steps=100", "model.width=32", "model.dropout=0.2"]
+RUN = [
+    *SYNTHETIC_RUN,
+    "data.batch_size=2",
+    "trainer.max_epochs=3",
+    "trainer.deterministic=true",
+    "checkpoint.every_n_steps=100",
+    "model.width=32",
+    "model.dropout=0.2",
+]
 STEPS_PER_EPOCH = 250
 # Runs stopped from outside take ~10 s, not ~1 s: the signal lands mid-epoch as meant, however busy the machine.
 PACED_RUN = [*RUN, "+callbacks.pace={_target_:probes.PaceSteps,seconds:0.01}"]
 
 
 def start(args: list[str], cwd: Path, data_dir: Path) -> subprocess.Popen:
-    return subprocess.Popen([str(BIN / "mlplab-train"), *args], cwd=cwd, env=cli_env(data_dir), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [str(BIN / "mlplab-train"), *args],
+        cwd=cwd,
+        env=cli_env(data_dir),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def run_dir_of(cwd: Path) -> Path:
@@ -95,7 +107,9 @@ def test_ctrl_c_mid_epoch_then_the_printed_command_resumes_it_exactly(uninterrup
     assert metrics["status"] == "interrupted" and metrics["stopped_by"] == "SIGINT"
     assert STEPS_PER_EPOCH < metrics["step"] < 2 * STEPS_PER_EPOCH  # stopped in epoch 2, not at its end
     assert saved_step(run_dir / "checkpoints" / "last.ckpt") == metrics["step"]  # checkpoint taken where it stopped
-    command = next(line for line in stderr.splitlines() if line.startswith("Resume with: ")).removeprefix("Resume with: ")
+    command = next(line for line in stderr.splitlines() if line.startswith("Resume with: ")).removeprefix(
+        "Resume with: "
+    )
 
     resumed = run_cli(shlex.split(command), tmp_path, synthetic_data_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -125,8 +139,11 @@ def test_killed_twice_and_resumed_twice_ends_as_the_uninterrupted_run(uninterrup
 
 @pytest.mark.parametrize("signal_name, epoch", [("SIGTERM", 1), ("SIGINT", 2)])
 def test_a_signal_during_validation_stops_once_the_epoch_is_saved_and_resumes_exactly(
-        signal_name, epoch, uninterrupted, synthetic_data_dir, tmp_path):
-    probe = f"+callbacks.signal_probe={{_target_:probes.SignalDuringValidation,signal_name:{signal_name},epoch:{epoch}}}"
+    signal_name, epoch, uninterrupted, synthetic_data_dir, tmp_path
+):
+    probe = (
+        f"+callbacks.signal_probe={{_target_:probes.SignalDuringValidation,signal_name:{signal_name},epoch:{epoch}}}"
+    )
     process = start([*RUN, probe], tmp_path, synthetic_data_dir)
     _, stderr = process.communicate(timeout=240)
     assert process.returncode == 128 + signal.Signals[signal_name].value, stderr[-3000:]
@@ -172,15 +189,22 @@ def test_checkpoints_that_would_run_code_or_are_damaged_are_refused(uninterrupte
     truncated.parent.mkdir(parents=True)
     truncated.write_bytes((uninterrupted / "checkpoints" / "last.ckpt").read_bytes()[:5000])
 
-    for command in (["mlplab-train", f"resume={crafted}"], ["mlplab-eval", f"run={crafted}"],
-                    ["mlplab-predict", f"run={crafted}", "inputs=test"]):
+    for command in (
+        ["mlplab-train", f"resume={crafted}"],
+        ["mlplab-eval", f"run={crafted}"],
+        ["mlplab-predict", f"run={crafted}", "inputs=test"],
+    ):
         result = run_cli(command, tmp_path, synthetic_data_dir)
         assert result.returncode == 2 and "refused, since loading it could run code" in result.stderr, command
         assert "Traceback" not in result.stderr
     assert not marker.exists()  # the payload never ran
     for command in (["mlplab-train", f"resume={truncated}"], ["mlplab-eval", f"run={truncated}"]):
         result = run_cli(command, tmp_path, synthetic_data_dir)
-        assert result.returncode == 2 and "is not a readable checkpoint" in result.stderr and "Traceback" not in result.stderr
+        assert (
+            result.returncode == 2
+            and "is not a readable checkpoint" in result.stderr
+            and "Traceback" not in result.stderr
+        )
 
 
 def test_an_unwritable_checkpoint_folder_is_one_clear_line(synthetic_data_dir, tmp_path):
@@ -218,7 +242,9 @@ def test_a_read_only_place_for_runs_is_one_clear_line(synthetic_data_dir, tmp_pa
     result = run_cli(["mlplab-train", *SYNTHETIC_RUN], read_only, synthetic_data_dir)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "mlplab-train: error: cannot write run directories under /sys" in result.stderr
-    elsewhere = run_cli(["mlplab-train", *SYNTHETIC_RUN, f"hydra.run.dir={read_only}/run"], tmp_path, synthetic_data_dir)
+    elsewhere = run_cli(
+        ["mlplab-train", *SYNTHETIC_RUN, f"hydra.run.dir={read_only}/run"], tmp_path, synthetic_data_dir
+    )
     assert elsewhere.returncode == 2 and "hydra.run.dir=<a writable path>" in elsewhere.stderr
 
 
@@ -239,4 +265,6 @@ def test_a_second_signal_stops_at_once(synthetic_data_dir, tmp_path):
     run_dir = run_dir_of(tmp_path)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "interrupted" and metrics["step"] == 1  # stopped in the pause after the first step,
-    assert not (run_dir / "checkpoints" / "last.ckpt").exists()  # before the checkpoint one signal would have waited for
+    assert not (
+        run_dir / "checkpoints" / "last.ckpt"
+    ).exists()  # before the checkpoint one signal would have waited for

@@ -11,11 +11,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import SYNTHETIC_RUN, cli_env, run_cli
+from probes import fingerprint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import SYNTHETIC_RUN, cli_env, run_cli
 from mlplab.data.datamodule import DataSettings, ImageDataModule
-from probes import fingerprint
 
 DDP = ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
 # Not so easy that every run scores 1.0: the test accuracy must be able to disagree with a second opinion.
@@ -50,10 +50,22 @@ def ddp_run(synthetic_data_dir, tmp_path_factory) -> tuple[Path, Path, Path]:
     cwd, records = tmp_path_factory.mktemp("ddp"), tmp_path_factory.mktemp("records") / "samples"
     own = tmp_path_factory.mktemp("own-configs")
     (own / "experiment").mkdir()
-    (own / "experiment" / "rare_checkpoints.yaml").write_text("# @package _global_\ncheckpoint:\n  every_n_steps: 499\n")
-    result = run_cli(["mlplab-train", "--config-dir", str(own), "experiment=rare_checkpoints", *RUN,
-                      "+callbacks.record._target_=probes.RecordTrainingSamples", f"+callbacks.record.path={records}"],
-                     cwd, synthetic_data_dir)
+    (own / "experiment" / "rare_checkpoints.yaml").write_text(
+        "# @package _global_\ncheckpoint:\n  every_n_steps: 499\n"
+    )
+    result = run_cli(
+        [
+            "mlplab-train",
+            "--config-dir",
+            str(own),
+            "experiment=rare_checkpoints",
+            *RUN,
+            "+callbacks.record._target_=probes.RecordTrainingSamples",
+            f"+callbacks.record.path={records}",
+        ],
+        cwd,
+        synthetic_data_dir,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return cwd, cwd / "outputs" / "runs", records
 
@@ -72,7 +84,9 @@ def test_ddp_run_has_one_directory_written_by_rank_zero(ddp_run):
     events = EventAccumulator(str(run_dir))
     events.Reload()
     # One point per epoch: one rank logged, with the value over both ranks' samples.
-    assert [point.value for point in events.Scalars("val/acc")] == pytest.approx([row["val/acc"] for row in metrics["history"]])
+    assert [point.value for point in events.Scalars("val/acc")] == pytest.approx(
+        [row["val/acc"] for row in metrics["history"]]
+    )
     assert len(events.Scalars("test/acc")) == 1
 
 
@@ -108,8 +122,11 @@ def test_ddp_sweep_has_one_directory_per_job_and_a_summary(synthetic_data_dir, t
     for launcher in ([], ["hydra/launcher=submitit_local"]):
         cwd = tmp_path / (launcher[0].split("=")[1] if launcher else "basic")
         cwd.mkdir()
-        result = run_cli(["mlplab-train", "-m", *RUN, "trainer.max_epochs=1", "seed=1,2", "sweep=s", *launcher],
-                         cwd, synthetic_data_dir)
+        result = run_cli(
+            ["mlplab-train", "-m", *RUN, "trainer.max_epochs=1", "seed=1,2", "sweep=s", *launcher],
+            cwd,
+            synthetic_data_dir,
+        )
         assert result.returncode == 0, (launcher, result.stderr[-3000:])
         sweep_dir = cwd / "outputs" / "sweeps" / "s"
         assert not written_outside(cwd, sweep_dir), launcher
@@ -123,11 +140,21 @@ def test_ddp_sweep_has_one_directory_per_job_and_a_summary(synthetic_data_dir, t
 
 
 def test_killed_ddp_run_resumes_and_completes(synthetic_data_dir, tmp_path):
-    args = [*RUN, "trainer.max_epochs=3", "checkpoint.every_n_steps=4", "+callbacks.pace._target_=probes.PaceSteps",
-            "+callbacks.pace.seconds=0.1"]
-    process = subprocess.Popen([str(Path(sys.executable).parent / "mlplab-train"), *args], cwd=tmp_path,
-                               env=cli_env(synthetic_data_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    args = [
+        *RUN,
+        "trainer.max_epochs=3",
+        "checkpoint.every_n_steps=4",
+        "+callbacks.pace._target_=probes.PaceSteps",
+        "+callbacks.pace.seconds=0.1",
+    ]
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlplab-train"), *args],
+        cwd=tmp_path,
+        env=cli_env(synthetic_data_dir),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 120
     while not list((tmp_path / "outputs" / "runs").glob("*/checkpoints/last.ckpt")) and time.time() < deadline:
         time.sleep(0.2)
@@ -156,11 +183,22 @@ def rank_processes(parent: int) -> list[int]:
 
 @pytest.mark.parametrize("rank", [0, 1])
 def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(rank, synthetic_data_dir, tmp_path):
-    args = [*RUN, "trainer.max_epochs=3", "checkpoint.every_n_steps=0", "+callbacks.pace._target_=probes.PaceSteps",
-            "+callbacks.pace.seconds=0.1"]
-    process = subprocess.Popen([str(Path(sys.executable).parent / "mlplab-train"), *args], cwd=tmp_path,
-                               env=cli_env(synthetic_data_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
+    args = [
+        *RUN,
+        "trainer.max_epochs=3",
+        "checkpoint.every_n_steps=0",
+        "+callbacks.pace._target_=probes.PaceSteps",
+        "+callbacks.pace.seconds=0.1",
+    ]
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlplab-train"), *args],
+        cwd=tmp_path,
+        env=cli_env(synthetic_data_dir),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.time() + 120
     while not list((tmp_path / "outputs" / "runs").glob("*/checkpoints/best.ckpt")) and time.time() < deadline:
         time.sleep(0.1)
@@ -178,9 +216,14 @@ def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(rank, synthetic_
 
 
 def test_a_failing_ddp_job_does_not_end_the_sweep(synthetic_data_dir, tmp_path):
-    result = run_cli(["mlplab-train", "-m", *RUN, "optimizer.lr=1e30,1e-3", "sweep=mixed"], tmp_path, synthetic_data_dir)
+    result = run_cli(
+        ["mlplab-train", "-m", *RUN, "optimizer.lr=1e30,1e-3", "sweep=mixed"], tmp_path, synthetic_data_dir
+    )
     assert result.returncode == 1 and "1 of 2 jobs did not complete" in result.stderr, result.stderr[-3000:]
     sweep_dir = tmp_path / "outputs" / "sweeps" / "mixed"
-    status = {job.name.split("optimizer.lr=")[1].split(",")[0]: json.loads((job / "metrics.json").read_text())["status"]
-              for job in sweep_dir.iterdir() if (job / ".hydra").is_dir()}
+    status = {
+        job.name.split("optimizer.lr=")[1].split(",")[0]: json.loads((job / "metrics.json").read_text())["status"]
+        for job in sweep_dir.iterdir()
+        if (job / ".hydra").is_dir()
+    }
     assert status == {"1e+30": "diverged", "0.001": "completed"}

@@ -9,14 +9,20 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import SYNTHETIC_RUN, run_cli
 from omegaconf import OmegaConf
 
-from conftest import SYNTHETIC_RUN, run_cli
 from mlplab.sweeps.storage import STUDY_FILE
 
 BIN = Path(sys.executable).parent
-SEARCH = ["-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=6", *SYNTHETIC_RUN, "callbacks.model_summary=null",
-          "sweep=search"]
+SEARCH = [
+    "-m",
+    "hydra/sweeper=optuna",
+    "hydra.sweeper.n_trials=6",
+    *SYNTHETIC_RUN,
+    "callbacks.model_summary=null",
+    "sweep=search",
+]
 TWO_PARAMETERS = ["model.width=choice(16,32)", "optimizer.lr=tag(log, interval(0.0003, 0.01))"]
 
 
@@ -65,8 +71,16 @@ def test_a_search_runs_its_trials_and_the_summary_matches_the_jobs(synthetic_dat
 
 
 def test_diverging_trials_fail_and_the_search_goes_on_to_a_sane_best(synthetic_data_dir, tmp_path):
-    result = search(["optimizer.lr=choice(0.003, 1e30)", "seed=choice(1, 2, 3)", "hydra.sweeper.max_failure_ratio=0.9",
-                     "hydra.sweeper.sampler.seed=0"], tmp_path, synthetic_data_dir)
+    result = search(
+        [
+            "optimizer.lr=choice(0.003, 1e30)",
+            "seed=choice(1, 2, 3)",
+            "hydra.sweeper.max_failure_ratio=0.9",
+            "hydra.sweeper.sampler.seed=0",
+        ],
+        tmp_path,
+        synthetic_data_dir,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     study = study_of(sweep_dir := tmp_path / "outputs" / "sweeps" / "search")
     failed = [t for t in study.get_trials() if t.state.name == "FAIL"]
@@ -83,11 +97,20 @@ def test_a_hopeless_search_stops_with_a_clear_message(synthetic_data_dir, tmp_pa
 
 
 def test_clearly_worse_trials_are_pruned_early(synthetic_data_dir, tmp_path):
-    result = search(["optimizer.lr=choice(0.00001, 0.003)", "seed=choice(1, 2, 3, 4)", "trainer.max_epochs=4",
-                     "hydra.sweeper.n_trials=8",
-                     "hydra.sweeper.sampler._target_=optuna.samplers.RandomSampler", "hydra.sweeper.sampler.seed=1",
-                     "hydra.sweeper.pruner.n_startup_trials=2", "hydra.sweeper.pruner.n_warmup_steps=2"],
-                    tmp_path, synthetic_data_dir)
+    result = search(
+        [
+            "optimizer.lr=choice(0.00001, 0.003)",
+            "seed=choice(1, 2, 3, 4)",
+            "trainer.max_epochs=4",
+            "hydra.sweeper.n_trials=8",
+            "hydra.sweeper.sampler._target_=optuna.samplers.RandomSampler",
+            "hydra.sweeper.sampler.seed=1",
+            "hydra.sweeper.pruner.n_startup_trials=2",
+            "hydra.sweeper.pruner.n_warmup_steps=2",
+        ],
+        tmp_path,
+        synthetic_data_dir,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     sweep_dir = tmp_path / "outputs" / "sweeps" / "search"
     study = study_of(sweep_dir)
@@ -116,9 +139,17 @@ def test_two_parallel_workers_share_the_study_without_duplicates(synthetic_data_
 
 def test_a_sampled_config_that_is_invalid_is_a_failed_trial_and_the_search_goes_on(synthetic_data_dir, tmp_path):
     # dropout must be below 1: about half the space is invalid
-    result = search(["model.dropout=interval(0.5, 1.5)", "hydra.sweeper.n_trials=4", "hydra.sweeper.max_failure_ratio=1",
-                     "hydra.sweeper.sampler._target_=optuna.samplers.RandomSampler", "hydra.sweeper.sampler.seed=3"],
-                    tmp_path, synthetic_data_dir)
+    result = search(
+        [
+            "model.dropout=interval(0.5, 1.5)",
+            "hydra.sweeper.n_trials=4",
+            "hydra.sweeper.max_failure_ratio=1",
+            "hydra.sweeper.sampler._target_=optuna.samplers.RandomSampler",
+            "hydra.sweeper.sampler.seed=3",
+        ],
+        tmp_path,
+        synthetic_data_dir,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     sweep_dir = tmp_path / "outputs" / "sweeps" / "search"
     trials = study_of(sweep_dir).get_trials()
@@ -130,11 +161,19 @@ def test_a_sampled_config_that_is_invalid_is_a_failed_trial_and_the_search_goes_
 
 
 def test_a_failing_trial_is_told_failed_with_its_error_and_the_search_goes_on(synthetic_data_dir, tmp_path):
-    result = search(["+callbacks.boom._target_=probes.RaiseAtStart", "+callbacks.boom.fail=choice(true, false)",
-                     "seed=choice(1, 2)",
-                     "hydra.sweeper.n_trials=4", "hydra.sweeper.max_failure_ratio=1",
-                     "hydra.sweeper.sampler._target_=optuna.samplers.RandomSampler", "hydra.sweeper.sampler.seed=0"],
-                    tmp_path, synthetic_data_dir)
+    result = search(
+        [
+            "+callbacks.boom._target_=probes.RaiseAtStart",
+            "+callbacks.boom.fail=choice(true, false)",
+            "seed=choice(1, 2)",
+            "hydra.sweeper.n_trials=4",
+            "hydra.sweeper.max_failure_ratio=1",
+            "hydra.sweeper.sampler._target_=optuna.samplers.RandomSampler",
+            "hydra.sweeper.sampler.seed=0",
+        ],
+        tmp_path,
+        synthetic_data_dir,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     sweep_dir = tmp_path / "outputs" / "sweeps" / "search"
     trials = study_of(sweep_dir).get_trials()
@@ -158,8 +197,15 @@ def test_a_search_without_dimensions_or_with_a_sweep_it_cannot_sample_is_refused
 
 
 def test_the_preset_runs_as_a_search_whose_trials_report_each_epoch(synthetic_data_dir, tmp_path):
-    args = ["hparams_search=fmnist_mlp", "sweep=preset", "hydra.sweeper.n_trials=2", "trainer.max_epochs=2",
-            "data.val_size=100", "data.system_dir=null", "data.download=false"]  # no -m: the preset sets the mode
+    args = [
+        "hparams_search=fmnist_mlp",
+        "sweep=preset",
+        "hydra.sweeper.n_trials=2",
+        "trainer.max_epochs=2",
+        "data.val_size=100",
+        "data.system_dir=null",
+        "data.download=false",
+    ]  # no -m: the preset sets the mode
     result = run_cli(["mlplab-train", *args], tmp_path, synthetic_data_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     sweep_dir = tmp_path / "outputs" / "sweeps" / "preset"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import optuna
 import pytest
-
 from conftest import SYNTHETIC_RUN, cli_env
+
 from mlplab.sweeps.storage import STUDY_FILE
 from mlplab.sweeps.study import DUPLICATE_OF
 
@@ -28,8 +28,18 @@ SAMPLERS = {
 
 
 def command(sampler: str) -> list[str]:
-    return ["mlplab-train", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=4", *SAMPLERS[sampler],
-            *SYNTHETIC_RUN, "callbacks.model_summary=null", "sweep=restarts", *SPACE, *SLOW]
+    return [
+        "mlplab-train",
+        "-m",
+        "hydra/sweeper=optuna",
+        "hydra.sweeper.n_trials=4",
+        *SAMPLERS[sampler],
+        *SYNTHETIC_RUN,
+        "callbacks.model_summary=null",
+        "sweep=restarts",
+        *SPACE,
+        *SLOW,
+    ]
 
 
 def study_of(sweep_dir: Path) -> optuna.Study:
@@ -39,8 +49,11 @@ def study_of(sweep_dir: Path) -> optuna.Study:
 
 def finished_jobs(sweep_dir: Path) -> dict[str, str]:
     """Each completed job's checkpoint, as a digest: a job trained again would change it."""
-    return {job.name: hashlib.sha1((job / "checkpoints" / "last.ckpt").read_bytes()).hexdigest()
-            for job in sweep_dir.iterdir() if '"status": "completed"' in _text(job / "metrics.json")}
+    return {
+        job.name: hashlib.sha1((job / "checkpoints" / "last.ckpt").read_bytes()).hexdigest()
+        for job in sweep_dir.iterdir()
+        if '"status": "completed"' in _text(job / "metrics.json")
+    }
 
 
 def _text(path: Path) -> str:
@@ -54,20 +67,27 @@ def test_a_search_killed_three_times_runs_each_configuration_once(sampler, forke
     # mlplab-train's main() in processes forked from one that imported it (conftest.ForkedCli), killed by Hydra
     # callbacks of the test's (tests/probes.py); the third run is a process of its own, killed from outside.
     # 1: killed during its second trial, once that trial has a checkpoint
-    code, output = forked_cli.run([*args[1:], "+hydra.callbacks.kill._target_=probes.KillDuringJob",
-                                   "+hydra.callbacks.kill.job=2"], tmp_path)
+    code, output = forked_cli.run(
+        [*args[1:], "+hydra.callbacks.kill._target_=probes.KillDuringJob", "+hydra.callbacks.kill.job=2"], tmp_path
+    )
     assert code == -signal.SIGKILL, output[-3000:]
     done = finished_jobs(sweep_dir)
     assert len(done) == 1
     # 2: the cut-short trial resumes; killed as the next new trial's job returns, before the study hears of it
-    code, output = forked_cli.run([*args[1:], "+hydra.callbacks.kill._target_=probes.KillAfterJobs",
-                                   "+hydra.callbacks.kill.jobs=2"], tmp_path)
+    code, output = forked_cli.run(
+        [*args[1:], "+hydra.callbacks.kill._target_=probes.KillAfterJobs", "+hydra.callbacks.kill.jobs=2"], tmp_path
+    )
     assert code == -signal.SIGKILL, output[-3000:]
     done_later = finished_jobs(sweep_dir)
     assert len(done_later) == 3 and done.items() <= done_later.items()
     # 3: the last trial trains, then the process dies while it writes the summary
-    process = subprocess.Popen([str(BIN / args[0]), *args[1:]], cwd=tmp_path, env=cli_env(synthetic_data_dir),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [str(BIN / args[0]), *args[1:]],
+        cwd=tmp_path,
+        env=cli_env(synthetic_data_dir),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 240
     while process.poll() is None and not (sweep_dir / "search.png").exists() and time.monotonic() < deadline:
         time.sleep(0.005)

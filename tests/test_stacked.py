@@ -25,8 +25,13 @@ def networks(backbones: list[MLP]) -> list[torch.nn.Sequential]:
 def batches(steps: int, size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each network's own batches: K x B images and labels per step."""
     generator = torch.Generator().manual_seed(0)
-    return [(torch.randn(len(SEEDS), size, *SHAPE, generator=generator),
-             torch.randint(0, CLASSES, (len(SEEDS), size), generator=generator)) for _ in range(steps)]
+    return [
+        (
+            torch.randn(len(SEEDS), size, *SHAPE, generator=generator),
+            torch.randint(0, CLASSES, (len(SEEDS), size), generator=generator),
+        )
+        for _ in range(steps)
+    ]
 
 
 def test_a_stack_computes_what_each_network_computes_alone():
@@ -44,14 +49,29 @@ def test_a_stack_computes_what_each_network_computes_alone():
 
 # Each network's own numbers, as torch.optim takes them
 OPTIMIZERS = {
-    "adam": (torch.optim.Adam, [{"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
-                                {"lr": 3e-3, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 1e-2},
-                                {"lr": 1e-2, "betas": (0.95, 0.9), "eps": 1e-7, "weight_decay": 1e-3}], {}),
-    "fused adamw": (torch.optim.AdamW, [{"lr": 1e-3, "weight_decay": 0.0}, {"lr": 3e-3, "weight_decay": 0.1},
-                                        {"lr": 1e-2, "weight_decay": 0.01}], {"fused": True}),
-    "sgd": (torch.optim.SGD, [{"lr": 0.1, "momentum": 0.0, "weight_decay": 0.0},
-                              {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3, "dampening": 0.1},
-                              {"lr": 0.01, "momentum": 0.5, "weight_decay": 1e-2, "nesterov": True}], {}),
+    "adam": (
+        torch.optim.Adam,
+        [
+            {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
+            {"lr": 3e-3, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 1e-2},
+            {"lr": 1e-2, "betas": (0.95, 0.9), "eps": 1e-7, "weight_decay": 1e-3},
+        ],
+        {},
+    ),
+    "fused adamw": (
+        torch.optim.AdamW,
+        [{"lr": 1e-3, "weight_decay": 0.0}, {"lr": 3e-3, "weight_decay": 0.1}, {"lr": 1e-2, "weight_decay": 0.01}],
+        {"fused": True},
+    ),
+    "sgd": (
+        torch.optim.SGD,
+        [
+            {"lr": 0.1, "momentum": 0.0, "weight_decay": 0.0},
+            {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3, "dampening": 0.1},
+            {"lr": 0.01, "momentum": 0.5, "weight_decay": 1e-2, "nesterov": True},
+        ],
+        {},
+    ),
 }
 
 
@@ -61,10 +81,12 @@ def test_each_network_of_a_stack_trains_as_it_would_alone_with_its_own_numbers(n
     backbones = [MLP(depth=2, width=32)] * 3
     alone = networks(backbones)
     stacked = StackedMLP(backbones, networks(backbones))
-    optimizers = [optimizer_class(network.parameters(), **arguments, **shared)
-                  for network, arguments in zip(alone, per_network)]
-    optimizer = PerNetworkOptimizer(stacked, [functools.partial(optimizer_class, **arguments, **shared)
-                                              for arguments in per_network])
+    optimizers = [
+        optimizer_class(network.parameters(), **arguments, **shared) for network, arguments in zip(alone, per_network)
+    ]
+    optimizer = PerNetworkOptimizer(
+        stacked, [functools.partial(optimizer_class, **arguments, **shared) for arguments in per_network]
+    )
     for images, labels in batches(20):
         for k, (network, single) in enumerate(zip(alone, optimizers)):
             single.zero_grad()

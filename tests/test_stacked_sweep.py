@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from conftest import SYNTHETIC_RUN, run_cli
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 SMALL = [*SYNTHETIC_RUN, "model.width=16", "trainer.max_epochs=2", "callbacks.model_summary=null"]
 
 
 def sweep(forked_cli, tmp_path: Path, data_dir: Path, name: str, *overrides: str) -> tuple[int, str, Path]:
-    code, output = forked_cli.run(["-m", *SMALL, f"paths.data_dir={data_dir}", f"hydra.sweep.dir={name}", *overrides],
-                                  tmp_path)
+    code, output = forked_cli.run(
+        ["-m", *SMALL, f"paths.data_dir={data_dir}", f"hydra.sweep.dir={name}", *overrides], tmp_path
+    )
     return code, output, tmp_path / name
 
 
@@ -83,20 +83,29 @@ def test_each_stacked_job_ends_as_it_does_in_a_job_by_job_sweep(forked_cli, synt
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
     assert report["test/acc"] == pytest.approx(report["recorded test/acc"], abs=1e-6)
-    code, output = forked_cli.run([f"resume='{job}'", "trainer.max_epochs=3", f"paths.data_dir={synthetic_data_dir}"],
-                                  tmp_path)
+    code, output = forked_cli.run(
+        [f"resume='{job}'", "trainer.max_epochs=3", f"paths.data_dir={synthetic_data_dir}"], tmp_path
+    )
     assert code == 0, output[-3000:]
     resumed = json.loads((job / "metrics.json").read_text())
     assert resumed["status"] == "completed" and resumed["epochs"] == 3 and resumed["step"] == 30
 
 
 def test_jobs_that_cannot_stack_run_on_their_own_saying_why(forked_cli, synthetic_data_dir, tmp_path):
-    code, output, swept = sweep(forked_cli, tmp_path, synthetic_data_dir, "mixed", "seed=1,2",
-                                "trainer.gradient_clip_val=null,1.0", "hydra/launcher=stacked")
+    code, output, swept = sweep(
+        forked_cli,
+        tmp_path,
+        synthetic_data_dir,
+        "mixed",
+        "seed=1,2",
+        "trainer.gradient_clip_val=null,1.0",
+        "hydra/launcher=stacked",
+    )
     assert code == 0, output[-3000:]
     # the two that clip gradients each say so; the two that do not stack
-    assert output.count("runs on its own: trainer.gradient_clip_val=1.0 applies to each job on its own") == 2, \
-        output[-3000:]
+    assert output.count("runs on its own: trainer.gradient_clip_val=1.0 applies to each job on its own") == 2, output[
+        -3000:
+    ]
     assert "Training 2 jobs as one stack" in output
     assert all(json.loads((job / "metrics.json").read_text())["status"] == "completed" for job in jobs(swept).values())
     stacked = [name for name, job in jobs(swept).items() if "stacked_jobs" in (job / "metrics.json").read_text()]
@@ -104,28 +113,51 @@ def test_jobs_that_cannot_stack_run_on_their_own_saying_why(forked_cli, syntheti
 
 
 def test_a_diverging_job_leaves_the_stack_and_the_others_go_on(forked_cli, synthetic_data_dir, tmp_path):
-    code, output, swept = sweep(forked_cli, tmp_path, synthetic_data_dir, "diverging", "optimizer.lr=0.001,1e30",
-                                "seed=1,2", "scheduler=plateau", "hydra/launcher=stacked")
+    code, output, swept = sweep(
+        forked_cli,
+        tmp_path,
+        synthetic_data_dir,
+        "diverging",
+        "optimizer.lr=0.001,1e30",
+        "seed=1,2",
+        "scheduler=plateau",
+        "hydra/launcher=stacked",
+    )
     assert code == 1, output[-3000:]  # the sweep did not complete every job, and says which
     assert "diverged and leaves the stack" in output and "2 of 4 jobs did not complete" in output
     for name, job in jobs(swept).items():
         metrics = json.loads((job / "metrics.json").read_text())
         if "1e+30" in name:
             assert metrics["status"] == "diverged" and "lower optimizer.lr" in metrics["error"]
-            last = torch.load(job / "checkpoints" / "last.ckpt", weights_only=True) \
-                if (job / "checkpoints" / "last.ckpt").is_file() else None
+            last = (
+                torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)
+                if (job / "checkpoints" / "last.ckpt").is_file()
+                else None
+            )
             assert last is None or all(value.isfinite().all() for value in last["state_dict"].values())
         else:
             assert metrics["status"] == "completed" and metrics["epochs"] == 2
 
 
 def test_a_killed_stack_resumes_every_job_exactly(forked_cli, synthetic_data_dir, tmp_path):
-    exact = ["seed=1,2,3", "trainer.deterministic=true", "trainer.max_epochs=3", "checkpoint.every_n_steps=3",
-             "scheduler=warmup_cosine", "hydra/launcher=stacked"]
+    exact = [
+        "seed=1,2,3",
+        "trainer.deterministic=true",
+        "trainer.max_epochs=3",
+        "checkpoint.every_n_steps=3",
+        "scheduler=warmup_cosine",
+        "hydra/launcher=stacked",
+    ]
     code, output, whole = sweep(forked_cli, tmp_path, synthetic_data_dir, "whole", *exact)
     assert code == 0, output[-3000:]
-    code, output, killed = sweep(forked_cli, tmp_path, synthetic_data_dir, "killed", *exact,
-                                 "+hydra.callbacks.kill._target_=probes.KillWhenStackCheckpoints")
+    code, output, killed = sweep(
+        forked_cli,
+        tmp_path,
+        synthetic_data_dir,
+        "killed",
+        *exact,
+        "+hydra.callbacks.kill._target_=probes.KillWhenStackCheckpoints",
+    )
     assert code == -signal.SIGKILL, output[-3000:]
     assert not any('"completed"' in (job / "metrics.json").read_text() for job in jobs(killed).values())
     code, output, _ = sweep(forked_cli, tmp_path, synthetic_data_dir, "killed", *exact)
@@ -136,21 +168,40 @@ def test_a_killed_stack_resumes_every_job_exactly(forked_cli, synthetic_data_dir
         for key, value in a["state_dict"].items():
             assert torch.equal(value, b["state_dict"][key]), (name, key)
         for index, values in a["optimizer_states"][0]["state"].items():
-            assert all(torch.equal(value, b["optimizer_states"][0]["state"][index][key]) for key, value in values.items())
+            assert all(
+                torch.equal(value, b["optimizer_states"][0]["state"][index][key]) for key, value in values.items()
+            )
         assert a["lr_schedulers"] == b["lr_schedulers"]
         histories = [json.loads((folder / "metrics.json").read_text())["history"] for folder in (job, killed / name)]
         assert histories[0] == histories[1]
 
 
 def test_max_stack_splits_a_group_and_is_checked(forked_cli, synthetic_data_dir, tmp_path):
-    code, output, swept = sweep(forked_cli, tmp_path, synthetic_data_dir, "capped", "seed=1,2,3",
-                                "hydra/launcher=stacked", "hydra.launcher.max_stack=2")
+    code, output, swept = sweep(
+        forked_cli,
+        tmp_path,
+        synthetic_data_dir,
+        "capped",
+        "seed=1,2,3",
+        "hydra/launcher=stacked",
+        "hydra.launcher.max_stack=2",
+    )
     assert code == 0, output[-3000:]
     assert "Training 2 jobs as one stack" in output and "runs on its own: no other job of the sweep stacks" in output
-    sizes = sorted(json.loads((job / "metrics.json").read_text()).get("stacked_jobs", 1) for job in jobs(swept).values())
+    sizes = sorted(
+        json.loads((job / "metrics.json").read_text()).get("stacked_jobs", 1) for job in jobs(swept).values()
+    )
     assert sizes == [1, 2, 2]
-    code, output, _ = sweep(forked_cli, tmp_path, synthetic_data_dir, "refused", "seed=1,2", "hydra/launcher=stacked",
-                            "hydra.launcher.max_stack=0")
-    assert code == 2 and output.strip().splitlines()[-1] == ("mlplab-train: error: hydra.launcher.max_stack must be "
-                                                             "null (as many as memory holds) or an integer >= 1, got 0")
+    code, output, _ = sweep(
+        forked_cli,
+        tmp_path,
+        synthetic_data_dir,
+        "refused",
+        "seed=1,2",
+        "hydra/launcher=stacked",
+        "hydra.launcher.max_stack=0",
+    )
+    assert code == 2 and output.strip().splitlines()[-1] == (
+        "mlplab-train: error: hydra.launcher.max_stack must be null (as many as memory holds) or an integer >= 1, got 0"
+    )
     assert "Traceback" not in output

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import optuna
 import pytest
-
 from conftest import SYNTHETIC_RUN, cli_env, free_port, postgres_server
+
 from mlplab.sweeps.storage import STUDY_FILE
 
 BIN = Path(sys.executable).parent
@@ -39,11 +39,25 @@ def jobs_in_summary(sweep_dir: Path) -> list[str]:
 def test_two_processes_with_their_own_sweep_folders_share_one_postgresql_study(synthetic_data_dir, tmp_path):
     slow = ["data.batch_size=10", "+callbacks.pace={_target_:probes.PaceSteps,seconds:0.01}"]
     with postgres_server() as url:
-        shared = [*SEARCH, "hydra.sweeper.n_trials=6", f"hydra.sweeper.storage={url}",
-                  "hydra.sweeper.study_name=shared", *SPACE, *slow]
-        processes = [subprocess.Popen([str(BIN / "mlplab-train"), *shared, f"sweep={name}"], cwd=tmp_path,
-                                      env=cli_env(synthetic_data_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True) for name in ("a", "b")]
+        shared = [
+            *SEARCH,
+            "hydra.sweeper.n_trials=6",
+            f"hydra.sweeper.storage={url}",
+            "hydra.sweeper.study_name=shared",
+            *SPACE,
+            *slow,
+        ]
+        processes = [
+            subprocess.Popen(
+                [str(BIN / "mlplab-train"), *shared, f"sweep={name}"],
+                cwd=tmp_path,
+                env=cli_env(synthetic_data_dir),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for name in ("a", "b")
+        ]
         outputs = [process.communicate(timeout=400) for process in processes]
         for process, (_, stderr) in zip(processes, outputs):
             assert process.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]
@@ -65,14 +79,25 @@ def test_two_processes_with_their_own_sweep_folders_share_one_postgresql_study(s
 def test_two_processes_share_one_sweep_folder_and_its_journal(synthetic_data_dir, tmp_path):
     slow = ["data.batch_size=10", "+callbacks.pace={_target_:probes.PaceSteps,seconds:0.01}"]
     args = [str(BIN / "mlplab-train"), *SEARCH, "hydra.sweeper.n_trials=6", "sweep=together", *SPACE, *slow]
-    processes = [subprocess.Popen(args, cwd=tmp_path, env=cli_env(synthetic_data_dir), stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    processes = [
+        subprocess.Popen(
+            args,
+            cwd=tmp_path,
+            env=cli_env(synthetic_data_dir),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outputs = [process.communicate(timeout=400) for process in processes]
     for process, (_, stderr) in zip(processes, outputs):
         assert process.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]
     sweep_dir = tmp_path / "outputs" / "sweeps" / "together"
-    study = optuna.load_study(study_name="together", storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(sweep_dir / STUDY_FILE))))
+    study = optuna.load_study(
+        study_name="together",
+        storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(sweep_dir / STUDY_FILE))),
+    )
     trials = study.get_trials(states=COMPLETE)
     assert len(trials) == 6 and len(study.get_trials()) == 6
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 6
@@ -94,26 +119,29 @@ def test_a_search_kept_in_sqlite_continues_from_it(forked_cli, synthetic_data_di
     assert f"in `{url}`: 2 distinct trials" in (sweep_dir / "summary.md").read_text()
 
 
-def test_a_study_that_cannot_be_used_is_refused_with_one_line_and_left_as_it_was(forked_cli, synthetic_data_dir,
-                                                                                  tmp_path):
+def test_a_study_that_cannot_be_used_is_refused_with_one_line_and_left_as_it_was(
+    forked_cli, synthetic_data_dir, tmp_path
+):
     args = ["hydra.sweeper.n_trials=2", "sweep=kept", "model.width=choice(16, 32)"]
     assert search(forked_cli, args, tmp_path, synthetic_data_dir)[0] == 0
     sweep_dir = tmp_path / "outputs" / "sweeps" / "kept"
     journal, folders = (sweep_dir / STUDY_FILE).read_bytes(), sorted(p.name for p in sweep_dir.iterdir())
     refusals = {
         "hydra.sweeper.direction=minimize": "study 'kept' in outputs/sweeps/kept/optuna.journal exists and is to "
-                                            "maximize its objective, not to minimize",
+        "maximize its objective, not to minimize",
         "model.width=choice(16, 64)": "was searched over another space: model.width (was choice(16, 32), now "
-                                      "choice(16, 64))",
+        "choice(16, 64))",
         "optimizer.lr=interval(0.001, 0.01)": "optimizer.lr (new)",
-        f"hydra.sweeper.storage=postgresql+psycopg://mlplab@127.0.0.1:{free_port()}/none":
-            "cannot use the database: connection failed",
+        f"hydra.sweeper.storage=postgresql+psycopg://mlplab@127.0.0.1:{free_port()}/none": (
+            "cannot use the database: connection failed"
+        ),
         "hydra.sweeper.storage=mysql+pymysql://mlplab@127.0.0.1/none": "the database driver pymysql is not installed",
         "hydra.sweeper.storage=nowhere://x": "unknown kind of database 'nowhere'",
     }
     for change, expected in refusals.items():  # mlplab-train's main() in processes forked from one (conftest)
-        code, output = forked_cli.run([*SEARCH, f"paths.data_dir={synthetic_data_dir}", *args,
-                                       "hydra.sweeper.n_trials=4", change], tmp_path)
+        code, output = forked_cli.run(
+            [*SEARCH, f"paths.data_dir={synthetic_data_dir}", *args, "hydra.sweeper.n_trials=4", change], tmp_path
+        )
         errors = [line for line in output.splitlines() if line.startswith("mlplab-train:")]
         assert code == 2 and len(errors) == 1 and expected in errors[0], (change, output[-2000:])
         assert errors[0].startswith("mlplab-train: error: ") and "Traceback" not in output
@@ -121,8 +149,7 @@ def test_a_study_that_cannot_be_used_is_refused_with_one_line_and_left_as_it_was
         assert sorted(p.name for p in sweep_dir.iterdir()) == folders  # nothing trained
 
 
-def test_a_search_config_shaped_like_lightning_hydra_templates_runs_as_it_is(forked_cli, synthetic_data_dir,
-                                                                            tmp_path):
+def test_a_search_config_shaped_like_lightning_hydra_templates_runs_as_it_is(forked_cli, synthetic_data_dir, tmp_path):
     # configs/hparams_search/mnist_optuna.yaml of lightning-hydra-template, with mlplab's model keys
     (tmp_path / "conf" / "hparams_search").mkdir(parents=True)
     (tmp_path / "conf" / "hparams_search" / "mnist_optuna.yaml").write_text("""\
@@ -154,8 +181,10 @@ hydra:
     code, output = forked_cli.run([*args, f"paths.data_dir={synthetic_data_dir}"], tmp_path)
     assert code == 0, output[-3000:]
     sweep_dir = tmp_path / "outputs" / "sweeps" / "lht"
-    study = optuna.load_study(study_name="lht", storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(sweep_dir / STUDY_FILE))))
+    study = optuna.load_study(
+        study_name="lht",
+        storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(sweep_dir / STUDY_FILE))),
+    )
     trials = study.get_trials(states=COMPLETE)
     assert len(trials) == 3 and set(trials[0].params) == {"optimizer.lr", "data.batch_size", "model.width"}
     for trial in trials:  # the objective: val/acc_best, the best epoch's val/acc
@@ -164,8 +193,17 @@ hydra:
 
 
 def test_a_failure_limit_by_the_stable_plugins_name_stops_the_search(forked_cli, synthetic_data_dir, tmp_path):
-    code, output = search(forked_cli, ["hydra.sweeper.n_trials=6", "optimizer.lr=interval(1e30, 2e30)", "sweep=limit",
-                     "hydra.sweeper.max_failure_rate=0.2"], tmp_path, synthetic_data_dir)
+    code, output = search(
+        forked_cli,
+        [
+            "hydra.sweeper.n_trials=6",
+            "optimizer.lr=interval(1e30, 2e30)",
+            "sweep=limit",
+            "hydra.sweeper.max_failure_rate=0.2",
+        ],
+        tmp_path,
+        synthetic_data_dir,
+    )
     (line,) = [line for line in output.splitlines() if line.startswith("mlplab-train: search stopped")]
     assert code == 1 and "2 of 6 trials failed" in line and "max_failure_rate=0.2" in line
 
@@ -174,16 +212,21 @@ def test_optuna_dashboard_reads_the_search(forked_cli, synthetic_data_dir, tmp_p
     dashboard = BIN / "optuna-dashboard"
     if not dashboard.exists() and not shutil.which("optuna-dashboard"):
         pytest.skip("optuna-dashboard is not installed (pip install 'mlplab[dashboard]')")
-    code, output = search(forked_cli, ["hydra.sweeper.n_trials=2", "sweep=watched", *SPACE], tmp_path,
-                          synthetic_data_dir)
+    code, output = search(
+        forked_cli, ["hydra.sweeper.n_trials=2", "sweep=watched", *SPACE], tmp_path, synthetic_data_dir
+    )
     assert code == 0
     # the command the search printed, as the user would run it, on a loopback port
     (printed,) = [line for line in output.splitlines() if "watch it live: " in line]
     command = printed.split("watch it live: ")[1].split()
     assert command == ["optuna-dashboard", "outputs/sweeps/watched/optuna.journal"]
     port = free_port()
-    server = subprocess.Popen([str(dashboard), *command[1:], "--host", "127.0.0.1", "--port", str(port)],
-                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [str(dashboard), *command[1:], "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         studies = _get_json(f"http://127.0.0.1:{port}/api/studies", wait=60)["study_summaries"]
         (study,) = [s for s in studies if s["study_name"] == "watched"]
@@ -191,8 +234,10 @@ def test_optuna_dashboard_reads_the_search(forked_cli, synthetic_data_dir, tmp_p
     finally:
         server.terminate()
         server.wait(timeout=30)
-    journal = optuna.load_study(study_name="watched", storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(tmp_path / command[1]))))
+    journal = optuna.load_study(
+        study_name="watched",
+        storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tmp_path / command[1]))),
+    )
     assert [(t["number"], t["state"]) for t in detail["trials"]] == [(0, "Complete"), (1, "Complete")]
     shown = {t["number"]: {p["name"]: p["param_external_value"] for p in t["params"]} for t in detail["trials"]}
     assert shown == {t.number: {k: str(v) for k, v in t.params.items()} for t in journal.get_trials()}

@@ -1,7 +1,7 @@
 """Sweeps as a user runs them (mlplab-train -m, mlplab-report, TensorBoard), in subprocesses on synthetic data."""
 
-import csv
 import contextlib
+import csv
 import json
 import os
 import signal
@@ -13,17 +13,23 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import SYNTHETIC_RUN, run_cli, tensorboard_server
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-from conftest import SYNTHETIC_RUN, run_cli, tensorboard_server
 from mlplab.sweeps.jobs import gpu_slot, threads_per_job
 
 BIN = Path(sys.executable).parent
 # metrics.json key -> the HParams column (a scalar tag of its own) a user compares runs by; as the README lists them.
-FINAL_METRICS = {"val/acc": "final/best_val_acc", "val/loss": "final/best_val_loss", "test/acc": "final/test_acc",
-                 "test/loss": "final/test_loss", "epochs": "final/epochs", "wall_seconds": "final/wall_seconds",
-                 "num_parameters": "final/num_parameters"}
+FINAL_METRICS = {
+    "val/acc": "final/best_val_acc",
+    "val/loss": "final/best_val_loss",
+    "test/acc": "final/test_acc",
+    "test/loss": "final/test_loss",
+    "epochs": "final/epochs",
+    "wall_seconds": "final/wall_seconds",
+    "num_parameters": "final/num_parameters",
+}
 GRID = ["model.depth=1,2", "model.width=16,32", "trainer.max_epochs=2"]
 SLOW_JOBS = ["data.batch_size=4", "trainer.max_epochs=3"]  # a few seconds per job: time to kill or contend
 
@@ -34,8 +40,15 @@ def sweep(args: list[str], cwd: Path, data_dir: Path) -> subprocess.CompletedPro
 
 def start_sweep(args: list[str], cwd: Path, data_dir: Path, threads: int | None = None) -> subprocess.Popen:
     env = {**os.environ, "MLPLAB_DATA_DIR": str(data_dir), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    return subprocess.Popen([str(BIN / "mlplab-train"), "-m", *SYNTHETIC_RUN, *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [str(BIN / "mlplab-train"), "-m", *SYNTHETIC_RUN, *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -52,7 +65,11 @@ def summary_rows(sweep_dir: Path) -> dict[str, dict[str, str]]:
 
 
 def file_stamps(directory: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(directory)): (p.stat().st_mtime_ns, p.stat().st_size) for p in directory.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(directory)): (p.stat().st_mtime_ns, p.stat().st_size)
+        for p in directory.rglob("*")
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +136,19 @@ def test_hparams_in_each_jobs_own_event_files(grid):
     for job in job_dirs(grid):
         assert [p.parent for p in job.rglob("events.out.tfevents.*")] == [job] * len(list(job.glob("events.*")))
         session = hparams_session(job)
-        for key in ("data.name", "model.depth", "model.width", "model.activation", "model.dropout", "optimizer._target_",
-                    "optimizer.lr", "optimizer.weight_decay", "data.batch_size", "trainer.max_epochs", "seed"):
+        for key in (
+            "data.name",
+            "model.depth",
+            "model.width",
+            "model.activation",
+            "model.dropout",
+            "optimizer._target_",
+            "optimizer.lr",
+            "optimizer.weight_decay",
+            "data.batch_size",
+            "trainer.max_epochs",
+            "seed",
+        ):
             assert key in session["hparams"], key
         config = (job / ".hydra" / "config.yaml").read_text()
         assert str(session["hparams"]["model.width"]) in config and session["hparams"]["status"] == "completed"
@@ -131,8 +159,19 @@ def test_hparams_in_each_jobs_own_event_files(grid):
 
 
 def test_hparams_have_one_column_per_setting_named_as_on_the_command_line(synthetic_data_dir, tmp_path):
-    result = run_cli(["mlplab-train", *SYNTHETIC_RUN, "optimizer=adamw", "scheduler=cosine", "model.width=[32,16]",
-                      "model.depth=2", "trainer.limit_train_batches=2"], tmp_path, synthetic_data_dir)
+    result = run_cli(
+        [
+            "mlplab-train",
+            *SYNTHETIC_RUN,
+            "optimizer=adamw",
+            "scheduler=cosine",
+            "model.width=[32,16]",
+            "model.depth=2",
+            "trainer.limit_train_batches=2",
+        ],
+        tmp_path,
+        synthetic_data_dir,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
     hparams = hparams_session(run_dir)["hparams"]
@@ -150,9 +189,13 @@ def post(url: str, body: dict) -> dict:
 
 
 def test_tensorboard_server_shows_one_hparams_row_per_job(grid, tmp_path):
-    query = {"experimentName": "", "startIndex": 0, "sliceSize": 100,
-             "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
-             "colParams": [{"metric": {"tag": "final/best_val_acc"}}, {"hparam": "model.depth"}, {"hparam": "model.width"}]}
+    query = {
+        "experimentName": "",
+        "startIndex": 0,
+        "sliceSize": 100,
+        "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
+        "colParams": [{"metric": {"tag": "final/best_val_acc"}}, {"hparam": "model.depth"}, {"hparam": "model.width"}],
+    }
     with tensorboard_server(grid) as base:
         deadline, groups = time.monotonic() + 90, []
         while time.monotonic() < deadline:
@@ -170,7 +213,9 @@ def test_tensorboard_server_shows_one_hparams_row_per_job(grid, tmp_path):
     assert sorted(group["name"] for group in groups) == sorted(jobs)
     assert {m["name"]["tag"] for m in experiment["metricInfos"]} == set(FINAL_METRICS.values())  # all seven
     columns = {info["name"]: info.get("type") for info in experiment["hparamInfos"]}
-    assert {"model.depth", "model.width", "optimizer._target_", "optimizer.lr", "seed", "trainer.max_epochs"} <= set(columns)
+    assert {"model.depth", "model.width", "optimizer._target_", "optimizer.lr", "seed", "trainer.max_epochs"} <= set(
+        columns
+    )
     assert not {"model", "optimizer", "scheduler", "data", "trainer"} & set(columns)  # named as on the command line
     assert columns["model.width"] == "DATA_TYPE_STRING"  # a width may be a list: one text column, as written
     for group in groups:
@@ -182,10 +227,23 @@ def test_tensorboard_server_shows_one_hparams_row_per_job(grid, tmp_path):
 
 def test_parallel_launcher_gives_the_same_results_as_one_process(grid, synthetic_data_dir, tmp_path):
     two_cores = sorted(os.sched_getaffinity(0))[:2]  # the sweep sees 2 cores on any machine: 1 thread per job of 2
-    result = subprocess.run([str(BIN / "mlplab-train"), "-m", *SYNTHETIC_RUN, *GRID, "sweep=grid",
-                             "hydra/launcher=parallel", "hydra.launcher.n_jobs=2"], cwd=tmp_path,
-                            env={**os.environ, "MLPLAB_DATA_DIR": str(synthetic_data_dir)}, capture_output=True,
-                            text=True, timeout=600, preexec_fn=lambda: os.sched_setaffinity(0, two_cores))
+    result = subprocess.run(
+        [
+            str(BIN / "mlplab-train"),
+            "-m",
+            *SYNTHETIC_RUN,
+            *GRID,
+            "sweep=grid",
+            "hydra/launcher=parallel",
+            "hydra.launcher.n_jobs=2",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "MLPLAB_DATA_DIR": str(synthetic_data_dir)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=lambda: os.sched_setaffinity(0, two_cores),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     parallel = tmp_path / "outputs" / "sweeps" / "grid"
     logs = [p.read_text() for p in parallel.glob("*/train.log")]
@@ -255,7 +313,9 @@ def test_killed_sweep_resumes_where_it_stopped(synthetic_data_dir, tmp_path):
 
 
 def test_over_seeds_table_averages_each_configuration(synthetic_data_dir, tmp_path):
-    result = sweep(["model.width=16,32", "seed=1,2", "optimizer.lr=0.0003", "sweep=seeds"], tmp_path, synthetic_data_dir)
+    result = sweep(
+        ["model.width=16,32", "seed=1,2", "optimizer.lr=0.0003", "sweep=seeds"], tmp_path, synthetic_data_dir
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     sweep_dir = tmp_path / "outputs" / "sweeps" / "seeds"
     text = (sweep_dir / "summary.md").read_text()
@@ -352,6 +412,7 @@ def test_jobs_derived_from_a_composed_one_equal_hydras_own_composition():
             got = composed_once.compose(master, overrides)
             assert OmegaConf.to_yaml(got) == OmegaConf.to_yaml(expected), overrides
             run_keys = [key for key in expected if key != "hydra"]  # hydra's own keys resolve only in a running job
-            assert (OmegaConf.to_yaml(OmegaConf.masked_copy(got, run_keys), resolve=True)
-                    == OmegaConf.to_yaml(OmegaConf.masked_copy(expected, run_keys), resolve=True)), overrides
+            assert OmegaConf.to_yaml(OmegaConf.masked_copy(got, run_keys), resolve=True) == OmegaConf.to_yaml(
+                OmegaConf.masked_copy(expected, run_keys), resolve=True
+            ), overrides
         assert len(composed_once._bases) == 2  # the first job's shape and model=linear's: the others were derived

@@ -7,10 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import SYNTHETIC_RUN, cli_env, run_cli
 from mlflow.tracking import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-from conftest import SYNTHETIC_RUN, cli_env, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,8 +19,19 @@ def store(cwd: Path) -> MlflowClient:
 
 
 def test_each_job_of_a_sweep_is_an_mlflow_run_in_the_sweeps_experiment(synthetic_data_dir, tmp_path):
-    result = run_cli(["mlplab-train", "-m", *SYNTHETIC_RUN, "logger=mlflow", "sweep=widths", "trainer.max_epochs=2",
-                      "model.width=8,16"], tmp_path, synthetic_data_dir)
+    result = run_cli(
+        [
+            "mlplab-train",
+            "-m",
+            *SYNTHETIC_RUN,
+            "logger=mlflow",
+            "sweep=widths",
+            "trainer.max_epochs=2",
+            "model.width=8,16",
+        ],
+        tmp_path,
+        synthetic_data_dir,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     client = store(tmp_path)
     experiment = client.get_experiment_by_name("widths")
@@ -35,10 +45,14 @@ def test_each_job_of_a_sweep_is_an_mlflow_run_in_the_sweeps_experiment(synthetic
         history = client.get_metric_history(run.info.run_id, "val/acc")
         assert [point.value for point in history] == [row["val/acc"] for row in recorded["history"]]  # per epoch
         assert run.data.metrics["final/test_acc"] == recorded["test/acc"]
-        assert run.data.tags["mlplab.command"].startswith("mlplab-train ") and "model.width=" in run.data.tags["mlplab.command"]
+        assert (
+            run.data.tags["mlplab.command"].startswith("mlplab-train ")
+            and "model.width=" in run.data.tags["mlplab.command"]
+        )
         # With MLflow as the only logger, the views' images are its artifacts.
         assert [a.path for a in client.list_artifacts(run.info.run_id, "val/confusion_matrix")] == [
-            f"val/confusion_matrix/step_{step:06d}.png" for step in (10, 20)]
+            f"val/confusion_matrix/step_{step:06d}.png" for step in (10, 20)
+        ]
         # The checkpoints stay where a run keeps them, not in folders of MLflow's experiment and run ids.
         assert {p.name for p in (job_dir / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
         assert not [p for p in job_dir.iterdir() if p.is_dir() and p.name.isdigit()]
@@ -46,8 +60,11 @@ def test_each_job_of_a_sweep_is_an_mlflow_run_in_the_sweeps_experiment(synthetic
 
 def test_tensorboard_and_mlflow_together_and_a_resume_continues_the_mlflow_run(synthetic_data_dir, tmp_path):
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)  # the user's own project, in git
-    subprocess.run(["git", "-c", "user.name=u", "-c", "user.email=u@example.com", "commit", "-q", "--allow-empty",
-                    "-m", "start"], cwd=tmp_path, check=True)
+    subprocess.run(
+        ["git", "-c", "user.name=u", "-c", "user.email=u@example.com", "commit", "-q", "--allow-empty", "-m", "start"],
+        cwd=tmp_path,
+        check=True,
+    )
     result = run_cli(["mlplab-train", *SYNTHETIC_RUN, "logger=tensorboard_mlflow"], tmp_path, synthetic_data_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
@@ -57,14 +74,20 @@ def test_tensorboard_and_mlflow_together_and_a_resume_continues_the_mlflow_run(s
     (run,) = store(tmp_path).search_runs([store(tmp_path).get_experiment_by_name("mlplab").experiment_id])
     history = json.loads((run_dir / "metrics.json").read_text())["history"]
     # Both epochs in the one MLflow run: the resumed attempt continued it.
-    assert [p.value for p in store(tmp_path).get_metric_history(run.info.run_id, "val/acc")] == [r["val/acc"] for r in history]
+    assert [p.value for p in store(tmp_path).get_metric_history(run.info.run_id, "val/acc")] == [
+        r["val/acc"] for r in history
+    ]
     assert len(history) == 2
 
     provenance = json.loads((run_dir / "provenance.json").read_text())
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert provenance["code"]["commit"] == head and provenance["code"]["repository"] == str(REPO)
     users = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
-    assert provenance["working_directory"]["git"] == {"repository": str(tmp_path.resolve()), "commit": users, "dirty": False}
+    assert provenance["working_directory"]["git"] == {
+        "repository": str(tmp_path.resolve()),
+        "commit": users,
+        "dirty": False,
+    }
     assert provenance["command"] == f"mlplab-train resume={run_dir} trainer.max_epochs=2"
     assert provenance["earlier_attempts"][0]["command"].endswith("logger=tensorboard_mlflow")
     assert provenance["versions"]["torch"] and provenance["host"] and provenance["device"].startswith("cpu")
@@ -81,9 +104,16 @@ def test_logger_mlflow_without_mlflow_says_how_to_install_it(synthetic_data_dir,
     (fake / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'mlflow'\", name='mlflow')\n")
     env = cli_env(synthetic_data_dir)
     env["PYTHONPATH"] = f"{fake.parent}:{env['PYTHONPATH']}"
-    result = subprocess.run([str(Path(sys.executable).parent / "mlplab-train"), *SYNTHETIC_RUN, "logger=mlflow"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "mlplab-train"), *SYNTHETIC_RUN, "logger=mlflow"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        "mlplab-train: error: logger=mlflow needs MLflow, an optional extra: pip install 'mlplab[mlflow]'")
+        "mlplab-train: error: logger=mlflow needs MLflow, an optional extra: pip install 'mlplab[mlflow]'"
+    )
     assert not list(tmp_path.glob("outputs/runs/*"))

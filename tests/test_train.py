@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SYNTHETIC_RUN
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import SYNTHETIC_RUN
 from mlplab.cli.compose import CONFIG_DIR
 from mlplab.cli.train import build_callbacks
 from mlplab.run.config import parse_run_config
@@ -65,8 +65,10 @@ def test_precision_auto_is_bf16_mixed_where_the_cpu_multiplies_bf16_and_is_recor
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["precision"] == metrics["precision"]
 
 
-@pytest.mark.parametrize("flags, native", [("fpu sse avx512f avx512_bf16", True), ("fpu amx_tile amx_bf16", True),
-                                           ("fpu sse avx2 avx512f", False)])
+@pytest.mark.parametrize(
+    "flags, native",
+    [("fpu sse avx512f avx512_bf16", True), ("fpu amx_tile amx_bf16", True), ("fpu sse avx2 avx512f", False)],
+)
 def test_native_bf16_is_read_from_the_cpu_flags(flags, native, tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")

@@ -9,9 +9,9 @@ import logging
 import numpy as np
 import pytest
 import torch
+from conftest import SYNTHETIC_RUN, run_cli
 from PIL import Image
 
-from conftest import SYNTHETIC_RUN, run_cli
 from mlplab.data.datamodule import DataSettings, prepare_splits
 from mlplab.data.synthetic import learnable_images
 from mlplab.data.user_data import _decode_once
@@ -24,7 +24,7 @@ CLASSES = ["ankle boot", "coat", "shirt"]  # folder names: a space, as Fashion-M
 def write_folder(root, per_class=20, size=(20, 20), mode="L", split=True, seed=0):
     """PNG files of a learnable task (a bright band per class) in ImageFolder's layout."""
     rng = np.random.default_rng(seed)
-    for part, count in ((("train", per_class), ("test", per_class // 2)) if split else (("", per_class),)):
+    for part, count in (("train", per_class), ("test", per_class // 2)) if split else (("", per_class),):
         labels = np.repeat(np.arange(len(CLASSES)), count)
         shape = size if mode == "L" else (*size, 3)
         for i, (label, pixels) in enumerate(zip(labels, learnable_images(labels, shape, rng))):
@@ -40,8 +40,20 @@ def settings(path, **values) -> DataSettings:
 
 def test_a_folder_of_pngs_trains_and_predicts_with_its_class_names(tmp_path):
     folder = write_folder(tmp_path / "clothes")
-    result = run_cli(["mlplab-train", *FOLDER_RUN, "data=folder", f"data.path={folder}", "data.val_size=12",
-                      "data.batch_size=16", "trainer.max_epochs=4", "model.width=32"], tmp_path, tmp_path / "data")
+    result = run_cli(
+        [
+            "mlplab-train",
+            *FOLDER_RUN,
+            "data=folder",
+            f"data.path={folder}",
+            "data.val_size=12",
+            "data.batch_size=16",
+            "trainer.max_epochs=4",
+            "model.width=32",
+        ],
+        tmp_path,
+        tmp_path / "data",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -80,20 +92,31 @@ def test_the_folder_cache_is_used_and_rebuilt_when_a_file_changes(tmp_path, capl
     with caplog.at_level(logging.INFO, logger="mlplab.data.user_data"):
         changed = prepare_splits(settings(folder), tmp_path / "data")
     assert "Decoding" in caplog.text
-    assert bool((changed.test.images == 255).all(dim=(1, 2, 3)).any()) and not torch.equal(changed.test.images, first.test.images)
+    assert bool((changed.test.images == 255).all(dim=(1, 2, 3)).any()) and not torch.equal(
+        changed.test.images, first.test.images
+    )
 
 
 def test_tensor_files_pt_and_npz(tmp_path):
     rng = np.random.default_rng(0)
     labels = np.arange(40) % 4
-    np.savez(tmp_path / "arrays.npz", train_images=learnable_images(labels, (10, 10, 3), rng), train_labels=labels,
-             test_images=learnable_images(labels[:12], (10, 10, 3), rng), test_labels=labels[:12],
-             class_names=np.array(["a", "b", "c", "d"]))
+    np.savez(
+        tmp_path / "arrays.npz",
+        train_images=learnable_images(labels, (10, 10, 3), rng),
+        train_labels=labels,
+        test_images=learnable_images(labels[:12], (10, 10, 3), rng),
+        test_labels=labels[:12],
+        class_names=np.array(["a", "b", "c", "d"]),
+    )
     npz = prepare_splits(DataSettings(name="tensors", path=str(tmp_path / "arrays.npz"), val_size=8), tmp_path)
     assert npz.train.images.shape[1:] == (3, 10, 10) and len(npz.test) == 12 and npz.class_names == ["a", "b", "c", "d"]
-    torch.save({"images": torch.from_numpy(learnable_images(labels, (10, 10), rng)), "labels": torch.from_numpy(labels)},
-               tmp_path / "arrays.pt")
-    pt = prepare_splits(DataSettings(name="tensors", path=str(tmp_path / "arrays.pt"), val_size=8, test_size=10), tmp_path)
+    torch.save(
+        {"images": torch.from_numpy(learnable_images(labels, (10, 10), rng)), "labels": torch.from_numpy(labels)},
+        tmp_path / "arrays.pt",
+    )
+    pt = prepare_splits(
+        DataSettings(name="tensors", path=str(tmp_path / "arrays.pt"), val_size=8, test_size=10), tmp_path
+    )
     assert pt.train.images.shape[1:] == (1, 10, 10) and len(pt.test) == 10 and pt.class_names == ["0", "1", "2", "3"]
 
 
@@ -115,7 +138,10 @@ BAD = [  # (data overrides, what the one line must say)
     (["data.path=DIR/empty"], "has no class folders"),
     (["data.path=DIR/no-images"], "class folder cat in DIR/no-images has no images"),
     (["data.path=DIR/unreadable"], "1 file cannot be read as images: DIR/unreadable/coat/broken.png"),
-    (["data.path=DIR/mismatch"], "train/ and test/ have different classes (only in train/: shirt; only in test/: dress)"),
+    (
+        ["data.path=DIR/mismatch"],
+        "train/ and test/ have different classes (only in train/: shirt; only in test/: dress)",
+    ),
     ([], "data.path is required with data=folder"),
     (["data=tensors", "data.path=DIR/floats.npz"], "images must be uint8"),
 ]
@@ -125,8 +151,9 @@ def test_bad_data_is_one_line_naming_what_is_wrong(forked_cli, tmp_path):
     bad_folders(tmp_path)
     for overrides, expected in BAD:
         overrides = [o.replace("DIR", str(tmp_path)) for o in overrides]
-        code, output = forked_cli.run([*FOLDER_RUN, f"paths.data_dir={tmp_path / 'data'}", "data=folder", *overrides],
-                                      tmp_path)
+        code, output = forked_cli.run(
+            [*FOLDER_RUN, f"paths.data_dir={tmp_path / 'data'}", "data=folder", *overrides], tmp_path
+        )
         errors = [line for line in output.splitlines() if line.startswith("mlplab-train: error:")]
         assert code == 2 and "Traceback" not in output and len(errors) == 1, (overrides, output)
         assert expected.replace("DIR", str(tmp_path)) in errors[0], (overrides, errors[0])

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import IO
 
 
-def write_atomically(path: Path, write: Callable[[IO[bytes]], None], *, durable: bool = False,
-                     sole_writer: bool = False) -> None:
+def write_atomically(
+    path: Path, write: Callable[[IO[bytes]], None], *, durable: bool = False, sole_writer: bool = False
+) -> None:
     """``write`` into a temporary file beside ``path``, then rename it over ``path``.
 
     Beside, not in /tmp: a rename across file systems is a copy. ``durable`` also syncs the data to disk before

@@ -30,8 +30,15 @@ from mlplab.cli.failure import Stopped
 from mlplab.errors import MlplabError
 from mlplab.run.config import ConfigError
 from mlplab.run.records import read_metrics
-from mlplab.sweeps.grid import ComposedOnce, Job, SweepError, dry_run_listing, grid_jobs, sweep_overrides, \
-    wait_for_other_processes
+from mlplab.sweeps.grid import (
+    ComposedOnce,
+    Job,
+    SweepError,
+    dry_run_listing,
+    grid_jobs,
+    sweep_overrides,
+    wait_for_other_processes,
+)
 from mlplab.sweeps.jobs import job_state
 from mlplab.sweeps.summary import JOBS_FILE, write_summary
 
@@ -48,11 +55,22 @@ class SweepIncomplete(MlplabError):
 
 
 class MlplabSweeper(Sweeper):
-    def __init__(self, max_batch_size: int | None = None, params: dict[str, str] | None = None,
-                 n_trials: int | None = None, direction: str = "maximize", metric: str = "val/acc",
-                 n_jobs: int | None = None, timeout: float | None = None, max_failure_ratio: float = 0.5,
-                 sampler: Any = None, pruner: Any = None, storage: str | None = None, study_name: str | None = None,
-                 max_failure_rate: float | None = None):
+    def __init__(
+        self,
+        max_batch_size: int | None = None,
+        params: dict[str, str] | None = None,
+        n_trials: int | None = None,
+        direction: str = "maximize",
+        metric: str = "val/acc",
+        n_jobs: int | None = None,
+        timeout: float | None = None,
+        max_failure_ratio: float = 0.5,
+        sampler: Any = None,
+        pruner: Any = None,
+        storage: str | None = None,
+        study_name: str | None = None,
+        max_failure_rate: float | None = None,
+    ):
         self.max_batch_size, self.params, self.n_trials = max_batch_size, params, n_trials
         self.direction, self.metric, self.n_jobs, self.timeout = direction, metric, n_jobs, timeout
         self.sampler, self.pruner, self.storage, self.study_name = sampler, pruner, storage, study_name
@@ -67,8 +85,9 @@ class MlplabSweeper(Sweeper):
         self.config = config
         self.loader = ComposedOnce(hydra_context.config_loader)
         self.hydra_context = HydraContext(config_loader=self.loader, callbacks=hydra_context.callbacks)
-        self.launcher = Plugins.instance().instantiate_launcher(hydra_context=self.hydra_context,
-                                                                task_function=task_function, config=config)
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=self.hydra_context, task_function=task_function, config=config
+        )
 
     def sweep(self, arguments: list[str]) -> Any:
         params = OmegaConf.to_container(self.params) if self.params else None
@@ -82,15 +101,19 @@ class MlplabSweeper(Sweeper):
         print(f"Summary: {sweep_dir / 'summary.md'} (also .csv, .png); TensorBoard: tensorboard --logdir {sweep_dir}")
         unfinished = [job for job in jobs if job["status"] not in ("completed", "pruned")]
         if self.n_trials is None and unfinished:
-            raise SweepIncomplete(f"{len(unfinished)} of {len(jobs)} jobs did not complete: "
-                                  + ", ".join(f"{job['job']} ({job['status']})" for job in unfinished))
+            raise SweepIncomplete(
+                f"{len(unfinished)} of {len(jobs)} jobs did not complete: "
+                + ", ".join(f"{job['job']} ({job['status']})" for job in unfinished)
+            )
         if self.n_trials is not None:
             from mlplab.sweeps.study import failed_trials
 
             failed = failed_trials(self.study)
             if failed and not self.study.get_trials(deepcopy=False, states=(_state("COMPLETE"),)):
-                raise SweepIncomplete(f"search ended without a completed trial: all {len(failed)} failed; errors: "
-                                      + "; ".join(sorted({t.user_attrs["error"] for t in failed}))[:500])
+                raise SweepIncomplete(
+                    f"search ended without a completed trial: all {len(failed)} failed; errors: "
+                    + "; ".join(sorted({t.user_attrs["error"] for t in failed}))[:500]
+                )
 
     # A grid
 
@@ -111,15 +134,16 @@ class MlplabSweeper(Sweeper):
         log.info("Resume or extend it with the same command and sweep=%s", sweep_dir.name)
         batch_size = self.max_batch_size or max(len(todo), 1)
         for start in range(0, len(todo), batch_size):
-            self.launcher.launch([job.overrides for job in todo[start:start + batch_size]], initial_job_idx=start)
+            self.launcher.launch([job.overrides for job in todo[start : start + batch_size]], initial_job_idx=start)
         wait_for_other_processes([job.dir for job in jobs])
         return True
 
     def _check(self, job_overrides: list[str]) -> Job:
         """Compose one job's config and check it as the job will; a bad point stops the sweep before any training."""
         try:
-            config = checked_job_config(lambda overrides: self.loader.compose(self.config, overrides, keep=True),
-                                        job_overrides)
+            config = checked_job_config(
+                lambda overrides: self.loader.compose(self.config, overrides, keep=True), job_overrides
+            )
         except MlplabError as error:
             raise ConfigError(f"job {' '.join(job_overrides)}: {error}; no job was started") from None
         return Job(job_overrides, Path(config.hydra.sweep.dir) / str(OmegaConf.select(config, "hydra.sweep.subdir")))
@@ -143,8 +167,13 @@ class MlplabSweeper(Sweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         study = open_study(address, self.direction, space, sampler, _built(self.pruner))  # checked before any write
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        log.info("Search %s: study %r in %s; watch it live: %s", sweep_dir, address.name, address.shown,
-                 address.dashboard_command())
+        log.info(
+            "Search %s: study %r in %s; watch it live: %s",
+            sweep_dir,
+            address.name,
+            address.shown,
+            address.dashboard_command(),
+        )
         self.study = study
         self._ask_and_tell(study, sweep_dir, fixed, space)
 
@@ -164,8 +193,13 @@ class MlplabSweeper(Sweeper):
                 log.info("All %d configurations of the search space have been tried", size)
                 break
             if deadline and time.monotonic() > deadline:
-                log.info("Time is up (hydra.sweeper.timeout=%s s): %d of %d trials done; run the same command again "
-                         "to continue", self.timeout, len(counted(study)), self.n_trials)
+                log.info(
+                    "Time is up (hydra.sweeper.timeout=%s s): %d of %d trials done; run the same command again "
+                    "to continue",
+                    self.timeout,
+                    len(counted(study)),
+                    self.n_trials,
+                )
                 break
             remaining = self.n_trials - len(counted(study)) - len(others_running(study))
             if remaining <= 0:  # the last trials run in other processes: wait, and take over any whose process dies
@@ -175,12 +209,14 @@ class MlplabSweeper(Sweeper):
                 time.sleep(OTHERS_POLL_SECONDS)
                 continue
             self._stop_if_hopeless(study)
-            launched = [asked for asked in (self._ask(study, fixed, space) for _ in range(min(batch_size, remaining)))
-                        if asked]
+            launched = [
+                asked for asked in (self._ask(study, fixed, space) for _ in range(min(batch_size, remaining))) if asked
+            ]
             if launched:
                 with kept_alive([trial for trial, _ in launched]):
-                    returns = self.launcher.launch([[*o, f"trial={t.number}"] for t, o in launched],
-                                                   initial_job_idx=launched[0][0].number)
+                    returns = self.launcher.launch(
+                        [[*o, f"trial={t.number}"] for t, o in launched], initial_job_idx=launched[0][0].number
+                    )
                 for (trial, _), job in zip(launched, returns):
                     self._tell(study, trial, Path(job.hydra_cfg.hydra.runtime.output_dir))
 
@@ -216,8 +252,11 @@ class MlplabSweeper(Sweeper):
         try:
             self._tell_once(study, trial, job_dir)
         except UpdateFinishedTrialError:  # another process took the trial over, thinking this one had died
-            log.warning("Trial %d was taken over by another process meanwhile; its job's results stay in %s",
-                        trial.number, job_dir)
+            log.warning(
+                "Trial %d was taken over by another process meanwhile; its job's results stay in %s",
+                trial.number,
+                job_dir,
+            )
 
     def _tell_once(self, study: Any, trial: Any, job_dir: Path) -> None:
         metrics = read_metrics(job_dir)
@@ -246,9 +285,11 @@ class MlplabSweeper(Sweeper):
         if len(failed) > self.max_failure_ratio * self.n_trials:
             reasons = sorted({trial.user_attrs.get("error", "?") for trial in failed})
             write_summary(Path(self.config.hydra.sweep.dir), study)
-            raise SweepIncomplete(f"search stopped: {len(failed)} of {self.n_trials} trials failed, more than "
-                                  f"hydra.sweeper.{self.failure_limit_key}={self.max_failure_ratio}; errors: "
-                                  f"{'; '.join(reasons)[:500]}")
+            raise SweepIncomplete(
+                f"search stopped: {len(failed)} of {self.n_trials} trials failed, more than "
+                f"hydra.sweeper.{self.failure_limit_key}={self.max_failure_ratio}; errors: "
+                f"{'; '.join(reasons)[:500]}"
+            )
 
 
 def _built(spec: Any, seed: int | None = None) -> Any:

@@ -1,5 +1,6 @@
 """mlplab's stacked launcher (``hydra/launcher=stacked``): the sweep's jobs that differ only in numbers (seed,
-the optimizer's and the schedule's numbers, dropout) train together as one stack in this process (mlplab.sweeps.stacked); the others run
+the optimizer's and the schedule's numbers, dropout) train together as one stack in this process
+(mlplab.sweeps.stacked); the others run
 one after another, as Hydra's basic launcher runs them.
 
 Each job is composed, checked and given its folder by Hydra as usual (its ``.hydra/`` and log); its task returns
@@ -33,8 +34,10 @@ class StackedLauncher(Launcher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         # Checked here, not when Hydra builds the launcher: Hydra would wrap the message in its own.
         if self.max_stack is not None and (not isinstance(self.max_stack, int) or self.max_stack < 1):
-            raise ConfigError(f"hydra.launcher.max_stack must be null (as many as memory holds) or an integer >= 1, "
-                              f"got {self.max_stack!r}")
+            raise ConfigError(
+                f"hydra.launcher.max_stack must be null (as many as memory holds) or an integer >= 1, "
+                f"got {self.max_stack!r}"
+            )
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         sweep_dir = Path(self.config.hydra.sweep.dir)
@@ -47,9 +50,15 @@ class StackedLauncher(Launcher):
                     job_config.hydra.job.id = f"{job_config.hydra.job.name}_{number}"
                     job_config.hydra.job.num = number
                 HydraConfig.instance().set_config(job_config)
-                returns.append(run_job(hydra_context=self.hydra_context, task_function=self.task_function,
-                                       config=job_config, job_dir_key="hydra.sweep.dir",
-                                       job_subdir_key="hydra.sweep.subdir"))
+                returns.append(
+                    run_job(
+                        hydra_context=self.hydra_context,
+                        task_function=self.task_function,
+                        config=job_config,
+                        job_dir_key="hydra.sweep.dir",
+                        job_subdir_key="hydra.sweep.subdir",
+                    )
+                )
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         jobs = [returned.return_value for returned in returns]
         try:

@@ -55,8 +55,9 @@ OmegaConf.register_new_resolver("mlplab.non_experiment_keys", lambda: list(NON_E
 OmegaConf.register_new_resolver("mlplab.monitor", lambda: MONITOR, replace=True)
 # A search's objective: lightning-hydra-template's optimized_metric names the best epoch's value "<metric>_best";
 # metrics.json holds every metric at the best epoch under its own name.
-OmegaConf.register_new_resolver("mlplab.objective",
-                                lambda name: MONITOR if name is None else str(name).removesuffix("_best"), replace=True)
+OmegaConf.register_new_resolver(
+    "mlplab.objective", lambda name: MONITOR if name is None else str(name).removesuffix("_best"), replace=True
+)
 OmegaConf.register_new_resolver("mlplab.monitor_mode", lambda: MONITOR_MODE, replace=True)
 
 
@@ -89,7 +90,10 @@ def describe_config_error(error: Exception) -> str:
         return f"{group}={option}: no such option; allowed: {', '.join(sorted(error.options))}"
     if isinstance(error, OverrideParseException):
         reason = " ".join(str(error).split("See https://")[0].split())
-        return f"cannot read {error.override!r} ({reason}); write key=value, quoting values with spaces, commas or brackets: key='a, b'"
+        return (
+            f"cannot read {error.override!r} ({reason}); write key=value, quoting values with spaces, commas or "
+            "brackets: key='a, b'"
+        )
     cause = error if isinstance(error, OmegaConfBaseException) else error.__cause__
     if not (isinstance(cause, OmegaConfBaseException) and cause.full_key):
         return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
@@ -120,8 +124,13 @@ def _fields_of(section: str) -> list[str]:
         return [f.name for f in dataclasses.fields(SECTIONS[section])]
     if section == "model":
         # The default family's first: its settings are the ones most users mean.
-        families = sorted({OmegaConf.load(p).get("family", "mlp") for p in Path(CONFIG_DIR, "model").glob("*.yaml")},
-                          key=lambda family: (family != "mlp", family))
-        return list(dict.fromkeys(["family", *(f.name for family in families
-                                               for f in dataclasses.fields(backbone_class(family)))]))
+        families = sorted(
+            {OmegaConf.load(p).get("family", "mlp") for p in Path(CONFIG_DIR, "model").glob("*.yaml")},
+            key=lambda family: (family != "mlp", family),
+        )
+        return list(
+            dict.fromkeys(
+                ["family", *(f.name for family in families for f in dataclasses.fields(backbone_class(family)))]
+            )
+        )
     return []

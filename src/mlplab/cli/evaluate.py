@@ -35,8 +35,12 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     except MlplabError as error:
         exit_for("mlplab-eval", error)
     recorded = read_metrics(run_dir)
-    report = {"run": str(run_dir), "checkpoint": str(checkpoint), **results,
-              **{f"recorded {key}": recorded[key] for key in results if key in recorded}}
+    report = {
+        "run": str(run_dir),
+        "checkpoint": str(checkpoint),
+        **results,
+        **{f"recorded {key}": recorded[key] for key in results if key in recorded},
+    }
     print(json.dumps(report, indent=2) if cfg.format == "json" else _table(report))
     return report
 
@@ -45,8 +49,14 @@ def evaluate(checkpoint: Path, data_dir: Path, accelerator: str = "auto") -> dic
     """Test metrics of a checkpoint on its dataset's official test split, with the data set-up it trained with."""
     require_accelerator(accelerator, "accelerator", "use accelerator=cpu or accelerator=auto")
     model, datamodule = load_model(checkpoint), load_data(checkpoint, data_dir)
-    trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     (results,) = trainer.test(model, datamodule=datamodule, verbose=False)
     return {key: float(value) for key, value in results.items()}
 
@@ -65,8 +75,10 @@ def load_data(checkpoint: Path, data_dir: Path) -> ImageDataModule:
 
 def _table(report: dict[str, Any]) -> str:
     width = max(map(len, report))
-    return "\n".join(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}"
-                     for key, value in report.items())
+    return "\n".join(
+        f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}"
+        for key, value in report.items()
+    )
 
 
 if __name__ == "__main__":

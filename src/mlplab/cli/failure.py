@@ -39,8 +39,11 @@ def exit_for(tool: str, error: BaseException, before_task: bool = False) -> NoRe
         sys.exit(2)
     if isinstance(error, OSError) and before_task:  # Hydra could not make the run directory or its log file
         where = f" under {Path(error.filename).absolute()}" if error.filename else ""
-        print(f"{tool}: error: cannot write run directories{where} ({error.strerror or one_line(error)}); run from a "
-              "writable directory or set hydra.run.dir=<a writable path> (hydra.sweep.dir=... for -m)", file=sys.stderr)
+        print(
+            f"{tool}: error: cannot write run directories{where} ({error.strerror or one_line(error)}); run from a "
+            "writable directory or set hydra.run.dir=<a writable path> (hydra.sweep.dir=... for -m)",
+            file=sys.stderr,
+        )
         sys.exit(2)
     if isinstance(error, ValueError) and before_task:  # Hydra's own command-line checks (-m with --cfg)
         print(f"{tool}: error: {one_line(error)}", file=sys.stderr)

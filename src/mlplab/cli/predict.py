@@ -76,8 +76,9 @@ def input_files(inputs: Any) -> list[Path]:
 def class_probabilities(model: ImageClassifier, images: Tensor, batch_size: int = 1000) -> Tensor:
     """Softmax probabilities, N x classes, for uint8 images N x C x H x W."""
     with torch.inference_mode():
-        return torch.cat([model(images[start:start + batch_size]).softmax(dim=1)
-                          for start in range(0, len(images), batch_size)])
+        return torch.cat(
+            [model(images[start : start + batch_size]).softmax(dim=1) for start in range(0, len(images), batch_size)]
+        )
 
 
 def predict_files(model: ImageClassifier, files: list[Path], top_k: int = 1) -> list[dict[str, Any]]:
@@ -97,7 +98,9 @@ def predict_files(model: ImageClassifier, files: list[Path], top_k: int = 1) -> 
         for result, top_probabilities, top_classes in zip(readable, probabilities.tolist(), classes.tolist()):
             result["class"], result["probability"] = names[top_classes[0]], round(top_probabilities[0], 4)
             if top_k > 1:
-                result["top"] = [{"class": names[c], "probability": round(p, 4)} for c, p in zip(top_classes, top_probabilities)]
+                result["top"] = [
+                    {"class": names[c], "probability": round(p, 4)} for c, p in zip(top_classes, top_probabilities)
+                ]
     return results
 
 
@@ -126,11 +129,33 @@ def predict_test_set(model: ImageClassifier, checkpoint: Path, data_dir: Path, o
     output.parent.mkdir(parents=True, exist_ok=True)
     with output.open("w", newline="") as file:
         writer = csv.writer(file)
-        writer.writerow(["index", "label", "label_name", "predicted", "predicted_name", "probability", "correct",
-                         *(f"p_{name}" for name in names)])
-        for index, (label, predicted, row) in enumerate(zip(test.labels.tolist(), predictions.tolist(), probabilities.tolist())):
-            writer.writerow([index, label, names[label], predicted, names[predicted], f"{row[predicted]:.6f}",
-                             int(label == predicted), *(f"{p:.6f}" for p in row)])
+        writer.writerow(
+            [
+                "index",
+                "label",
+                "label_name",
+                "predicted",
+                "predicted_name",
+                "probability",
+                "correct",
+                *(f"p_{name}" for name in names),
+            ]
+        )
+        for index, (label, predicted, row) in enumerate(
+            zip(test.labels.tolist(), predictions.tolist(), probabilities.tolist())
+        ):
+            writer.writerow(
+                [
+                    index,
+                    label,
+                    names[label],
+                    predicted,
+                    names[predicted],
+                    f"{row[predicted]:.6f}",
+                    int(label == predicted),
+                    *(f"{p:.6f}" for p in row),
+                ]
+            )
     return float((predictions == test.labels).double().mean()), len(test)
 
 

@@ -15,8 +15,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     sweep_dir = Path(args[0])
     if not sweep_dir.is_dir() or not (any(sweep_dir.glob("*/.hydra")) or (sweep_dir / JOBS_FILE).is_file()):
-        print(f"mlplab-report: error: {sweep_dir} is not a sweep folder (no jobs in it); give one made by mlplab-train -m",
-              file=sys.stderr)
+        print(
+            f"mlplab-report: error: {sweep_dir} is not a sweep folder (no jobs in it); "
+            "give one made by mlplab-train -m",
+            file=sys.stderr,
+        )
         sys.exit(2)
     _, text = write_summary(sweep_dir)
     print(text, end="")

@@ -140,11 +140,25 @@ class RunRequest:
         sweep = hydra_config.mode != RunMode.RUN
         experiment = Path(hydra_config.sweep.dir).name if sweep else None
         command = [TOOL, *overrides] if sweep else [TOOL, *sys.argv[1:]]
-        config_dirs = [source.path.removeprefix("file://") for source in hydra_config.runtime.config_sources
-                       if source.provider == "command-line" and source.schema == "file"]
+        config_dirs = [
+            source.path.removeprefix("file://")
+            for source in hydra_config.runtime.config_sources
+            if source.provider == "command-line" and source.schema == "file"
+        ]
         # Built now: a wrong logger setting fails here, before any work.
-        return cls(cfg, config, run_dir, overrides, callbacks, hparams, resume_from,
-                   build_logger(cfg.logger, run_dir, resume_from, experiment), experiment, command, config_dirs)
+        return cls(
+            cfg,
+            config,
+            run_dir,
+            overrides,
+            callbacks,
+            hparams,
+            resume_from,
+            build_logger(cfg.logger, run_dir, resume_from, experiment),
+            experiment,
+            command,
+            config_dirs,
+        )
 
     def train_run(self) -> dict[str, Any]:
         if self.resume_from:
@@ -152,17 +166,24 @@ class RunRequest:
         try:
             return self.train_attempt(self.resume_from, None)
         except OSError as error:  # an unwritable run directory, a full disk: the last complete checkpoint stays
-            raise RunWriteError(f"could not write the run's files ({one_line(error)}); free space or choose a "
-                                f"writable place (hydra.run.dir=...), then resume: {TOOL} resume="
-                                f"{shlex.quote(str(self.run_dir))}") from None
+            raise RunWriteError(
+                f"could not write the run's files ({one_line(error)}); free space or choose a "
+                f"writable place (hydra.run.dir=...), then resume: {TOOL} resume="
+                f"{shlex.quote(str(self.run_dir))}"
+            ) from None
         except (KeyboardInterrupt, SystemExit):
             raise stopped(self.run_dir) from None
 
     def train_sweep_job(self, hydra_config: DictConfig) -> dict[str, Any]:
         one_device = self.config.trainer.accelerator != "cpu" and self.config.trainer.devices == 1
         try:
-            return run_sweep_job(self.run_dir, Path(hydra_config.sweep.dir), self.train_attempt,
-                                 hydra_config.launcher.get("n_jobs"), torch.cuda.device_count() if one_device else 0)
+            return run_sweep_job(
+                self.run_dir,
+                Path(hydra_config.sweep.dir),
+                self.train_attempt,
+                hydra_config.launcher.get("n_jobs"),
+                torch.cuda.device_count() if one_device else 0,
+            )
         except (KeyboardInterrupt, SystemExit):
             raise stopped(self.run_dir, sweep=True) from None
 
@@ -172,19 +193,37 @@ class RunRequest:
             return self.train_sweep_job(hydra_config)
 
         return StackedJob(
-            self.config, self.run_dir, self.callbacks, self.hparams, self.command,
-            logger_for=lambda resume_from: self.logger if resume_from is None else build_logger(
-                self.cfg.logger, self.run_dir, resume_from, self.experiment),
-            train_alone=train_alone)
+            self.config,
+            self.run_dir,
+            self.callbacks,
+            self.hparams,
+            self.command,
+            logger_for=lambda resume_from: (
+                self.logger
+                if resume_from is None
+                else build_logger(self.cfg.logger, self.run_dir, resume_from, self.experiment)
+            ),
+            train_alone=train_alone,
+        )
 
     def train_attempt(self, resume_from: Path | None, gpu_index: int | None) -> dict[str, Any]:
         # A sweep job learns where it resumes from (the logger's purge step) only once it holds the job.
-        logger = self.logger if resume_from == self.resume_from else build_logger(
-            self.cfg.logger, self.run_dir, resume_from, self.experiment)
-        return train(self.config, self.run_dir, logger, self.callbacks, hparams=self.hparams,
-                     resume_from=resume_from, gpu_index=gpu_index,
-                     rank_command=rank_command(self.overrides, self.run_dir, resume_from, self.config_dirs),
-                     command=self.command)
+        logger = (
+            self.logger
+            if resume_from == self.resume_from
+            else build_logger(self.cfg.logger, self.run_dir, resume_from, self.experiment)
+        )
+        return train(
+            self.config,
+            self.run_dir,
+            logger,
+            self.callbacks,
+            hparams=self.hparams,
+            resume_from=resume_from,
+            gpu_index=gpu_index,
+            rank_command=rank_command(self.overrides, self.run_dir, resume_from, self.config_dirs),
+            command=self.command,
+        )
 
 
 class RunWriteError(MlplabError):
@@ -200,8 +239,10 @@ def resumed_config(cfg: DictConfig, given: list[str]) -> tuple[DictConfig, list[
     changes = [o for o in given if override_key(o) != "resume" and o not in original]
     for change in changes:
         if override_key(change) not in RESUMABLE_KEYS:
-            raise ConfigError(f"resume: {change} would change the experiment; a resumed run may only change "
-                              f"{', '.join(RESUMABLE_KEYS)}")
+            raise ConfigError(
+                f"resume: {change} would change the experiment; a resumed run may only change "
+                f"{', '.join(RESUMABLE_KEYS)}"
+            )
     changed = {override_key(change) for change in changes} | {"resume"}
     overrides = [*(o for o in original if override_key(o) not in changed), *changes]
     if changes and "LOCAL_RANK" not in os.environ:  # ranks of a data-parallel run read what rank 0 wrote
@@ -229,16 +270,24 @@ def command_line_values(overrides: list[str], groups: set[str]) -> dict[str, str
     return values
 
 
-def rank_command(overrides: list[str], run_dir: Path, resume_from: Path | None,
-                 config_dirs: Sequence[str] = ()) -> list[str]:
+def rank_command(
+    overrides: list[str], run_dir: Path, resume_from: Path | None, config_dirs: Sequence[str] = ()
+) -> list[str]:
     """The command that runs another rank of this run or job, should it train data-parallel (mlplab.cli.rank):
     the job's own overrides as one run in the same directory, writing no config copy and no log file."""
     kept = [override for override in overrides if override_key(override) not in COMMAND_KEYS]
     if resume_from:
         kept.append(f"resume={quoted(resume_from)}")
-    return [sys.executable, "-m", "mlplab.cli.rank", *(f"--config-dir={path}" for path in config_dirs), *kept,
-            f"hydra.run.dir={quoted(run_dir)}",
-            "hydra.output_subdir=null", "hydra/job_logging=stderr"]
+    return [
+        sys.executable,
+        "-m",
+        "mlplab.cli.rank",
+        *(f"--config-dir={path}" for path in config_dirs),
+        *kept,
+        f"hydra.run.dir={quoted(run_dir)}",
+        "hydra.output_subdir=null",
+        "hydra/job_logging=stderr",
+    ]
 
 
 def stopped(run_dir: Path, sweep: bool = False) -> Stopped:
@@ -250,8 +299,11 @@ def stopped(run_dir: Path, sweep: bool = False) -> Stopped:
     if sweep:
         return Stopped(f"sweep stopped by {stopped_by}; run the same command again to resume it", status)
     if last.is_file():
-        return Stopped(f"stopped by {stopped_by} at step {metrics.get('step', '?')}; the last checkpoint is at step "
-                       f"{checkpoint_step(last)}.\nResume with: {TOOL} resume={shlex.quote(str(run_dir))}", status)
+        return Stopped(
+            f"stopped by {stopped_by} at step {metrics.get('step', '?')}; the last checkpoint is at step "
+            f"{checkpoint_step(last)}.\nResume with: {TOOL} resume={shlex.quote(str(run_dir))}",
+            status,
+        )
     return Stopped("interrupted before training began; nothing to resume", status)
 
 
@@ -261,14 +313,18 @@ def discarded_if_refused(run_dir: Path) -> Iterator[None]:
     try:
         yield
     except MlplabError as error:
-        if error.exit_status == 2 and run_dir.is_dir() and all(
-                entry.name == ".hydra" or entry.suffix == ".log" for entry in run_dir.iterdir()):
+        if (
+            error.exit_status == 2
+            and run_dir.is_dir()
+            and all(entry.name == ".hydra" or entry.suffix == ".log" for entry in run_dir.iterdir())
+        ):
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
 
-def build_logger(logger_cfg: DictConfig | None, run_dir: Path, resume_from: Path | None = None,
-                 experiment: str | None = None) -> Any:
+def build_logger(
+    logger_cfg: DictConfig | None, run_dir: Path, resume_from: Path | None = None, experiment: str | None = None
+) -> Any:
     """The configured logger, or several (a group of ``name: logger config``), writing into ``run_dir``.
 
     Resuming, TensorBoard hides what the stopped run logged after its checkpoint (``purge_step``), so the curves

@@ -17,7 +17,6 @@ from typing_extensions import override
 from mlplab.data.datasets import DATASETS, DataError, ParsedDataset, Split, load_dataset, provide_files
 from mlplab.data.user_data import load_image_folder, load_tensor_file, require_path
 
-
 # A user's own data: ``data=folder`` (images in class folders) and ``data=tensors`` (a .pt or .npz file).
 USER_DATA = ("folder", "tensors")
 
@@ -69,8 +68,14 @@ class PreparedSplits:
 def prepare_splits(settings: DataSettings, data_dir: Path) -> PreparedSplits:
     """The three splits and the training split's statistics; computed once per process for the same inputs."""
     if settings.name == "folder":
-        dataset = load_image_folder(require_path("folder", settings.path), settings.image_size, settings.channels,
-                                    settings.test_size, settings.split_seed, data_dir)
+        dataset = load_image_folder(
+            require_path("folder", settings.path),
+            settings.image_size,
+            settings.channels,
+            settings.test_size,
+            settings.split_seed,
+            data_dir,
+        )
     elif settings.name == "tensors":
         dataset = load_tensor_file(require_path("tensors", settings.path), settings.test_size, settings.split_seed)
     else:
@@ -180,13 +185,15 @@ class InMemoryBatches:
         resume, self._resume_at = self._resume_at, None
         self._served = resume["batches"] if resume and resume["epoch"] == self.sampler.epoch else 0
         images, labels = self.split.images, self.split.labels
-        for batch in batches[self._served:]:
+        for batch in batches[self._served :]:
             self._served += 1
             # index_select copies whole rows; `images[batch]` goes element by element, ten times slower.
             # A batch of several runs (StackedBatches) is K x B indices: K x B x C x H x W images.
             rows = batch.flatten()
-            yield (images.index_select(0, rows).view(*batch.shape, *images.shape[1:]),
-                   labels.index_select(0, rows).view(batch.shape))
+            yield (
+                images.index_select(0, rows).view(*batch.shape, *images.shape[1:]),
+                labels.index_select(0, rows).view(batch.shape),
+            )
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.sampler.epoch, "batches": self._served}
@@ -233,8 +240,9 @@ class ImageDataModule(L.LightningDataModule):
     def __init__(self, settings: DataSettings = DataSettings(), data_dir: str | Path = "data", shuffle_seed: int = 0):
         super().__init__()
         # Plain values only, so the checkpoint records the data set-up and still loads with weights_only=True.
-        self.save_hyperparameters({**dataclasses.asdict(settings), "data_dir": str(data_dir), "shuffle_seed": shuffle_seed},
-                                  logger=False)
+        self.save_hyperparameters(
+            {**dataclasses.asdict(settings), "data_dir": str(data_dir), "shuffle_seed": shuffle_seed}, logger=False
+        )
         self.settings, self.data_dir, self.shuffle_seed = settings, Path(data_dir), shuffle_seed
         self.splits: dict[str, Split] = {}
         self.class_names: list[str] = []
@@ -283,7 +291,9 @@ class ImageDataModule(L.LightningDataModule):
         return InMemoryBatches(split, batch_size, sampler)
 
     @override
-    def transfer_batch_to_device(self, batch: tuple[Tensor, Tensor], device: torch.device, dataloader_idx: int) -> tuple[Tensor, Tensor]:
+    def transfer_batch_to_device(
+        self, batch: tuple[Tensor, Tensor], device: torch.device, dataloader_idx: int
+    ) -> tuple[Tensor, Tensor]:
         # The batches are cut on the device already; Lightning's generic walk over the batch costs more than a step.
         images, labels = batch
         return images.to(device), labels.to(device)

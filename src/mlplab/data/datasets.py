@@ -170,8 +170,10 @@ def check_files(name: str, data_dir: Path) -> None:
     for split in ("train", "t10k"):
         images, labels = counts[f"{split}-images-idx3-ubyte"], counts[f"{split}-labels-idx1-ubyte"]
         if images != labels:
-            raise DataDamagedError(f"{spec.title} files in {data_dir / spec.dataset_class.__name__ / 'raw'} disagree: "
-                                   f"{images} {split} images but {labels} labels; {remedy}")
+            raise DataDamagedError(
+                f"{spec.title} files in {data_dir / spec.dataset_class.__name__ / 'raw'} disagree: "
+                f"{images} {split} images but {labels} labels; {remedy}"
+            )
 
 
 def _idx_problem(path: Path, ndim: int) -> tuple[str | None, int]:
@@ -182,11 +184,18 @@ def _idx_problem(path: Path, ndim: int) -> tuple[str | None, int]:
     if len(header) < 4 + 4 * ndim:
         return f"is truncated ({size} bytes, shorter than its header)", 0
     if header[:4] != bytes([0, 0, 0x08, ndim]):
-        return f"is not a {ndim}-dimensional IDX file of bytes (magic number {header[:4].hex()}, expected {bytes([0, 0, 8, ndim]).hex()})", 0
-    dims = [int.from_bytes(header[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+        return (
+            f"is not a {ndim}-dimensional IDX file of bytes (magic number {header[:4].hex()}, "
+            f"expected {bytes([0, 0, 8, ndim]).hex()})",
+            0,
+        )
+    dims = [int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     expected = len(header) + math.prod(dims)
     if size != expected:
-        return f"is {'truncated' if size < expected else 'too long'} ({size} bytes; its header promises {expected})", dims[0]
+        return (
+            f"is {'truncated' if size < expected else 'too long'} ({size} bytes; its header promises {expected})",
+            dims[0],
+        )
     return None, dims[0]
 
 
@@ -196,8 +205,10 @@ def _parse_split(name: str, data_dir: Path, train: bool) -> tuple[Split, list[st
     try:
         dataset = spec.dataset_class(str(data_dir), train=train, download=False)
     except RuntimeError as error:  # CIFAR-10: a file whose MD5 sum is wrong
-        raise DataDamagedError(f"{spec.title} files in {data_dir} are damaged ({one_line(error)}); delete "
-                               f"{data_dir / getattr(spec.dataset_class, 'base_folder', '')} and run again to fetch them anew") from None
+        raise DataDamagedError(
+            f"{spec.title} files in {data_dir} are damaged ({one_line(error)}); delete "
+            f"{data_dir / getattr(spec.dataset_class, 'base_folder', '')} and run again to fetch them anew"
+        ) from None
     images = torch.as_tensor(dataset.data)
     # MNIST-like data is N x H x W; CIFAR's is N x H x W x C.
     images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2).contiguous()
@@ -211,9 +222,14 @@ def _checksums(dataset: ParsedDataset) -> list[int]:
 
 
 def _write_cache(path: Path, dataset: ParsedDataset, signature: tuple) -> None:
-    state = {"version": CACHE_VERSION, "signature": [list(s) for s in signature], "checksums": _checksums(dataset),
-             "class_names": dataset.class_names, "train": [dataset.train.images, dataset.train.labels],
-             "test": [dataset.test.images, dataset.test.labels]}
+    state = {
+        "version": CACHE_VERSION,
+        "signature": [list(s) for s in signature],
+        "checksums": _checksums(dataset),
+        "class_names": dataset.class_names,
+        "train": [dataset.train.images, dataset.train.labels],
+        "test": [dataset.test.images, dataset.test.labels],
+    }
     try:
         write_atomically(path, lambda file: torch.save(state, file))
     except OSError as error:  # a read-only data dir only costs the next run a parse
@@ -235,4 +251,3 @@ def _read_cache(path: Path, signature: tuple) -> ParsedDataset | None:
     except Exception as error:  # a damaged cache is never trusted, whatever broke in it
         log.warning("dataset cache %s is damaged (%s); parsing the source files again", path, one_line(error))
         return None
-

@@ -36,8 +36,10 @@ def read_image(path: Path, shape: tuple[int, int, int]) -> Tensor:
             Image.MAX_IMAGE_PIXELS = limit
     with image_file as image:
         if image.width * image.height > MAX_PIXELS:
-            raise ImageTooLargeError(f"{image.width}x{image.height} pixels, more than the limit of {MAX_PIXELS:,} "
-                                     "(mlplab.data.images.MAX_PIXELS)")
+            raise ImageTooLargeError(
+                f"{image.width}x{image.height} pixels, more than the limit of {MAX_PIXELS:,} "
+                "(mlplab.data.images.MAX_PIXELS)"
+            )
         image = image.convert("L" if channels == 1 else "RGB")
         if image.size != (width, height):
             shrinking = image.width >= width and image.height >= height

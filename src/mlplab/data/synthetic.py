@@ -30,7 +30,9 @@ def learnable_images(labels: np.ndarray, shape: tuple[int, ...], rng: np.random.
     return images
 
 
-def write_mnist_like(directory: Path, n_train: int = 600, n_test: int = 200, seed: int = 0, gz: bool = False) -> dict[str, np.ndarray]:
+def write_mnist_like(
+    directory: Path, n_train: int = 600, n_test: int = 200, seed: int = 0, gz: bool = False
+) -> dict[str, np.ndarray]:
     """The four IDX files of an MNIST-family dataset in ``directory`` (gzip-compressed like the originals if ``gz``)."""
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True, exist_ok=True)

@@ -32,8 +32,10 @@ def require_path(kind: str, path: str) -> Path:
     """The path ``data.path`` names, which must be a directory (folder) or a .pt/.npz file (tensors)."""
     where = Path(path).expanduser()
     if kind == "folder" and not where.is_dir():
-        raise DataUnavailableError(f"data.path={path}: no such directory; data=folder reads DIR/<class>/<image> "
-                                   "or DIR/train/<class>/<image> and DIR/test/<class>/<image>")
+        raise DataUnavailableError(
+            f"data.path={path}: no such directory; data=folder reads DIR/<class>/<image> "
+            "or DIR/train/<class>/<image> and DIR/test/<class>/<image>"
+        )
     if kind == "tensors" and not where.is_file():
         raise DataUnavailableError(f"data.path={path}: no such file; data=tensors reads a .pt or .npz file")
     return where
@@ -43,16 +45,24 @@ def held_out(split: Split, size: int | float, seed: int) -> tuple[Split, Split]:
     """A seeded (rest, held-out) split: ``size`` samples, or that fraction of them."""
     count = round(size * len(split)) if isinstance(size, float) else size
     if not 0 < count < len(split):
-        raise DataError(f"data.test_size={size} holds out {count} of {len(split)} images; it must leave some for "
-                        "training and some for testing")
+        raise DataError(
+            f"data.test_size={size} holds out {count} of {len(split)} images; it must leave some for "
+            "training and some for testing"
+        )
     return split.split_off(count, seed)
 
 
 # --- data=folder ----------------------------------------------------------------------------------------------
 
 
-def load_image_folder(root: Path, image_size: Sequence[int] | None, channels: int | None, test_size: int | float,
-                      split_seed: int, data_dir: Path) -> ParsedDataset:
+def load_image_folder(
+    root: Path,
+    image_size: Sequence[int] | None,
+    channels: int | None,
+    test_size: int | float,
+    split_seed: int,
+    data_dir: Path,
+) -> ParsedDataset:
     """Both splits of an image folder: ``root/train`` and ``root/test``, or ``root`` itself with ``test_size`` of
     it held out (seeded by ``split_seed``). Images are converted to ``channels`` and ``image_size`` (H, W), by
     default the first image's."""
@@ -61,19 +71,32 @@ def load_image_folder(root: Path, image_size: Sequence[int] | None, channels: in
     listings = {name: _listing(p) for name, p in parts.items()} if split_layout else {"all": _listing(root)}
     if split_layout and listings["train"][0] != listings["test"][0]:
         train, test = set(listings["train"][0]), set(listings["test"][0])
-        raise DataError(f"data.path={root}: train/ and test/ have different classes (only in train/: "
-                        f"{', '.join(sorted(train - test)) or 'none'}; only in test/: {', '.join(sorted(test - train)) or 'none'})")
+        raise DataError(
+            f"data.path={root}: train/ and test/ have different classes (only in train/: "
+            f"{', '.join(sorted(train - test)) or 'none'}; only in test/: {', '.join(sorted(test - train)) or 'none'})"
+        )
     first = next(iter(listings.values()))[1][0][0]
     shape = _image_shape(first, image_size, channels)
-    files = [(path, stat.st_size, stat.st_mtime_ns) for _, samples in listings.values() for path, _ in samples
-             for stat in [Path(path).stat()]]
+    files = [
+        (path, stat.st_size, stat.st_mtime_ns)
+        for _, samples in listings.values()
+        for path, _ in samples
+        for stat in [Path(path).stat()]
+    ]
     signature = hashlib.sha256(repr((str(root.resolve()), shape, split_layout, files)).encode()).hexdigest()
     return _decode_once(root, shape, split_layout, signature, data_dir, test_size, split_seed)
 
 
 @functools.lru_cache(maxsize=2)
-def _decode_once(root: Path, shape: tuple[int, int, int], split_layout: bool, signature: str, data_dir: Path,
-                 test_size: int | float, split_seed: int) -> ParsedDataset:
+def _decode_once(
+    root: Path,
+    shape: tuple[int, int, int],
+    split_layout: bool,
+    signature: str,
+    data_dir: Path,
+    test_size: int | float,
+    split_seed: int,
+) -> ParsedDataset:
     # Keyed by every file's size and time: a sweep's jobs decode once; an added, removed or changed file misses it.
     cache = data_dir / CACHE_DIR / f"folder-{signature[:16]}.pt"
 
@@ -96,13 +119,17 @@ def _listing(directory: Path) -> tuple[list[str], list[tuple[str, int]]]:
     try:
         classes, class_to_index = find_classes(str(directory))
     except FileNotFoundError:
-        raise DataError(f"data.path: {directory} has no class folders; put each class's images in a folder of "
-                        "its own (DIR/<class>/<image>)") from None
+        raise DataError(
+            f"data.path: {directory} has no class folders; put each class's images in a folder of "
+            "its own (DIR/<class>/<image>)"
+        ) from None
     samples = make_dataset(str(directory), class_to_index, extensions=IMG_EXTENSIONS, allow_empty=True)
     empty = sorted(set(classes) - {classes[index] for _, index in samples})
     if empty:
-        raise DataError(f"data.path: class folder{'s' if len(empty) > 1 else ''} {', '.join(empty)} in {directory} "
-                        f"{'have' if len(empty) > 1 else 'has'} no images ({', '.join(IMG_EXTENSIONS)})")
+        raise DataError(
+            f"data.path: class folder{'s' if len(empty) > 1 else ''} {', '.join(empty)} in {directory} "
+            f"{'have' if len(empty) > 1 else 'has'} no images ({', '.join(IMG_EXTENSIONS)})"
+        )
     return classes, samples
 
 
@@ -121,20 +148,27 @@ def _image_shape(first: str, image_size: Sequence[int] | None, channels: int | N
 
 def _decode(directory: Path, shape: tuple[int, int, int]) -> tuple[Split, list[str]]:
     classes, samples = _listing(directory)
-    log.info("Decoding %d images in %s to %s uint8 (once; then from the cache)", len(samples), directory,
-             "x".join(map(str, shape)))
+    log.info(
+        "Decoding %d images in %s to %s uint8 (once; then from the cache)",
+        len(samples),
+        directory,
+        "x".join(map(str, shape)),
+    )
     images = torch.empty((len(samples), *shape), dtype=torch.uint8)
     unreadable = []
-    for i, (path, _) in enumerate(tqdm(samples, desc=f"Decoding {directory.name or directory}", unit="image",
-                                       disable=None, leave=False)):
+    for i, (path, _) in enumerate(
+        tqdm(samples, desc=f"Decoding {directory.name or directory}", unit="image", disable=None, leave=False)
+    ):
         try:
             images[i] = read_image(Path(path), shape)
         except (OSError, ValueError) as error:
             unreadable.append(f"{path} ({error})")
     if unreadable:
-        raise DataError(f"data.path: {len(unreadable)} file{'s' if len(unreadable) > 1 else ''} cannot be read as "
-                        f"images: {'; '.join(unreadable[:SHOWN])}{' ...' if len(unreadable) > SHOWN else ''}; "
-                        "remove or replace them")
+        raise DataError(
+            f"data.path: {len(unreadable)} file{'s' if len(unreadable) > 1 else ''} cannot be read as "
+            f"images: {'; '.join(unreadable[:SHOWN])}{' ...' if len(unreadable) > SHOWN else ''}; "
+            "remove or replace them"
+        )
     return Split(images, torch.tensor([index for _, index in samples], dtype=torch.long)), classes
 
 
@@ -159,8 +193,10 @@ def load_tensor_file(path: Path, test_size: int | float, split_seed: int) -> Par
     if "train_images" in arrays:
         train, test = _split_of(arrays, path, "train_"), _split_of(arrays, path, "test_")
         if train.images.shape[1:] != test.images.shape[1:]:
-            raise DataError(f"data.path={path}: train_images are {tuple(train.images.shape[1:])} but test_images "
-                            f"are {tuple(test.images.shape[1:])}")
+            raise DataError(
+                f"data.path={path}: train_images are {tuple(train.images.shape[1:])} but test_images "
+                f"are {tuple(test.images.shape[1:])}"
+            )
     else:
         train, test = held_out(_split_of(arrays, path, ""), test_size, split_seed)
     classes = int(max(train.labels.max(), test.labels.max())) + 1
@@ -174,16 +210,21 @@ def _split_of(arrays: dict, path: Path, prefix: str) -> Split:
     keys = (f"{prefix}images", f"{prefix}labels")
     missing = [key for key in keys if key not in arrays]
     if missing:
-        raise DataError(f"data.path={path}: no {', '.join(missing)}; give images and labels, or train_images, "
-                        f"train_labels, test_images and test_labels (found: {', '.join(map(str, arrays))})")
-    images, labels = (torch.as_tensor(np.asarray(arrays[key])) if not torch.is_tensor(arrays[key]) else arrays[key]
-                      for key in keys)
+        raise DataError(
+            f"data.path={path}: no {', '.join(missing)}; give images and labels, or train_images, "
+            f"train_labels, test_images and test_labels (found: {', '.join(map(str, arrays))})"
+        )
+    images, labels = (
+        torch.as_tensor(np.asarray(arrays[key])) if not torch.is_tensor(arrays[key]) else arrays[key] for key in keys
+    )
     if images.dtype != torch.uint8:
         raise DataError(f"data.path={path}: {keys[0]} must be uint8 (0-255), got {images.dtype}")
     images = _channels_first(images, path, keys[0])
     if labels.ndim != 1 or labels.is_floating_point() or labels.dtype == torch.bool or len(labels) != len(images):
-        raise DataError(f"data.path={path}: {keys[1]} must be {len(images)} integers, one per image; got "
-                        f"{labels.dtype} of shape {tuple(labels.shape)}")
+        raise DataError(
+            f"data.path={path}: {keys[1]} must be {len(images)} integers, one per image; got "
+            f"{labels.dtype} of shape {tuple(labels.shape)}"
+        )
     if len(labels) and int(labels.min()) < 0:
         raise DataError(f"data.path={path}: {keys[1]} must be class indices >= 0, got {int(labels.min())}")
     return Split(images.contiguous(), labels.long())
@@ -197,5 +238,7 @@ def _channels_first(images: Tensor, path: Path, key: str) -> Tensor:
         return images
     if images.ndim == 4 and images.shape[3] in (1, 3):
         return images.permute(0, 3, 1, 2)
-    raise DataError(f"data.path={path}: {key} has shape {tuple(images.shape)}; expected N x H x W, N x C x H x W or "
-                    "N x H x W x C with 1 or 3 channels")
+    raise DataError(
+        f"data.path={path}: {key} has shape {tuple(images.shape)}; expected N x H x W, N x C x H x W or "
+        "N x H x W x C with 1 or 3 channels"
+    )

@@ -62,12 +62,20 @@ class ImageClassifier(L.LightningModule):
         backbone = backbone_from_dict(backbone) if isinstance(backbone, dict) else backbone
         self.optimizer_settings = OptimizerSettings.from_dict(optimizer) if isinstance(optimizer, dict) else optimizer
         self.schedule_settings = ScheduleSettings.from_dict(scheduler) if isinstance(scheduler, dict) else scheduler
-        self.save_hyperparameters({
-            "backbone": backbone.as_dict(), "input_shape": list(input_shape), "num_classes": num_classes,
-            "optimizer": self.optimizer_settings.as_dict(), "scheduler": self.schedule_settings.as_dict(),
-            "max_epochs": max_epochs, "input_mean": list(input_mean), "input_std": list(input_std),
-            "class_names": list(class_names),
-        }, logger=False)  # the run logs its whole config itself (mlplab.run.trackers)
+        self.save_hyperparameters(
+            {
+                "backbone": backbone.as_dict(),
+                "input_shape": list(input_shape),
+                "num_classes": num_classes,
+                "optimizer": self.optimizer_settings.as_dict(),
+                "scheduler": self.schedule_settings.as_dict(),
+                "max_epochs": max_epochs,
+                "input_mean": list(input_mean),
+                "input_std": list(input_std),
+                "class_names": list(class_names),
+            },
+            logger=False,
+        )  # the run logs its whole config itself (mlplab.run.trackers)
         self.network = backbone.build(tuple(input_shape), num_classes)
         # (x / 255 - mean) / std as one multiply and one add per pixel. Buffers move with the module; not
         # persistent, since the hyperparameters already hold mean and std.
@@ -78,10 +86,16 @@ class ImageClassifier(L.LightningModule):
         # step of a small MLP on the CPU, so each step only keeps its loss and predictions (one integer per sample),
         # and the metrics take a whole epoch in one update at its end.
         for stage in STAGES:  # train_metrics, val_metrics, test_metrics
-            setattr(self, f"{stage}_metrics", torch.nn.ModuleDict({
-                "loss": MeanMetric(nan_strategy="disable"),  # NaN checks would sync the GPU
-                "acc": MulticlassAccuracy(num_classes, average="micro", validate_args=False),
-            }))
+            setattr(
+                self,
+                f"{stage}_metrics",
+                torch.nn.ModuleDict(
+                    {
+                        "loss": MeanMetric(nan_strategy="disable"),  # NaN checks would sync the GPU
+                        "acc": MulticlassAccuracy(num_classes, average="micro", validate_args=False),
+                    }
+                ),
+            )
         self._epoch_outputs: dict[str, list[tuple[Tensor, ...]]] = {stage: [] for stage in STAGES}
         # Per stage, the last finished epoch's predictions, for the views that inspect them (mlplab.run.views).
         self.epoch_predictions: dict[str, EpochPredictions] = {}
@@ -120,7 +134,9 @@ class ImageClassifier(L.LightningModule):
             return
         losses, predictions, labels, *confidences = zip(*outputs)
         sizes = torch.tensor([len(batch) for batch in labels], device=losses[0].device)
-        epoch = EpochPredictions(torch.cat(predictions), torch.cat(labels), torch.cat(confidences[0]) if confidences else None)
+        epoch = EpochPredictions(
+            torch.cat(predictions), torch.cat(labels), torch.cat(confidences[0]) if confidences else None
+        )
         self.epoch_predictions[stage] = epoch
         metrics["loss"].update(torch.stack(losses), weight=sizes)
         metrics["acc"].update(epoch.classes, epoch.labels)
@@ -160,8 +176,10 @@ class ImageClassifier(L.LightningModule):
             self._diverged(float(outputs[first][0]), self.global_step - len(outputs) + first + 1)
 
     def _diverged(self, loss: float, step: int) -> None:
-        raise DivergedError(f"train/loss became {loss} at step {step} (epoch {self.current_epoch + 1}); "
-                            "try a lower optimizer.lr or set trainer.gradient_clip_val")
+        raise DivergedError(
+            f"train/loss became {loss} at step {step} (epoch {self.current_epoch + 1}); "
+            "try a lower optimizer.lr or set trainer.gradient_clip_val"
+        )
 
     @override
     def on_validation_start(self) -> None:
@@ -176,7 +194,11 @@ class ImageClassifier(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")
         schedule = self.lr_schedulers()
-        if isinstance(schedule, ReduceLROnPlateau) and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+        if (
+            isinstance(schedule, ReduceLROnPlateau)
+            and self.trainer.state.fn == "fit"
+            and not self.trainer.sanity_checking
+        ):
             schedule.step(self.trainer.callback_metrics[self.schedule_settings.monitor])
 
     @override
@@ -200,8 +222,10 @@ class ImageClassifier(L.LightningModule):
         if outputs and len(outputs) < self.trainer.num_training_batches:
             losses, predictions, labels = zip(*outputs)
             checkpoint["train_epoch_outputs"] = {
-                "losses": torch.stack(losses).cpu(), "sizes": [len(batch) for batch in labels],
-                "predictions": torch.cat(predictions).cpu(), "labels": torch.cat(labels).cpu(),
+                "losses": torch.stack(losses).cpu(),
+                "sizes": [len(batch) for batch in labels],
+                "predictions": torch.cat(predictions).cpu(),
+                "labels": torch.cat(labels).cpu(),
             }
 
     @override
@@ -209,11 +233,13 @@ class ImageClassifier(L.LightningModule):
         saved = checkpoint.get("train_epoch_outputs")
         if saved:
             sizes = saved["sizes"]
-            self._epoch_outputs["train"] = list(zip(
-                saved["losses"].to(self.device).unbind(),
-                saved["predictions"].to(self.device).split(sizes),
-                saved["labels"].to(self.device).split(sizes),
-            ))
+            self._epoch_outputs["train"] = list(
+                zip(
+                    saved["losses"].to(self.device).unbind(),
+                    saved["predictions"].to(self.device).split(sizes),
+                    saved["labels"].to(self.device).split(sizes),
+                )
+            )
 
     @override
     def configure_optimizers(self) -> Any:
@@ -243,10 +269,18 @@ def upgraded_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
     channels = len(hparams["input_mean"])
     side = math.isqrt(hparams["num_features"] // channels)  # every dataset 0.1 knew has square images
     return {
-        "backbone": {"family": "mlp", **{key: hparams[key] for key in ("depth", "width", "activation", "dropout", "output_activation")}},
-        "input_shape": [channels, side, side], "num_classes": hparams["num_classes"],
-        "optimizer": {"name": hparams["optimizer"], "lr": hparams["lr"], "weight_decay": hparams["weight_decay"],
-                      "momentum": hparams["momentum"]},
+        "backbone": {
+            "family": "mlp",
+            **{key: hparams[key] for key in ("depth", "width", "activation", "dropout", "output_activation")},
+        },
+        "input_shape": [channels, side, side],
+        "num_classes": hparams["num_classes"],
+        "optimizer": {
+            "name": hparams["optimizer"],
+            "lr": hparams["lr"],
+            "weight_decay": hparams["weight_decay"],
+            "momentum": hparams["momentum"],
+        },
         "scheduler": {"name": hparams["scheduler"], "min_lr": hparams["min_lr"]},
         **{key: hparams[key] for key in ("max_epochs", "input_mean", "input_std", "class_names")},
     }

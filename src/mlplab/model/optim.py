@@ -40,8 +40,11 @@ def _class_at(path: Any, base: type, kind: str = "", example: str = "") -> type:
 
 def _check_arguments(cls: type, path: str, arguments: dict[str, Any], skipped: tuple[str, ...]) -> None:
     """Refuse keyword arguments ``cls`` does not take, naming the closest it does."""
-    taken = [name for name, p in inspect.signature(cls.__init__).parameters.items()
-             if name not in ("self", *skipped) and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    taken = [
+        name
+        for name, p in inspect.signature(cls.__init__).parameters.items()
+        if name not in ("self", *skipped) and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
     for key, value in arguments.items():
         if key not in taken:
             raise ValueError(f"{key}: not an argument of {path}; {closest(key, taken)}")
@@ -76,7 +79,11 @@ class OptimizerSettings:
         if problem := self._refusal(self.arguments):
             # Which argument: the first the class refuses on its own.
             key = next((key for key in self.arguments if self._refusal({key: self.arguments[key]})), None)
-            where = f"{key}: {self.target} refuses {self.arguments[key]!r}" if key else f"{self.target} refuses these arguments"
+            where = (
+                f"{key}: {self.target} refuses {self.arguments[key]!r}"
+                if key
+                else f"{self.target} refuses these arguments"
+            )
             raise ValueError(f"{where} ({problem})")
 
     def _refusal(self, arguments: dict[str, Any]) -> str | None:
@@ -99,8 +106,11 @@ class OptimizerSettings:
         parameters = _example_parameters()
         optimizer = self.build(parameters)
         optimizer.step()
-        return sum(1 for value in optimizer.state[parameters[0]].values()
-                   if torch.is_tensor(value) and value.shape == parameters[0].shape)
+        return sum(
+            1
+            for value in optimizer.state[parameters[0]].values()
+            if torch.is_tensor(value) and value.shape == parameters[0].shape
+        )
 
     def build(self, parameters: Any) -> torch.optim.Optimizer:
         return _built(self.cls, parameters, self.arguments)
@@ -111,7 +121,8 @@ class OptimizerSettings:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> OptimizerSettings:
-        """The inverse of ``as_dict``; also reads what earlier versions stored (``name``, ``momentum`` for every one)."""
+        """The inverse of ``as_dict``; also reads what earlier versions stored (``name``, ``momentum`` for every
+        one)."""
         values = dict(values)
         if "name" in values:
             name = values.pop("name")
@@ -124,8 +135,14 @@ class OptimizerSettings:
 class WarmupCosineLR(LRScheduler):
     """A linear warm-up over the first ``warmup_fraction`` of the steps, then cosine annealing to ``eta_min``."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float = 0.05,
-                 eta_min: float = 0.0, last_epoch: int = -1):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        total_steps: int,
+        warmup_fraction: float = 0.05,
+        eta_min: float = 0.0,
+        last_epoch: int = -1,
+    ):
         if not 0 <= warmup_fraction < 1:
             raise ValueError(f"warmup_fraction must satisfy 0 <= f < 1, got {warmup_fraction}")
         self.total_steps, self.eta_min = total_steps, eta_min
@@ -157,7 +174,9 @@ class ScheduleSettings:
     def __post_init__(self) -> None:
         if self.target is None:
             if self.arguments:
-                raise ValueError(f"_target_ is null (a constant rate), which takes no arguments; got {', '.join(self.arguments)}")
+                raise ValueError(
+                    f"_target_ is null (a constant rate), which takes no arguments; got {', '.join(self.arguments)}"
+                )
             return
         cls = _class_at(self.target, LRScheduler, "a torch.optim.lr_scheduler", "torch.optim.lr_scheduler.StepLR")
         _check_arguments(cls, self.target, self.arguments, skipped=("optimizer",))
@@ -180,9 +199,11 @@ class ScheduleSettings:
         if self.target is None:
             return None
         cls = _class_at(self.target, LRScheduler)
-        computed = {"T_max": epochs if self.interval == "epoch" else steps,
-                    "total_steps": steps if self.interval == "step" else epochs,
-                    "max_lr": [group["lr"] for group in optimizer.param_groups]}
+        computed = {
+            "T_max": epochs if self.interval == "epoch" else steps,
+            "total_steps": steps if self.interval == "step" else epochs,
+            "max_lr": [group["lr"] for group in optimizer.param_groups],
+        }
         taken = inspect.signature(cls.__init__).parameters
         arguments = {key: value for key, value in computed.items() if key in taken} | self.arguments
         config = {"scheduler": cls(optimizer, **arguments), "interval": self.interval}
@@ -194,12 +215,17 @@ class ScheduleSettings:
         if self.target is None:
             return {"_target_": None}
         plateau = issubclass(_class_at(self.target, LRScheduler), ReduceLROnPlateau)
-        return {"_target_": self.target, **self.arguments, "interval": self.interval,
-                **({"monitor": self.monitor} if plateau else {})}
+        return {
+            "_target_": self.target,
+            **self.arguments,
+            "interval": self.interval,
+            **({"monitor": self.monitor} if plateau else {}),
+        }
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ScheduleSettings:
-        """The inverse of ``as_dict``; also reads what earlier versions stored (``name``: none or cosine, ``min_lr``)."""
+        """The inverse of ``as_dict``; also reads what earlier versions stored (``name``: none or cosine,
+        ``min_lr``)."""
         values = dict(values)
         if "name" in values:
             if values.pop("name") == "none":

@@ -44,9 +44,11 @@ class StackedMLP(nn.Module):
         # so a network's slice steps as its own weight would.
         self.weights = nn.ParameterList(
             nn.Parameter(torch.stack([layers[i].weight.detach().T for layers in linears]).contiguous())
-            for i in range(len(linears[0])))
+            for i in range(len(linears[0]))
+        )
         self.biases = nn.ParameterList(
-            nn.Parameter(torch.stack([layers[i].bias.detach() for layers in linears])) for i in range(len(linears[0])))
+            nn.Parameter(torch.stack([layers[i].bias.detach() for layers in linears])) for i in range(len(linears[0]))
+        )
         self.register_buffer("dropout", torch.tensor([backbone.dropout for backbone in backbones]))
         self.drops = any(backbone.dropout > 0 for backbone in backbones)  # known here: no device sync per step
         self.activation = ACTIVATIONS[first.activation]()
@@ -73,8 +75,11 @@ class StackedMLP(nn.Module):
         return [tensor.detach()[index] for pair in zip(self.weights, self.biases) for tensor in pair]
 
     def network_gradients(self, index: int) -> list[Tensor | None]:
-        return [None if tensor.grad is None else tensor.grad[index]
-                for pair in zip(self.weights, self.biases) for tensor in pair]
+        return [
+            None if tensor.grad is None else tensor.grad[index]
+            for pair in zip(self.weights, self.biases)
+            for tensor in pair
+        ]
 
     def network_state(self, index: int) -> dict[str, Tensor]:
         """Network ``index`` as the single ``nn.Sequential`` the backbone builds would hold it."""
@@ -131,6 +136,13 @@ class PerNetworkOptimizer(torch.optim.Optimizer):
     def network_state_dict(self, index: int) -> dict[str, Any]:
         """Network ``index``'s optimizer state as its single run's optimizer would hold it."""
         state = self.networks[index].state_dict()
-        return {**state, "state": {key: {name: value.T.contiguous() if torch.is_tensor(value) and value.dim() == 2
-                                         else value for name, value in values.items()}
-                                   for key, values in state["state"].items()}}
+        return {
+            **state,
+            "state": {
+                key: {
+                    name: value.T.contiguous() if torch.is_tensor(value) and value.dim() == 2 else value
+                    for name, value in values.items()
+                }
+                for key, values in state["state"].items()
+            },
+        }

@@ -27,8 +27,9 @@ class StackedClassifier(L.LightningModule):
 
     def __init__(self, models: Sequence[ImageClassifier]):
         super().__init__()
-        self.stack = StackedMLP([backbone_from_dict(model.hparams["backbone"]) for model in models],
-                                [model.network for model in models])
+        self.stack = StackedMLP(
+            [backbone_from_dict(model.hparams["backbone"]) for model in models], [model.network for model in models]
+        )
         self.optimizer_settings = [model.optimizer_settings for model in models]
         self.schedule_settings = [model.schedule_settings for model in models]
         self.max_epochs = models[0].hparams["max_epochs"]
@@ -91,8 +92,10 @@ class StackedClassifier(L.LightningModule):
                 continue
             first = int((~finite[:, index]).nonzero()[0])
             step = self.global_step - len(outputs) + first + 1
-            self.diverged[index] = (f"train/loss became {float(outputs[first][0][index])} at step {step} (epoch "
-                                    f"{self.current_epoch + 1}); try a lower optimizer.lr or set trainer.gradient_clip_val")
+            self.diverged[index] = (
+                f"train/loss became {float(outputs[first][0][index])} at step {step} (epoch "
+                f"{self.current_epoch + 1}); try a lower optimizer.lr or set trainer.gradient_clip_val"
+            )
             self.optimizers().optimizer.frozen.add(index)
 
     def _epoch_metrics(self, stage: str) -> None:
@@ -102,14 +105,18 @@ class StackedClassifier(L.LightningModule):
         losses, predictions, labels, *confidences = zip(*outputs)
         if confidences:  # for the views: each network's predictions over the split
             split_labels = torch.cat([batch[0] for batch in labels])
-            self.val_predictions = [EpochPredictions(classes, split_labels, confidence) for classes, confidence
-                                    in zip(torch.cat(predictions, dim=1), torch.cat(confidences[0], dim=1))]
+            self.val_predictions = [
+                EpochPredictions(classes, split_labels, confidence)
+                for classes, confidence in zip(torch.cat(predictions, dim=1), torch.cat(confidences[0], dim=1))
+            ]
         sizes = torch.tensor([batch.shape[1] for batch in labels], device=losses[0].device, dtype=losses[0].dtype)
         # As one run's metrics: the batches' mean losses weighted by their sizes; the share of samples right.
         loss = (torch.stack(losses) * sizes.unsqueeze(1)).sum(0) / sizes.sum()
         acc = (torch.cat(predictions, dim=1) == torch.cat(labels, dim=1)).float().mean(1)
-        self.epoch_metrics[stage] = [{f"{stage}/loss": values[0], f"{stage}/acc": values[1]}
-                                     for values in torch.stack([loss.float(), acc]).T.tolist()]
+        self.epoch_metrics[stage] = [
+            {f"{stage}/loss": values[0], f"{stage}/acc": values[1]}
+            for values in torch.stack([loss.float(), acc]).T.tolist()
+        ]
         outputs.clear()
 
     @override
@@ -139,30 +146,36 @@ class StackedClassifier(L.LightningModule):
         if not outputs or len(outputs) >= self.trainer.num_training_batches:
             return None
         losses, predictions, labels = zip(*outputs)
-        return {"losses": torch.stack([batch[index] for batch in losses]).cpu(),
-                "sizes": [batch.shape[1] for batch in labels],
-                "predictions": torch.cat([batch[index] for batch in predictions]).cpu(),
-                "labels": torch.cat([batch[index] for batch in labels]).cpu()}
+        return {
+            "losses": torch.stack([batch[index] for batch in losses]).cpu(),
+            "sizes": [batch.shape[1] for batch in labels],
+            "predictions": torch.cat([batch[index] for batch in predictions]).cpu(),
+            "labels": torch.cat([batch[index] for batch in labels]).cpu(),
+        }
 
     @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         outputs = self._outputs["train"]
         if outputs and len(outputs) < self.trainer.num_training_batches:
             losses, predictions, labels = zip(*outputs)
-            checkpoint["train_epoch_outputs"] = {"losses": torch.stack(losses).cpu(),
-                                                 "predictions": [batch.cpu() for batch in predictions],
-                                                 "labels": [batch.cpu() for batch in labels]}
+            checkpoint["train_epoch_outputs"] = {
+                "losses": torch.stack(losses).cpu(),
+                "predictions": [batch.cpu() for batch in predictions],
+                "labels": [batch.cpu() for batch in labels],
+            }
         checkpoint["diverged"] = dict(self.diverged)
-        checkpoint["schedules"] = [None if config is None else config["scheduler"].state_dict()
-                                   for config in self.schedules]
+        checkpoint["schedules"] = [
+            None if config is None else config["scheduler"].state_dict() for config in self.schedules
+        ]
 
     @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("train_epoch_outputs")
         if saved:
-            self._outputs["train"] = [(losses.to(self.device), predictions.to(self.device), labels.to(self.device))
-                                      for losses, predictions, labels in
-                                      zip(saved["losses"].unbind(), saved["predictions"], saved["labels"])]
+            self._outputs["train"] = [
+                (losses.to(self.device), predictions.to(self.device), labels.to(self.device))
+                for losses, predictions, labels in zip(saved["losses"].unbind(), saved["predictions"], saved["labels"])
+            ]
         self.diverged = dict(checkpoint.get("diverged", {}))
         self._schedule_states = checkpoint.get("schedules")
 
@@ -185,8 +198,10 @@ class StackedClassifier(L.LightningModule):
     def configure_optimizers(self) -> PerNetworkOptimizer:
         optimizer = PerNetworkOptimizer(self.stack, [settings.build for settings in self.optimizer_settings])
         steps = optimizer_steps(self.trainer)
-        self.schedules = [settings.build(network, self.max_epochs, steps)
-                          for settings, network in zip(self.schedule_settings, optimizer.networks)]
+        self.schedules = [
+            settings.build(network, self.max_epochs, steps)
+            for settings, network in zip(self.schedule_settings, optimizer.networks)
+        ]
         for config, state in zip(self.schedules, self._schedule_states or []):
             if config is not None and state is not None:
                 config["scheduler"].load_state_dict(state)

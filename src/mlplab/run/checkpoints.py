@@ -57,7 +57,8 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     except pickle.UnpicklingError:
         raise UnreadableCheckpointError(
             f"{path} holds objects other than tensors and plain values; refused, since loading it could run code "
-            "(checkpoints written by mlplab never do)") from None
+            "(checkpoints written by mlplab never do)"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         raise UnreadableCheckpointError(f"{path} is not a readable checkpoint ({one_line(error)[:200]})") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
@@ -104,8 +105,9 @@ class ResumePoints(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._previous_handlers = {signum: signal.signal(signum, self._request_stop)
-                                   for signum in (signal.SIGINT, signal.SIGTERM)}
+        self._previous_handlers = {
+            signum: signal.signal(signum, self._request_stop) for signum in (signal.SIGINT, signal.SIGTERM)
+        }
 
     def _request_stop(self, signum: int, frame: Any) -> None:
         if self.stopped_by:
@@ -119,7 +121,9 @@ class ResumePoints(Callback):
         return bool(self.stopped_by)
 
     @override
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self._stop_requested(trainer) or (self.every_n_steps and trainer.global_step % self.every_n_steps == 0):
             if hasattr(pl_module, "check_finite_loss"):
                 pl_module.check_finite_loss()  # never a checkpoint of diverged weights

@@ -27,8 +27,15 @@ from mlplab.run.trainer import TrainerSettings
 COMMAND_KEYS = ("sweep", "dry_run", "resume", "trial", "hparams_search", "optimized_metric")
 # Keys that do not define an experiment: left out of job folder names, the HParams table and a search's best
 # command. Besides the command's own keys, where things are and how a run reports and checkpoints.
-NON_EXPERIMENT_KEYS = (*COMMAND_KEYS, "debug", "paths.data_dir", "data.system_dir", "data.download",
-                       "checkpoint.every_n_steps", "callbacks.progress_bar")
+NON_EXPERIMENT_KEYS = (
+    *COMMAND_KEYS,
+    "debug",
+    "paths.data_dir",
+    "data.system_dir",
+    "data.download",
+    "checkpoint.every_n_steps",
+    "callbacks.progress_bar",
+)
 # What a resumed run may change: how long it trains, and keys that do not define the experiment.
 RESUMABLE_KEYS = ("trainer.max_epochs", *(key for key in NON_EXPERIMENT_KEYS if "." in key))
 
@@ -51,10 +58,16 @@ class RunConfig:
     def as_dict(self) -> dict[str, Any]:
         """Every setting as plain values, grouped as in the config (the Trainer's options beside its other keys)."""
         trainer = {key: value for key, value in dataclasses.asdict(self.trainer).items() if key != "options"}
-        return {"seed": self.seed, "paths": {"data_dir": self.data_dir}, "model": self.model.as_dict(),
-                "data": dataclasses.asdict(self.data), "optimizer": self.optimizer.as_dict(),
-                "scheduler": self.scheduler.as_dict(), "trainer": {**trainer, **self.trainer.options},
-                "checkpoint": dataclasses.asdict(self.checkpoint)}
+        return {
+            "seed": self.seed,
+            "paths": {"data_dir": self.data_dir},
+            "model": self.model.as_dict(),
+            "data": dataclasses.asdict(self.data),
+            "optimizer": self.optimizer.as_dict(),
+            "scheduler": self.scheduler.as_dict(),
+            "trainer": {**trainer, **self.trainer.options},
+            "checkpoint": dataclasses.asdict(self.checkpoint),
+        }
 
 
 SECTIONS = {"data": DataSettings, "trainer": TrainerSettings, "checkpoint": CheckpointSettings}
@@ -77,7 +90,9 @@ def parse_run_config(raw: dict[str, Any]) -> RunConfig:
         _require(key == "data_dir", f"paths.{key}: unknown key; allowed: data_dir")
     data_dir = paths.get("data_dir", "data")
     _require(isinstance(data_dir, str), f"paths.data_dir must be a string, got {data_dir!r}")
-    sections = {name: parse_section(name, cls, raw.get(name) or {}) for name, cls in SECTIONS.items() if name != "trainer"}
+    sections = {
+        name: parse_section(name, cls, raw.get(name) or {}) for name, cls in SECTIONS.items() if name != "trainer"
+    }
     sections["trainer"] = parse_trainer(raw.get("trainer") or {})
     sections |= {name: parse_class_section(name, cls, raw.get(name) or {}) for name, cls in CLASS_SECTIONS.items()}
     try:
@@ -107,8 +122,10 @@ def parse_section(name: str, cls: type, values: dict[str, Any]) -> Any:
     for key, value in values.items():
         _require(key in fields, f"{name}.{key}: unknown key; allowed: {', '.join(fields)}")
         _require(_matches(value, hints[key]), f"{name}.{key} must be {_describe(hints[key])}, got {value!r}")
-        _require(not (isinstance(value, float) and not math.isfinite(value)),
-                 f"{name}.{key} must be a finite number, got {value}")
+        _require(
+            not (isinstance(value, float) and not math.isfinite(value)),
+            f"{name}.{key} must be a finite number, got {value}",
+        )
     for key, f in fields.items():
         no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         _require(key in values or not no_default, f"{name}.{key} is required ({_describe(hints[key])})")

@@ -40,8 +40,12 @@ class EpochHistory(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"epochs": self.epochs, "epoch_seconds": self.epoch_seconds, "wall_seconds": self.wall_seconds,
-                "first_epoch": 1}
+        return {
+            "epochs": self.epochs,
+            "epoch_seconds": self.epoch_seconds,
+            "wall_seconds": self.wall_seconds,
+            "first_epoch": 1,
+        }
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

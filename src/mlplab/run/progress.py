@@ -50,8 +50,11 @@ class EpochLines(ProgressBar):
         """The line of the epoch numbered ``finished`` (counting from 1: Lightning's count of finished epochs)."""
         if self._started is None or not self._enabled or not trainer.is_global_zero:
             return
-        metrics: dict[str, Any] = {key: float(value) for key, value in trainer.callback_metrics.items()
-                                   if key.split("/")[0] in ("train", "val") and "/" in key}
+        metrics: dict[str, Any] = {
+            key: float(value)
+            for key, value in trainer.callback_metrics.items()
+            if key.split("/")[0] in ("train", "val") and "/" in key
+        }
         shown = ", ".join(f"{key} {value:.4f}" for key, value in sorted(metrics.items()))
         seconds = time.perf_counter() - self._started
         print(f"epoch {finished}/{trainer.max_epochs}: {shown} ({seconds:.1f} s)", file=sys.stderr, flush=True)

@@ -26,9 +26,11 @@ PROVENANCE_FILE = "provenance.json"
 def git_state(directory: Path, tracked: str | None = None) -> dict[str, Any] | None:
     """The repository holding ``directory``: its root, commit and whether tracked files differ from it; None
     outside a repository, without git, or when the file ``tracked`` (in ``directory``) is not part of it."""
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True, check=True,
-                              timeout=30).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(directory), *args], capture_output=True, text=True, check=True, timeout=30
+        ).stdout.strip()
 
     try:
         if tracked:
@@ -50,7 +52,9 @@ def _version(package: str) -> str | None:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
-    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), platform.processor())
+    model = next(
+        (line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), platform.processor()
+    )
     return f"{device} ({model or 'unknown'}, {os.cpu_count()} cores)"
 
 
@@ -71,8 +75,11 @@ def collect(command: Sequence[str], device: torch.device) -> dict[str, Any]:
         # is not that repository's code), and the repository the command ran in (the user's own).
         "code": git_state(Path(mlplab.__file__).parent, tracked="__init__.py"),
         "working_directory": {"path": os.getcwd(), "git": git_state(Path.cwd())},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     **{name: _version(name) for name in ("lightning", "hydra-core", "torchvision", "optuna")}},
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            **{name: _version(name) for name in ("lightning", "hydra-core", "torchvision", "optuna")},
+        },
         "host": socket.gethostname(),
         "platform": platform.platform(),
         "device": device_name(device),
@@ -86,5 +93,6 @@ def write(run_dir: Path, record: dict[str, Any]) -> None:
     if path.is_file():
         previous = json.loads(path.read_text())
         earlier = [*previous.pop("earlier_attempts", []), previous]
-    write_text_atomically(path, json.dumps({**record, **({"earlier_attempts": earlier} if earlier else {})}, indent=2) + "\n")
-
+    write_text_atomically(
+        path, json.dumps({**record, **({"earlier_attempts": earlier} if earlier else {})}, indent=2) + "\n"
+    )

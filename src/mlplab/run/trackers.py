@@ -46,11 +46,15 @@ def mlflow_arguments(settings: dict[str, Any], run_dir: Path, experiment: str | 
         else:
             experiment_id = found.experiment_id
     run_dir_value = str(run_dir.resolve())
-    earlier = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{_quoted(run_dir_value)}'",
-                                 max_results=1)
-    return {"experiment_name": name, "run_name": settings.get("run_name") or run_dir.name,
-            "tags": {**(settings.get("tags") or {}), RUN_DIR_TAG: run_dir_value},
-            "run_id": earlier[0].info.run_id if earlier else None}
+    earlier = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{_quoted(run_dir_value)}'", max_results=1
+    )
+    return {
+        "experiment_name": name,
+        "run_name": settings.get("run_name") or run_dir.name,
+        "tags": {**(settings.get("tags") or {}), RUN_DIR_TAG: run_dir_value},
+        "run_id": earlier[0].info.run_id if earlier else None,
+    }
 
 
 def _quoted(value: str) -> str:
@@ -125,7 +129,8 @@ def image_writer(loggers: list[Logger]) -> Callable[[str, np.ndarray, int], None
     for logger in loggers:
         if isinstance(logger, MLFlowLogger):
             return lambda tag, image, step: logger.experiment.log_image(
-                logger.run_id, image, artifact_file=f"{tag}/step_{step:06d}.png")
+                logger.run_id, image, artifact_file=f"{tag}/step_{step:06d}.png"
+            )
     return None
 
 

@@ -20,14 +20,20 @@ from mlplab.data.datamodule import ImageDataModule
 from mlplab.errors import one_line
 from mlplab.model.backbones import count_parameters
 from mlplab.model.classifier import DivergedError, ImageClassifier
-from mlplab.run.checkpoints import ResumePoints, StopRequested
 from mlplab.run import provenance
+from mlplab.run.checkpoints import ResumePoints, StopRequested
 from mlplab.run.config import ConfigError, RunConfig
 from mlplab.run.history import EpochHistory
 from mlplab.run.records import CHECKPOINT_DIR, MONITOR, write_metrics
-from mlplab.run.trainer import (build_trainer, end_ranks, quiet_lightning, require_batches, require_memory_for,
-                                training_peak_bytes)
 from mlplab.run.trackers import log_run_start
+from mlplab.run.trainer import (
+    build_trainer,
+    end_ranks,
+    quiet_lightning,
+    require_batches,
+    require_memory_for,
+    training_peak_bytes,
+)
 from mlplab.run.views.hparams import log_hparams
 
 log = logging.getLogger(__name__)
@@ -44,13 +50,24 @@ def build_model(config: RunConfig, datamodule: ImageDataModule, processes: int) 
         parameters, activations = config.model.planned_size(input_shape, num_classes)
     except ValueError as error:  # a setting that does not suit this data's images, e.g. too many pooling blocks
         raise ConfigError(f"model.{error}") from None
-    peak = training_peak_bytes(parameters, config.optimizer.state_per_parameter, activations,
-                               config.data.batch_size, config.data.eval_batch_size)
+    peak = training_peak_bytes(
+        parameters,
+        config.optimizer.state_per_parameter,
+        activations,
+        config.data.batch_size,
+        config.data.eval_batch_size,
+    )
     size_keys = [f"model.{name}" for name in config.model.size_settings] or ["model"]
     estimate = require_memory_for(peak, processes, parameters, size_keys)
     return ImageClassifier(
-        config.model, input_shape, num_classes, config.optimizer, config.scheduler,
-        max_epochs=config.trainer.max_epochs, input_mean=datamodule.mean, input_std=datamodule.std,
+        config.model,
+        input_shape,
+        num_classes,
+        config.optimizer,
+        config.scheduler,
+        max_epochs=config.trainer.max_epochs,
+        input_mean=datamodule.mean,
+        input_std=datamodule.std,
         class_names=datamodule.class_names,
     ), estimate
 
@@ -82,8 +99,9 @@ def train(
             callback.dirpath = str(run_dir / CHECKPOINT_DIR)
     with quiet_lightning():
         # The history first: an epoch a callback ends the run after (a search's pruning) is recorded too.
-        trainer = build_trainer(config.trainer, run_dir, logger, [history, *(callbacks or []), resume_points],
-                                gpu_index, rank_command)
+        trainer = build_trainer(
+            config.trainer, run_dir, logger, [history, *(callbacks or []), resume_points], gpu_index, rank_command
+        )
     datamodule = ImageDataModule(config.data, config.data_dir, shuffle_seed=config.seed)
     if trainer.is_global_zero:
         datamodule.prepare_data()
@@ -92,9 +110,12 @@ def train(
     model, memory_estimate = build_model(config, datamodule, trainer.world_size)
     log.info("Run directory: %s", run_dir)
 
-    metrics: dict[str, Any] = {"status": "running", "precision": str(trainer.precision),  # trainer.precision=auto's choice
-                               "num_parameters": count_parameters(model.network),
-                               "memory_estimate_bytes": memory_estimate}
+    metrics: dict[str, Any] = {
+        "status": "running",
+        "precision": str(trainer.precision),  # trainer.precision=auto's choice
+        "num_parameters": count_parameters(model.network),
+        "memory_estimate_bytes": memory_estimate,
+    }
     if trainer.is_global_zero:
         write_metrics(run_dir, metrics)  # a sweep report can tell running jobs from pending ones
         record = provenance.collect(command or sys.argv, trainer.strategy.root_device)
@@ -140,8 +161,13 @@ def train(
 
 def finished_metrics(history: EpochHistory, step: int, best_checkpoint: str | None, run_dir: Path) -> dict[str, Any]:
     """What metrics.json records of a run's training however it ended: epochs, times, last step, best checkpoint."""
-    metrics = {"epochs": history.epochs_validated, "epoch_seconds": history.epoch_seconds,
-               "wall_seconds": history.wall_seconds, "history": history.epochs, "step": step}
+    metrics = {
+        "epochs": history.epochs_validated,
+        "epoch_seconds": history.epoch_seconds,
+        "wall_seconds": history.wall_seconds,
+        "history": history.epochs,
+        "step": step,
+    }
     if best_checkpoint:
         metrics["best_checkpoint"] = os.path.relpath(best_checkpoint, run_dir)
     return metrics
@@ -161,9 +187,11 @@ def status_of(error: BaseException) -> str:
 def report(run_dir: Path, metrics: dict[str, Any]) -> None:
     log.info(
         "Finished: test/acc %.4f, best %s %.4f at epoch %d, %.1f s",
-        metrics.get("test/acc", float("nan")), MONITOR, metrics.get(MONITOR, float("nan")),
-        metrics.get("best_epoch", -1), metrics["wall_seconds"],
+        metrics.get("test/acc", float("nan")),
+        MONITOR,
+        metrics.get(MONITOR, float("nan")),
+        metrics.get("best_epoch", -1),
+        metrics["wall_seconds"],
     )
     log.info("Run directory: %s", run_dir)
     log.info("TensorBoard:   tensorboard --logdir %s", run_dir)
-

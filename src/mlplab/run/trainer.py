@@ -89,27 +89,51 @@ class TrainerSettings:
             if not ok:
                 raise ValueError(message)
 
-        require(self.accelerator in ACCELERATORS, f"accelerator must be one of {', '.join(ACCELERATORS)}; got {self.accelerator!r}")
+        require(
+            self.accelerator in ACCELERATORS,
+            f"accelerator must be one of {', '.join(ACCELERATORS)}; got {self.accelerator!r}",
+        )
         require(self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}")
-        require(self.devices == "auto" or (isinstance(self.devices, int) and self.devices >= 1),
-                f"devices must be an integer >= 1 or 'auto', got {self.devices!r}")
-        require(self.precision in PRECISIONS, f"precision must be one of {', '.join(map(str, PRECISIONS))}; got {self.precision!r}")
+        require(
+            self.devices == "auto" or (isinstance(self.devices, int) and self.devices >= 1),
+            f"devices must be an integer >= 1 or 'auto', got {self.devices!r}",
+        )
+        require(
+            self.precision in PRECISIONS,
+            f"precision must be one of {', '.join(map(str, PRECISIONS))}; got {self.precision!r}",
+        )
         require(self.max_epochs >= 1, f"max_epochs must be an integer >= 1, got {self.max_epochs}")
         require(self.log_every_n_steps >= 1, f"log_every_n_steps must be an integer >= 1, got {self.log_every_n_steps}")
         for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
             value = getattr(self, key)
-            require(value > 0 and (isinstance(value, int) or value <= 1),
-                    f"{key} must be a fraction in (0, 1] or a number of batches >= 1, got {value}")
-        require(self.gradient_clip_val is None or self.gradient_clip_val > 0,
-                f"gradient_clip_val must be null or a number > 0, got {self.gradient_clip_val}")
-        require(self.num_sanity_val_steps >= -1, f"num_sanity_val_steps must be an integer >= -1, got {self.num_sanity_val_steps}")
-        require(self.accumulate_grad_batches >= 1, f"accumulate_grad_batches must be an integer >= 1, got {self.accumulate_grad_batches}")
+            require(
+                value > 0 and (isinstance(value, int) or value <= 1),
+                f"{key} must be a fraction in (0, 1] or a number of batches >= 1, got {value}",
+            )
+        require(
+            self.gradient_clip_val is None or self.gradient_clip_val > 0,
+            f"gradient_clip_val must be null or a number > 0, got {self.gradient_clip_val}",
+        )
+        require(
+            self.num_sanity_val_steps >= -1,
+            f"num_sanity_val_steps must be an integer >= -1, got {self.num_sanity_val_steps}",
+        )
+        require(
+            self.accumulate_grad_batches >= 1,
+            f"accumulate_grad_batches must be an integer >= 1, got {self.accumulate_grad_batches}",
+        )
         require(self.max_steps >= -1, f"max_steps must be an integer >= 1, or -1 for no limit, got {self.max_steps}")
-        require(self.val_check_interval is None or self.val_check_interval > 0 and (
-            isinstance(self.val_check_interval, int) or self.val_check_interval <= 1),
-            f"val_check_interval must be null, a fraction in (0, 1] or a number of batches >= 1, got {self.val_check_interval}")
-        require(self.check_val_every_n_epoch is None or self.check_val_every_n_epoch >= 1,
-                f"check_val_every_n_epoch must be null or an integer >= 1, got {self.check_val_every_n_epoch}")
+        require(
+            self.val_check_interval is None
+            or self.val_check_interval > 0
+            and (isinstance(self.val_check_interval, int) or self.val_check_interval <= 1),
+            "val_check_interval must be null, a fraction in (0, 1] or a number of batches >= 1, "
+            f"got {self.val_check_interval}",
+        )
+        require(
+            self.check_val_every_n_epoch is None or self.check_val_every_n_epoch >= 1,
+            f"check_val_every_n_epoch must be null or an integer >= 1, got {self.check_val_every_n_epoch}",
+        )
         for key in self.options:
             check_trainer_option(key)
 
@@ -130,8 +154,12 @@ def fast_bf16(on_gpu: bool, cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     if on_gpu:
         return torch.cuda.is_bf16_supported(including_emulation=False)
     try:
-        flags = {flag for line in cpuinfo.read_text().splitlines() if line.startswith("flags")
-                 for flag in line.split(":", 1)[1].split()}
+        flags = {
+            flag
+            for line in cpuinfo.read_text().splitlines()
+            if line.startswith("flags")
+            for flag in line.split(":", 1)[1].split()
+        }
     except OSError:  # not Linux: no way to tell, so no bf16
         return False
     return any(flag in flags for flag in CPU_BF16_FLAGS)
@@ -142,13 +170,20 @@ def resolved_precision(settings: TrainerSettings, gpu_index: int | None = None) 
     weights and optimizer, bf16 matrix multiplies) and ``32-true`` elsewhere."""
     if settings.precision != "auto":
         return settings.precision
-    on_gpu = gpu_index is not None or settings.accelerator == "gpu" or (
-        settings.accelerator == "auto" and torch.cuda.is_available())
+    on_gpu = (
+        gpu_index is not None
+        or settings.accelerator == "gpu"
+        or (settings.accelerator == "auto" and torch.cuda.is_available())
+    )
     return "bf16-mixed" if fast_bf16(on_gpu) else "32-true"
 
 
 def build_trainer(
-    settings: TrainerSettings, run_dir: Path, loggers: Any, callbacks: list[Any], gpu_index: int | None = None,
+    settings: TrainerSettings,
+    run_dir: Path,
+    loggers: Any,
+    callbacks: list[Any],
+    gpu_index: int | None = None,
     rank_command: Sequence[str] | None = None,
 ) -> L.Trainer:
     """A Lightning Trainer writing into ``run_dir``; refuses an accelerator this machine lacks.
@@ -188,15 +223,25 @@ def build_trainer(
         )
     except (MisconfigurationException, ValueError, TypeError) as error:  # a value Lightning refuses
         # Lightning's messages rarely name the argument: an option it refuses on its own is named here.
-        given = {**{key: value for key, value in arguments.items() if key not in ("strategy", "devices")}, **settings.options}
+        given = {
+            **{key: value for key, value in arguments.items() if key not in ("strategy", "devices")},
+            **settings.options,
+        }
         culprit = next((key for key, value in given.items() if not _accepted(key, value)), None)
-        raise TrainerError(f"trainer.{culprit}: {one_line(error)}" if culprit else f"trainer: {one_line(error)}") from None
+        raise TrainerError(
+            f"trainer.{culprit}: {one_line(error)}" if culprit else f"trainer: {one_line(error)}"
+        ) from None
 
 
 def _accepted(key: str, value: Any) -> bool:
     try:
-        L.Trainer(**{"accelerator": "cpu", key: value}, logger=False, enable_checkpointing=False,
-                  enable_progress_bar=False, enable_model_summary=False)
+        L.Trainer(
+            **{"accelerator": "cpu", key: value},
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
     except (MisconfigurationException, ValueError, TypeError):
         return False
     return True
@@ -206,8 +251,12 @@ class LightningNotes(logging.Filter):
     """Drops Lightning's notes that a user of mlplab cannot act on: an advertisement, and remarks on settings mlplab
     makes itself (its own model summary callback, batch limits of 1.0)."""
 
-    NOTES = ("💡 Tip:", "Trainer already configured with model summary callbacks", "` was configured so ",
-             "to estimate number of stepping batches")
+    NOTES = (
+        "💡 Tip:",
+        "Trainer already configured with model summary callbacks",
+        "` was configured so ",
+        "to estimate number of stepping batches",
+    )
     LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -233,8 +282,14 @@ def end_ranks(trainer: L.Trainer) -> None:
         trainer.strategy.end_ranks()
 
 
-def training_peak_bytes(num_parameters: int, optimizer_state: int, activations_per_sample: int,
-                        batch_size: int, eval_batch_size: int, bytes_per_value: int = 4) -> int:
+def training_peak_bytes(
+    num_parameters: int,
+    optimizer_state: int,
+    activations_per_sample: int,
+    batch_size: int,
+    eval_batch_size: int,
+    bytes_per_value: int = 4,
+) -> int:
     """Memory one training process needs beyond what it holds before the model is built (imports, the data).
 
     Per parameter: the weights, their gradients, the optimizer's state, and two in-memory copies of weights and
@@ -278,10 +333,12 @@ def require_memory_for(peak_bytes: int, processes: int, num_parameters: int, siz
     needed = processes * peak_bytes + (processes - 1) * here
     available = available_memory()
     if needed > available:
-        raise TrainerError(f"{' and '.join(size_keys)} make a network of {num_parameters:,} parameters; training it "
-                           f"needs about {needed / 2**30:.1f} GiB more memory (weights, gradients, optimizer state, "
-                           f"checkpoint copies, activations{', per rank' if processes > 1 else ''}), and "
-                           f"{available / 2**30:.1f} GiB is available; choose a smaller {' or '.join(size_keys)}")
+        raise TrainerError(
+            f"{' and '.join(size_keys)} make a network of {num_parameters:,} parameters; training it "
+            f"needs about {needed / 2**30:.1f} GiB more memory (weights, gradients, optimizer state, "
+            f"checkpoint copies, activations{', per rank' if processes > 1 else ''}), and "
+            f"{available / 2**30:.1f} GiB is available; choose a smaller {' or '.join(size_keys)}"
+        )
     return here + peak_bytes
 
 
@@ -291,13 +348,17 @@ def require_batches(settings: TrainerSettings, datamodule: L.LightningDataModule
         limit = getattr(settings, f"limit_{stage}_batches")
         batches = len(getattr(datamodule, f"{stage}_dataloader")())
         if isinstance(limit, float) and limit * batches < 1:
-            raise TrainerError(f"trainer.limit_{stage}_batches={limit} selects none of the {batches} {stage} batches; "
-                               f"give at least {1 / batches:.3g} or a number of batches")
+            raise TrainerError(
+                f"trainer.limit_{stage}_batches={limit} selects none of the {batches} {stage} batches; "
+                f"give at least {1 / batches:.3g} or a number of batches"
+            )
     train_batches = len(datamodule.train_dataloader())
     limit = settings.limit_train_batches
     train_batches = min(train_batches, limit) if isinstance(limit, int) else int(limit * train_batches)
     interval = settings.val_check_interval
     if isinstance(interval, int) and settings.check_val_every_n_epoch is not None and interval > train_batches:
-        raise TrainerError(f"trainer.val_check_interval={interval} is more than the {train_batches} training batches "
-                           "of an epoch; give at most that many, a fraction in (0, 1], or also "
-                           "trainer.check_val_every_n_epoch=null")
+        raise TrainerError(
+            f"trainer.val_check_interval={interval} is more than the {train_batches} training batches "
+            "of an epoch; give at most that many, a fraction in (0, 1], or also "
+            "trainer.check_val_every_n_epoch=null"
+        )

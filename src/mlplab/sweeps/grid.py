@@ -43,8 +43,10 @@ def grid_jobs(overrides: list[Override]) -> list[list[str]]:
         elif override.is_discrete_sweep():
             choices[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
         else:
-            raise SweepError(f"{override.input_line}: a grid sweep takes lists of values (a,b or choice(a, b) or "
-                             "range(a, b)); interval(...) needs a search (hydra/sweeper=optuna)")
+            raise SweepError(
+                f"{override.input_line}: a grid sweep takes lists of values (a,b or choice(a, b) or "
+                "range(a, b)); interval(...) needs a search (hydra/sweeper=optuna)"
+            )
     return [list(job) for job in itertools.product(*choices.values())]
 
 
@@ -101,8 +103,13 @@ class ComposedOnce:
         """
         shape = []
         for override in parsed:
-            if (override.type != OverrideType.CHANGE or override.package is not None or override.is_hydra_override()
-                    or override.is_sweep_override() or isinstance(override.value(), dict)):
+            if (
+                override.type != OverrideType.CHANGE
+                or override.package is not None
+                or override.is_hydra_override()
+                or override.is_sweep_override()
+                or isinstance(override.value(), dict)
+            ):
                 return None
             shape.append(override.input_line if self._is_config_group(override.key_or_group) else override.key_or_group)
         return tuple(shape)
@@ -118,7 +125,9 @@ class ComposedOnce:
         return getattr(self._loader, name)
 
 
-def derive_job_config(base: DictConfig, master_config: DictConfig, parsed: list[Override], values: list[Override]) -> DictConfig:
+def derive_job_config(
+    base: DictConfig, master_config: DictConfig, parsed: list[Override], values: list[Override]
+) -> DictConfig:
     """The config of the job with overrides ``parsed`` from ``base``, a job that chose the same config groups and
     set the same keys; ``values`` are the overrides among ``parsed`` that set a value."""
     config = copy.deepcopy(base)
@@ -126,7 +135,9 @@ def derive_job_config(base: DictConfig, master_config: DictConfig, parsed: list[
         OmegaConf.update(config, override.key_or_group, override.value(), merge=True)
     config.hydra.overrides.task = [override.input_line for override in parsed]
     dirname = config.hydra.job.config.override_dirname
-    config.hydra.job.override_dirname = override_dirname(parsed, list(dirname.exclude_keys), dirname.item_sep, dirname.kv_sep)
+    config.hydra.job.override_dirname = override_dirname(
+        parsed, list(dirname.exclude_keys), dirname.item_sep, dirname.kv_sep
+    )
     OmegaConf.copy_cache(from_config=master_config, to_config=config)  # as Hydra's load_sweep_config does
     return config
 

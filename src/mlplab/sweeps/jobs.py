@@ -1,4 +1,5 @@
-"""One sweep job in its stable directory: claimed by one process at a time, skipped when done, resumed when cut short."""
+"""One sweep job in its stable directory: claimed by one process at a time, skipped when done, resumed when cut
+short."""
 
 from __future__ import annotations
 
@@ -91,8 +92,12 @@ def _take_over(path: Path) -> int | None:
         fd = _locked(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
     except (FileNotFoundError, FileExistsError):
         return None
-    log.warning("Took over %s: its holder (%s) stopped renewing it %.0f s ago", path.parent,
-                expired.read_text().strip() or "unknown", time.time() - expired.stat().st_mtime)
+    log.warning(
+        "Took over %s: its holder (%s) stopped renewing it %.0f s ago",
+        path.parent,
+        expired.read_text().strip() or "unknown",
+        time.time() - expired.stat().st_mtime,
+    )
     expired.unlink(missing_ok=True)
     return fd
 
@@ -118,7 +123,7 @@ def renewed(renew: Callable[[], None]) -> Iterator[None]:
 
 
 def running_on(job_dir: Path) -> str | None:
-    """"host pid" of the process working on the job now, if one is (for reports: reading never takes the lock)."""
+    """ "host pid" of the process working on the job now, if one is (for reports: reading never takes the lock)."""
     path = job_dir / LOCK_FILE
     try:
         host, pid = path.read_text().split()
@@ -197,8 +202,9 @@ def gpu_slot(sweep_dir: Path, gpu_count: int) -> Iterator[int | None]:
 Attempt = Callable[[Path | None, int | None], dict[str, Any]]
 
 
-def run_sweep_job(job_dir: Path, sweep_dir: Path, attempt: Attempt, parallel_jobs: int | None = None,
-                  gpu_count: int = 0) -> dict[str, Any]:
+def run_sweep_job(
+    job_dir: Path, sweep_dir: Path, attempt: Attempt, parallel_jobs: int | None = None, gpu_count: int = 0
+) -> dict[str, Any]:
     """One job of a sweep: trained once across processes, skipped when done, resumed when cut short.
 
     A job that fails or diverges is recorded in its metrics.json and the sweep goes on; the sweeper reports it.

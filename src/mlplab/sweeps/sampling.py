@@ -56,13 +56,20 @@ class DistinctSampler(BaseSampler):
     (Optuna's GridSampler picks cells at random and, when run again, revisits them).
     """
 
-    def __init__(self, build: Callable[[int | None], BaseSampler], space: dict[str, BaseDistribution],
-                 seed: int | None = None, grid: bool = False):
+    def __init__(
+        self,
+        build: Callable[[int | None], BaseSampler],
+        space: dict[str, BaseDistribution],
+        seed: int | None = None,
+        grid: bool = False,
+    ):
         if grid:
             continuous = [f"{name}={sweep_syntax(d)}" for name, d in space.items() if values_of(d) is None]
             if continuous:
-                raise SearchError(f"a grid search needs discrete dimensions, but {', '.join(continuous)} is "
-                                  "continuous; use choice(...) or range(a, b) for it, or another sampler")
+                raise SearchError(
+                    f"a grid search needs discrete dimensions, but {', '.join(continuous)} is "
+                    "continuous; use choice(...) or range(a, b) for it, or another sampler"
+                )
         self.space, self.seed, self.grid, self.build = space, seed, grid, build
         self.inner = None if grid else build(seed)
 
@@ -82,15 +89,17 @@ class DistinctSampler(BaseSampler):
         # queued with its values (a cut-short trial asked again).
         return {} if RETRY_OF in trial.user_attrs else dict(self.space)
 
-    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
-                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
         if not search_space:
             return {}
         others = taken(study, but=trial.number)
         if self.grid:
             # every cell taken (another process took the last one meanwhile): a repeat, which the sweeper sets aside
-            return next((cell for cell in cells(self.space) if configuration(cell) not in others),
-                        next(cells(self.space)))
+            return next(
+                (cell for cell in cells(self.space) if configuration(cell) not in others), next(cells(self.space))
+            )
         for _ in range(PROPOSALS):
             params = self._proposal(study, trial)
             if configuration(params) not in others:
@@ -109,13 +118,15 @@ class DistinctSampler(BaseSampler):
                 params[name] = self.inner.sample_independent(study, trial, name, distribution)
         return params
 
-    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
-                           param_distribution: BaseDistribution) -> Any:
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
+    ) -> Any:
         if self.grid:
             raise SearchError(f"{param_name} is not a dimension of the grid")
         return self.inner.sample_independent(study, trial, param_name, param_distribution)
 
-    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
-                    values: list[float] | None) -> None:
+    def after_trial(
+        self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: list[float] | None
+    ) -> None:
         if not self.grid:
             self.inner.after_trial(study, trial, state, values)

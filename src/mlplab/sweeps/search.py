@@ -24,7 +24,8 @@ from mlplab.sweeps.study import DUPLICATE_OF, RETRY_OF, counted, load_study
 
 def search_space(overrides: list[Override]) -> dict[str, BaseDistribution]:
     """Optuna distributions for the sweep overrides: ``choice(...)`` or ``a,b,c`` (categorical), ``range(a, b)``
-    (integers), ``interval(a, b)`` (floats, or integers when both ends are), ``tag(log, interval(a, b))`` (log scale)."""
+    (integers), ``interval(a, b)`` (floats, or integers when both ends are), ``tag(log, interval(a, b))``
+    (log scale)."""
     space: dict[str, BaseDistribution] = {}
     for item in overrides:
         value, key = item.value(), item.get_key_element()
@@ -44,8 +45,10 @@ def search_space(overrides: list[Override]) -> dict[str, BaseDistribution]:
             else:
                 space[key] = FloatDistribution(float(value.start), float(value.end), log=log)
         else:
-            raise SearchError(f"{key}: {item.input_line} is not a search dimension; use choice(...), range(a, b) or "
-                              "interval(a, b) (tag(log, interval(a, b)) for a log scale)")
+            raise SearchError(
+                f"{key}: {item.input_line} is not a search dimension; use choice(...), range(a, b) or "
+                "interval(a, b) (tag(log, interval(a, b)) for a log scale)"
+            )
     return space
 
 
@@ -89,8 +92,10 @@ class ReportToStudy(Callback):
         epoch = trainer.current_epoch + 1  # the step Optuna sees: n_warmup_steps=6 may prune from the 6th epoch on
         self.storage.set_trial_intermediate_value(self.trial_id, epoch, float(value))
         if self.study.pruner.prune(self.study, self.storage.get_trial(self.trial_id)):
-            raise Pruned(f"pruned after epoch {epoch}: {self.metric} {float(value):.4f} is clearly "
-                         "worse than other trials' at that epoch")
+            raise Pruned(
+                f"pruned after epoch {epoch}: {self.metric} {float(value):.4f} is clearly "
+                "worse than other trials' at that epoch"
+            )
 
 
 def search_summary(sweep_dir: Path, address: StudyAddress, study: optuna.Study | None = None) -> str:
@@ -100,28 +105,53 @@ def search_summary(sweep_dir: Path, address: StudyAddress, study: optuna.Study |
     distinct = counted(study)
     states = {state: sum(trial.state == state for trial in distinct) for state in TrialState}
     running = sum(trial.state == TrialState.RUNNING for trial in trials)
-    cut_short = [t for t in trials if t.state == TrialState.FAIL and "error" not in t.user_attrs
-                 and DUPLICATE_OF not in t.user_attrs]
+    cut_short = [
+        t
+        for t in trials
+        if t.state == TrialState.FAIL and "error" not in t.user_attrs and DUPLICATE_OF not in t.user_attrs
+    ]
     retries = {t.user_attrs[RETRY_OF]: t.number for t in trials if RETRY_OF in t.user_attrs}
     duplicates = sum(DUPLICATE_OF in t.user_attrs for t in trials)
     counts = ", ".join(f"{count} {state.name.lower()}" for state, count in states.items() if count)
-    line = f"Optuna study `{address.name}` in `{address.shown}`: {len(distinct)} distinct trials" + \
-        (f" ({counts})" if counts else "") + (f", {running} running" if running else "") + "."
+    line = (
+        f"Optuna study `{address.name}` in `{address.shown}`: {len(distinct)} distinct trials"
+        + (f" ({counts})" if counts else "")
+        + (f", {running} running" if running else "")
+        + "."
+    )
     if cut_short:
-        line += " Cut short and asked again: " + ", ".join(
-            f"trial {t.number}" + (f" (as trial {retries[t.number]})" if t.number in retries else "") for t in cut_short) + "."
+        line += (
+            " Cut short and asked again: "
+            + ", ".join(
+                f"trial {t.number}" + (f" (as trial {retries[t.number]})" if t.number in retries else "")
+                for t in cut_short
+            )
+            + "."
+        )
     if duplicates:
         line += f" {duplicates} proposal(s) set aside: another process had proposed the same values first."
     lines = ["", "## Search", "", line, "", f"Watch it live: `{address.dashboard_command()}`", ""]
     complete = [trial for trial in trials if trial.state == TrialState.COMPLETE]
     if complete:
         best = study.best_trial
-        overrides = [o for o in best.user_attrs.get("overrides", []) if o.lstrip("+~").split("=")[0] not in COMMAND_KEYS]
-        lines += [f"Best: trial {best.number}, {best.user_attrs.get('job', '')}, objective {best.value:.4f}.",
-                  "", "Its command, ready to run:", "", "```", "mlplab-train " + " ".join(map(shlex.quote, overrides)), "```"]
+        overrides = [
+            o for o in best.user_attrs.get("overrides", []) if o.lstrip("+~").split("=")[0] not in COMMAND_KEYS
+        ]
+        lines += [
+            f"Best: trial {best.number}, {best.user_attrs.get('job', '')}, objective {best.value:.4f}.",
+            "",
+            "Its command, ready to run:",
+            "",
+            "```",
+            "mlplab-train " + " ".join(map(shlex.quote, overrides)),
+            "```",
+        ]
     importances = _importances(study)
     if importances:
-        lines += ["", "Parameter importances (fANOVA): " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()) + "."]
+        lines += [
+            "",
+            "Parameter importances (fANOVA): " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()) + ".",
+        ]
     _plot(trials, importances, study.direction, sweep_dir / "search.png")
     return "\n".join(lines) + "\n"
 
@@ -153,8 +183,13 @@ def _plot(trials: list[optuna.trial.FrozenTrial], importances: dict[str, float],
     history.plot([t.number for t in complete], [t.value for t in complete], "o", label="completed trial")
     history.step([t.number for t in complete], best_so_far, where="post", label="best so far")
     pruned = [trial for trial in trials if trial.state == TrialState.PRUNED and trial.intermediate_values]
-    history.plot([t.number for t in pruned], [t.intermediate_values[max(t.intermediate_values)] for t in pruned], "x",
-                 color="grey", label="pruned (last reported)")
+    history.plot(
+        [t.number for t in pruned],
+        [t.intermediate_values[max(t.intermediate_values)] for t in pruned],
+        "x",
+        color="grey",
+        label="pruned (last reported)",
+    )
     history.set(title="optimisation history", xlabel="trial", ylabel="objective")
     history.legend(fontsize=8)
     names = list(importances)[::-1]

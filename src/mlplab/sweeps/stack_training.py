@@ -27,8 +27,8 @@ from mlplab.run import provenance
 from mlplab.run.checkpoints import ResumePoints, StopRequested, read_checkpoint
 from mlplab.run.history import EpochHistory
 from mlplab.run.records import CHECKPOINT_DIR, LAST_CHECKPOINT, MONITOR, read_metrics, write_metrics
-from mlplab.run.train import build_model, finished_metrics, report, status_of
 from mlplab.run.trackers import log_run_start
+from mlplab.run.train import build_model, finished_metrics, report, status_of
 from mlplab.run.trainer import available_memory, build_trainer, quiet_lightning, require_batches, resident_bytes
 from mlplab.run.views.hparams import log_hparams
 from mlplab.run.views.network import LearningRate
@@ -71,11 +71,16 @@ def train_stack(jobs: Sequence[StackedJob], group_dir: Path, resume_from: Path |
     module = StackedClassifier(models)
     records = JobRecords(jobs, models, estimates, resume_from, group_dir / LOG_FILE)
     resume_points = ResumePoints(group_dir, first.checkpoint.every_n_steps)
-    group_last = ModelCheckpoint(dirpath=group_dir / CHECKPOINT_DIR, filename="last", monitor=None, save_top_k=1,
-                                 enable_version_counter=False, auto_insert_metric_name=False)
+    group_last = ModelCheckpoint(
+        dirpath=group_dir / CHECKPOINT_DIR,
+        filename="last",
+        monitor=None,
+        save_top_k=1,
+        enable_version_counter=False,
+        auto_insert_metric_name=False,
+    )
     with quiet_lightning():
-        trainer = build_trainer(first.trainer, group_dir, False,
-                                [records, resume_points, group_last])
+        trainer = build_trainer(first.trainer, group_dir, False, [records, resume_points, group_last])
     os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)  # as in run.train.train: no NVML query per step
     try:
         with warnings.catch_warnings():  # the stack's own folder: a resumed stack finds its checkpoints there
@@ -98,8 +103,10 @@ def _require_stack_memory(jobs: Sequence[StackedJob], estimates: Sequence[int]) 
     needed = sum(estimate - here for estimate in estimates)
     available = available_memory()
     if needed > available:
-        raise MemoryError(f"{len(jobs)} stacked jobs need about {needed / 2**30:.1f} GiB and {available / 2**30:.1f} GiB "
-                          "is available; set hydra.launcher.max_stack lower")
+        raise MemoryError(
+            f"{len(jobs)} stacked jobs need about {needed / 2**30:.1f} GiB and {available / 2**30:.1f} GiB "
+            "is available; set hydra.launcher.max_stack lower"
+        )
 
 
 def _loggers(logger: Any) -> list[Any]:
@@ -111,9 +118,20 @@ class JobRecords(Callback):
     start, its curves after each epoch, its checkpoints with each of the stack's, and at the end its test,
     metrics and HParams row. Its state (each job's history and best checkpoint) is kept in the stack's checkpoint."""
 
-    def __init__(self, jobs: Sequence[StackedJob], models: Sequence[ImageClassifier], estimates: Sequence[int],
-                 resume_from: Path | None, log_file: Path):
-        self.jobs, self.models, self.estimates, self.resume_from = list(jobs), list(models), list(estimates), resume_from
+    def __init__(
+        self,
+        jobs: Sequence[StackedJob],
+        models: Sequence[ImageClassifier],
+        estimates: Sequence[int],
+        resume_from: Path | None,
+        log_file: Path,
+    ):
+        self.jobs, self.models, self.estimates, self.resume_from = (
+            list(jobs),
+            list(models),
+            list(estimates),
+            resume_from,
+        )
         self.log_file = log_file  # the stack's: where its jobs' training is told
         self.histories = [EpochHistory() for _ in jobs]
         self.loggers = [_loggers(job.logger_for(resume_from)) for job in jobs]
@@ -130,9 +148,11 @@ class JobRecords(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"histories": [history.state_dict() for history in self.histories],
-                "checkpoints": [[callback.state_dict() for callback in callbacks] for callbacks in self.checkpoints],
-                "ended": sorted(self.ended)}
+        return {
+            "histories": [history.state_dict() for history in self.histories],
+            "checkpoints": [[callback.state_dict() for callback in callbacks] for callbacks in self.checkpoints],
+            "ended": sorted(self.ended),
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -173,18 +193,24 @@ class JobRecords(Callback):
             getattr(view, hook)(view_trainer, model)
 
     def _started(self, index: int, trainer: L.Trainer) -> dict[str, Any]:
-        return {"status": "running", "precision": str(trainer.precision),
-                "num_parameters": count_parameters(self.models[index].network),
-                "memory_estimate_bytes": self.estimates[index]}
+        return {
+            "status": "running",
+            "precision": str(trainer.precision),
+            "num_parameters": count_parameters(self.models[index].network),
+            "memory_estimate_bytes": self.estimates[index],
+        }
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: StackedClassifier) -> None:
         for history in self.histories:
             history.on_train_epoch_start(trainer, pl_module)
         # The LearningRate view logs a scheduled run's rate at each epoch's start, with the epoch's train metrics.
-        self.epoch_lr = {index: pl_module.schedules[index]["scheduler"].optimizer.param_groups[0]["lr"]
-                         for index in self.alive(pl_module) if pl_module.schedules[index] is not None
-                         and any(isinstance(view, LearningRate) for view in self.views[index][1])}
+        self.epoch_lr = {
+            index: pl_module.schedules[index]["scheduler"].optimizer.param_groups[0]["lr"]
+            for index in self.alive(pl_module)
+            if pl_module.schedules[index] is not None
+            and any(isinstance(view, LearningRate) for view in self.views[index][1])
+        }
 
     @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: StackedClassifier) -> None:
@@ -203,8 +229,14 @@ class JobRecords(Callback):
                         self.improved.add(index)
         accuracies = [rows[index][MONITOR] for index in self.alive(pl_module)]
         if accuracies:
-            log.info("Stack, epoch %d: %s %.4f to %.4f over %d jobs", epoch + 1, MONITOR, min(accuracies),
-                     max(accuracies), len(accuracies))
+            log.info(
+                "Stack, epoch %d: %s %.4f to %.4f over %d jobs",
+                epoch + 1,
+                MONITOR,
+                min(accuracies),
+                max(accuracies),
+                len(accuracies),
+            )
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: StackedClassifier) -> None:
@@ -244,18 +276,25 @@ class JobRecords(Callback):
 
     def _job_checkpoint(self, index: int, checkpoint: dict[str, Any], module: StackedClassifier) -> dict[str, Any]:
         """Job ``index``'s checkpoint as its single run would write it at this point."""
-        job = {key: value for key, value in checkpoint.items()
-               if key not in ("train_epoch_outputs", "diverged", "schedules")}
+        job = {
+            key: value
+            for key, value in checkpoint.items()
+            if key not in ("train_epoch_outputs", "diverged", "schedules")
+        }
         job["state_dict"] = {f"network.{name}": value for name, value in module.stack.network_state(index).items()}
         job["optimizer_states"] = [module.optimizers().optimizer.network_state_dict(index)]
         job["lr_schedulers"] = module.schedule_states(index)
         job["loops"] = self._job_loops(index, checkpoint["loops"], module)
         job["hparams_name"], job["hyper_parameters"] = None, dict(self.models[index].hparams)
-        job["datamodule_hyper_parameters"] = {**checkpoint["datamodule_hyper_parameters"],
-                                              "shuffle_seed": self.jobs[index].config.seed}
-        job["callbacks"] = {self.histories[index].state_key: self.histories[index].state_dict(),
-                            **{callback.state_key: callback.state_dict() for callback in self.checkpoints[index]},
-                            **{key: value for key, value in checkpoint["callbacks"].items() if key == "ResumePoints"}}
+        job["datamodule_hyper_parameters"] = {
+            **checkpoint["datamodule_hyper_parameters"],
+            "shuffle_seed": self.jobs[index].config.seed,
+        }
+        job["callbacks"] = {
+            self.histories[index].state_key: self.histories[index].state_dict(),
+            **{callback.state_key: callback.state_dict() for callback in self.checkpoints[index]},
+            **{key: value for key, value in checkpoint["callbacks"].items() if key == "ResumePoints"},
+        }
         outputs = module.epoch_outputs(index)
         if outputs:
             job["train_epoch_outputs"] = outputs
@@ -273,8 +312,10 @@ class JobRecords(Callback):
             current = fit_loop["epoch_loop.batch_progress"]["current"]["completed"]
         else:
             current = int(module.epoch_outputs(index) is None)  # at an epoch's end its step is done
-        fit_loop["epoch_loop.scheduler_progress"] = {"total": {"ready": steps, "completed": steps},
-                                                     "current": {"ready": current, "completed": current}}
+        fit_loop["epoch_loop.scheduler_progress"] = {
+            "total": {"ready": steps, "completed": steps},
+            "current": {"ready": current, "completed": current},
+        }
         return {**loops, "fit_loop": fit_loop}
 
     def _end_diverged(self, trainer: L.Trainer, module: StackedClassifier) -> None:
@@ -286,17 +327,30 @@ class JobRecords(Callback):
             self.ended.add(index)
             job = self.jobs[index]
             log.warning("Job %s diverged and leaves the stack: %s", job.run_dir.name, reason)
-            metrics = {**self._started(index, trainer), **self._record(index, trainer), "status": "diverged",
-                       "error": f"{DivergedError.__name__}: {reason}"}
+            metrics = {
+                **self._started(index, trainer),
+                **self._record(index, trainer),
+                "status": "diverged",
+                "error": f"{DivergedError.__name__}: {reason}",
+            }
             write_metrics(job.run_dir, metrics)
             log_hparams(self.loggers[index], job.hparams, metrics, trainer.global_step)
 
     def _record(self, index: int, trainer: L.Trainer) -> dict[str, Any]:
-        best = next((callback.best_model_path for callback in self.checkpoints[index]
-                     if callback.monitor is not None and callback.best_model_path), None)
+        best = next(
+            (
+                callback.best_model_path
+                for callback in self.checkpoints[index]
+                if callback.monitor is not None and callback.best_model_path
+            ),
+            None,
+        )
         run_dir = self.jobs[index].run_dir
-        return {**finished_metrics(self.histories[index], trainer.global_step, best, run_dir),
-                "stacked_jobs": len(self.jobs), "stack_log": os.path.relpath(self.log_file, run_dir)}
+        return {
+            **finished_metrics(self.histories[index], trainer.global_step, best, run_dir),
+            "stacked_jobs": len(self.jobs),
+            "stack_log": os.path.relpath(self.log_file, run_dir),
+        }
 
     def stopped(self, trainer: L.Trainer, error: BaseException, stopped_by: str | None) -> None:
         """The stack stopped before its end: each unfinished job's record says how. Interrupted (a signal, a full
@@ -308,8 +362,10 @@ class JobRecords(Callback):
         for index, job in enumerate(self.jobs):
             if index not in self.ended:
                 with contextlib.suppress(OSError):
-                    write_metrics(job.run_dir, {**self._started(index, trainer), **self._record(index, trainer),
-                                                "status": status, **how})
+                    write_metrics(
+                        job.run_dir,
+                        {**self._started(index, trainer), **self._record(index, trainer), "status": status, **how},
+                    )
 
     def finish(self, index: int, trainer: L.Trainer) -> dict[str, Any]:
         """Test job ``index``'s best checkpoint as its single run does, and write its final records."""

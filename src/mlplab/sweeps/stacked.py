@@ -40,8 +40,15 @@ SEARCH = "mlplab.sweeps.search"  # the module of a search trial's callback (repo
 # Optimizers whose update is element by element: a network's slice of the stacked weights steps as its own weight.
 ELEMENTWISE_OPTIMIZERS = ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam")
 # Trainer settings one stack cannot apply per job; each job with one of these set runs on its own.
-UNSTACKED_TRAINER_SETTINGS = {"gradient_clip_val": None, "accumulate_grad_batches": 1, "val_check_interval": None,
-                              "check_val_every_n_epoch": 1, "max_steps": -1, "max_time": None, "profiler": None}
+UNSTACKED_TRAINER_SETTINGS = {
+    "gradient_clip_val": None,
+    "accumulate_grad_batches": 1,
+    "val_check_interval": None,
+    "check_val_every_n_epoch": 1,
+    "max_steps": -1,
+    "max_time": None,
+    "profiler": None,
+}
 
 
 _collecting = contextvars.ContextVar("mlplab_collecting_stacked_jobs", default=False)
@@ -69,7 +76,8 @@ def alone_reason(job: StackedJob) -> str | None:
     if config.trainer.data_parallel:
         return "a data-parallel job (trainer=ddp) has its devices to itself"
     if config.optimizer.target not in {f"torch.optim.{name}" for name in ELEMENTWISE_OPTIMIZERS}:
-        return f"optimizer._target_={config.optimizer.target}: only torch.optim's {', '.join(ELEMENTWISE_OPTIMIZERS)} stack"
+        names = ", ".join(ELEMENTWISE_OPTIMIZERS)
+        return f"optimizer._target_={config.optimizer.target}: only torch.optim's {names} stack"
     for key, plain in UNSTACKED_TRAINER_SETTINGS.items():
         if getattr(config.trainer, key) != plain:
             return f"trainer.{key}={getattr(config.trainer, key)} applies to each job on its own"
@@ -103,8 +111,11 @@ def run_jobs(jobs: Sequence[StackedJob], sweep_dir: Path, max_stack: int | None 
     results: list[dict[str, Any] | None] = [None] * len(jobs)
     groups: dict[str, list[int]] = {}
     for index, job in enumerate(jobs):
-        reason = alone_reason(job) or ("it has a checkpoint of its own to resume from"
-                                       if resume_point(job.run_dir) and not _group_checkpoint(sweep_dir, job) else None)
+        reason = alone_reason(job) or (
+            "it has a checkpoint of its own to resume from"
+            if resume_point(job.run_dir) and not _group_checkpoint(sweep_dir, job)
+            else None
+        )
         if reason:
             log.info("Job %s runs on its own: %s", job.run_dir.name, reason)
             results[index] = job.train_alone()
@@ -113,9 +124,11 @@ def run_jobs(jobs: Sequence[StackedJob], sweep_dir: Path, max_stack: int | None 
     for indices in groups.values():
         size = max_stack or stack_capacity(jobs[indices[0]])
         for start in range(0, len(indices), size):
-            chunk = indices[start:start + size]
+            chunk = indices[start : start + size]
             if len(chunk) == 1:
-                log.info("Job %s runs on its own: no other job of the sweep stacks with it", jobs[chunk[0]].run_dir.name)
+                log.info(
+                    "Job %s runs on its own: no other job of the sweep stacks with it", jobs[chunk[0]].run_dir.name
+                )
                 results[chunk[0]] = jobs[chunk[0]].train_alone()
                 continue
             for index, metrics in zip(chunk, train_claimed([jobs[i] for i in chunk], sweep_dir)):
@@ -130,8 +143,16 @@ def stack_capacity(job: StackedJob) -> int:
     datamodule.prepare_data()
     datamodule.setup("fit")  # parsed once per process: the stack's own set-up finds it ready
     parameters, activations = config.model.planned_size(datamodule.input_shape, len(datamodule.class_names))
-    per_job = training_peak_bytes(parameters, config.optimizer.state_per_parameter, activations,
-                                  config.data.batch_size, config.data.eval_batch_size) - RUN_OVERHEAD_BYTES
+    per_job = (
+        training_peak_bytes(
+            parameters,
+            config.optimizer.state_per_parameter,
+            activations,
+            config.data.batch_size,
+            config.data.eval_batch_size,
+        )
+        - RUN_OVERHEAD_BYTES
+    )
     on_gpu = config.trainer.accelerator == "gpu" or (config.trainer.accelerator == "auto" and torch.cuda.is_available())
     free = torch.cuda.mem_get_info()[0] if on_gpu else available_memory() - RUN_OVERHEAD_BYTES
     return max(1, int(free * 0.8) // per_job)  # a fifth kept back: the allocator's slack, the other jobs' views
@@ -139,9 +160,11 @@ def stack_capacity(job: StackedJob) -> int:
 
 def _group_checkpoint(sweep_dir: Path, job: StackedJob) -> bool:
     """Whether a stack that holds this job left a checkpoint (so it resumes as that stack)."""
-    return any(job.run_dir.name in json.loads((path.parent.parent / JOBS_FILE).read_text())
-               for path in (sweep_dir / STACKS_DIR).glob(f"*/{CHECKPOINT_DIR}/{LAST_CHECKPOINT}")
-               if (path.parent.parent / JOBS_FILE).is_file())
+    return any(
+        job.run_dir.name in json.loads((path.parent.parent / JOBS_FILE).read_text())
+        for path in (sweep_dir / STACKS_DIR).glob(f"*/{CHECKPOINT_DIR}/{LAST_CHECKPOINT}")
+        if (path.parent.parent / JOBS_FILE).is_file()
+    )
 
 
 def train_claimed(jobs: Sequence[StackedJob], sweep_dir: Path) -> list[dict[str, Any]]:

@@ -77,8 +77,10 @@ class StudyAddress:
         if not self.is_database:
             path = Path(self.location)
             if not path.parent.is_dir():
-                raise SearchError(f"hydra.sweeper.storage={self.storage}: folder {path.parent} does not exist; give a "
-                                  "journal file in an existing folder, or a database URL such as sqlite:///study.db")
+                raise SearchError(
+                    f"hydra.sweeper.storage={self.storage}: folder {path.parent} does not exist; give a "
+                    "journal file in an existing folder, or a database URL such as sqlite:///study.db"
+                )
             return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
         return _database(self.storage, self.shown)
 
@@ -100,18 +102,22 @@ def _database(url: str, shown: str) -> optuna.storages.RDBStorage:
     except ImportError as error:  # Optuna's, raised from the driver's ModuleNotFoundError
         name = getattr(error.__cause__, "name", None) or getattr(error, "name", None) or "for this URL"
         hint = POSTGRES_HINT if url.startswith("postgresql") else f"install the Python package {name}"
-        raise SearchError(f"hydra.sweeper.storage={shown}: the database driver {name} is not installed; {hint}"
-                          ) from None
+        raise SearchError(
+            f"hydra.sweeper.storage={shown}: the database driver {name} is not installed; {hint}"
+        ) from None
     except sqlalchemy.exc.NoSuchModuleError:
-        raise SearchError(f"hydra.sweeper.storage={shown}: unknown kind of database {url.split(':')[0]!r}; use "
-                          "sqlite:///FILE, postgresql+psycopg://USER@HOST:PORT/DB, mysql+pymysql://..., or a journal "
-                          "file's path") from None
+        raise SearchError(
+            f"hydra.sweeper.storage={shown}: unknown kind of database {url.split(':')[0]!r}; use "
+            "sqlite:///FILE, postgresql+psycopg://USER@HOST:PORT/DB, mysql+pymysql://..., or a journal "
+            "file's path"
+        ) from None
     except sqlalchemy.exc.ArgumentError as error:
         raise SearchError(f"hydra.sweeper.storage={shown}: not a database URL ({error})") from None
     except sqlalchemy.exc.SQLAlchemyError as error:
         reason = str(getattr(error, "orig", None) or error).strip().splitlines()
-        raise SearchError(f"hydra.sweeper.storage={shown}: cannot use the database: {reason[0] if reason else error}"
-                          ) from None
+        raise SearchError(
+            f"hydra.sweeper.storage={shown}: cannot use the database: {reason[0] if reason else error}"
+        ) from None
 
 
 def _created_once(url: str, engine: dict[str, Any]) -> optuna.storages.RDBStorage:

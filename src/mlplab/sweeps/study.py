@@ -25,19 +25,20 @@ from mlplab.sweeps.storage import SearchError, StudyAddress
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # mlplab prints what a search did; Optuna's INFO repeats it
 
-WORKER = "mlplab.worker"        # "host pid" of the process that asked the trial
-ALIVE = "mlplab.alive"          # when that process last said it is still running the trial (seconds since the epoch)
-RETRY_OF = "mlplab.retry_of"    # the number of the cut-short trial this one continues
+WORKER = "mlplab.worker"  # "host pid" of the process that asked the trial
+ALIVE = "mlplab.alive"  # when that process last said it is still running the trial (seconds since the epoch)
+RETRY_OF = "mlplab.retry_of"  # the number of the cut-short trial this one continues
 DUPLICATE_OF = "mlplab.duplicate_of"  # set aside: another process proposed the same values first
-SPACE = "mlplab.search_space"   # the study's search space, checked when a search opens the study again
+SPACE = "mlplab.search_space"  # the study's search space, checked when a search opens the study again
 CLAIM_GRACE_SECONDS = 3.0  # between asking for a trial and claiming it, a process takes milliseconds
 
 
 # Opening a study with its checks
 
 
-def open_study(address: StudyAddress, direction: str, space: dict[str, BaseDistribution], sampler: Any = None,
-               pruner: Any = None) -> optuna.Study:
+def open_study(
+    address: StudyAddress, direction: str, space: dict[str, BaseDistribution], sampler: Any = None, pruner: Any = None
+) -> optuna.Study:
     """The study, created on first use; an existing one must have the same direction and search space (SearchError,
     before anything is written into it)."""
     storage = address.open()
@@ -45,8 +46,14 @@ def open_study(address: StudyAddress, direction: str, space: dict[str, BaseDistr
     try:
         study = optuna.load_study(study_name=address.name, storage=storage, sampler=sampler, pruner=pruner)
     except KeyError:
-        study = optuna.create_study(study_name=address.name, storage=storage, direction=direction, sampler=sampler,
-                                    pruner=pruner, load_if_exists=True)
+        study = optuna.create_study(
+            study_name=address.name,
+            storage=storage,
+            direction=direction,
+            sampler=sampler,
+            pruner=pruner,
+            load_if_exists=True,
+        )
     _check_direction(study, direction, address)
     recorded = _recorded_space(study)
     if recorded:
@@ -58,15 +65,18 @@ def open_study(address: StudyAddress, direction: str, space: dict[str, BaseDistr
 
 def load_study(address: StudyAddress, pruner: Any = None) -> optuna.Study:
     """The study as it is, for a job's reports and for summaries."""
-    return optuna.load_study(study_name=address.name, storage=address.open(),
-                             pruner=pruner or optuna.pruners.NopPruner())
+    return optuna.load_study(
+        study_name=address.name, storage=address.open(), pruner=pruner or optuna.pruners.NopPruner()
+    )
 
 
 def _check_direction(study: optuna.Study, direction: str, address: StudyAddress) -> None:
     existing = study.direction.name.lower()
     if existing != direction:
-        raise SearchError(f"study {address.name!r} in {address.shown} exists and is to {existing} its objective, not "
-                          f"to {direction}; use hydra.sweeper.direction={existing}, or another hydra.sweeper.study_name")
+        raise SearchError(
+            f"study {address.name!r} in {address.shown} exists and is to {existing} its objective, not "
+            f"to {direction}; use hydra.sweeper.direction={existing}, or another hydra.sweeper.study_name"
+        )
 
 
 def _recorded_space(study: optuna.Study) -> dict[str, BaseDistribution]:
@@ -80,16 +90,22 @@ def _recorded_space(study: optuna.Study) -> dict[str, BaseDistribution]:
     return space
 
 
-def _check_space(recorded: dict[str, BaseDistribution], space: dict[str, BaseDistribution],
-                 address: StudyAddress) -> None:
-    differences = [f"{name} (was {sweep_syntax(recorded[name])}, now {sweep_syntax(space[name])})"
-                   for name in recorded.keys() & space.keys() if recorded[name] != space[name]]
+def _check_space(
+    recorded: dict[str, BaseDistribution], space: dict[str, BaseDistribution], address: StudyAddress
+) -> None:
+    differences = [
+        f"{name} (was {sweep_syntax(recorded[name])}, now {sweep_syntax(space[name])})"
+        for name in recorded.keys() & space.keys()
+        if recorded[name] != space[name]
+    ]
     differences += [f"{name} (searched before, not now)" for name in recorded.keys() - space.keys()]
     differences += [f"{name} (new)" for name in space.keys() - recorded.keys()]
     if differences:
-        raise SearchError(f"study {address.name!r} in {address.shown} was searched over another space: "
-                          f"{'; '.join(sorted(differences))}; search the same space, or use another "
-                          "hydra.sweeper.study_name")
+        raise SearchError(
+            f"study {address.name!r} in {address.shown} was searched over another space: "
+            f"{'; '.join(sorted(differences))}; search the same space, or use another "
+            "hydra.sweeper.study_name"
+        )
 
 
 def sweep_syntax(distribution: BaseDistribution) -> str:
@@ -114,7 +130,9 @@ def counted(study: optuna.Study) -> list[FrozenTrial]:
 
 def failed_trials(study: optuna.Study) -> list[FrozenTrial]:
     """Trials whose job failed, diverged or had an invalid config (the sweeper records why, as ``error``)."""
-    return [trial for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if "error" in trial.user_attrs]
+    return [
+        trial for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if "error" in trial.user_attrs
+    ]
 
 
 def configuration(params: dict[str, Any]) -> tuple:
@@ -190,8 +208,11 @@ def retry_cut_short(study: optuna.Study) -> list[int]:
     unclaimed = {trial.number for trial in running if WORKER not in trial.user_attrs}
     if unclaimed:
         time.sleep(CLAIM_GRACE_SECONDS)
-        cut_short += [trial for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                      if trial.number in unclaimed and WORKER not in trial.user_attrs]
+        cut_short += [
+            trial
+            for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if trial.number in unclaimed and WORKER not in trial.user_attrs
+        ]
     for trial in cut_short:
         study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
         study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number})

@@ -12,8 +12,8 @@ from typing import Any
 
 import yaml
 
-from mlplab.run.records import MONITOR, read_metrics
 from mlplab.files import write_text_atomically
+from mlplab.run.records import MONITOR, read_metrics
 from mlplab.sweeps.jobs import job_state
 from mlplab.sweeps.storage import StudyAddress
 
@@ -30,16 +30,18 @@ def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
     jobs = []
     for job_dir, job_overrides in overrides.items():
         metrics = read_metrics(job_dir)
-        jobs.append({
-            "job": job_dir.name,
-            "status": job_state(job_dir),
-            "overrides": job_overrides,
-            "values": dict(override.lstrip("+~").partition("=")[::2] for override in job_overrides),
-            **{key: metrics[key] for key in METRICS if key in metrics},
-            "history": metrics.get("history", []),
-            "run_dir": str(job_dir),
-            "error": metrics.get("error", ""),
-        })
+        jobs.append(
+            {
+                "job": job_dir.name,
+                "status": job_state(job_dir),
+                "overrides": job_overrides,
+                "values": dict(override.lstrip("+~").partition("=")[::2] for override in job_overrides),
+                **{key: metrics[key] for key in METRICS if key in metrics},
+                "history": metrics.get("history", []),
+                "run_dir": str(job_dir),
+                "error": metrics.get("error", ""),
+            }
+        )
     return jobs
 
 
@@ -51,7 +53,9 @@ def swept_keys(jobs: list[dict[str, Any]]) -> list[str]:
 
 def ranked(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Finished jobs, best validation accuracy first."""
-    return sorted((job for job in jobs if job["status"] == "completed" and MONITOR in job), key=lambda job: -job[MONITOR])
+    return sorted(
+        (job for job in jobs if job["status"] == "completed" and MONITOR in job), key=lambda job: -job[MONITOR]
+    )
 
 
 def write_csv(jobs: list[dict[str, Any]], path: Path) -> None:
@@ -60,8 +64,17 @@ def write_csv(jobs: list[dict[str, Any]], path: Path) -> None:
         writer = csv.writer(file)
         writer.writerow(["job", "overrides", "status", *keys, *METRICS, "run_dir", "error"])
         for job in jobs:
-            writer.writerow([job["job"], " ".join(job["overrides"]), job["status"], *(job["values"].get(k, "") for k in keys),
-                             *(job.get(metric, "") for metric in METRICS), job["run_dir"], job["error"]])
+            writer.writerow(
+                [
+                    job["job"],
+                    " ".join(job["overrides"]),
+                    job["status"],
+                    *(job["values"].get(k, "") for k in keys),
+                    *(job.get(metric, "") for metric in METRICS),
+                    job["run_dir"],
+                    job["error"],
+                ]
+            )
         write_text_atomically(path, file.getvalue())
 
 
@@ -71,24 +84,46 @@ def markdown(jobs: list[dict[str, Any]], title: str) -> str:
     counts = defaultdict(int)
     for job in jobs:
         counts[job["status"]] += 1
-    lines = [f"# Sweep {title}", "", f"{len(jobs)} jobs: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + ".",
-             f"Ranked by best validation accuracy (`{MONITOR}`); test accuracy is shown, never used to choose.", ""]
+    lines = [
+        f"# Sweep {title}",
+        "",
+        f"{len(jobs)} jobs: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + ".",
+        f"Ranked by best validation accuracy (`{MONITOR}`); test accuracy is shown, never used to choose.",
+        "",
+    ]
     header = ["rank", *keys, "val/acc", "val/loss", "best epoch", "test/acc", "epochs", "seconds", "parameters", "job"]
     lines += [_row(header), _row(["---"] * len(header))]
     for rank, job in enumerate(ranked(jobs), start=1):
-        lines.append(_row([f"{rank} (best)" if rank == 1 else str(rank), *(job["values"].get(k, "") for k in keys),
-                           _number(job.get("val/acc")), _number(job.get("val/loss")), job.get("best_epoch", ""),
-                           _number(job.get("test/acc")), job.get("epochs", ""), _number(job.get("wall_seconds"), 1),
-                           job.get("num_parameters", ""), job["job"]]))
+        lines.append(
+            _row(
+                [
+                    f"{rank} (best)" if rank == 1 else str(rank),
+                    *(job["values"].get(k, "") for k in keys),
+                    _number(job.get("val/acc")),
+                    _number(job.get("val/loss")),
+                    job.get("best_epoch", ""),
+                    _number(job.get("test/acc")),
+                    job.get("epochs", ""),
+                    _number(job.get("wall_seconds"), 1),
+                    job.get("num_parameters", ""),
+                    job["job"],
+                ]
+            )
+        )
     if "seed" in keys:
         lines += ["", "## Over seeds", "", *seed_table(jobs, [k for k in keys if k != "seed"])]
     pruned = [job for job in jobs if job["status"] == "pruned"]
     if pruned:
-        lines += ["", "## Pruned", ""] + [f"- `{job['job']}`: stopped after {job.get('epochs', '?')} epochs, best val/acc "
-                                          f"{_number(job.get('val/acc'))}" for job in pruned]
+        lines += ["", "## Pruned", ""] + [
+            f"- `{job['job']}`: stopped after {job.get('epochs', '?')} epochs, best val/acc "
+            f"{_number(job.get('val/acc'))}"
+            for job in pruned
+        ]
     failed = [job for job in jobs if job["status"] in ("failed", "diverged")]
     if failed:
-        lines += ["", "## Failed", ""] + [f"- `{job['job']}`: {job['status']}: {job['error'] or 'no error recorded'}" for job in failed]
+        lines += ["", "## Failed", ""] + [
+            f"- `{job['job']}`: {job['status']}: {job['error'] or 'no error recorded'}" for job in failed
+        ]
     unfinished = [job for job in jobs if job["status"] in ("running", "interrupted", "pending")]
     if unfinished:
         lines += ["", "## Not finished", ""] + [f"- `{job['job']}`: {job['status']}" for job in unfinished]
@@ -104,8 +139,19 @@ def seed_table(jobs: list[dict[str, Any]], keys: list[str]) -> list[str]:
     rows = []
     for config, members in groups.items():
         val, test = [job["val/acc"] for job in members], [job["test/acc"] for job in members if "test/acc" in job]
-        rows.append((statistics.fmean(val), [*config, len(members), _number(statistics.fmean(val)), _number(_std(val)),
-                                              _number(statistics.fmean(test) if test else None), _number(_std(test))]))
+        rows.append(
+            (
+                statistics.fmean(val),
+                [
+                    *config,
+                    len(members),
+                    _number(statistics.fmean(val)),
+                    _number(_std(val)),
+                    _number(statistics.fmean(test) if test else None),
+                    _number(_std(test)),
+                ],
+            )
+        )
     return [_row(header), _row(["---"] * len(header))] + [_row(cells) for _, cells in sorted(rows, key=lambda r: -r[0])]
 
 
@@ -167,9 +213,14 @@ def _plot_against(axis: Any, jobs: list[dict[str, Any]], key: str, line_key: str
         for job in members:
             points[job["values"].get(key)].append(job[MONITOR])
         xs = [value for value in values if value in points]
-        axis.errorbar([positions[x] for x in xs], [statistics.fmean(points[x]) for x in xs],
-                      yerr=[_std(points[x]) or 0.0 for x in xs], marker="o", capsize=3,
-                      label=f"{line_key}={label}" if line_key else None)
+        axis.errorbar(
+            [positions[x] for x in xs],
+            [statistics.fmean(points[x]) for x in xs],
+            yerr=[_std(points[x]) or 0.0 for x in xs],
+            marker="o",
+            capsize=3,
+            label=f"{line_key}={label}" if line_key else None,
+        )
     if numeric and values and float(values[0]) > 0 and float(values[-1]) / float(values[0]) >= 8:
         axis.set_xscale("log", base=2)  # widths, batch sizes, learning rates: spaced by factors
     axis.set_xticks(list(positions.values()), list(positions), rotation=20 if not numeric else 0)
@@ -205,4 +256,3 @@ def write_summary(sweep_dir: Path, study: Any = None) -> tuple[list[dict[str, An
     write_text_atomically(sweep_dir / "summary.md", text)
     plot(jobs, sweep_dir / "summary.png")
     return jobs, text
-

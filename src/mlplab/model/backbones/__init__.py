@@ -28,8 +28,11 @@ class Backbone:
         outputs = []
         with torch.device("meta"):
             network = self.build(input_shape, num_classes)
-            hooks = [module.register_forward_hook(lambda _, __, out: outputs.append(out.numel()))
-                     for module in network.modules() if not list(module.children())]
+            hooks = [
+                module.register_forward_hook(lambda _, __, out: outputs.append(out.numel()))
+                for module in network.modules()
+                if not list(module.children())
+            ]
             network(torch.zeros(1, *input_shape))
         for hook in hooks:
             hook.remove()
@@ -56,10 +59,18 @@ def backbone_class(family: str) -> type[Backbone]:
         module = importlib.import_module(family if "." in family else f"{__name__}.{family}")
     except ImportError as error:
         raise ValueError(f"family {family!r}: cannot import it ({error})") from None
-    found = [value for value in vars(module).values() if isinstance(value, type) and issubclass(value, Backbone)
-             and value.__module__ == module.__name__ and dataclasses.is_dataclass(value)]
+    found = [
+        value
+        for value in vars(module).values()
+        if isinstance(value, type)
+        and issubclass(value, Backbone)
+        and value.__module__ == module.__name__
+        and dataclasses.is_dataclass(value)
+    ]
     if len(found) != 1:
-        raise ValueError(f"family {family!r}: its module must define exactly one Backbone dataclass, found {len(found)}")
+        raise ValueError(
+            f"family {family!r}: its module must define exactly one Backbone dataclass, found {len(found)}"
+        )
     return found[0]
 
 

@@ -15,7 +15,9 @@ from mlplab.model.backbones.mlp import ACTIVATIONS
 
 @dataclass(frozen=True)
 class CNN(Backbone):
-    channels: list[int] = field(default_factory=lambda: [32, 64])  # output channels of each conv block; each block halves height and width
+    channels: list[int] = field(
+        default_factory=lambda: [32, 64]
+    )  # output channels of each conv block; each block halves height and width
     kernel_size: int = 3
     hidden: int = 128  # units of the hidden Linear layer of the head; 0 for none
     activation: str = "relu"
@@ -28,7 +30,9 @@ class CNN(Backbone):
         if not self.channels or any(c < 1 for c in self.channels):
             raise ValueError(f"channels must be a non-empty list of integers >= 1, got {self.channels}")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be an odd integer >= 1 (the padding keeps the size), got {self.kernel_size}")
+            raise ValueError(
+                f"kernel_size must be an odd integer >= 1 (the padding keeps the size), got {self.kernel_size}"
+            )
         if self.hidden < 0:
             raise ValueError(f"hidden must be an integer >= 0, got {self.hidden}")
         if self.activation not in ACTIVATIONS:
@@ -39,12 +43,17 @@ class CNN(Backbone):
     def build(self, input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
         in_channels, height, width = input_shape
         if min(height, width) >> len(self.channels) < 1:
-            raise ValueError(f"channels: {len(self.channels)} blocks halve {height}x{width} images to nothing; "
-                             f"use at most {int(math.log2(min(height, width)))}")
+            raise ValueError(
+                f"channels: {len(self.channels)} blocks halve {height}x{width} images to nothing; "
+                f"use at most {int(math.log2(min(height, width)))}"
+            )
         layers: list[nn.Module] = []
         for out_channels in self.channels:
-            layers += [nn.Conv2d(in_channels, out_channels, self.kernel_size, padding=self.kernel_size // 2,
-                                 bias=not self.batch_norm)]
+            layers += [
+                nn.Conv2d(
+                    in_channels, out_channels, self.kernel_size, padding=self.kernel_size // 2, bias=not self.batch_norm
+                )
+            ]
             if self.batch_norm:
                 layers.append(nn.BatchNorm2d(out_channels))
             layers += [ACTIVATIONS[self.activation](), nn.MaxPool2d(2)]

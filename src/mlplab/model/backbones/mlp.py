@@ -34,7 +34,9 @@ class MLP(Backbone):
         if self.depth < 0:
             raise ValueError(f"depth must be an integer >= 0, got {self.depth}")
         if isinstance(self.width, list) and len(self.width) != self.depth:
-            raise ValueError(f"width lists {len(self.width)} layer sizes but depth is {self.depth}; give one per hidden layer")
+            raise ValueError(
+                f"width lists {len(self.width)} layer sizes but depth is {self.depth}; give one per hidden layer"
+            )
         if any(w < 1 for w in self.widths):
             raise ValueError(f"width must be >= 1 (an integer or a list of them), got {self.width}")
         if self.activation not in ACTIVATIONS:
@@ -42,7 +44,9 @@ class MLP(Backbone):
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must satisfy 0 <= p < 1, got {self.dropout}")
         if self.output_activation not in OUTPUT_ACTIVATIONS:
-            raise ValueError(f"output_activation must be one of {', '.join(OUTPUT_ACTIVATIONS)}; got {self.output_activation!r}")
+            raise ValueError(
+                f"output_activation must be one of {', '.join(OUTPUT_ACTIVATIONS)}; got {self.output_activation!r}"
+            )
 
     @property
     def widths(self) -> list[int]:

@@ -56,8 +56,12 @@ def confusion_image(counts: np.ndarray, class_names: Sequence[str], title: str, 
             draw.rectangle((x0, y0, x0 + cell - 1, y0 + cell - 1), fill=colour, outline=(200, 200, 200))
             text = str(int(counts[row, column]))
             width, height = _text_size(small, text)
-            draw.text((x0 + (cell - width) // 2, y0 + (cell - height) // 2), text, font=small,
-                      fill="white" if shares[row, column] > 0.5 else "black")
+            draw.text(
+                (x0 + (cell - width) // 2, y0 + (cell - height) // 2),
+                text,
+                font=small,
+                fill="white" if shares[row, column] > 0.5 else "black",
+            )
     return np.asarray(image)
 
 
@@ -80,7 +84,9 @@ def image_grid(images: np.ndarray, captions: Sequence[str], columns: int = 8, sc
     tile_width = max(width * scale, *(_text_size(font, caption)[0] + 4 for caption in captions))
     tile_height = height * scale + caption_height
     rows = max(1, -(-count // columns))
-    grid = Image.new("RGB", (min(count, columns) * (tile_width + MARGIN) + MARGIN, rows * (tile_height + MARGIN) + MARGIN), "white")
+    grid = Image.new(
+        "RGB", (min(count, columns) * (tile_width + MARGIN) + MARGIN, rows * (tile_height + MARGIN) + MARGIN), "white"
+    )
     draw = ImageDraw.Draw(grid)
     for index, (pixels, caption) in enumerate(zip(images, captions)):
         mode_pixels = pixels[0] if channels == 1 else pixels.transpose(1, 2, 0)

@@ -31,13 +31,21 @@ def run_hparams(config: RunConfig, overrides: dict[str, str] | None = None) -> d
     for field in dataclasses.fields(config.model):
         value = getattr(config.model, field.name)
         # A setting that may be a list is one text column, as written (512, [512, 256]): a column has one type.
-        values[f"model.{field.name}"] = str(value) if typing.get_origin(hints[field.name]) in _UNIONS and any(
-            typing.get_origin(option) is list for option in typing.get_args(hints[field.name])) else value
+        values[f"model.{field.name}"] = (
+            str(value)
+            if typing.get_origin(hints[field.name]) in _UNIONS
+            and any(typing.get_origin(option) is list for option in typing.get_args(hints[field.name]))
+            else value
+        )
     for group, settings in (("optimizer", config.optimizer), ("scheduler", config.scheduler)):
         values |= {f"{group}.{key}": _plain(value) for key, value in settings.as_dict().items()}
     values["model.family"] = config.model.as_dict()["family"]
-    values |= {"data.name": config.data.name, "data.batch_size": config.data.batch_size,
-               "trainer.max_epochs": config.trainer.max_epochs, "seed": config.seed}
+    values |= {
+        "data.name": config.data.name,
+        "data.batch_size": config.data.batch_size,
+        "trainer.max_epochs": config.trainer.max_epochs,
+        "seed": config.seed,
+    }
     for key, value in (overrides or {}).items():
         values.setdefault(key, _number_if_numeric(value))
     return values
@@ -71,7 +79,9 @@ def log_hparams(loggers: list[Any], hparams: dict[str, Any], metrics: dict[str, 
             logger.log_metrics(finals, step)
 
 
-def _write_session(logger: Any, hparams: dict[str, Any], metrics: dict[str, Any], finals: dict[str, float], step: int) -> None:
+def _write_session(
+    logger: Any, hparams: dict[str, Any], metrics: dict[str, Any], finals: dict[str, float], step: int
+) -> None:
     from torch.utils.tensorboard import SummaryWriter
     from torch.utils.tensorboard.summary import hparams as hparams_summary
 

@@ -70,7 +70,9 @@ class ModelDescription(Callback):
         writer.add_text("run/architecture", architecture_markdown(network), 0)
         if self.config:
             # Indented four spaces: Markdown shows it as a code block, line breaks kept.
-            writer.add_text("run/config", "    " + yaml.safe_dump(self.config, sort_keys=False).replace("\n", "\n    "), 0)
+            writer.add_text(
+                "run/config", "    " + yaml.safe_dump(self.config, sort_keys=False).replace("\n", "\n    "), 0
+            )
         if self.graph:
             example = torch.zeros(1, *pl_module.hparams["input_shape"], device=pl_module.device, dtype=pl_module.dtype)
             with warnings.catch_warnings():  # add_graph traces with torch.jit, which warns that it is deprecated

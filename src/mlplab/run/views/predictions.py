@@ -11,8 +11,8 @@ from torch import Tensor
 from typing_extensions import override
 
 from mlplab.model.classifier import EpochPredictions
-from mlplab.run.views.figures import confusion_image, image_grid
 from mlplab.run.trackers import image_writer
+from mlplab.run.views.figures import confusion_image, image_grid
 from mlplab.run.views.tensorboard import tensorboard_writer
 
 
@@ -68,7 +68,11 @@ class ConfusionMatrix(Callback):
             return
         names = class_names_of(pl_module)
         counts = confusion_counts(predictions.classes, predictions.labels, len(names)).cpu().numpy()
-        when = f"epoch {trainer.current_epoch + 1}, step {trainer.global_step}" if stage == "val" else f"step {trainer.global_step}"
+        when = (
+            f"epoch {trainer.current_epoch + 1}, step {trainer.global_step}"
+            if stage == "val"
+            else f"step {trainer.global_step}"
+        )
         title = f"{stage} confusion matrix ({counts.sum()} images; {when}), colour: share of the row"
         write_image(f"{stage}/confusion_matrix", confusion_image(counts, names, title), trainer.global_step)
         writer = tensorboard_writer(trainer)
@@ -79,7 +83,9 @@ class ConfusionMatrix(Callback):
 def confusion_markdown(counts: Any, class_names: list[str]) -> str:
     """A Markdown table: one row per true class, one column per predicted class."""
     lines = ["| true \\ predicted | " + " | ".join(class_names) + " |", "|---" * (len(class_names) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(str(int(count)) for count in row) + " |" for name, row in zip(class_names, counts)]
+    lines += [
+        f"| {name} | " + " | ".join(str(int(count)) for count in row) + " |" for name, row in zip(class_names, counts)
+    ]
     return "\n".join(lines)
 
 
@@ -117,8 +123,10 @@ class MisclassifiedImages(Callback):
         probabilities = confidences[wrong]
         order = probabilities.argsort(descending=True)[: self.max_images]
         names = class_names_of(pl_module)
-        captions = [f"true: {names[labels[wrong[i]]]}\npred: {names[predictions[wrong[i]]]} {probabilities[i]:.2f}"
-                    for i in order.tolist()]
+        captions = [
+            f"true: {names[labels[wrong[i]]]}\npred: {names[predictions[wrong[i]]]} {probabilities[i]:.2f}"
+            for i in order.tolist()
+        ]
         if captions:
             # Tested in order (no shuffling): without positions, the i-th prediction is the split's i-th image.
             shown = wrong[order] if positions is None else positions[wrong[order]]
