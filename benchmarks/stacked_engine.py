@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""K networks trained one after another against the same K trained as one stack (mlplab.model.stacked).
+"""K networks trained one after another against the same K trained as one stack (mlplab.model.stacked_network).
 
     python benchmarks/stacked_engine.py                       # CPU: K = 1, 4, 8; 5 interleaved repeats
     python benchmarks/stacked_engine.py --device cuda --ks 1 4 8 16 32
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from mlplab.model.backbones.mlp import MLP
-from mlplab.model.stacked import PerNetworkOptimizer, StackedMLP
+from mlplab.model.stacked_network import PerNetworkOptimizer, StackedMLP
 
 HERE = Path(__file__).resolve().parent
 SHAPE, CLASSES = (1, 28, 28), 10

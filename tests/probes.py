@@ -135,3 +135,16 @@ def _kill_when_any(pattern: str) -> None:
     while not glob.glob(pattern):
         time.sleep(0.005)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+class BreakStacks(HydraCallback):
+    """Makes every stack of a stacked sweep (hydra/launcher=stacked) fail at its first training step, a bug of the
+    stack's own: a job trained on its own (mlplab.model.classifier) is untouched."""
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        from mlplab.model.stacked_classifier import StackedClassifier
+
+        def broken(self, batch, batch_idx):
+            raise RuntimeError("a stack's own bug")
+
+        StackedClassifier.training_step = broken

@@ -1,4 +1,4 @@
-"""The stacked engine: K networks of one shape as one (mlplab.model.stacked), against each network trained alone
+"""The stacked engine: K networks of one shape as one (mlplab.model.stacked_network), against each network trained alone
 with torch's own layers and optimizers."""
 
 import functools
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mlplab.model.backbones.mlp import MLP
-from mlplab.model.stacked import PerNetworkOptimizer, StackedMLP, StackError
+from mlplab.model.stacked_network import PerNetworkOptimizer, StackedMLP, StackError
 
 SHAPE, CLASSES, SEEDS = (1, 8, 8), 10, (1, 2, 3)
 
@@ -131,3 +131,18 @@ def test_networks_of_different_shapes_do_not_stack():
     backbones = [MLP(depth=2, width=32), MLP(depth=2, width=64)]
     with pytest.raises(StackError, match="different shapes"):
         StackedMLP(backbones, networks(backbones))
+
+
+def test_each_network_is_taken_out_under_its_own_layer_names():
+    # An MLP without dropout has no Dropout layers: its Linear layers are "1", "3", "5"; with dropout "1", "4", "7".
+    backbones = [MLP(depth=2, width=32, dropout=p) for p in (0.0, 0.2, 0.0)]
+    alone = networks(backbones)
+    stacked = StackedMLP(backbones, alone)
+    assert sorted(stacked.network_state(0)) == ["1.bias", "1.weight", "3.bias", "3.weight", "5.bias", "5.weight"]
+    assert sorted(stacked.network_state(1)) == ["1.bias", "1.weight", "4.bias", "4.weight", "7.bias", "7.weight"]
+    for k, backbone in enumerate(backbones):  # each loads into its own single network, as mlplab-eval loads it
+        torch.manual_seed(99)
+        single = backbone.build(SHAPE, CLASSES)
+        single.load_state_dict(stacked.network_state(k))
+        for key, value in alone[k].state_dict().items():
+            assert torch.equal(single.state_dict()[key], value)

@@ -12,6 +12,8 @@ import torch
 from conftest import SYNTHETIC_RUN, run_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from mlplab.model.classifier import ImageClassifier
+
 SMALL = [*SYNTHETIC_RUN, "model.width=16", "trainer.max_epochs=2", "callbacks.model_summary=null"]
 
 
@@ -205,3 +207,61 @@ def test_max_stack_splits_a_group_and_is_checked(forked_cli, synthetic_data_dir,
         "mlplab-train: error: hydra.launcher.max_stack must be null (as many as memory holds) or an integer >= 1, got 0"
     )
     assert "Traceback" not in output
+
+
+def test_jobs_that_differ_in_dropout_and_the_schedules_numbers_stack_and_each_loads_alone(
+    forked_cli, synthetic_data_dir, tmp_path
+):
+    # The README's stacked example mixes dropout 0 and 0.2: without Dropout layers an MLP's layers are numbered
+    # otherwise. The schedule's numbers may differ within a stack too (mlplab.sweeps.stack_plan).
+    grid = ["model.dropout=0,0.2", "optimizer.lr=0.01", "scheduler=cosine", "scheduler.eta_min=0,0.005"]
+    code, output, swept = sweep(forked_cli, tmp_path, synthetic_data_dir, "mixed", *grid, "hydra/launcher=stacked")
+    assert code == 0, output[-3000:]
+    assert "Training 4 jobs as one stack" in output and "runs on its own" not in output
+    assert len(list((swept / ".stacks").iterdir())) == 1
+    assert len(jobs(swept)) == 4
+    dropouts = set()
+    for job in jobs(swept).values():
+        metrics = json.loads((job / "metrics.json").read_text())
+        assert metrics["status"] == "completed" and metrics["stacked_jobs"] == 4 and metrics["epochs"] == 2
+        best = torch.load(job / "checkpoints" / "best.ckpt", weights_only=True)
+        eta_min, dropout = (
+            best["hyper_parameters"]["scheduler"]["eta_min"],
+            best["hyper_parameters"]["backbone"]["dropout"],
+        )
+        dropouts.add(dropout)
+        # its own schedule: cosine from 0.01 to its eta_min over 2 epochs, the second epoch halfway
+        assert [lr for _, lr in scalars(job)["train/lr"]] == pytest.approx(
+            {0: [0.01, 0.005], 0.005: [0.01, 0.0075]}[eta_min]
+        )
+        last = torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)
+        assert last["lr_schedulers"][0]["_last_lr"] == pytest.approx([eta_min])
+        # its checkpoint loads into its own single network (with or without Dropout layers)
+        model = ImageClassifier.from_checkpoint(best)
+        assert any(isinstance(layer, torch.nn.Dropout) for layer in model.network) == (dropout > 0)
+    assert dropouts == {0, 0.2}
+    with_dropout = next(job for job in jobs(swept).values() if "model.dropout=0.2" in job.name)
+    result = run_cli(["mlplab-eval", f"run='{with_dropout}'", "format=json"], tmp_path, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report["test/acc"] == pytest.approx(report["recorded test/acc"], abs=1e-6)
+
+
+def test_a_stack_that_fails_runs_its_jobs_one_by_one(forked_cli, synthetic_data_dir, tmp_path):
+    code, output, swept = sweep(
+        forked_cli,
+        tmp_path,
+        synthetic_data_dir,
+        "broken",
+        "seed=1,2",
+        "hydra/launcher=stacked",
+        "+hydra.callbacks.break_stacks._target_=probes.BreakStacks",
+    )
+    assert code == 0, output[-3000:]
+    assert "Stack of 2 jobs failed (RuntimeError: a stack's own bug); its jobs run one by one" in output
+    assert len(jobs(swept)) == 2
+    for job in jobs(swept).values():  # each trained on its own, from its start
+        metrics = json.loads((job / "metrics.json").read_text())
+        assert metrics["status"] == "completed" and metrics["epochs"] == 2, metrics
+        assert "stacked_jobs" not in metrics and "error" not in metrics
+    assert not list((swept / ".stacks").glob("*/checkpoints/*.ckpt"))  # nothing left to resume as a stack

@@ -1,10 +1,9 @@
-"""mlplab's stacked launcher (``hydra/launcher=stacked``): the sweep's jobs that differ only in numbers (seed,
-the optimizer's and the schedule's numbers, dropout) train together as one stack in this process
-(mlplab.sweeps.stacked); the others run
-one after another, as Hydra's basic launcher runs them.
+"""mlplab's stacked launcher (``hydra/launcher=stacked``), the entry point of stacked sweeps: the sweep's jobs that
+may stack (what may differ within a stack: mlplab.sweeps.stack_plan) train together as one stack in this process;
+the others run one after another, as Hydra's basic launcher runs them.
 
-Each job is composed, checked and given its folder by Hydra as usual (its ``.hydra/`` and log); its task returns
-the job's description instead of training, and the jobs are trained once all are known.
+Each job is composed, checked and given its folder by Hydra as usual (its ``.hydra/`` and log); the launcher runs
+mlplab-train's ``describe_stacked_job`` on it instead of the training task, and trains the jobs once all are known.
 """
 
 from __future__ import annotations
@@ -19,9 +18,10 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
-from mlplab.cli.train import stopped
+from mlplab.cli.run_request import describe_stacked_job
 from mlplab.run.config import ConfigError
-from mlplab.sweeps.stacked import collecting_jobs, run_jobs
+from mlplab.run.stopping import stopped
+from mlplab.sweeps.stack_plan import run_jobs
 
 
 class StackedLauncher(Launcher):
@@ -29,7 +29,7 @@ class StackedLauncher(Launcher):
         self.max_stack = max_stack
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
-        self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
+        self.hydra_context, self.config = hydra_context, config  # mlplab-train's task: describe_stacked_job
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         # Checked here, not when Hydra builds the launcher: Hydra would wrap the message in its own.
@@ -43,22 +43,21 @@ class StackedLauncher(Launcher):
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         returns = []
-        with collecting_jobs():
-            for number, overrides in enumerate(job_overrides, start=initial_job_idx):
-                job_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-                with open_dict(job_config):  # as Hydra's own launchers number the jobs
-                    job_config.hydra.job.id = f"{job_config.hydra.job.name}_{number}"
-                    job_config.hydra.job.num = number
-                HydraConfig.instance().set_config(job_config)
-                returns.append(
-                    run_job(
-                        hydra_context=self.hydra_context,
-                        task_function=self.task_function,
-                        config=job_config,
-                        job_dir_key="hydra.sweep.dir",
-                        job_subdir_key="hydra.sweep.subdir",
-                    )
+        for number, overrides in enumerate(job_overrides, start=initial_job_idx):
+            job_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            with open_dict(job_config):  # as Hydra's own launchers number the jobs
+                job_config.hydra.job.id = f"{job_config.hydra.job.name}_{number}"
+                job_config.hydra.job.num = number
+            HydraConfig.instance().set_config(job_config)
+            returns.append(
+                run_job(
+                    hydra_context=self.hydra_context,
+                    task_function=describe_stacked_job,  # the job, composed and checked, not trained yet
+                    config=job_config,
+                    job_dir_key="hydra.sweep.dir",
+                    job_subdir_key="hydra.sweep.subdir",
                 )
+            )
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         jobs = [returned.return_value for returned in returns]
         try:

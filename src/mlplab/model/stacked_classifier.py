@@ -1,4 +1,5 @@
-"""K image classifiers of one shape as one Lightning module: a stacked sweep's jobs, trained together.
+"""The engine of stacked sweeps, its Lightning module: K image classifiers of one shape (a stack's jobs, each as its
+single run builds it) trained together on the stacked network (mlplab.model.stacked_network).
 
 Each step takes K batches (each job's own, in its seed's order), computes the K networks in one stacked pass,
 and steps each network with its own optimizer. Each network's epoch metrics, and the state of its single run
@@ -18,8 +19,14 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from typing_extensions import override
 
 from mlplab.model.backbones import backbone_from_dict
-from mlplab.model.classifier import EpochPredictions, ImageClassifier, optimizer_steps
-from mlplab.model.stacked import PerNetworkOptimizer, StackedMLP
+from mlplab.model.classifier import (
+    EpochPredictions,
+    ImageClassifier,
+    divergence_message,
+    normalized,
+    optimizer_steps,
+)
+from mlplab.model.stacked_network import PerNetworkOptimizer, StackedMLP
 
 
 class StackedClassifier(L.LightningModule):
@@ -47,7 +54,8 @@ class StackedClassifier(L.LightningModule):
         self.val_predictions: list[EpochPredictions] = []  # per network, the last validation's
 
     def normalize(self, images: Tensor) -> Tensor:
-        return images.to(self.input_scale.dtype).mul_(self.input_scale).add_(self.input_shift)
+        """uint8 images, standardised as each job's single run does (the same statistics for all: the same data)."""
+        return normalized(images, self.input_scale, self.input_shift)
 
     @override
     def forward(self, images: Tensor) -> Tensor:
@@ -92,10 +100,7 @@ class StackedClassifier(L.LightningModule):
                 continue
             first = int((~finite[:, index]).nonzero()[0])
             step = self.global_step - len(outputs) + first + 1
-            self.diverged[index] = (
-                f"train/loss became {float(outputs[first][0][index])} at step {step} (epoch "
-                f"{self.current_epoch + 1}); try a lower optimizer.lr or set trainer.gradient_clip_val"
-            )
+            self.diverged[index] = divergence_message(float(outputs[first][0][index]), step, self.current_epoch + 1)
             self.optimizers().optimizer.frozen.add(index)
 
     def _epoch_metrics(self, stage: str) -> None:

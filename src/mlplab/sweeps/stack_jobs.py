@@ -1,12 +1,12 @@
-"""One stack of a stacked sweep trained: the jobs' networks as one StackedClassifier in one Lightning Trainer, and
-each job's own records written as its single run writes them (JobRecords)."""
+"""Running a stack, its jobs: one job of a stacked sweep as the entry point composed it (StackedJob), and the records
+each job writes while its stack trains, as its single run would write them (JobRecords). What may differ between a
+stack's jobs is stated in mlplab.sweeps.stack_plan; mlplab.sweeps.stack_run trains the stack."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,24 +18,23 @@ from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
-from mlplab.data.datamodule import StackedDataModule
 from mlplab.errors import one_line
 from mlplab.model.backbones import count_parameters
 from mlplab.model.classifier import DivergedError, ImageClassifier
 from mlplab.model.stacked_classifier import StackedClassifier
 from mlplab.run import provenance
-from mlplab.run.checkpoints import ResumePoints, StopRequested, read_checkpoint
+from mlplab.run.checkpoints import read_checkpoint
 from mlplab.run.history import EpochHistory
+from mlplab.run.lightning_notes import quiet_lightning
 from mlplab.run.records import CHECKPOINT_DIR, LAST_CHECKPOINT, MONITOR, read_metrics, write_metrics
 from mlplab.run.trackers import log_run_start
-from mlplab.run.train import build_model, finished_metrics, report, status_of
-from mlplab.run.trainer import available_memory, build_trainer, quiet_lightning, require_batches, resident_bytes
+from mlplab.run.train import finished_metrics, report, status_of
+from mlplab.run.trainer import build_trainer
 from mlplab.run.views.hparams import log_hparams
 from mlplab.run.views.network import LearningRate
 
 log = logging.getLogger(__name__)
 
-LOG_FILE = "train.log"  # a stack's log, in its folder
 VIEWS = "mlplab.run.views"  # the module of the views: what TensorBoard shows beyond the curves
 
 
@@ -52,61 +51,9 @@ class StackedJob:
     train_alone: Callable[[], dict[str, Any]]  # the ordinary way: one job of a sweep
 
 
-def train_stack(jobs: Sequence[StackedJob], group_dir: Path, resume_from: Path | None = None) -> list[dict[str, Any]]:
-    """Train ``jobs`` (stackable, see alone_reason and stack_key) as one stack, then test each job's best
-    checkpoint on its own; writes each job's records and returns each job's metrics.json content."""
-    first = jobs[0].config
-    datamodule = StackedDataModule(first.data, first.data_dir, [job.config.seed for job in jobs])
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    require_batches(first.trainer, datamodule)
-    models, estimates = [], []
-    for job in jobs:
-        L.seed_everything(job.config.seed, workers=True, verbose=False)  # the initial weights of its single run
-        model, estimate = build_model(job.config, datamodule, 1)
-        models.append(model)
-        estimates.append(estimate)
-    _require_stack_memory(jobs, estimates)
-    log.info("Training %d jobs as one stack; its log and jobs: %s", len(jobs), group_dir)
-    module = StackedClassifier(models)
-    records = JobRecords(jobs, models, estimates, resume_from, group_dir / LOG_FILE)
-    resume_points = ResumePoints(group_dir, first.checkpoint.every_n_steps)
-    group_last = ModelCheckpoint(
-        dirpath=group_dir / CHECKPOINT_DIR,
-        filename="last",
-        monitor=None,
-        save_top_k=1,
-        enable_version_counter=False,
-        auto_insert_metric_name=False,
-    )
-    with quiet_lightning():
-        trainer = build_trainer(first.trainer, group_dir, False, [records, resume_points, group_last])
-    os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)  # as in run.train.train: no NVML query per step
-    try:
-        with warnings.catch_warnings():  # the stack's own folder: a resumed stack finds its checkpoints there
-            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
-        if resume_points.stopped_by:  # a signal during validation: the epoch ended with its checkpoints
-            raise StopRequested
-    except BaseException as error:
-        records.stopped(trainer, error, resume_points.stopped_by)
-        raise
-    results = [records.finish(index, trainer) for index in range(len(jobs))]
-    for path in (group_dir / CHECKPOINT_DIR).glob("*.ckpt"):  # every job has its own now
-        path.unlink()
-    return results
-
-
-def _require_stack_memory(jobs: Sequence[StackedJob], estimates: Sequence[int]) -> None:
-    """Refuse a stack whose jobs together would not fit in the memory free now (hydra.launcher.max_stack)."""
-    here = resident_bytes()  # each estimate counts this process's memory once more
-    needed = sum(estimate - here for estimate in estimates)
-    available = available_memory()
-    if needed > available:
-        raise MemoryError(
-            f"{len(jobs)} stacked jobs need about {needed / 2**30:.1f} GiB and {available / 2**30:.1f} GiB "
-            "is available; set hydra.launcher.max_stack lower"
-        )
+def last_checkpoint(job: StackedJob) -> ModelCheckpoint | None:
+    """The job's checkpoint after each epoch (callbacks.last_checkpoint: a ModelCheckpoint that monitors nothing)."""
+    return next((c for c in job.callbacks if isinstance(c, ModelCheckpoint) and c.monitor is None), None)
 
 
 def _loggers(logger: Any) -> list[Any]:

@@ -1,10 +1,13 @@
-"""K networks of one shape trained as one: their weights stacked along a leading dimension, each layer one batched
-matrix multiply (``torch.baddbmm``) for all K, and an optimizer step that applies each network's own numbers.
+"""The engine of stacked sweeps, its network: K MLPs of one shape trained as one, their weights stacked along a
+leading dimension, each layer one batched matrix multiply (``torch.baddbmm``) for all K, and an optimizer step that
+applies each network's own numbers.
 
-The engine of stacked sweeps: jobs that differ only in numbers (seed, learning rate, weight decay, dropout, momentum,
-betas) do the same computation, so K of them cost little more than one where a single network leaves the device
-idle. The stack is made from networks built as single runs build them (so the same initial weights for the same
-seed), and each can be taken out again as an ordinary ``nn.Sequential`` state dict.
+K networks that differ only in numbers (what may differ is stated in mlplab.sweeps.stack_plan) do the same
+computation, so K of them cost little more than one where a single network leaves the device idle. The stack is
+made from networks built as single runs build them (so the same initial weights for the same seed), and each can be
+taken out again as its own ``nn.Sequential`` state dict. The other parts: the Lightning module that trains a stack
+(mlplab.model.stacked_classifier), which jobs stack (mlplab.sweeps.stack_plan), running a stack
+(mlplab.sweeps.stack_run).
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ class StackError(ValueError):
     """Networks that cannot train as one stack; the message says what differs."""
 
 
-def stack_key(backbone: MLP) -> tuple:
-    """What must be equal for MLPs to stack: everything but dropout."""
+def network_shape(backbone: MLP) -> tuple:
+    """What must be equal for MLPs to stack: their layers' widths and activations (dropout may differ)."""
     return (tuple(backbone.widths), backbone.activation, backbone.output_activation)
 
 
@@ -32,13 +35,16 @@ class StackedMLP(nn.Module):
 
     def __init__(self, backbones: Sequence[MLP], networks: Sequence[nn.Sequential]):
         super().__init__()
-        shapes = {stack_key(backbone) for backbone in backbones}
+        shapes = {network_shape(backbone) for backbone in backbones}
         if len(shapes) != 1:
             raise StackError(f"networks of different shapes do not stack: {sorted(map(str, shapes))}")
         first = backbones[0]
         linears = [[module for module in network if isinstance(module, nn.Linear)] for network in networks]
-        # The single network's names of its Linear layers ("1", "3", ...): its state dict's keys
-        self.layer_names = [name for name, module in networks[0].named_children() if isinstance(module, nn.Linear)]
+        # Per network, the names of its Linear layers ("1", "3", ...): its state dict's keys. Its own: an MLP without
+        # dropout has no Dropout layers, so its layers are numbered otherwise than one with dropout.
+        self.layer_names = [
+            [name for name, module in network.named_children() if isinstance(module, nn.Linear)] for network in networks
+        ]
         # Stored as K x in x out, each network's weight transposed: batched multiplies with a contiguous right-hand
         # side are about a quarter faster on the CPU (benchmarks/stacked_engine.py); optimizers work element-wise,
         # so a network's slice steps as its own weight would.
@@ -82,9 +88,9 @@ class StackedMLP(nn.Module):
         ]
 
     def network_state(self, index: int) -> dict[str, Tensor]:
-        """Network ``index`` as the single ``nn.Sequential`` the backbone builds would hold it."""
+        """Network ``index`` as the single ``nn.Sequential`` its backbone builds would hold it."""
         state = {}
-        for name, weight, bias in zip(self.layer_names, self.weights, self.biases):
+        for name, weight, bias in zip(self.layer_names[index], self.weights, self.biases):
             state[f"{name}.weight"] = weight[index].detach().T.contiguous()
             state[f"{name}.bias"] = bias[index].detach().clone()
         return state

@@ -1,0 +1,151 @@
+"""Stacked sweeps (``hydra/launcher=stacked``), the plan: which of a sweep's jobs may train in a stack, grouped by
+what they must share, in stacks as large as the memory holds. mlplab.sweeps.stack_run runs each stack; the engine
+is mlplab.model.stacked_network and mlplab.model.stacked_classifier.
+
+What may differ within a stack (the one statement of it; stack_group_key follows it, the rest refers to it):
+    Jobs stack when they differ only in numbers: seed, model.dropout, and the numeric arguments of the optimizer
+    and of the scheduler (optimizer.lr, weight_decay, betas, ...; scheduler.eta_min, step_size, gamma, ...).
+    Everything else must be equal: the network's shape, the data and batch sizes, the epochs, the Trainer's
+    settings, the optimizer's and the scheduler's classes and their other settings (such as scheduler.interval).
+
+Each stack's jobs end as a job-by-job sweep leaves them: metrics.json, provenance.json, their own checkpoints
+(mlplab-eval, mlplab-predict and resume= take them), TensorBoard curves, test views and HParams row. Jobs that
+cannot stack (alone_reason: another model family, data-parallel, gradient clipping, ...) run the ordinary way, with
+one line saying why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ModelSummary, ProgressBar
+
+from mlplab.data.datamodule import ImageDataModule
+from mlplab.model.backbones.mlp import MLP
+from mlplab.run.memory import RUN_OVERHEAD_BYTES, available_memory, training_peak_bytes
+from mlplab.run.records import MONITOR
+from mlplab.sweeps.jobs import resume_point
+from mlplab.sweeps.stack_jobs import VIEWS, StackedJob, last_checkpoint
+from mlplab.sweeps.stack_run import in_a_stopped_stack, train_claimed
+
+log = logging.getLogger(__name__)
+
+SEARCH = "mlplab.sweeps.search"  # the module of a search trial's callback (reports to the study, prunes)
+# Optimizers whose update is element by element: a network's slice of the stacked weights steps as its own weight.
+ELEMENTWISE_OPTIMIZERS = ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam")
+# Trainer settings one stack cannot apply per job; each job with one of these set runs on its own.
+UNSTACKED_TRAINER_SETTINGS = {
+    "gradient_clip_val": None,
+    "accumulate_grad_batches": 1,
+    "val_check_interval": None,
+    "check_val_every_n_epoch": 1,
+    "max_steps": -1,
+    "max_time": None,
+    "profiler": None,
+}
+
+
+def alone_reason(job: StackedJob) -> str | None:
+    """Why a job cannot train in a stack, or None."""
+    config = job.config
+    if not isinstance(config.model, MLP):
+        return f"model.family={config.model.as_dict()['family']}: only MLPs stack"
+    if config.trainer.data_parallel:
+        return "a data-parallel job (trainer=ddp) has its devices to itself"
+    if config.optimizer.target not in {f"torch.optim.{name}" for name in ELEMENTWISE_OPTIMIZERS}:
+        names = ", ".join(ELEMENTWISE_OPTIMIZERS)
+        return f"optimizer._target_={config.optimizer.target}: only torch.optim's {names} stack"
+    for key, plain in UNSTACKED_TRAINER_SETTINGS.items():
+        if getattr(config.trainer, key) != plain:
+            return f"trainer.{key}={getattr(config.trainer, key)} applies to each job on its own"
+    if config.trainer.options:
+        return f"trainer.{next(iter(config.trainer.options))} is not applied to stacks"
+    if last_checkpoint(job) is None:
+        return "callbacks.last_checkpoint=null: a stack resumes from a checkpoint after each epoch, made as it is"
+    for callback in job.callbacks:
+        if isinstance(callback, ModelCheckpoint):
+            if callback.monitor not in (None, MONITOR) or callback.save_top_k != 1 or "{" in (callback.filename or ""):
+                return "callbacks.model_checkpoint: a stack keeps one best (by val/acc) and one last checkpoint per job"
+        elif isinstance(callback, EarlyStopping):
+            return "callbacks.early_stopping stops each job on its own"
+        elif type(callback).__module__ == SEARCH:
+            return "a search's trial reports to its study after each epoch, and may be pruned on its own"
+        elif not isinstance(callback, (ProgressBar, ModelSummary)) and not type(callback).__module__.startswith(VIEWS):
+            return f"callback {type(callback).__name__} acts on one run's training"
+    return None
+
+
+def stack_group_key(config: Any) -> str:
+    """The settings a stack's jobs share, as one string: jobs with equal keys may stack. Every setting but those
+    that may differ (this module's docstring): the seed, model.dropout, and the optimizer's and the scheduler's
+    numeric arguments."""
+    settings = config.as_dict()
+    settings.pop("seed")
+    settings["model"].pop("dropout")
+    for group in ("optimizer", "scheduler"):
+        settings[group] = {key: value for key, value in settings[group].items() if not _is_number(value)}
+    return json.dumps(settings, sort_keys=True, default=str)
+
+
+def _is_number(value: Any) -> bool:
+    """A number, a flag, or a list of them (Adam's betas, MultiStepLR's milestones); not a name nor a class."""
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(_is_number(item) for item in value)
+    return isinstance(value, (bool, int, float))
+
+
+def run_jobs(jobs: Sequence[StackedJob], sweep_dir: Path, max_stack: int | None = None) -> list[dict[str, Any]]:
+    """Each job's metrics, in order: jobs that stack train in groups of at most ``max_stack`` (default: as many
+    as the memory holds), the others one by one as a job-by-job sweep runs them."""
+    results: list[dict[str, Any] | None] = [None] * len(jobs)
+    groups: dict[str, list[int]] = {}
+    for index, job in enumerate(jobs):
+        reason = alone_reason(job) or (
+            "it has a checkpoint of its own to resume from"
+            if resume_point(job.run_dir) and not in_a_stopped_stack(sweep_dir, job)
+            else None
+        )
+        if reason:
+            log.info("Job %s runs on its own: %s", job.run_dir.name, reason)
+            results[index] = job.train_alone()
+        else:
+            groups.setdefault(stack_group_key(job.config), []).append(index)
+    for indices in groups.values():
+        size = max_stack or stack_capacity(jobs[indices[0]])
+        for start in range(0, len(indices), size):
+            chunk = indices[start : start + size]
+            if len(chunk) == 1:
+                log.info(
+                    "Job %s runs on its own: no other job of the sweep stacks with it", jobs[chunk[0]].run_dir.name
+                )
+                results[chunk[0]] = jobs[chunk[0]].train_alone()
+                continue
+            for index, metrics in zip(chunk, train_claimed([jobs[i] for i in chunk], sweep_dir)):
+                results[index] = metrics
+    return results  # type: ignore[return-value]
+
+
+def stack_capacity(job: StackedJob) -> int:
+    """How many jobs like ``job`` one stack may hold: as many as the memory free now holds (the GPU's, on a GPU),
+    by the arithmetic of stack_run.stack_peak_bytes (a run's overhead once, then each job's share)."""
+    config = job.config
+    datamodule = ImageDataModule(config.data, config.data_dir)
+    datamodule.prepare_data()
+    datamodule.setup("fit")  # parsed once per process: the stack's own set-up finds it ready
+    parameters, activations = config.model.planned_size(datamodule.input_shape, len(datamodule.class_names))
+    peak = training_peak_bytes(
+        parameters,
+        config.optimizer.state_per_parameter,
+        activations,
+        config.data.batch_size,
+        config.data.eval_batch_size,
+    )
+    per_job = peak - RUN_OVERHEAD_BYTES
+    on_gpu = config.trainer.accelerator == "gpu" or (config.trainer.accelerator == "auto" and torch.cuda.is_available())
+    free = torch.cuda.mem_get_info()[0] if on_gpu else available_memory() - RUN_OVERHEAD_BYTES
+    return max(1, int(free * 0.8) // per_job)  # a fifth kept back: the allocator's slack, the other jobs' views
