@@ -40,7 +40,7 @@ from mlplab.sweeps.grid import (
     wait_for_other_processes,
 )
 from mlplab.sweeps.jobs import job_state
-from mlplab.sweeps.summary import JOBS_FILE, write_summary
+from mlplab.sweeps.summary import SWEEP_JOBS_FILE, write_summary
 
 log = logging.getLogger(__name__)
 STABLE_OPTUNA_SWEEPER = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
@@ -128,7 +128,7 @@ class MlplabSweeper(Sweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         listing = [{"overrides": job.overrides, "dir": job.dir.name} for job in jobs]
-        (sweep_dir / JOBS_FILE).write_text(json.dumps(listing, indent=1) + "\n")
+        (sweep_dir / SWEEP_JOBS_FILE).write_text(json.dumps(listing, indent=1) + "\n")
         todo = [job for job in jobs if job not in done]
         log.info("Sweep %s: %d jobs, %d done already, %d to run", sweep_dir, len(jobs), len(done), len(todo))
         log.info("Resume or extend it with the same command and sweep=%s", sweep_dir.name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from mlplab.sweeps.summary import JOBS_FILE, write_summary
+from mlplab.sweeps.summary import SWEEP_JOBS_FILE, write_summary
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> None:
         print("usage: mlplab-report <sweep dir>   (a folder under outputs/sweeps/)", file=sys.stderr)
         sys.exit(2)
     sweep_dir = Path(args[0])
-    if not sweep_dir.is_dir() or not (any(sweep_dir.glob("*/.hydra")) or (sweep_dir / JOBS_FILE).is_file()):
+    if not sweep_dir.is_dir() or not (any(sweep_dir.glob("*/.hydra")) or (sweep_dir / SWEEP_JOBS_FILE).is_file()):
         print(
             f"mlplab-report: error: {sweep_dir} is not a sweep folder (no jobs in it); "
             "give one made by mlplab-train -m",

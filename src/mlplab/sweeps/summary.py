@@ -17,13 +17,13 @@ from mlplab.run.records import MONITOR, read_metrics
 from mlplab.sweeps.jobs import job_state
 from mlplab.sweeps.storage import StudyAddress
 
-JOBS_FILE = "jobs.json"  # written by the sweeper before the first job: lets a report list jobs not started yet
+SWEEP_JOBS_FILE = "jobs.json"  # written by the sweeper before the first job: lets a report list jobs not started yet
 METRICS = ("val/acc", "val/loss", "best_epoch", "test/acc", "test/loss", "epochs", "wall_seconds", "num_parameters")
 
 
 def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
     """Every job of the sweep, listed or started, with its state, overrides and metrics."""
-    listed = json.loads((sweep_dir / JOBS_FILE).read_text()) if (sweep_dir / JOBS_FILE).is_file() else []
+    listed = json.loads((sweep_dir / SWEEP_JOBS_FILE).read_text()) if (sweep_dir / SWEEP_JOBS_FILE).is_file() else []
     overrides = {sweep_dir / job["dir"]: job["overrides"] for job in listed}
     for config in sorted(sweep_dir.glob("*/.hydra/overrides.yaml")):
         overrides.setdefault(config.parent.parent, [str(o) for o in yaml.safe_load(config.read_text()) or []])
