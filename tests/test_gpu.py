@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import SYNTHETIC_RUN, run_cli
 
-from mlplab.data.datamodule import DataSettings, ImageDataModule
+from mlplab.data.datamodule import ImageDataModule
+from mlplab.data.settings import DataSettings
 from mlplab.model.backbones.mlp import MLP
 from mlplab.model.classifier import ImageClassifier
 

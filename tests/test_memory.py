@@ -73,7 +73,7 @@ def test_a_network_that_does_not_fit_is_refused_with_what_is_available(synthetic
 def test_the_estimate_covers_the_peak_that_was_killed():
     """30000 x 30000 with Adam was let through at 14.8 GB and killed by the kernel at 24.2 GB of resident memory."""
     from mlplab.model.backbones.mlp import MLP
-    from mlplab.run.trainer import training_peak_bytes
+    from mlplab.run.memory import training_peak_bytes
 
     parameters, activations = MLP(depth=2, width=30000).planned_size((1, 28, 28), 10)
     assert parameters == 923_880_010

@@ -15,7 +15,8 @@ from conftest import SYNTHETIC_RUN, cli_env, run_cli
 from probes import fingerprint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mlplab.data.datamodule import DataSettings, ImageDataModule
+from mlplab.data.datamodule import ImageDataModule
+from mlplab.data.settings import DataSettings
 
 DDP = ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
 # Not so easy that every run scores 1.0: the test accuracy must be able to disagree with a second opinion.

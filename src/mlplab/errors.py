@@ -21,3 +21,21 @@ def closest(name: str, allowed: list[str]) -> str:
     """The end of an "unknown name" message: the allowed names closest to ``name``, or all of them."""
     close = difflib.get_close_matches(name, allowed, n=3)
     return f"did you mean {', '.join(close)}?" if close else f"allowed: {', '.join(allowed)}"
+
+
+class SettingError(ValueError):
+    """A setting's own check refused its value: ``key`` is the setting (a field of the dataclass that raised it,
+    or None for the settings as a whole), so a config layer can name it in full (``data.batch_size``) without
+    reading the message. The message is the whole sentence a user reads, usually starting with the key."""
+
+    def __init__(self, key: str | None, message: str):
+        super().__init__(message)
+        self.key, self.message = key, message
+
+    def within(self, group: str) -> str:
+        """The message with the group's name in front: ``group.key ...``, or ``group: ...`` without a key."""
+        if self.key is None:
+            return f"{group}: {self.message}"
+        if self.message.startswith(self.key):
+            return f"{group}.{self.message}"
+        return f"{group}.{self.key}: {self.message}"

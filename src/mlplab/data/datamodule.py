@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,45 +14,10 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from mlplab.data.datasets import DATASETS, DataError, ParsedDataset, Split, load_dataset, provide_files
+from mlplab.data.batches import InMemoryBatches, ShardSampler, StackedBatches
+from mlplab.data.datasets import DataError, ParsedDataset, Split, load_dataset, provide_files
+from mlplab.data.settings import DATA_DIR, USER_DATA, DataSettings
 from mlplab.data.user_data import load_image_folder, load_tensor_file, require_path
-
-# A user's own data: ``data=folder`` (images in class folders) and ``data=tensors`` (a .pt or .npz file).
-USER_DATA = ("folder", "tensors")
-
-
-@dataclass(frozen=True)
-class DataSettings:
-    """The settings of ``data=...``: which dataset, and how it is split and batched."""
-
-    name: str = "fashion_mnist"
-    batch_size: int = 128
-    eval_batch_size: int = 1000
-    val_size: int = 5000
-    split_seed: int = 0  # seeds the validation split, and a test split held out of a user's data
-    system_dir: str | None = None  # .gz files of a system package, used when the data dir lacks the dataset
-    download: bool = True
-    path: str | None = None  # folder: the image folder; tensors: the .pt or .npz file
-    test_size: int | float = 0.2  # a user's data without a test split: the share (or number) held out to test
-    image_size: int | list[int] | None = None  # folder: height and width every image becomes; null: the first's
-    channels: int | None = None  # folder: 1 (grayscale) or 3 (RGB); null: the first image's
-
-    def __post_init__(self) -> None:
-        if self.name not in (*DATASETS, *USER_DATA):
-            raise ValueError(f"name must be one of {', '.join((*DATASETS, *USER_DATA))}; got {self.name!r}")
-        for key in ("batch_size", "eval_batch_size", "val_size"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be an integer >= 1, got {getattr(self, key)}")
-        if self.name in USER_DATA and not self.path:
-            what = "DIR (an image folder)" if self.name == "folder" else "FILE (a .pt or .npz file)"
-            raise ValueError(f"path is required with data={self.name}: data.path={what}")
-        if not (self.test_size >= 1 if isinstance(self.test_size, int) else 0 < self.test_size < 1):
-            raise ValueError(f"test_size must be a fraction in (0, 1) or a number of images >= 1, got {self.test_size}")
-        sizes = [self.image_size] if isinstance(self.image_size, int) else self.image_size or []
-        if len(sizes) not in (0, 1, 2) or any(size < 1 for size in sizes):
-            raise ValueError(f"image_size must be null, an integer >= 1 or [height, width], got {self.image_size}")
-        if self.channels not in (None, 1, 3):
-            raise ValueError(f"channels must be null, 1 (grayscale) or 3 (RGB), got {self.channels}")
 
 
 @dataclass(frozen=True)
@@ -84,16 +49,28 @@ def prepare_splits(settings: DataSettings, data_dir: Path) -> PreparedSplits:
 
 
 @functools.lru_cache(maxsize=2)
-def _split_once(dataset: ParsedDataset, val_size: int, split_seed: int) -> PreparedSplits:
+def _split_once(dataset: ParsedDataset, val_size: int | float, split_seed: int) -> PreparedSplits:
     train, val = split_off_validation(dataset.train, val_size, split_seed)
     mean, std = channel_stats(train.images)
     return PreparedSplits(train, val, dataset.test, dataset.class_names, mean, std)
 
 
-def split_off_validation(train: Split, val_size: int, split_seed: int) -> tuple[Split, Split]:
-    """A seeded split of the training set into (train, validation)."""
+def split_off_validation(train: Split, val_size: int | float, split_seed: int) -> tuple[Split, Split]:
+    """A seeded split of the training set into (train, validation); ``val_size`` is a number of images or a share
+    of them."""
+    if isinstance(val_size, float):
+        count = round(val_size * len(train))
+        if not 0 < count < len(train):
+            raise DataError(
+                f"data.val_size={val_size} is {count} of the {len(train)} training images; validation and training "
+                f"need at least one each: give a number of images between 1 and {len(train) - 1}"
+            )
+        return train.split_off(count, split_seed)
     if not 0 < val_size < len(train):
-        raise DataError(f"data.val_size must be between 1 and {len(train) - 1} for this dataset, got {val_size}")
+        raise DataError(
+            f"data.val_size must be between 1 and {len(train) - 1} for this dataset (or a fraction in (0, 1)), "
+            f"got {val_size}"
+        )
     return train.split_off(val_size, split_seed)
 
 
@@ -110,134 +87,16 @@ def channel_stats(images: Tensor) -> tuple[list[float], list[float]]:
     return means, stds
 
 
-class ShardSampler:
-    """Seeded order of the samples for one epoch; ``set_epoch`` reshuffles, as with DistributedSampler.
-
-    Lightning calls ``set_epoch`` on a loader's ``sampler`` at the start of every training epoch. Every rank of a
-    data-parallel run draws the same order; ``shard_batches`` deals it out.
-    """
-
-    def __init__(self, num_samples: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1):
-        self.num_samples, self.shuffle, self.seed = num_samples, shuffle, seed
-        self.rank, self.world_size = rank, world_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def order(self) -> Tensor:
-        if self.shuffle:
-            return torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        return torch.arange(self.num_samples)
-
-
-def shard_batches(order: Tensor, batch_size: int, rank: int = 0, world_size: int = 1) -> list[Tensor]:
-    """This rank's batches of ``order``: every sample once across ranks, the same number of batches on each.
-
-    Steps of ``batch_size * world_size`` samples are dealt out in turn (the i-th sample of a step goes to rank
-    i mod world_size). DistributedSampler instead repeats samples to even out the ranks, which makes those count
-    twice in an epoch; here a last step too small to give every rank a sample joins the one before it.
-    """
-    starts = _step_starts(len(order), batch_size, world_size)
-    ends = [*starts[1:], len(order)]
-    return [order[start:end][rank::world_size] for start, end in zip(starts, ends)]
-
-
-def num_shard_batches(num_samples: int, batch_size: int, world_size: int = 1) -> int:
-    """len(shard_batches(...)) without drawing the order."""
-    return len(_step_starts(num_samples, batch_size, world_size))
-
-
-def _step_starts(num_samples: int, batch_size: int, world_size: int) -> list[int]:
-    starts = list(range(0, num_samples, batch_size * world_size))
-    if world_size > 1 and len(starts) > 1 and num_samples - starts[-1] < world_size:
-        starts.pop()
-    return starts
-
-
-class InMemoryBatches:
-    """Batches of (uint8 images, labels) cut from tensors that already sit on the training device.
-
-    Stateful in Lightning's sense (``state_dict``/``load_state_dict``): a checkpoint taken mid-epoch records how
-    many batches of which epoch were served, and a resumed run continues with the next batch of the same order.
-    """
-
-    batch_sampler = None  # Lightning inspects loaders that have a ``sampler`` for this DataLoader attribute
-
-    def __init__(self, split: Split, batch_size: int, sampler: ShardSampler):
-        self.split, self.batch_size, self.sampler = split, batch_size, sampler
-        self._served = 0  # batches handed out in the current pass
-        self._resume_at: dict[str, int] | None = None
-
-    def __len__(self) -> int:
-        return num_shard_batches(self.sampler.num_samples, self.batch_size, self.sampler.world_size)
-
-    def positions(self) -> Tensor:
-        """The split's sample indices this rank is served in one pass, in order (the current epoch's, if shuffled)."""
-        return torch.cat(self._batches()) if len(self) else torch.empty(0, dtype=torch.long)
-
-    def _batches(self) -> list[Tensor]:
-        order = self.sampler.order().to(self.split.images.device)
-        return shard_batches(order, self.batch_size, self.sampler.rank, self.sampler.world_size)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        batches = self._batches()
-        resume, self._resume_at = self._resume_at, None
-        self._served = resume["batches"] if resume and resume["epoch"] == self.sampler.epoch else 0
-        images, labels = self.split.images, self.split.labels
-        for batch in batches[self._served :]:
-            self._served += 1
-            # index_select copies whole rows; `images[batch]` goes element by element, ten times slower.
-            # A batch of several runs (StackedBatches) is K x B indices: K x B x C x H x W images.
-            rows = batch.flatten()
-            yield (
-                images.index_select(0, rows).view(*batch.shape, *images.shape[1:]),
-                labels.index_select(0, rows).view(batch.shape),
-            )
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.sampler.epoch, "batches": self._served}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._resume_at = dict(state)
-
-
-class SeedSamplers:
-    """The samplers of several runs of one split, each with its own seed; ``set_epoch`` sets all."""
-
-    def __init__(self, num_samples: int, seeds: Sequence[int]):
-        self.samplers = [ShardSampler(num_samples, True, seed) for seed in seeds]
-        self.num_samples, self.rank, self.world_size = num_samples, 0, 1
-
-    @property
-    def epoch(self) -> int:
-        return self.samplers[0].epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        for sampler in self.samplers:
-            sampler.set_epoch(epoch)
-
-
-class StackedBatches(InMemoryBatches):
-    """The training batches of K runs served together (a stacked sweep): step i gives each run its own i-th batch,
-    in its own seed's order, as K x B images and labels."""
-
-    def __init__(self, split: Split, batch_size: int, seeds: Sequence[int]):
-        super().__init__(split, batch_size, SeedSamplers(len(split), seeds))  # type: ignore[arg-type]
-
-    def _batches(self) -> list[Tensor]:
-        device = self.split.images.device
-        per_run = [shard_batches(sampler.order().to(device), self.batch_size) for sampler in self.sampler.samplers]
-        return [torch.stack(batches) for batches in zip(*per_run)]
-
-
 class ImageDataModule(L.LightningDataModule):
     """A torchvision dataset as three in-memory splits: train, a seeded validation split of it, and test.
 
     ``shuffle_seed`` orders the training batches of each epoch; ``data_dir`` is where the dataset's files live.
     """
 
-    def __init__(self, settings: DataSettings = DataSettings(), data_dir: str | Path = "data", shuffle_seed: int = 0):
+    def __init__(
+        self, settings: DataSettings | None = None, data_dir: str | Path = DATA_DIR, shuffle_seed: int = 0
+    ) -> None:
+        settings = settings or DataSettings()
         super().__init__()
         # Plain values only, so the checkpoint records the data set-up and still loads with weights_only=True.
         self.save_hyperparameters(

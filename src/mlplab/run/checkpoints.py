@@ -13,20 +13,28 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
-from mlplab.errors import MlplabError, one_line
+from mlplab.errors import MlplabError, SettingError, one_line
 from mlplab.files import write_atomically
 from mlplab.run.records import CHECKPOINT_DIR, LAST_CHECKPOINT
+
+# What both of a run's ModelCheckpoints are given (conf/callbacks/checkpoint/plain.yaml holds the same flags, and
+# tests/test_config.py checks that they agree): one file each, under a plain name, overwritten in place.
+CHECKPOINT_FLAGS: dict[str, Any] = {"save_top_k": 1, "auto_insert_metric_name": False, "enable_version_counter": False}
+EVERY_N_STEPS = 500  # checkpoint.every_n_steps unless given
 
 
 @dataclass(frozen=True)
 class CheckpointSettings:
     """The settings of ``checkpoint``: how often ``checkpoints/last.ckpt`` is written within an epoch."""
 
-    every_n_steps: int = 500  # 0: only at epoch ends
+    every_n_steps: int = EVERY_N_STEPS  # 0: only at epoch ends
 
     def __post_init__(self) -> None:
         if self.every_n_steps < 0:
-            raise ValueError(f"every_n_steps must be an integer >= 0 (0: only at epoch ends), got {self.every_n_steps}")
+            raise SettingError(
+                "every_n_steps",
+                f"every_n_steps must be an integer >= 0 (0: only at epoch ends), got {self.every_n_steps}",
+            )
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -85,7 +93,7 @@ class ResumePoints(Callback):
     leaving the finished epoch without a checkpoint. A second signal stops at once.
     """
 
-    def __init__(self, run_dir: Path, every_n_steps: int = 500):
+    def __init__(self, run_dir: Path, every_n_steps: int = EVERY_N_STEPS):
         self.path = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
         self.every_n_steps = every_n_steps
         self.stopped_by: str | None = None

@@ -12,11 +12,12 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from mlplab.data.datamodule import DataSettings
-from mlplab.errors import MlplabError
+from mlplab.data.settings import DATA_DIR, DataSettings
+from mlplab.errors import MlplabError, SettingError
 from mlplab.model.backbones import Backbone, backbone_class
 from mlplab.model.optim import OptimizerSettings, ScheduleSettings
 from mlplab.run.checkpoints import CheckpointSettings
@@ -88,7 +89,7 @@ def parse_run_config(raw: dict[str, Any]) -> RunConfig:
     _require(isinstance(paths, dict), f"paths must be a group of keys, got {paths!r}")
     for key in paths:
         _require(key == "data_dir", f"paths.{key}: unknown key; allowed: data_dir")
-    data_dir = paths.get("data_dir", "data")
+    data_dir = paths.get("data_dir", DATA_DIR)
     _require(isinstance(data_dir, str), f"paths.data_dir must be a string, got {data_dir!r}")
     sections = {
         name: parse_section(name, cls, raw.get(name) or {}) for name, cls in SECTIONS.items() if name != "trainer"
@@ -98,7 +99,7 @@ def parse_run_config(raw: dict[str, Any]) -> RunConfig:
     try:
         sections["scheduler"].check_with(sections["optimizer"])
     except ValueError as error:
-        raise ConfigError(f"scheduler: {error}") from None
+        raise ConfigError(_within("scheduler", error)) from None
     return RunConfig(seed=seed, data_dir=data_dir, model=parse_model(raw.get("model") or {}), **sections)
 
 
@@ -109,13 +110,13 @@ def parse_model(values: dict[str, Any]) -> Backbone:
     try:
         cls = backbone_class(family)
     except ValueError as error:
-        raise ConfigError(f"model.{error}") from None
+        raise ConfigError(SettingError("family", str(error)).within("model")) from None
     return parse_section("model", cls, settings)
 
 
 def parse_section(name: str, cls: type, values: dict[str, Any]) -> Any:
     """Build dataclass ``cls`` from one config group, refusing unknown keys and wrong types; its own checks'
-    messages start with the field's name, and get the group's in front."""
+    messages get the group's name in front (the key's, for a SettingError about one)."""
     _require(isinstance(values, dict), f"{name} must be a group of keys, got {values!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -133,7 +134,7 @@ def parse_section(name: str, cls: type, values: dict[str, Any]) -> Any:
     try:
         return cls(**converted)
     except ValueError as error:
-        raise ConfigError(f"{name}.{error}" if str(error).split(" ")[0] in fields else f"{name}: {error}") from None
+        raise ConfigError(_within(name, error, fields)) from None
 
 
 def parse_trainer(values: dict[str, Any]) -> TrainerSettings:
@@ -145,7 +146,7 @@ def parse_trainer(values: dict[str, Any]) -> TrainerSettings:
     try:
         return dataclasses.replace(settings, options=options)
     except ValueError as error:
-        raise ConfigError(f"trainer.{error}") from None
+        raise ConfigError(_within("trainer", error)) from None
 
 
 def parse_class_section(name: str, cls: type, values: dict[str, Any]) -> Any:
@@ -154,8 +155,18 @@ def parse_class_section(name: str, cls: type, values: dict[str, Any]) -> Any:
     try:
         return cls.from_dict(values)
     except ValueError as error:
-        first = str(error).split(" ")[0].rstrip(":")
-        raise ConfigError(f"{name}.{error}" if first in {*values, "_target_"} else f"{name}: {error}") from None
+        raise ConfigError(_within(name, error, {*values, "_target_"})) from None
+
+
+def _within(group: str, error: ValueError, fields: Iterable[str] = ()) -> str:
+    """A settings check's message with its group in front: ``group.key ...`` for a SettingError about a key,
+    ``group: ...`` otherwise. A plain ValueError comes from code that does not raise SettingError (a user's own
+    model family; mlplab.model.optim and backbones/cnn.py so far): it is taken to be about the key its message
+    starts with, if that is one of ``fields``."""
+    if isinstance(error, SettingError):
+        return error.within(group)
+    first = str(error).split(" ")[0].rstrip(":")
+    return SettingError(first if first in fields else None, str(error)).within(group)
 
 
 def _require(ok: bool, message: str) -> None:

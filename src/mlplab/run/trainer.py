@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import inspect
-import logging
-import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressB
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
 from mlplab.compat import RankCommandDDPStrategy
-from mlplab.errors import MlplabError, closest, one_line
+from mlplab.errors import MlplabError, SettingError, closest, one_line
 from mlplab.run.checkpoints import AtomicCheckpointIO
 
 ACCELERATORS = ("auto", "cpu", "gpu")
@@ -53,10 +50,10 @@ def trainer_arguments() -> list[str]:
 def check_trainer_option(key: str) -> None:
     """Refuse what is not a Lightning Trainer argument (naming the closest ones), or one that mlplab manages."""
     if key in MANAGED_ARGUMENTS:
-        raise ValueError(f"{key}: not settable here; {MANAGED_ARGUMENTS[key]}")
+        raise SettingError(key, f"{key}: not settable here; {MANAGED_ARGUMENTS[key]}")
     if key not in trainer_arguments():
         allowed = [name for name in trainer_arguments() if name not in MANAGED_ARGUMENTS]
-        raise ValueError(f"{key}: not an argument of lightning.Trainer; {closest(key, allowed)}")
+        raise SettingError(key, f"{key}: not an argument of lightning.Trainer; {closest(key, allowed)}")
 
 
 @dataclass(frozen=True)
@@ -66,7 +63,7 @@ class TrainerSettings:
 
     accelerator: str = "auto"
     strategy: str = "auto"
-    devices: int | str = "auto"
+    devices: int | str = 1  # as trainer=auto gives it; "auto": every device (data-parallel on several GPUs)
     precision: str | int = "32-true"
     max_epochs: int = 10
     deterministic: bool = False
@@ -85,54 +82,46 @@ class TrainerSettings:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        def require(ok: bool, message: str) -> None:
+        def require(key: str, ok: bool, allowed: str) -> None:
             if not ok:
-                raise ValueError(message)
+                raise SettingError(key, f"{key} {allowed} {getattr(self, key)!r}")
 
+        require("accelerator", self.accelerator in ACCELERATORS, f"must be one of {', '.join(ACCELERATORS)}; got")
+        require("strategy", self.strategy in STRATEGIES, f"must be one of {', '.join(STRATEGIES)}; got")
         require(
-            self.accelerator in ACCELERATORS,
-            f"accelerator must be one of {', '.join(ACCELERATORS)}; got {self.accelerator!r}",
-        )
-        require(self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}")
-        require(
+            "devices",
             self.devices == "auto" or (isinstance(self.devices, int) and self.devices >= 1),
-            f"devices must be an integer >= 1 or 'auto', got {self.devices!r}",
+            "must be an integer >= 1 or 'auto', got",
         )
-        require(
-            self.precision in PRECISIONS,
-            f"precision must be one of {', '.join(map(str, PRECISIONS))}; got {self.precision!r}",
-        )
-        require(self.max_epochs >= 1, f"max_epochs must be an integer >= 1, got {self.max_epochs}")
-        require(self.log_every_n_steps >= 1, f"log_every_n_steps must be an integer >= 1, got {self.log_every_n_steps}")
+        require("precision", self.precision in PRECISIONS, f"must be one of {', '.join(map(str, PRECISIONS))}; got")
+        require("max_epochs", self.max_epochs >= 1, "must be an integer >= 1, got")
+        require("log_every_n_steps", self.log_every_n_steps >= 1, "must be an integer >= 1, got")
         for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
             value = getattr(self, key)
             require(
+                key,
                 value > 0 and (isinstance(value, int) or value <= 1),
-                f"{key} must be a fraction in (0, 1] or a number of batches >= 1, got {value}",
+                "must be a fraction in (0, 1] or a number of batches >= 1, got",
             )
         require(
+            "gradient_clip_val",
             self.gradient_clip_val is None or self.gradient_clip_val > 0,
-            f"gradient_clip_val must be null or a number > 0, got {self.gradient_clip_val}",
+            "must be null or a number > 0, got",
         )
+        require("num_sanity_val_steps", self.num_sanity_val_steps >= -1, "must be an integer >= -1, got")
+        require("accumulate_grad_batches", self.accumulate_grad_batches >= 1, "must be an integer >= 1, got")
+        require("max_steps", self.max_steps >= -1, "must be an integer >= 1, or -1 for no limit, got")
         require(
-            self.num_sanity_val_steps >= -1,
-            f"num_sanity_val_steps must be an integer >= -1, got {self.num_sanity_val_steps}",
-        )
-        require(
-            self.accumulate_grad_batches >= 1,
-            f"accumulate_grad_batches must be an integer >= 1, got {self.accumulate_grad_batches}",
-        )
-        require(self.max_steps >= -1, f"max_steps must be an integer >= 1, or -1 for no limit, got {self.max_steps}")
-        require(
+            "val_check_interval",
             self.val_check_interval is None
             or self.val_check_interval > 0
             and (isinstance(self.val_check_interval, int) or self.val_check_interval <= 1),
-            "val_check_interval must be null, a fraction in (0, 1] or a number of batches >= 1, "
-            f"got {self.val_check_interval}",
+            "must be null, a fraction in (0, 1] or a number of batches >= 1, got",
         )
         require(
+            "check_val_every_n_epoch",
             self.check_val_every_n_epoch is None or self.check_val_every_n_epoch >= 1,
-            f"check_val_every_n_epoch must be null or an integer >= 1, got {self.check_val_every_n_epoch}",
+            "must be null or an integer >= 1, got",
         )
         for key in self.options:
             check_trainer_option(key)
@@ -247,99 +236,10 @@ def _accepted(key: str, value: Any) -> bool:
     return True
 
 
-class LightningNotes(logging.Filter):
-    """Drops Lightning's notes that a user of mlplab cannot act on: an advertisement, and remarks on settings mlplab
-    makes itself (its own model summary callback, batch limits of 1.0)."""
-
-    NOTES = (
-        "💡 Tip:",
-        "Trainer already configured with model summary callbacks",
-        "` was configured so ",
-        "to estimate number of stepping batches",
-    )
-    LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(note in record.getMessage() for note in self.NOTES)
-
-
-@contextmanager
-def quiet_lightning() -> Iterator[None]:
-    """LightningNotes while the block runs (one run's trainer), and nowhere else."""
-    notes, loggers = LightningNotes(), [logging.getLogger(name) for name in LightningNotes.LOGGERS]
-    for logger in loggers:
-        logger.addFilter(notes)
-    try:
-        yield
-    finally:
-        for logger in loggers:
-            logger.removeFilter(notes)
-
-
 def end_ranks(trainer: L.Trainer) -> None:
     """Called when a data-parallel job is over, however it ended, by the process that started its other ranks."""
     if isinstance(trainer.strategy, RankCommandDDPStrategy):
         trainer.strategy.end_ranks()
-
-
-def training_peak_bytes(
-    num_parameters: int,
-    optimizer_state: int,
-    activations_per_sample: int,
-    batch_size: int,
-    eval_batch_size: int,
-    bytes_per_value: int = 4,
-) -> int:
-    """Memory one training process needs beyond what it holds before the model is built (imports, the data).
-
-    Per parameter: the weights, their gradients, the optimizer's state, and two in-memory copies of weights and
-    optimizer state for checkpoints (each save is cloned for the background writer, and at an epoch's end the best
-    and the last checkpoint are queued together). Per sample of the larger of a training batch (kept for
-    backward, with its gradients and activation masks: about three values) and an evaluation batch: the layers'
-    outputs. tests/test_memory.py measures peaks against it.
-    """
-    per_parameter = (2 + optimizer_state + 2 * (1 + optimizer_state)) * bytes_per_value
-    activations = max(3 * batch_size, eval_batch_size) * activations_per_sample * bytes_per_value
-    return RUN_OVERHEAD_BYTES + num_parameters * per_parameter + activations
-
-
-# What a run allocates beyond its model whatever its size: the fit and test loops, the views and their writers,
-# the allocator's slack. Measured: about 220 MB for a 13,002-parameter network (tests/test_memory.py).
-RUN_OVERHEAD_BYTES = 300 * 2**20
-
-
-def available_memory() -> int:
-    """Bytes this process may still take: the system's MemAvailable, or less under a cgroup's memory limit."""
-    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-    available = int(meminfo["MemAvailable"].split()[0]) * 1024
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-    except OSError:  # no cgroup v2 memory controller here
-        return available
-    return available if limit == "max" else min(available, int(limit) - used)
-
-
-def resident_bytes() -> int:
-    """This process's resident memory now."""
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def require_memory_for(peak_bytes: int, processes: int, num_parameters: int, size_keys: Sequence[str]) -> int:
-    """Refuse, naming the keys that set its size, a network whose training would not fit in the memory this
-    machine has free (each of ``processes`` data-parallel ranks holds a whole copy); returns the estimated peak
-    resident memory of this process."""
-    here = resident_bytes()
-    needed = processes * peak_bytes + (processes - 1) * here
-    available = available_memory()
-    if needed > available:
-        raise TrainerError(
-            f"{' and '.join(size_keys)} make a network of {num_parameters:,} parameters; training it "
-            f"needs about {needed / 2**30:.1f} GiB more memory (weights, gradients, optimizer state, "
-            f"checkpoint copies, activations{', per rank' if processes > 1 else ''}), and "
-            f"{available / 2**30:.1f} GiB is available; choose a smaller {' or '.join(size_keys)}"
-        )
-    return here + peak_bytes
 
 
 def require_batches(settings: TrainerSettings, datamodule: L.LightningDataModule) -> None:

@@ -8,6 +8,7 @@ from typing import ClassVar
 
 from torch import nn
 
+from mlplab.errors import SettingError
 from mlplab.model.backbones import Backbone
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -32,20 +33,24 @@ class MLP(Backbone):
 
     def __post_init__(self) -> None:
         if self.depth < 0:
-            raise ValueError(f"depth must be an integer >= 0, got {self.depth}")
+            raise SettingError("depth", f"depth must be an integer >= 0, got {self.depth}")
         if isinstance(self.width, list) and len(self.width) != self.depth:
-            raise ValueError(
-                f"width lists {len(self.width)} layer sizes but depth is {self.depth}; give one per hidden layer"
+            raise SettingError(
+                "width",
+                f"width lists {len(self.width)} layer sizes but depth is {self.depth}; give one per hidden layer",
             )
         if any(w < 1 for w in self.widths):
-            raise ValueError(f"width must be >= 1 (an integer or a list of them), got {self.width}")
+            raise SettingError("width", f"width must be >= 1 (an integer or a list of them), got {self.width}")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {self.activation!r}")
+            raise SettingError(
+                "activation", f"activation must be one of {', '.join(ACTIVATIONS)}; got {self.activation!r}"
+            )
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must satisfy 0 <= p < 1, got {self.dropout}")
+            raise SettingError("dropout", f"dropout must satisfy 0 <= p < 1, got {self.dropout}")
         if self.output_activation not in OUTPUT_ACTIVATIONS:
-            raise ValueError(
-                f"output_activation must be one of {', '.join(OUTPUT_ACTIVATIONS)}; got {self.output_activation!r}"
+            raise SettingError(
+                "output_activation",
+                f"output_activation must be one of {', '.join(OUTPUT_ACTIVATIONS)}; got {self.output_activation!r}",
             )
 
     @property

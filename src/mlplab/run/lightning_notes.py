@@ -1,0 +1,53 @@
+"""Lightning's log notes and warnings that a user of mlplab cannot act on: the notes filtered out while a run's
+trainer works, the warnings wherever an entry point runs Lightning."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class LightningNotes(logging.Filter):
+    """Drops Lightning's notes that a user of mlplab cannot act on: an advertisement, and remarks on settings mlplab
+    makes itself (its own model summary callback, batch limits of 1.0)."""
+
+    NOTES = (
+        "💡 Tip:",
+        "Trainer already configured with model summary callbacks",
+        "` was configured so ",
+        "to estimate number of stepping batches",
+    )
+    LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(note in record.getMessage() for note in self.NOTES)
+
+
+# Lightning's own use of a torch API deprecated in torch 2.10; its advice to sync logged metrics across ranks
+# (mlplab gathers a data-parallel run's metrics itself); a resumed run's checkpoint folder, which holds checkpoints.
+WARNINGS = (
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    r"It is recommended to use `self\.log\(.*sync_dist=True",
+    r"Checkpoint directory .* exists and is not empty",
+)
+
+
+def ignore_lightning_warnings() -> None:
+    """Lightning's WARNINGS ignored in this process (an entry point's)."""
+    for message in WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+
+
+@contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """LightningNotes while the block runs (one run's trainer), and nowhere else."""
+    notes, loggers = LightningNotes(), [logging.getLogger(name) for name in LightningNotes.LOGGERS]
+    for logger in loggers:
+        logger.addFilter(notes)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(notes)
