@@ -53,7 +53,7 @@ class ImageClassifier(L.LightningModule):
         num_classes: int,
         optimizer: OptimizerSettings | dict[str, Any] = OptimizerSettings(),
         scheduler: ScheduleSettings | dict[str, Any] = ScheduleSettings(),
-        max_epochs: int = 10,
+        max_epochs: int | None = None,  # the epochs a schedule spans; None: the trainer's (trainer.max_epochs)
         input_mean: Sequence[float] = (0.0,),
         input_std: Sequence[float] = (1.0,),
         class_names: Sequence[str] = (),
@@ -244,7 +244,8 @@ class ImageClassifier(L.LightningModule):
     @override
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_settings.build(self.parameters())
-        schedule = self.schedule_settings.build(optimizer, self.hparams.max_epochs, optimizer_steps(self.trainer))
+        epochs = self.hparams.max_epochs or self.trainer.max_epochs
+        schedule = self.schedule_settings.build(optimizer, epochs, optimizer_steps(self.trainer))
         return optimizer if schedule is None else {"optimizer": optimizer, "lr_scheduler": schedule}
 
 

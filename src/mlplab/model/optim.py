@@ -68,7 +68,7 @@ class OptimizerSettings:
     """``optimizer=...``: a ``torch.optim.Optimizer`` class path and its keyword arguments."""
 
     target: str = "torch.optim.Adam"
-    arguments: dict[str, Any] = field(default_factory=lambda: {"lr": 1e-3})
+    arguments: dict[str, Any] = field(default_factory=lambda: {"lr": 1e-3, "weight_decay": 0.0})  # as optimizer=adam
 
     def __post_init__(self) -> None:
         cls = _class_at(self.target, torch.optim.Optimizer, "a torch.optim optimizer", "torch.optim.RMSprop")

@@ -24,16 +24,11 @@ from mlplab.run import provenance
 from mlplab.run.checkpoints import ResumePoints, StopRequested
 from mlplab.run.config import ConfigError, RunConfig
 from mlplab.run.history import EpochHistory
+from mlplab.run.lightning_notes import quiet_lightning
+from mlplab.run.memory import require_memory_for, training_peak_bytes
 from mlplab.run.records import CHECKPOINT_DIR, MONITOR, write_metrics
 from mlplab.run.trackers import log_run_start
-from mlplab.run.trainer import (
-    build_trainer,
-    end_ranks,
-    quiet_lightning,
-    require_batches,
-    require_memory_for,
-    training_peak_bytes,
-)
+from mlplab.run.trainer import build_trainer, end_ranks, require_batches
 from mlplab.run.views.hparams import log_hparams
 
 log = logging.getLogger(__name__)
