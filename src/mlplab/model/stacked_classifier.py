@@ -216,3 +216,20 @@ class StackedClassifier(L.LightningModule):
         """Network ``index``'s schedule state as its single run's checkpoint keeps it (``lr_schedulers``)."""
         config = self.schedules[index] if self.schedules else None
         return [] if config is None else [config["scheduler"].state_dict()]
+
+    def network_loops(self, index: int, loops: dict[str, Any]) -> dict[str, Any]:
+        """The stack's loop state with network ``index``'s schedule steps counted, as Lightning counts one run's."""
+        config = self.schedules[index] if self.schedules else None
+        if config is None:
+            return loops
+        fit_loop = dict(loops["fit_loop"])
+        steps = config["scheduler"].last_epoch
+        if config["interval"] == "step":
+            current = fit_loop["epoch_loop.batch_progress"]["current"]["completed"]
+        else:
+            current = int(self.epoch_outputs(index) is None)  # at an epoch's end its step is done
+        fit_loop["epoch_loop.scheduler_progress"] = {
+            "total": {"ready": steps, "completed": steps},
+            "current": {"ready": current, "completed": current},
+        }
+        return {**loops, "fit_loop": fit_loop}

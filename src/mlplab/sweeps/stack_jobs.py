@@ -231,7 +231,7 @@ class JobRecords(Callback):
         job["state_dict"] = {f"network.{name}": value for name, value in module.stack.network_state(index).items()}
         job["optimizer_states"] = [module.optimizers().optimizer.network_state_dict(index)]
         job["lr_schedulers"] = module.schedule_states(index)
-        job["loops"] = self._job_loops(index, checkpoint["loops"], module)
+        job["loops"] = module.network_loops(index, checkpoint["loops"])
         job["hparams_name"], job["hyper_parameters"] = None, dict(self.models[index].hparams)
         job["datamodule_hyper_parameters"] = {
             **checkpoint["datamodule_hyper_parameters"],
@@ -246,24 +246,6 @@ class JobRecords(Callback):
         if outputs:
             job["train_epoch_outputs"] = outputs
         return job
-
-    @staticmethod
-    def _job_loops(index: int, loops: dict[str, Any], module: StackedClassifier) -> dict[str, Any]:
-        """The stack's loop state with job ``index``'s schedule steps counted, as Lightning counts one run's."""
-        config = module.schedules[index] if module.schedules else None
-        if config is None:
-            return loops
-        fit_loop = dict(loops["fit_loop"])
-        steps = config["scheduler"].last_epoch
-        if config["interval"] == "step":
-            current = fit_loop["epoch_loop.batch_progress"]["current"]["completed"]
-        else:
-            current = int(module.epoch_outputs(index) is None)  # at an epoch's end its step is done
-        fit_loop["epoch_loop.scheduler_progress"] = {
-            "total": {"ready": steps, "completed": steps},
-            "current": {"ready": current, "completed": current},
-        }
-        return {**loops, "fit_loop": fit_loop}
 
     def _end_diverged(self, trainer: L.Trainer, module: StackedClassifier) -> None:
         """Write the final records of jobs that diverged since the last look; the others go on."""
