@@ -38,6 +38,20 @@ class DivergedError(MlplabError):
     label = "diverged"
 
 
+def normalized(images: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """uint8 images (any leading dimensions, then C x H x W) -> ``images * scale + shift`` per channel, in the
+    dtype of ``scale``: float32, or what a "-true" precision (bf16, 16, 64) made the weights. Also the stack's."""
+    return images.to(scale.dtype).mul_(scale).add_(shift)
+
+
+def divergence_message(loss: float, step: int, epoch: int) -> str:
+    """Why a run stopped as diverged (a single run's DivergedError, a stacked job's record)."""
+    return (
+        f"train/loss became {loss} at step {step} (epoch {epoch}); "
+        "try a lower optimizer.lr or set trainer.gradient_clip_val"
+    )
+
+
 class ImageClassifier(L.LightningModule):
     """Classifies uint8 images with any backbone; normalises each batch on the device itself.
 
@@ -109,8 +123,7 @@ class ImageClassifier(L.LightningModule):
 
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 N x C x H x W -> float, standardised per channel with the training split's statistics."""
-        # In the module's own dtype: float32, or what a "-true" precision (bf16, 16, 64) made its weights.
-        return images.to(self.input_scale.dtype).mul_(self.input_scale).add_(self.input_shift)
+        return normalized(images, self.input_scale, self.input_shift)
 
     @override
     def forward(self, images: Tensor) -> Tensor:
@@ -176,10 +189,7 @@ class ImageClassifier(L.LightningModule):
             self._diverged(float(outputs[first][0]), self.global_step - len(outputs) + first + 1)
 
     def _diverged(self, loss: float, step: int) -> None:
-        raise DivergedError(
-            f"train/loss became {loss} at step {step} (epoch {self.current_epoch + 1}); "
-            "try a lower optimizer.lr or set trainer.gradient_clip_val"
-        )
+        raise DivergedError(divergence_message(loss, step, self.current_epoch + 1))
 
     @override
     def on_validation_start(self) -> None:
