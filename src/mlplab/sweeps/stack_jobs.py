@@ -51,11 +51,6 @@ class StackedJob:
     train_alone: Callable[[], dict[str, Any]]  # the ordinary way: one job of a sweep
 
 
-def last_checkpoint(job: StackedJob) -> ModelCheckpoint | None:
-    """The job's checkpoint after each epoch (callbacks.last_checkpoint: a ModelCheckpoint that monitors nothing)."""
-    return next((c for c in job.callbacks if isinstance(c, ModelCheckpoint) and c.monitor is None), None)
-
-
 def _loggers(logger: Any) -> list[Any]:
     return [] if not logger else list(logger) if isinstance(logger, list) else [logger]
 

@@ -30,7 +30,7 @@ from mlplab.model.backbones.mlp import MLP
 from mlplab.run.memory import RUN_OVERHEAD_BYTES, available_memory, training_peak_bytes
 from mlplab.run.records import MONITOR
 from mlplab.sweeps.jobs import resume_point
-from mlplab.sweeps.stack_jobs import VIEWS, StackedJob, last_checkpoint
+from mlplab.sweeps.stack_jobs import VIEWS, StackedJob
 from mlplab.sweeps.stack_run import in_a_stopped_stack, train_claimed
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,6 @@ def alone_reason(job: StackedJob) -> str | None:
             return f"trainer.{key}={getattr(config.trainer, key)} applies to each job on its own"
     if config.trainer.options:
         return f"trainer.{next(iter(config.trainer.options))} is not applied to stacks"
-    if last_checkpoint(job) is None:
-        return "callbacks.last_checkpoint=null: a stack resumes from a checkpoint after each epoch, made as it is"
     for callback in job.callbacks:
         if isinstance(callback, ModelCheckpoint):
             if callback.monitor not in (None, MONITOR) or callback.save_top_k != 1 or "{" in (callback.filename or ""):

@@ -8,7 +8,6 @@ which a killed stack resumes. A stack that fails runs its jobs one by one, each 
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import logging
@@ -25,14 +24,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from mlplab.data.datamodule import StackedDataModule
 from mlplab.errors import one_line
 from mlplab.model.stacked_classifier import StackedClassifier
-from mlplab.run.checkpoints import ResumePoints, StopRequested
+from mlplab.run.checkpoints import CHECKPOINT_FLAGS, ResumePoints, StopRequested
 from mlplab.run.lightning_notes import quiet_lightning
 from mlplab.run.memory import RUN_OVERHEAD_BYTES, available_memory, resident_bytes
 from mlplab.run.records import CHECKPOINT_DIR, LAST_CHECKPOINT, read_metrics, write_metrics
 from mlplab.run.train import build_model
 from mlplab.run.trainer import build_trainer, require_batches
 from mlplab.sweeps.jobs import FINISHED, claim, prepare_attempt
-from mlplab.sweeps.stack_jobs import JobRecords, StackedJob, last_checkpoint
+from mlplab.sweeps.stack_jobs import JobRecords, StackedJob
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +169,7 @@ def train_stack(jobs: Sequence[StackedJob], group_dir: Path, resume_from: Path |
     records = JobRecords(jobs, models, estimates, resume_from, group_dir / LOG_FILE)
     resume_points = ResumePoints(group_dir, first.checkpoint.every_n_steps)
     with quiet_lightning():
-        callbacks = [records, resume_points, _stack_last_checkpoint(jobs[0], group_dir)]
+        callbacks = [records, resume_points, _stack_last_checkpoint(group_dir)]
         trainer = build_trainer(first.trainer, group_dir, False, callbacks)
     os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)  # as in run.train.train: no NVML query per step
     try:
@@ -188,13 +187,12 @@ def train_stack(jobs: Sequence[StackedJob], group_dir: Path, resume_from: Path |
     return results
 
 
-def _stack_last_checkpoint(job: StackedJob, group_dir: Path) -> ModelCheckpoint:
-    """The stack's checkpoint after each epoch, made as its jobs' last checkpoints are (callbacks.last_checkpoint
-    in conf/callbacks/default.yaml), in the stack's folder under the name a resumed stack looks for."""
-    stack_last = copy.deepcopy(last_checkpoint(job))
-    stack_last.dirpath = str(group_dir / CHECKPOINT_DIR)
-    stack_last.filename = Path(LAST_CHECKPOINT).stem
-    return stack_last
+def _stack_last_checkpoint(group_dir: Path) -> ModelCheckpoint:
+    """The stack's checkpoint after each epoch, made as a run's last checkpoint is (CHECKPOINT_FLAGS), in the
+    stack's folder under the name a resumed stack looks for."""
+    return ModelCheckpoint(
+        dirpath=group_dir / CHECKPOINT_DIR, filename=Path(LAST_CHECKPOINT).stem, monitor=None, **CHECKPOINT_FLAGS
+    )
 
 
 def stack_peak_bytes(job_peaks: Sequence[int]) -> int:
