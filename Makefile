@@ -5,7 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mlplab-installed
 # The torch and torchvision releases pip finds on this machine; pyproject.toml declares the compatible ranges.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
-FASHION_MNIST_SYSTEM_DIR := /usr/share/datasets/fashion-mnist
+# data.system_dir of data=fashion_mnist, read from its one place (conf/data/fashion_mnist.yaml)
+FASHION_MNIST_SYSTEM_DIR := $(shell sed -n 's/^system_dir: *\([^ ]*\).*/\1/p' conf/data/fashion_mnist.yaml)
 
 .PHONY: setup data train test bench clean
 

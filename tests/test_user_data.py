@@ -12,9 +12,12 @@ import torch
 from conftest import SYNTHETIC_RUN, run_cli
 from PIL import Image
 
-from mlplab.data.datamodule import DataSettings, prepare_splits
+from mlplab.data.datamodule import prepare_splits
+from mlplab.data.datasets import DataError
+from mlplab.data.settings import DataSettings
 from mlplab.data.synthetic import learnable_images
 from mlplab.data.user_data import _decode_once
+from mlplab.errors import SettingError
 
 # The synthetic runs' settings, less those of the built-in sets' files.
 FOLDER_RUN = [o for o in SYNTHETIC_RUN if not o.startswith(("data.system_dir", "data.download"))]
@@ -64,6 +67,56 @@ def test_a_folder_of_pngs_trains_and_predicts_with_its_class_names(tmp_path):
     assert predicted.returncode == 0, predicted.stderr[-2000:]
     (row,) = json.loads(predicted.stdout)
     assert row["class"] == "shirt"
+
+
+def test_a_folder_of_a_few_hundred_images_trains_with_the_default_split(tmp_path):
+    """The built-in sets' 5,000 validation images are more than such a folder has; a user's data defaults to a
+    tenth of its training images instead."""
+    folder = write_folder(tmp_path / "few", per_class=100, size=(8, 8))  # 300 training and 150 test images
+    result = run_cli(
+        [
+            "mlplab-train",
+            *(o for o in FOLDER_RUN if not o.startswith(("data.val_size", "data.batch_size"))),
+            "data=folder",
+            f"data.path={folder}",
+            "model.width=16",
+        ],
+        tmp_path,
+        tmp_path / "data",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed"
+    hparams = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["datamodule_hyper_parameters"]
+    assert hparams["val_size"] == 0.1 and hparams["batch_size"] == 128
+    prepared = prepare_splits(DataSettings(name="folder", path=str(folder)), tmp_path / "data")
+    assert (len(prepared.train), len(prepared.val), len(prepared.test)) == (270, 30, 150)
+
+
+@pytest.mark.parametrize(
+    "val_size, message",
+    [
+        (0, "data.val_size must be a fraction in (0, 1) or a number of images >= 1, got 0"),
+        (1.5, "data.val_size must be a fraction in (0, 1) or a number of images >= 1, got 1.5"),
+        (60, "data.val_size must be between 1 and 59 for this dataset (or a fraction in (0, 1)), got 60"),
+        (
+            0.001,
+            "data.val_size=0.001 is 0 of the 60 training images; validation and training need at least one "
+            "each: give a number of images between 1 and 59",
+        ),
+    ],
+)
+def test_a_validation_size_that_does_not_fit_is_refused_in_one_line(val_size, message, tmp_path):
+    folder = write_folder(tmp_path / "small", per_class=20, size=(8, 8))  # 60 training images
+    try:
+        prepare_splits(DataSettings(name="folder", path=str(folder), val_size=val_size), tmp_path / "data")
+    except SettingError as error:  # the settings' own check: the config names the group in front
+        assert error.within("data") == message
+    except DataError as error:  # only the data's size tells
+        assert str(error) == message
+    else:
+        raise AssertionError(f"data.val_size={val_size} was accepted")
 
 
 def test_a_folder_without_test_split_holds_out_a_seeded_test_set_and_converts_every_image(tmp_path):
