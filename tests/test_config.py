@@ -359,8 +359,9 @@ def _class(target):
     return getattr(importlib.import_module(module), name)
 
 
-def test_the_default_run_is_the_dataclasses_defaults():
+def test_the_default_run_is_the_dataclasses_defaults(monkeypatch):
     """train() from a notebook with default settings trains what the command line does."""
+    monkeypatch.delenv("MLPLAB_DATA_DIR", raising=False)
     from mlplab.data.settings import DATA_DIR, DataSettings
     from mlplab.model.backbones.mlp import MLP
     from mlplab.model.optim import OptimizerSettings, ScheduleSettings
