@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from mlplab.cli.compose import CONFIG_DIR
-from mlplab.cli.train import build_callbacks, build_logger
+from mlplab.cli.instantiate import build_callbacks, build_logger
 from mlplab.run.config import parse_run_config
 from mlplab.run.train import train
 from mlplab.run.views import network, predictions

@@ -6,6 +6,7 @@ Median microseconds per step over 100 steps, 3 interleaved repeats. Usage: pytho
 
 from __future__ import annotations
 
+import argparse
 import logging
 import statistics
 import time
@@ -86,6 +87,7 @@ def bare_step() -> float:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # --help says what it does, and stops
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     samples = {"bare loop": [], "Lightning, automatic optimisation": [], "Lightning, manual optimisation": []}

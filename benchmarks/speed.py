@@ -41,7 +41,7 @@ from torchvision import transforms
 from torchvision.datasets import FashionMNIST
 
 from mlplab.cli.compose import CONFIG_DIR
-from mlplab.cli.train import build_callbacks, build_logger
+from mlplab.cli.instantiate import build_callbacks, build_logger
 from mlplab.data.datamodule import channel_stats, split_off_validation
 from mlplab.data.datasets import DataUnavailableError, load_dataset, provide_files
 from mlplab.data.synthetic import write_mnist_like

@@ -25,7 +25,7 @@ from lightning.pytorch import Callback
 from omegaconf import OmegaConf
 
 from mlplab.cli.compose import CONFIG_DIR
-from mlplab.cli.train import build_callbacks
+from mlplab.cli.instantiate import build_callbacks
 from mlplab.data.synthetic import write_mnist_like
 from mlplab.run.config import parse_run_config
 from mlplab.run.train import train
@@ -71,7 +71,8 @@ def run_cli(
 
 
 class ForkedCli:
-    """mlplab-train, each command line in its own process, forked from one that imported everything once."""
+    """mlplab's console scripts, each command line in its own process, forked from one that imported everything
+    once."""
 
     def __init__(self):
         self.server = subprocess.Popen(
@@ -82,9 +83,11 @@ class ForkedCli:
             text=True,
         )
 
-    def run(self, args: list[str], cwd: Path) -> tuple[int, str]:
+    def run(self, args: list[str], cwd: Path, tool: str = "mlplab-train") -> tuple[int, str]:
+        """``tool`` (mlplab-train, -eval, -predict or -report) with ``args``: its exit status and its output."""
         output = cwd / "output.txt"
-        self.server.stdin.write(json.dumps({"args": args, "cwd": str(cwd), "output": str(output)}) + "\n")
+        request = {"tool": tool, "args": args, "cwd": str(cwd), "output": str(output)}
+        self.server.stdin.write(json.dumps(request) + "\n")
         self.server.stdin.flush()
         answer = json.loads(self.server.stdout.readline())
         return answer["returncode"], output.read_text()

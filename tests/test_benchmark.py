@@ -70,3 +70,16 @@ def test_stacked_sweep_benchmark_writes_its_table(tmp_path):
     assert row["k"] == 2 and "alone" not in row and len(row["stacked"]["test_acc"]) == 2
     assert row["stacked"]["jobs_per_minute"] > 0 and row["stacked"]["epochs_per_second"] > 0
     assert "K" in result.stdout and "saved" in result.stdout
+
+
+def test_each_benchmark_answers_help_without_running(tmp_path):
+    """``--help`` describes the benchmark and stops: no timing, no file written."""
+    scripts = sorted(p for p in BENCHMARK.parent.glob("*.py") if p.name != "startup_probe.py")
+    assert len(scripts) == 7
+    for script in scripts:
+        result = subprocess.run(
+            [sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120, cwd=tmp_path
+        )
+        assert result.returncode == 0, f"{script.name}: {result.stderr[-2000:]}"
+        assert result.stdout.startswith("usage:"), script.name
+        assert list(tmp_path.iterdir()) == [], script.name

@@ -180,7 +180,7 @@ BAD_INPUTS = [  # (override, the key the message must name, what it must say is 
     ("optimizer.lr=-1", "optimizer.lr", "> 0"),
     ("+model.depht=3", "model.depht", "depth, width, activation"),
     ("trainer.max_epochs=many", "trainer.max_epochs", "an integer"),
-    ("model.width=[64,", "model.width=[64,", "quoting values"),  # Hydra's grammar cannot read it
+    ("model.width=[64,", "model.width=[64,", "\"key='a, b'\""),  # Hydra's grammar cannot read it
     (
         "model.width=1000000",
         "model.width",

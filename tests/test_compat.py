@@ -97,3 +97,17 @@ def test_rank_command_strategy_builds_mlplabs_launcher():
     strategy = RankCommandDDPStrategy(["python", "-c", "pass"], cluster_environment=LightningEnvironment())
     strategy._configure_launcher()
     assert isinstance(strategy.launcher, RankLauncher) and strategy.launcher.command == ["python", "-c", "pass"]
+
+
+def test_hydra_finds_mlplabs_plugins_in_this_install():
+    """The checkout's editable install serves packages through setuptools' finder, which pkgutil cannot list."""
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.launcher import Launcher
+    from hydra.plugins.sweeper import Sweeper
+
+    import mlplab.cli.compose  # noqa: F401 - lists the plugins' folder (mlplab.compat.hydra_plugins_listed)
+
+    found = {cls.__name__ for cls in Plugins.instance().discover(Sweeper)}
+    found |= {cls.__name__ for cls in Plugins.instance().discover(Launcher)}
+    if not {"MlplabSweeper", "StackedLauncher"} <= found:
+        pytest.fail("Hydra no longer finds mlplab's plugins; update hydra_plugins_listed in src/mlplab/compat.py")

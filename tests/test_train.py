@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from mlplab.cli.compose import CONFIG_DIR
-from mlplab.cli.train import build_callbacks
+from mlplab.cli.instantiate import build_callbacks
 from mlplab.run.config import parse_run_config
 from mlplab.run.train import train
 from mlplab.run.trainer import fast_bf16

@@ -9,13 +9,20 @@ whole sweep again in each rank, and a job started by a launcher (submitit, jobli
 So the launcher is replaced (``DDPStrategy._configure_launcher`` sets ``_launcher``), and its watch over the other
 ranks (``_ChildProcessObserver``, which kills this process when a rank dies) gets an off switch, so that a sweep
 outlives one failed job.
+
+setuptools (editable installs): pyproject.toml maps the package ``mlplab.conf`` to the top-level ``conf/``, and
+``pip install -e .`` then serves the packages through an import finder whose namespace entries pkgutil cannot list.
+Hydra finds its plugins by listing ``hydra_plugins`` with pkgutil, so it would not see mlplab's sweeper and launcher;
+``hydra_plugins_listed`` adds their real folder to the namespace's path. Installed from a wheel, it is there already.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
@@ -111,3 +118,13 @@ class RankCommandDDPStrategy(DDPStrategy):
         """Called when the job is over, however it ended, by the process that started the other ranks."""
         if isinstance(self._launcher, RankLauncher):
             self._launcher.end_ranks(wait_seconds)
+
+
+def hydra_plugins_listed() -> None:
+    """Make mlplab's Hydra plugins (src/hydra_plugins/mlplab_sweeper) visible to Hydra's scan in every install."""
+    import hydra_plugins
+
+    spec = importlib.util.find_spec("hydra_plugins.mlplab_sweeper")
+    folder = str(Path(spec.origin).parent.parent) if spec and spec.origin else None
+    if folder and folder not in list(hydra_plugins.__path__):
+        hydra_plugins.__path__.append(folder)

@@ -26,10 +26,10 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, read_write
 
 from mlplab.cli.compose import checked_job_config
-from mlplab.cli.failure import Stopped
 from mlplab.errors import MlplabError
 from mlplab.run.config import ConfigError
 from mlplab.run.records import read_metrics
+from mlplab.run.stopping import Stopped
 from mlplab.sweeps.grid import (
     ComposedOnce,
     Job,

@@ -1,23 +1,14 @@
-"""What mlplab-train checks on its command line before Hydra starts, and how it writes values into overrides."""
+"""Command lines: how mlplab writes values into overrides, and the command that starts a rank of a data-parallel
+run."""
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-from mlplab.run.checkpoints import read_checkpoint
-from mlplab.run.config import ConfigError
-from mlplab.run.records import find_checkpoint
-
-
-def check_resume(args: list[str]) -> None:
-    """Refuse a ``resume=`` that cannot work before Hydra makes or writes into any directory."""
-    resumes = [arg for arg in args if arg.startswith("resume=")]
-    if not resumes:
-        return
-    if any(arg in ("-m", "--multirun") for arg in args):
-        raise ConfigError("resume= continues one run; to resume a sweep, run the same -m command again")
-    _, checkpoint = find_checkpoint(resumes[-1].split("=", 1)[1].strip("'\""), "last")
-    read_checkpoint(checkpoint)  # refuses a damaged or unsafe file before anything else happens
+from mlplab.run.config import COMMAND_KEYS
 
 
 def override_key(override: str) -> str:
@@ -27,5 +18,53 @@ def override_key(override: str) -> str:
 
 def quoted(path: Path) -> str:
     """A path as one Hydra value, whatever it holds (sweep job folders have '=' and ',' in their names)."""
-    escaped = str(path.resolve()).replace("\\", "\\\\").replace("'", "\\'")
+    return hydra_string(str(path.resolve()))
+
+
+def hydra_string(value: str) -> str:
+    """``value`` as one quoted Hydra string."""
+    escaped = value.replace("\\", "\\\\").replace("'", "\\'")
     return f"'{escaped}'"
+
+
+# Keys whose value is a path. A sweep job's folder (seed=1,trainer=cpu) or ~/my-images is read as the path it is:
+# Hydra's grammar would take '=' and ',' as syntax and refuse '~', and a shell leaves '~' in key=value as it is.
+PATH_KEYS = ("run", "resume", "data.path", "paths.data_dir", "output", "inputs")
+HYDRA_SYNTAX = set("=,()[]{}'\" ")
+
+
+def paths_as_values(args: Sequence[str]) -> list[str]:
+    """The command line with each path given to a PATH_KEYS key written as one Hydra value, ``~`` expanded."""
+    written = []
+    for arg in args:
+        key, equals, value = arg.partition("=")
+        if (
+            equals
+            and key in PATH_KEYS
+            and value
+            and value[0] not in "'\"["
+            and (value.startswith("~") or HYDRA_SYNTAX & set(value))
+        ):
+            arg = f"{key}={hydra_string(os.path.expanduser(value))}"
+        written.append(arg)
+    return written
+
+
+def rank_command(
+    overrides: list[str], run_dir: Path, resume_from: Path | None, config_dirs: Sequence[str] = ()
+) -> list[str]:
+    """The command that runs another rank of this run or job, should it train data-parallel (mlplab.cli.rank):
+    the job's own overrides as one run in the same directory, writing no config copy and no log file."""
+    kept = [override for override in overrides if override_key(override) not in COMMAND_KEYS]
+    if resume_from:
+        kept.append(f"resume={quoted(resume_from)}")
+    return [
+        sys.executable,
+        "-m",
+        "mlplab.cli.rank",
+        *(f"--config-dir={path}" for path in config_dirs),
+        *kept,
+        f"hydra.run.dir={quoted(run_dir)}",
+        "hydra.output_subdir=null",
+        "hydra/job_logging=stderr",
+    ]

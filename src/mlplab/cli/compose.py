@@ -15,6 +15,7 @@ from hydra.errors import CompactHydraException, MissingConfigException, Override
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mlplab.compat import hydra_plugins_listed
 from mlplab.model.backbones import backbone_class
 from mlplab.run.config import CLASS_SECTIONS, NON_EXPERIMENT_KEYS, SECTIONS, ConfigError, RunConfig, parse_run_config
 from mlplab.run.records import MONITOR, MONITOR_MODE, find_checkpoint
@@ -23,6 +24,7 @@ from mlplab.run.trainer import check_trainer_option, require_accelerator
 # The configs: conf/ in a checkout, installed as the package mlplab.conf (a wheel carries them); users add their own
 # with --config-dir.
 CONFIG_DIR = str(importlib.resources.files("mlplab.conf"))
+hydra_plugins_listed()  # an editable install's plugins, which Hydra's scan would miss (mlplab.compat)
 
 
 def job_dirname(overrides: str) -> str:
@@ -91,8 +93,8 @@ def describe_config_error(error: Exception) -> str:
     if isinstance(error, OverrideParseException):
         reason = " ".join(str(error).split("See https://")[0].split())
         return (
-            f"cannot read {error.override!r} ({reason}); write key=value, quoting values with spaces, commas or "
-            "brackets: key='a, b'"
+            f"cannot read {error.override!r} ({reason}); write key=value, and quote a value with spaces, commas or "
+            "brackets for Hydra inside the shell's quotes: \"key='a, b'\""
         )
     cause = error if isinstance(error, OmegaConfBaseException) else error.__cause__
     if not (isinstance(cause, OmegaConfBaseException) and cause.full_key):

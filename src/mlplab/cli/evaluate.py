@@ -8,21 +8,27 @@ from typing import Any
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mlplab.cli.compose import CONFIG_DIR
-from mlplab.cli.failure import exit_for
+from mlplab.cli.failure import console_main, exit_for
 from mlplab.data.datamodule import ImageDataModule
 from mlplab.errors import MlplabError
 from mlplab.model.classifier import ImageClassifier
 from mlplab.run.checkpoints import read_checkpoint
 from mlplab.run.config import ConfigError
+from mlplab.run.lightning_notes import ignore_lightning_warnings, quiet_lightning
 from mlplab.run.records import find_checkpoint, read_metrics
 from mlplab.run.trainer import ACCELERATORS, require_accelerator
 
 
+def main() -> None:
+    """Console script: every problem the user can fix ends as one line and an exit status."""
+    console_main("mlplab-eval", hydra_main)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
-def main(cfg: DictConfig) -> dict[str, Any]:
+def hydra_main(cfg: DictConfig) -> dict[str, Any]:
     try:
         if cfg.checkpoint not in ("best", "last"):
             raise ConfigError(f"checkpoint must be best or last, got {cfg.checkpoint!r}")
@@ -41,6 +47,12 @@ def main(cfg: DictConfig) -> dict[str, Any]:
         **results,
         **{f"recorded {key}": recorded[key] for key in results if key in recorded},
     }
+    limit = _test_limit(run_dir)
+    if limit is not None and any(key.startswith("recorded") for key in report):
+        report["note"] = (
+            f"the run tested on part of the test set (trainer.limit_test_batches={limit}); this evaluation tests on "
+            "all of it, so its numbers differ from the recorded ones"
+        )
     print(json.dumps(report, indent=2) if cfg.format == "json" else _table(report))
     return report
 
@@ -49,15 +61,17 @@ def evaluate(checkpoint: Path, data_dir: Path, accelerator: str = "auto") -> dic
     """Test metrics of a checkpoint on its dataset's official test split, with the data set-up it trained with."""
     require_accelerator(accelerator, "accelerator", "use accelerator=cpu or accelerator=auto")
     model, datamodule = load_model(checkpoint), load_data(checkpoint, data_dir)
-    trainer = L.Trainer(
-        accelerator=accelerator,
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    (results,) = trainer.test(model, datamodule=datamodule, verbose=False)
+    ignore_lightning_warnings()
+    with quiet_lightning():
+        trainer = L.Trainer(
+            accelerator=accelerator,
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        (results,) = trainer.test(model, datamodule=datamodule, verbose=False)
     return {key: float(value) for key, value in results.items()}
 
 
@@ -71,6 +85,13 @@ def load_data(checkpoint: Path, data_dir: Path) -> ImageDataModule:
     datamodule = ImageDataModule.from_checkpoint(read_checkpoint(checkpoint), data_dir)
     datamodule.prepare_data()
     return datamodule
+
+
+def _test_limit(run_dir: Path) -> Any:
+    """The run's trainer.limit_test_batches, when it tested on part of the test set; else None."""
+    config = run_dir / ".hydra" / "config.yaml"
+    limit = OmegaConf.load(config).get("trainer", {}).get("limit_test_batches") if config.is_file() else None
+    return None if limit in (None, 1.0) else limit
 
 
 def _table(report: dict[str, Any]) -> str:

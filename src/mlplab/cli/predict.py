@@ -16,7 +16,7 @@ from torch import Tensor
 
 from mlplab.cli.compose import CONFIG_DIR
 from mlplab.cli.evaluate import load_data, load_model
-from mlplab.cli.failure import exit_for
+from mlplab.cli.failure import console_main, exit_for
 from mlplab.data.images import read_image
 from mlplab.errors import MlplabError
 from mlplab.model.classifier import ImageClassifier
@@ -27,8 +27,13 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 TEST_CSV = "predictions_test.csv"
 
 
+def main() -> None:
+    """Console script: every problem the user can fix ends as one line and an exit status."""
+    console_main("mlplab-predict", hydra_main)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     try:
         if cfg.format not in ("table", "json"):
             raise ConfigError(f"format must be table or json, got {cfg.format!r}")

@@ -15,6 +15,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from mlplab.earlier_versions import upgraded_hparams
 from mlplab.errors import MlplabError
 from mlplab.model.backbones import Backbone, backbone_from_dict
 from mlplab.model.optim import OptimizerSettings, ScheduleSettings
@@ -268,30 +269,3 @@ def optimizer_steps(trainer: L.Trainer) -> int:
     batches = int(batches * limit) if isinstance(limit, float) else min(batches, limit)
     steps = math.ceil(batches / trainer.accumulate_grad_batches) * trainer.max_epochs
     return steps if trainer.max_steps == -1 else min(steps, trainer.max_steps)
-
-
-def upgraded_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
-    """Hyperparameters as this version takes them, from a checkpoint of any version.
-
-    mlplab 0.1 wrote the MLP's, optimizer's and schedule's settings flat, and the input as a feature count.
-    """
-    if "backbone" in hparams:
-        return dict(hparams)
-    channels = len(hparams["input_mean"])
-    side = math.isqrt(hparams["num_features"] // channels)  # every dataset 0.1 knew has square images
-    return {
-        "backbone": {
-            "family": "mlp",
-            **{key: hparams[key] for key in ("depth", "width", "activation", "dropout", "output_activation")},
-        },
-        "input_shape": [channels, side, side],
-        "num_classes": hparams["num_classes"],
-        "optimizer": {
-            "name": hparams["optimizer"],
-            "lr": hparams["lr"],
-            "weight_decay": hparams["weight_decay"],
-            "momentum": hparams["momentum"],
-        },
-        "scheduler": {"name": hparams["scheduler"], "min_lr": hparams["min_lr"]},
-        **{key: hparams[key] for key in ("max_epochs", "input_mean", "input_std", "class_names")},
-    }

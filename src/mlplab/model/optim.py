@@ -15,13 +15,12 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
+from mlplab.earlier_versions import upgraded_optimizer, upgraded_schedule
 from mlplab.errors import closest
 
 # fused: one kernel updates every parameter (CPU and CUDA); the default loops over parameters in Python, which on
 # the CPU costs 0.6 ms per step against 0.2 ms for the default network. Same update up to rounding.
 FUSED_BY_DEFAULT = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
-# The names earlier versions stored for the optimizer (``name``); their checkpoints and runs still load.
-OPTIMIZER_NAMES = {"adam": "torch.optim.Adam", "adamw": "torch.optim.AdamW", "sgd": "torch.optim.SGD"}
 INTERVALS = ("epoch", "step")
 
 
@@ -121,14 +120,8 @@ class OptimizerSettings:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> OptimizerSettings:
-        """The inverse of ``as_dict``; also reads what earlier versions stored (``name``, ``momentum`` for every
-        one)."""
-        values = dict(values)
-        if "name" in values:
-            name = values.pop("name")
-            if name != "sgd":
-                values.pop("momentum", None)
-            values["_target_"] = OPTIMIZER_NAMES[name]
+        """The inverse of ``as_dict``; also reads what earlier versions stored."""
+        values = upgraded_optimizer(values)
         return cls(values.pop("_target_"), values)
 
 
@@ -224,12 +217,7 @@ class ScheduleSettings:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ScheduleSettings:
-        """The inverse of ``as_dict``; also reads what earlier versions stored (``name``: none or cosine,
-        ``min_lr``)."""
-        values = dict(values)
-        if "name" in values:
-            if values.pop("name") == "none":
-                return cls()
-            return cls("torch.optim.lr_scheduler.CosineAnnealingLR", {"eta_min": values.get("min_lr", 0.0)})
+        """The inverse of ``as_dict``; also reads what earlier versions stored."""
+        values = upgraded_schedule(values)
         options = {key: values.pop(key) for key in ("interval", "monitor") if key in values}
         return cls(values.pop("_target_", None), values, **options)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -189,4 +190,6 @@ def report(run_dir: Path, metrics: dict[str, Any]) -> None:
         metrics["wall_seconds"],
     )
     log.info("Run directory: %s", run_dir)
-    log.info("TensorBoard:   tensorboard --logdir %s", run_dir)
+    log.info("Evaluate:      mlplab-eval run=%s", shlex.quote(str(run_dir)))
+    if any(run_dir.rglob("events.out.tfevents.*")):  # not with logger=mlflow alone
+        log.info("TensorBoard:   tensorboard --logdir %s", shlex.quote(str(run_dir)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shlex
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -112,6 +113,11 @@ def markdown(jobs: list[dict[str, Any]], title: str) -> str:
         )
     if "seed" in keys:
         lines += ["", "## Over seeds", "", *seed_table(jobs, [k for k in keys if k != "seed"])]
+    evaluable = [job for job in ranked(jobs) if job["status"] in ("completed", "pruned")]
+    if evaluable:
+        lines += ["", "## Evaluate a job", "", "```"]
+        lines += [f"mlplab-eval run={shlex.quote(str(job['run_dir']))}" for job in evaluable]
+        lines += ["```"]
     pruned = [job for job in jobs if job["status"] == "pruned"]
     if pruned:
         lines += ["", "## Pruned", ""] + [
