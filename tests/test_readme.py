@@ -3,18 +3,17 @@
 The commands are parsed out of README.md: a new command there becomes a new case here, and a command this file
 does not know how to run fails (``plan`` says why). How a command is run:
 
-- **Every command** runs in a process forked from one that imported mlplab once (conftest's ``ForkedCli``,
-  whose children this file's ``--serve`` lets run any of the four scripts' ``main()``, not only mlplab-train's),
-  in a project folder of its own, with ``MLPLAB_DATA_DIR`` on the session's synthetic Fashion-MNIST (plus a
-  synthetic MNIST beside it for ``data=mnist``). A command that trains is **shrunk** by appending ``SHRINK``
-  (conftest's ``SYNTHETIC_RUN`` plus two training batches and one validation and test batch), so it trains a few
-  batches on the CPU; an override the README gives for the same key comes first, so the shrinking one wins. Not
-  appended: ``trainer=cpu`` when the command chooses a trainer (``trainer=gpu`` is replaced by ``trainer=cpu`` on a
-  machine without a GPU, and ``trainer=ddp`` gets ``trainer.accelerator=cpu``); ``data.val_size`` and the built-in
-  sets' ``data.system_dir``/``data.download`` with ``data=folder`` or ``data=tensors`` (their own default must
-  fit); anything to ``resume=`` (a resumed run keeps its own, already shrunk, config); anything to ``--help``. A
-  search also gets ``hydra.sweeper.n_trials=2``. Commands that are the same once shrunk run once. The installed
-  scripts themselves (the process boundary) are tested in test_cli.py.
+- **Every command** runs in a process forked from one that imported mlplab once (conftest's ``ForkedCli``, whose
+  children run any of the four scripts' ``main()``), in a project folder of its own, with ``MLPLAB_DATA_DIR`` on the
+  session's synthetic Fashion-MNIST (plus a synthetic MNIST beside it for ``data=mnist``). A command that trains is
+  **shrunk** by appending ``SHRINK`` (conftest's ``SYNTHETIC_RUN`` plus two training batches and one validation and
+  test batch), so it trains a few batches on the CPU; an override the README gives for the same key comes first, so
+  the shrinking one wins. Not appended: ``trainer=cpu`` when the command chooses a trainer (``trainer=gpu`` is
+  replaced by ``trainer=cpu`` on a machine without a GPU, and ``trainer=ddp`` gets ``trainer.accelerator=cpu``);
+  ``data.val_size`` and the built-in sets' ``data.system_dir``/``data.download`` with ``data=folder`` or
+  ``data=tensors`` (their own default must fit); anything to ``resume=`` (a resumed run keeps its own, already
+  shrunk, config); anything to ``--help``. A search also gets ``hydra.sweeper.n_trials=2``. Commands that are the
+  same once shrunk run once. The installed scripts themselves (the process boundary) are tested in test_cli.py.
 - **Placeholders** are replaced by what an earlier command made: ``outputs/runs/<run>`` by a finished run,
   ``outputs/sweeps/<name>/<job overrides>`` by that sweep's job folder whose overrides include those (the shrinking
   adds its own to the folder's name), ``my-images`` and ``my-arrays.npz`` by a small image folder and tensor file.
@@ -29,20 +28,18 @@ does not know how to run fails (``plan`` says why). How a command is run:
 from __future__ import annotations
 
 import ast
-import importlib
 import json
 import os
 import re
 import shlex
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import SYNTHETIC_RUN, ForkedCli, cli_env
+from conftest import SYNTHETIC_RUN, ForkedCli
 from PIL import Image
 
 from mlplab.data.synthetic import learnable_images, write_mnist_like
@@ -184,57 +181,18 @@ def plan(command: Command) -> Plan:
     return Plan("train", [*args, *shrink])
 
 
-MAINS = {
-    "mlplab-train": "mlplab.cli.train",
-    "mlplab-eval": "mlplab.cli.evaluate",
-    "mlplab-predict": "mlplab.cli.predict",
-    "mlplab-report": "mlplab.cli.report",
-}
-
-
-class ForkedScripts(ForkedCli):
-    """conftest's ForkedCli, serving all four scripts: each request's first argument names the script."""
-
-    def __init__(self):
-        self.server = subprocess.Popen(
-            [sys.executable, __file__, "--serve"],
-            env=cli_env(),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-
-
-def serve_scripts() -> None:
-    """forked_cli's server, whose child first points mlplab-train's main() at the requested script's."""
-    import forked_cli
-
-    import mlplab.cli.train
-
-    for module in MAINS.values():
-        importlib.import_module(module)
-    run_train = forked_cli.run_child
-
-    def run_child(args: list[str], cwd: str, output: str) -> None:  # in the forked child only
-        script, *rest = args
-        mlplab.cli.train.main = importlib.import_module(MAINS[script]).main
-        run_train(rest, cwd, output)
-
-    forked_cli.run_child = run_child
-    forked_cli.serve()
-
-
 class Project:
     """The folder a user runs the README's commands in; remembers what each distinct command line gave."""
 
-    def __init__(self, folder: Path, data_dir: Path, cli: ForkedScripts):
+    def __init__(self, folder: Path, data_dir: Path, cli: ForkedCli):
         self.folder, self.data_dir, self.cli = folder, data_dir, cli
         self.results: dict[tuple[str, ...], tuple[int, str]] = {}
 
     def run(self, args: list[str]) -> tuple[int, str]:
         key = tuple(sorted({arg.split("=", 1)[0]: arg for arg in args}.values()))  # the last value of a key wins
         if key not in self.results:
-            self.results[key] = self.cli.run(args if args[0] in SCRIPTS else ["mlplab-train", *args], self.folder)
+            tool, args = (args[0], args[1:]) if args[0] in SCRIPTS else ("mlplab-train", args)
+            self.results[key] = self.cli.run(args, self.folder, tool=tool)
         return self.results[key]
 
     def a_finished_run(self) -> str:
@@ -298,7 +256,7 @@ def project(synthetic_data_dir, tmp_path_factory):
     before = os.environ.get("MLPLAB_DATA_DIR")
     os.environ["MLPLAB_DATA_DIR"] = str(data_dir)  # the forked commands' parent takes its environment from here
     try:
-        cli = ForkedScripts()
+        cli = ForkedCli()
     finally:
         os.environ.pop("MLPLAB_DATA_DIR") if before is None else os.environ.update(MLPLAB_DATA_DIR=before)
     yield Project(folder, data_dir, cli)
@@ -348,7 +306,3 @@ def stacked_jobs_trained_as_stacks(sweeps: Path, output: str) -> None:
     for metrics in newest.glob("*/metrics.json"):
         record = json.loads(metrics.read_text())
         assert record["status"] == "completed" and record.get("stacked_jobs", 1) > 1, (metrics, record)
-
-
-if __name__ == "__main__" and sys.argv[1:] == ["--serve"]:
-    serve_scripts()

@@ -98,7 +98,8 @@ def uninterrupted(synthetic_data_dir, tmp_path_factory) -> Path:
 
 
 def test_ctrl_c_mid_epoch_then_the_printed_command_resumes_it_exactly(uninterrupted, synthetic_data_dir, tmp_path):
-    process = start(PACED_RUN, tmp_path, synthetic_data_dir)
+    with_progress_lines = [override for override in PACED_RUN if override != "callbacks.progress_bar=null"]
+    process = start(with_progress_lines, tmp_path, synthetic_data_dir)
     run_dir = wait_for_step(tmp_path, STEPS_PER_EPOCH + 50, process)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
@@ -115,6 +116,10 @@ def test_ctrl_c_mid_epoch_then_the_printed_command_resumes_it_exactly(uninterrup
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert run_dir_of(tmp_path) == run_dir  # the same directory, no new one
     assert_same_run(run_dir, uninterrupted)
+    # The resumed epoch's line too, and no warning about the run's own checkpoint folder.
+    lines = [line.split(":")[0] for line in resumed.stderr.splitlines() if line.startswith("epoch ")]
+    assert lines == ["epoch 2/3", "epoch 3/3"]
+    assert "exists and is not empty" not in resumed.stderr
 
 
 def test_killed_twice_and_resumed_twice_ends_as_the_uninterrupted_run(uninterrupted, synthetic_data_dir, tmp_path):

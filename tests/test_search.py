@@ -65,7 +65,7 @@ def test_a_search_runs_its_trials_and_the_summary_matches_the_jobs(synthetic_dat
     summary = (sweep_dir / "summary.md").read_text()
     best = study.best_trial
     assert f"Best: trial {best.number}" in summary and (sweep_dir / "search.png").is_file()
-    command = summary.split("```\n")[1].splitlines()[0]
+    command = next(line for line in summary.splitlines() if line.startswith("mlplab-train "))
     assert command.startswith("mlplab-train ") and f"optimizer.lr={best.params['optimizer.lr']!r}" in command
     assert "sweep=" not in command and "trial=" not in command
 

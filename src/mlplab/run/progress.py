@@ -28,6 +28,7 @@ class EpochLines(ProgressBar):
         super().__init__()
         self._enabled = True
         self._started: float | None = None
+        self._epoch = -1  # the epoch running (Lightning's count), whose line is due when the next one starts
 
     @override
     def disable(self) -> None:
@@ -38,9 +39,15 @@ class EpochLines(ProgressBar):
         self._enabled = True
 
     @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A run resumed mid-epoch continues that epoch without a new epoch start; its line is due all the same.
+        self._epoch, self._started = trainer.current_epoch, time.perf_counter()
+
+    @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._say_epoch(trainer, trainer.current_epoch)
-        self._started = time.perf_counter()
+        if trainer.current_epoch != self._epoch:
+            self._say_epoch(trainer, trainer.current_epoch)
+            self._epoch, self._started = trainer.current_epoch, time.perf_counter()
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

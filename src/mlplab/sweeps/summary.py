@@ -116,7 +116,7 @@ def markdown(jobs: list[dict[str, Any]], title: str) -> str:
     evaluable = [job for job in ranked(jobs) if job["status"] in ("completed", "pruned")]
     if evaluable:
         lines += ["", "## Evaluate a job", "", "```"]
-        lines += [f"mlplab-eval run={shlex.quote(str(job['run_dir']))}" for job in evaluable]
+        lines += [f"mlplab-eval run={shlex.quote(str(Path(job['run_dir']).absolute()))}" for job in evaluable]
         lines += ["```"]
     pruned = [job for job in jobs if job["status"] == "pruned"]
     if pruned:
