@@ -61,13 +61,19 @@ def cli_env(data_dir: Path | None = None) -> dict[str, str]:
 
 
 def run_cli(
-    args: list[str], cwd: Path, data_dir: Path | None = None, timeout: int = 300
+    args: list[str], cwd: Path, data_dir: Path | None = None, timeout: int = 300, fresh: bool = False
 ) -> subprocess.CompletedProcess:
-    """Run an mlplab console script the way a user does, in a subprocess."""
-    script = Path(sys.executable).parent / args[0]
-    return subprocess.run(
-        [str(script), *args[1:]], cwd=cwd, env=cli_env(data_dir), capture_output=True, text=True, timeout=timeout
-    )
+    """Run an mlplab console script the way a user does: its ``main()`` with this command line, in a process forked
+    from one that imported mlplab once (forked_cli.py). ``fresh``: the installed script in a new interpreter, where
+    the process boundary itself is what a test checks."""
+    if fresh:
+        script = Path(sys.executable).parent / args[0]
+        return subprocess.run(
+            [str(script), *args[1:]], cwd=cwd, env=cli_env(data_dir), capture_output=True, text=True, timeout=timeout
+        )
+    env = {"MLPLAB_DATA_DIR": str(data_dir) if data_dir is not None else None}
+    code, stdout, stderr = shared_forked_cli().run_apart(args[1:], cwd, args[0], env, timeout)
+    return subprocess.CompletedProcess(args, code, stdout, stderr)
 
 
 class ForkedCli:
@@ -82,19 +88,47 @@ class ForkedCli:
             stdout=subprocess.PIPE,
             text=True,
         )
+        self.outputs = Path(tempfile.mkdtemp(prefix="mlplab-forked-"))
+
+    def _ask(self, request: dict) -> int:
+        self.server.stdin.write(json.dumps(request) + "\n")
+        self.server.stdin.flush()
+        return json.loads(self.server.stdout.readline())["returncode"]
 
     def run(self, args: list[str], cwd: Path, tool: str = "mlplab-train") -> tuple[int, str]:
         """``tool`` (mlplab-train, -eval, -predict or -report) with ``args``: its exit status and its output."""
-        output = cwd / "output.txt"
-        request = {"tool": tool, "args": args, "cwd": str(cwd), "output": str(output)}
-        self.server.stdin.write(json.dumps(request) + "\n")
-        self.server.stdin.flush()
-        answer = json.loads(self.server.stdout.readline())
-        return answer["returncode"], output.read_text()
+        output = self.outputs / "output.txt"
+        code = self._ask({"tool": tool, "args": args, "cwd": str(cwd), "output": str(output)})
+        return code, output.read_text()
+
+    def run_apart(
+        self, args: list[str], cwd: Path, tool: str, env: dict[str, str | None], seconds: int
+    ) -> tuple[int, str, str]:
+        """As ``run``, with ``env`` set in the child: exit status, stdout and stderr."""
+        output, errors = self.outputs / "stdout.txt", self.outputs / "stderr.txt"
+        request = {"tool": tool, "args": args, "cwd": str(cwd), "output": str(output), "errors": str(errors)}
+        code = self._ask({**request, "env": env, "seconds": seconds})
+        return code, output.read_text(), errors.read_text()
 
     def close(self) -> None:
         self.server.stdin.close()
         self.server.wait(timeout=60)
+        shutil.rmtree(self.outputs, ignore_errors=True)
+
+
+_shared: list[ForkedCli] = []
+
+
+def shared_forked_cli() -> ForkedCli:
+    """This test process's forked runner for run_cli, started on first use and closed at the end of the session."""
+    if not _shared:
+        _shared.append(ForkedCli())
+    return _shared[0]
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    for cli in _shared:
+        cli.close()
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,9 @@
 
 A child runs the console script's own ``main()`` with its ``sys.argv``, as the installed script does, so the
 tests can try many command lines through the real parser without ~4 s of imports each. Protocol: one JSON request
-per line on stdin (``tool``, ``args``, ``cwd``, ``output``), one JSON answer (``returncode``) per line on stdout.
+per line on stdin (``tool``, ``args``, ``cwd``, ``output``; optionally ``errors``, a file of its own for stderr,
+``env``, variables to set (null: unset), and ``seconds`` before it is stopped), one JSON answer (``returncode``) per
+line on stdout.
 """
 
 from __future__ import annotations
@@ -33,13 +35,20 @@ torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
 CHILD_SECONDS = 120
 
 
-def run_child(tool: str, args: list[str], cwd: str, output: str) -> None:
-    os.chdir(cwd)
-    out = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+def run_child(request: dict) -> None:
+    os.chdir(request["cwd"])
+    for name, value in request.get("env", {}).items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    out = os.open(request["output"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    errors = os.open(request["errors"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC) if request.get("errors") else out
     os.dup2(out, 1)
-    os.dup2(out, 2)
-    signal.alarm(CHILD_SECONDS)  # a hang ends the child with SIGALRM, which the test reports
-    sys.argv = [tool, *args]
+    os.dup2(errors, 2)
+    signal.alarm(request.get("seconds", CHILD_SECONDS))  # a hang ends the child with SIGALRM, which the test reports
+    tool = request.get("tool", "mlplab-train")
+    sys.argv = [tool, *request["args"]]
     code = 0
     try:
         TOOLS[tool]()
@@ -58,7 +67,7 @@ def serve() -> None:
         request = json.loads(line)
         child = os.fork()
         if child == 0:
-            run_child(request.get("tool", "mlplab-train"), request["args"], request["cwd"], request["output"])
+            run_child(request)
         _, status = os.waitpid(child, 0)
         print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), flush=True)
 

@@ -29,8 +29,9 @@ def scalars(run_dir: Path) -> dict[str, list[float]]:
 @pytest.fixture(scope="module")
 def trained_run(synthetic_data_dir, tmp_path_factory) -> Path:
     cwd = tmp_path_factory.mktemp("train")
+    # The installed script in a new interpreter, as a user starts it (other tests fork it: conftest.run_cli).
     result = run_cli(
-        ["mlplab-train", *SYNTHETIC_RUN, "trainer.max_epochs=2", "model.width=64"], cwd, synthetic_data_dir
+        ["mlplab-train", *SYNTHETIC_RUN, "trainer.max_epochs=2", "model.width=64"], cwd, synthetic_data_dir, fresh=True
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return single_run_dir(cwd)
@@ -128,6 +129,7 @@ def test_eval_reproduces_the_recorded_test_accuracy(trained_run, synthetic_data_
     report = json.loads(result.stdout)
     recorded = json.loads((trained_run / "metrics.json").read_text())
     assert report["test/acc"] == recorded["test/acc"] and report["test/loss"] == pytest.approx(recorded["test/loss"])
+    assert "note" not in report  # the run tested on the whole test set, as eval does
     assert list(tmp_path.iterdir()) == []  # eval writes nothing where it runs
 
     by_file = run_cli(["mlplab-eval", f"run={trained_run / 'checkpoints' / 'best.ckpt'}"], tmp_path, synthetic_data_dir)
@@ -196,7 +198,7 @@ BAD_INPUTS = [  # (override, the key the message must name, what it must say is 
     ("+trainer.no_such_flag=1", "trainer.no_such_flag", "allowed: accelerator"),  # not a Lightning argument
     ("+trainer.acumulate_grad_batches=2", "trainer.acumulate_grad_batches", "did you mean accumulate_grad_batches"),
     ("+trainer.logger=false", "trainer.logger", "logger=tensorboard|csv|mlflow|none"),  # mlplab sets it
-    ("trainer.max_time=soon", "trainer.max_time", "DD:HH:MM:SS"),  # Lightning's own check, named by its key
+    ("trainer.max_time=soon", "trainer.max_time", "DD:HH:MM:SS"),  # checked before Lightning prints its banners
     ("optimizer._target_=torch.optim.Nope", "optimizer._target_", "a torch.optim optimizer class"),
     ("+optimizer.bettas=[0.9,0.99]", "optimizer.bettas", "did you mean betas"),
     ("scheduler._target_=torch.nn.Linear", "scheduler._target_", "torch.optim.lr_scheduler"),
@@ -213,7 +215,7 @@ def test_bad_input_is_one_clear_message_and_no_training(
     # script's code path without its seconds of imports for each of these.
     code, output = forked_cli.run([*SYNTHETIC_RUN, f"paths.data_dir={synthetic_data_dir}", override], tmp_path)
     assert code == 2
-    assert "Traceback" not in output
+    assert "Traceback" not in output and "GPU available" not in output
     (message,) = [line for line in output.splitlines() if "error" in line]
     assert message.startswith("mlplab-train: error: ") and key in message and allowed in message
     assert not list(tmp_path.glob("outputs/runs/*"))  # no training started, and no empty run directory left

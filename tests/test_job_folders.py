@@ -13,7 +13,8 @@ from mlplab.cli.command_line import paths_as_values
 
 def test_the_summarys_eval_command_evaluates_the_job_as_pasted(forked_cli, synthetic_data_dir, tmp_path):
     data = f"paths.data_dir={synthetic_data_dir}"
-    code, output = forked_cli.run(["-m", "seed=1,2", *SYNTHETIC_RUN, data, "hydra.sweep.dir=sweep"], tmp_path)
+    sweep = ["-m", "seed=1,2", *SYNTHETIC_RUN, "trainer.limit_test_batches=1", data, "hydra.sweep.dir=sweep"]
+    code, output = forked_cli.run(sweep, tmp_path)
     assert code == 0, output[-3000:]
     commands = re.findall(r"^mlplab-eval run=.*$", (tmp_path / "sweep" / "summary.md").read_text(), re.MULTILINE)
     assert len(commands) == 2
@@ -24,6 +25,8 @@ def test_the_summarys_eval_command_evaluates_the_job_as_pasted(forked_cli, synth
     report = json.loads(output[output.index("{") :])
     assert report["run"] == args[0].removeprefix("run=")
     assert 0 <= report["test/acc"] <= 1
+    # The job tested on one batch of 50 images, eval on all 200: the report says why the numbers differ.
+    assert "trainer.limit_test_batches=1" in report["note"]
     assert "Traceback" not in output and "LeafSpec" not in output and "Tip:" not in output
 
     # The end-of-job line of the job's log gives the same command.

@@ -33,6 +33,8 @@ def test_each_job_of_a_sweep_is_an_mlflow_run_in_the_sweeps_experiment(synthetic
         synthetic_data_dir,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "Evaluate:" in output and "tensorboard --logdir" not in output  # no event files to show
     client = store(tmp_path)
     experiment = client.get_experiment_by_name("widths")
     runs = client.search_runs([experiment.experiment_id])
@@ -68,6 +70,7 @@ def test_tensorboard_and_mlflow_together_and_a_resume_continues_the_mlflow_run(s
     result = run_cli(["mlplab-train", *SYNTHETIC_RUN, "logger=tensorboard_mlflow"], tmp_path, synthetic_data_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
+    assert f"TensorBoard:   tensorboard --logdir {run_dir}" in result.stderr
     result = run_cli(["mlplab-train", f"resume={run_dir}", "trainer.max_epochs=2"], tmp_path, synthetic_data_dir)
     assert result.returncode == 0, result.stderr[-3000:]
 

@@ -98,7 +98,10 @@ class MlplabSweeper(Sweeper):
             return  # a dry run
         jobs, text = write_summary(sweep_dir, self.study)
         print(text, end="")
-        print(f"Summary: {sweep_dir / 'summary.md'} (also .csv, .png); TensorBoard: tensorboard --logdir {sweep_dir}")
+        board = (
+            f"; TensorBoard: tensorboard --logdir {sweep_dir}" if any(sweep_dir.rglob("events.out.tfevents.*")) else ""
+        )
+        print(f"Summary: {sweep_dir / 'summary.md'} (also .csv, .png){board}")
         unfinished = [job for job in jobs if job["status"] not in ("completed", "pruned")]
         if self.n_trials is None and unfinished:
             raise SweepIncomplete(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +120,11 @@ class TrainerSettings:
             "must be null, a fraction in (0, 1] or a number of batches >= 1, got",
         )
         require(
+            "max_time",
+            self.max_time is None or _is_duration(self.max_time),
+            'must be null, "DD:HH:MM:SS" (e.g. "00:02:30:00") or a mapping such as {hours: 2, minutes: 30}, got',
+        )
+        require(
             "check_val_every_n_epoch",
             self.check_val_every_n_epoch is None or self.check_val_every_n_epoch >= 1,
             "must be null or an integer >= 1, got",
@@ -129,6 +135,21 @@ class TrainerSettings:
     @property
     def data_parallel(self) -> bool:
         return self.strategy == "ddp" or (isinstance(self.devices, int) and self.devices > 1)
+
+
+def _is_duration(value: Any) -> bool:
+    """Whether Lightning's Timer reads ``value`` as a duration (checked here, before Lightning prints anything)."""
+    if isinstance(value, str):
+        return re.fullmatch(r"\d+:\d\d:\d\d:\d\d", value.strip()) is not None
+    return (
+        isinstance(value, dict)
+        and bool(value)
+        and all(key in DURATION_UNITS and isinstance(amount, (int, float)) for key, amount in value.items())
+    )
+
+
+# The units of a duration given as a mapping (datetime.timedelta's arguments).
+DURATION_UNITS = ("weeks", "days", "hours", "minutes", "seconds", "milliseconds", "microseconds")
 
 
 def require_accelerator(accelerator: str, key: str, alternative: str) -> None:
