@@ -141,22 +141,22 @@ def test_ddp_sweep_has_one_directory_per_job_and_a_summary(synthetic_data_dir, t
         assert len(rows) == 3, launcher  # header and two jobs
 
 
-def test_killed_ddp_run_resumes_and_completes(synthetic_data_dir, tmp_path):
-    args = [
-        *RUN,
-        "trainer.max_epochs=3",
-        "checkpoint.every_n_steps=4",
-        "+callbacks.pace._target_=probes.PaceSteps",
-        "+callbacks.pace.seconds=0.1",
-    ]
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlplab-train"), *args],
-        cwd=tmp_path,
-        env=cli_env(synthetic_data_dir),
+def start_paced_run(cwd: Path, data_dir: Path, checkpoints: str, stderr: int) -> subprocess.Popen:
+    """A 3-epoch data-parallel run, slowed so that a signal lands mid-run, in a session of its own (the ranks too)."""
+    args = [*RUN, "trainer.max_epochs=3", checkpoints, "+callbacks.pace._target_=probes.PaceSteps"]
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlplab-train"), *args, "+callbacks.pace.seconds=0.1"],
+        cwd=cwd,
+        env=cli_env(data_dir),
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=stderr,
+        text=True,
         start_new_session=True,
     )
+
+
+def test_killed_ddp_run_resumes_and_completes(synthetic_data_dir, tmp_path):
+    process = start_paced_run(tmp_path, synthetic_data_dir, "checkpoint.every_n_steps=4", stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not list((tmp_path / "outputs" / "runs").glob("*/checkpoints/last.ckpt")) and time.time() < deadline:
         time.sleep(0.2)
@@ -185,22 +185,7 @@ def rank_processes(parent: int) -> list[int]:
 
 @pytest.mark.parametrize("rank", [0, 1])
 def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(rank, synthetic_data_dir, tmp_path):
-    args = [
-        *RUN,
-        "trainer.max_epochs=3",
-        "checkpoint.every_n_steps=0",
-        "+callbacks.pace._target_=probes.PaceSteps",
-        "+callbacks.pace.seconds=0.1",
-    ]
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlplab-train"), *args],
-        cwd=tmp_path,
-        env=cli_env(synthetic_data_dir),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    process = start_paced_run(tmp_path, synthetic_data_dir, "checkpoint.every_n_steps=0", stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while not list((tmp_path / "outputs" / "runs").glob("*/checkpoints/best.ckpt")) and time.time() < deadline:
         time.sleep(0.1)

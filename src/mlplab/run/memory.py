@@ -7,8 +7,12 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mlplab.errors import MlplabError
+
+if TYPE_CHECKING:
+    from mlplab.run.config import RunConfig
 
 
 class NotEnoughMemoryError(MlplabError):
@@ -34,6 +38,16 @@ def training_peak_bytes(
     per_parameter = (2 + optimizer_state + 2 * (1 + optimizer_state)) * bytes_per_value
     activations = max(3 * batch_size, eval_batch_size) * activations_per_sample * bytes_per_value
     return RUN_OVERHEAD_BYTES + num_parameters * per_parameter + activations
+
+
+def planned_peak_bytes(config: RunConfig, input_shape: Sequence[int], num_classes: int) -> tuple[int, int]:
+    """The parameters of ``config``'s network for this data, and the memory one process training it needs
+    (training_peak_bytes); ValueError where the network does not suit the data's images."""
+    parameters, activations = config.model.planned_size(input_shape, num_classes)
+    state = config.optimizer.state_per_parameter
+    return parameters, training_peak_bytes(
+        parameters, state, activations, config.data.batch_size, config.data.eval_batch_size
+    )
 
 
 # What a run allocates beyond its model whatever its size: the fit and test loops, the views and their writers,

@@ -26,7 +26,7 @@ from mlplab.run.checkpoints import ResumePoints, StopRequested
 from mlplab.run.config import ConfigError, RunConfig
 from mlplab.run.history import EpochHistory
 from mlplab.run.lightning_notes import quiet_lightning
-from mlplab.run.memory import require_memory_for, training_peak_bytes
+from mlplab.run.memory import planned_peak_bytes, require_memory_for
 from mlplab.run.records import CHECKPOINT_DIR, MONITOR, write_metrics
 from mlplab.run.trackers import log_run_start
 from mlplab.run.trainer import build_trainer, end_ranks, require_batches
@@ -43,16 +43,9 @@ def build_model(config: RunConfig, datamodule: ImageDataModule, processes: int) 
     """The model, after checking that training it fits in memory; and the estimated peak memory of this process."""
     input_shape, num_classes = datamodule.input_shape, len(datamodule.class_names)
     try:
-        parameters, activations = config.model.planned_size(input_shape, num_classes)
+        parameters, peak = planned_peak_bytes(config, input_shape, num_classes)
     except ValueError as error:  # a setting that does not suit this data's images, e.g. too many pooling blocks
         raise ConfigError(f"model.{error}") from None
-    peak = training_peak_bytes(
-        parameters,
-        config.optimizer.state_per_parameter,
-        activations,
-        config.data.batch_size,
-        config.data.eval_batch_size,
-    )
     size_keys = [f"model.{name}" for name in config.model.size_settings] or ["model"]
     estimate = require_memory_for(peak, processes, parameters, size_keys)
     return ImageClassifier(

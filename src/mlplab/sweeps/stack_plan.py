@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ModelSum
 
 from mlplab.data.datamodule import ImageDataModule
 from mlplab.model.backbones.mlp import MLP
-from mlplab.run.memory import RUN_OVERHEAD_BYTES, available_memory, training_peak_bytes
+from mlplab.run.memory import RUN_OVERHEAD_BYTES, available_memory, planned_peak_bytes
 from mlplab.run.records import MONITOR
 from mlplab.sweeps.jobs import resume_point
 from mlplab.sweeps.stack_jobs import VIEWS, StackedJob
@@ -135,14 +135,7 @@ def stack_capacity(job: StackedJob) -> int:
     datamodule = ImageDataModule(config.data, config.data_dir)
     datamodule.prepare_data()
     datamodule.setup("fit")  # parsed once per process: the stack's own set-up finds it ready
-    parameters, activations = config.model.planned_size(datamodule.input_shape, len(datamodule.class_names))
-    peak = training_peak_bytes(
-        parameters,
-        config.optimizer.state_per_parameter,
-        activations,
-        config.data.batch_size,
-        config.data.eval_batch_size,
-    )
+    _, peak = planned_peak_bytes(config, datamodule.input_shape, len(datamodule.class_names))
     per_job = peak - RUN_OVERHEAD_BYTES
     on_gpu = config.trainer.accelerator == "gpu" or (config.trainer.accelerator == "auto" and torch.cuda.is_available())
     free = torch.cuda.mem_get_info()[0] if on_gpu else available_memory() - RUN_OVERHEAD_BYTES
