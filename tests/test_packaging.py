@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,3 +64,17 @@ def test_the_wheel_trains_from_an_empty_directory_outside_the_source_tree(synthe
     config = (run_dir / ".hydra" / "config.yaml").read_text()
     assert "width: 24" in config and "torch.optim.SGD" in config
     assert sorted(os.listdir(work)) == ["mine", "outputs"]
+
+
+def test_pyproject_lists_every_package_folder():
+    """pyproject.toml lists the packages (mlplab.conf lives outside src/); a new folder there must be added."""
+    block = re.search(r"\npackages = \[(.*?)\]", (REPO / "pyproject.toml").read_text(), re.DOTALL).group(1)
+    listed = re.findall(r'"([\w.]+)"', block)
+    code = {".".join(p.parent.relative_to(REPO / "src").parts) for p in (REPO / "src").rglob("__init__.py")}
+    configs = {
+        ".".join(("mlplab", *p.relative_to(REPO).parts))
+        for p in [REPO / "conf", *(REPO / "conf").rglob("*")]
+        if p.is_dir() and p.name != "__pycache__"
+    }
+    assert sorted(listed) == sorted(code | configs)
+    assert "mlplab.conf.model" in listed and "hydra_plugins.mlplab_sweeper" in listed
