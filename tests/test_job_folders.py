@@ -34,28 +34,34 @@ def test_the_summarys_eval_command_evaluates_the_job_as_pasted(forked_cli, synth
     assert f"Evaluate:      mlplab-eval run={args[0].removeprefix('run=')}" in job_log
 
 
-def test_path_values_are_read_as_paths(monkeypatch):
+def test_path_values_are_read_as_paths(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", "/home/ada")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sweep" / "seed=1,trainer=cpu").mkdir(parents=True)
     assert paths_as_values(
         [
-            "-m",
             "run=outputs/sweeps/s/seed=1,trainer=cpu",
             "resume=outputs/sweeps/s/seed=2,model.width=[8, 8]",
             "data.path=~/my-images",
             "data.path2=~/kept",
             "run='already quoted'",
             "inputs=[a.png,b.png]",
-            "seed=1,2",
+            "+data.path=~/x",
             "model.width=64",
         ]
     ) == [
-        "-m",
         "run='outputs/sweeps/s/seed=1,trainer=cpu'",
         "resume='outputs/sweeps/s/seed=2,model.width=[8, 8]'",
         "data.path='/home/ada/my-images'",
         "data.path2=~/kept",
         "run='already quoted'",
         "inputs=[a.png,b.png]",
-        "seed=1,2",
+        "+data.path='/home/ada/x'",
         "model.width=64",
+    ]
+    # Under -m, commas sweep over paths, unless the value is a folder that exists (a sweep job's).
+    assert paths_as_values(["-m", "data.path=a,b", "data.path=sweep/seed=1,trainer=cpu"]) == [
+        "-m",
+        "data.path=a,b",
+        "data.path='sweep/seed=1,trainer=cpu'",
     ]

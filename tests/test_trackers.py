@@ -70,7 +70,7 @@ def test_tensorboard_and_mlflow_together_and_a_resume_continues_the_mlflow_run(s
     result = run_cli(["mlplab-train", *SYNTHETIC_RUN, "logger=tensorboard_mlflow"], tmp_path, synthetic_data_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
-    assert f"TensorBoard:   tensorboard --logdir {run_dir}" in result.stderr
+    assert f"TensorBoard:   tensorboard --logdir {run_dir}" in result.stdout + result.stderr
     result = run_cli(["mlplab-train", f"resume={run_dir}", "trainer.max_epochs=2"], tmp_path, synthetic_data_dir)
     assert result.returncode == 0, result.stderr[-3000:]
 

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf, read_write
 from mlplab.cli.compose import checked_job_config
 from mlplab.errors import MlplabError
 from mlplab.run.config import ConfigError
-from mlplab.run.records import read_metrics
+from mlplab.run.records import has_event_files, read_metrics
 from mlplab.run.stopping import Stopped
 from mlplab.sweeps.grid import (
     ComposedOnce,
@@ -98,9 +98,7 @@ class MlplabSweeper(Sweeper):
             return  # a dry run
         jobs, text = write_summary(sweep_dir, self.study)
         print(text, end="")
-        board = (
-            f"; TensorBoard: tensorboard --logdir {sweep_dir}" if any(sweep_dir.rglob("events.out.tfevents.*")) else ""
-        )
+        board = f"; TensorBoard: tensorboard --logdir {sweep_dir}" if has_event_files(sweep_dir) else ""
         print(f"Summary: {sweep_dir / 'summary.md'} (also .csv, .png){board}")
         unfinished = [job for job in jobs if job["status"] not in ("completed", "pruned")]
         if self.n_trials is None and unfinished:

@@ -34,18 +34,22 @@ HYDRA_SYNTAX = set("=,()[]{}'\" ")
 
 
 def paths_as_values(args: Sequence[str]) -> list[str]:
-    """The command line with each path given to a PATH_KEYS key written as one Hydra value, ``~`` expanded."""
+    """The command line with each path given to a PATH_KEYS key written as one Hydra value, ``~`` expanded. Under
+    -m, a value with commas that is no existing path stays a sweep over paths (``data.path=a,b``)."""
+    multirun = any(arg in ("-m", "--multirun") for arg in args)
     written = []
     for arg in args:
         key, equals, value = arg.partition("=")
+        path = os.path.expanduser(value)
         if (
             equals
-            and key in PATH_KEYS
+            and key.lstrip("+") in PATH_KEYS
             and value
             and value[0] not in "'\"["
             and (value.startswith("~") or HYDRA_SYNTAX & set(value))
+            and not (multirun and "," in value and not os.path.exists(path))
         ):
-            arg = f"{key}={hydra_string(os.path.expanduser(value))}"
+            arg = f"{key}={hydra_string(path)}"
         written.append(arg)
     return written
 

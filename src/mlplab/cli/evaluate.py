@@ -91,7 +91,8 @@ def _test_limit(run_dir: Path) -> Any:
     """The run's trainer.limit_test_batches, when it tested on part of the test set; else None."""
     config = run_dir / ".hydra" / "config.yaml"
     limit = OmegaConf.load(config).get("trainer", {}).get("limit_test_batches") if config.is_file() else None
-    return None if limit in (None, 1.0) else limit
+    whole = limit is None or (isinstance(limit, float) and limit == 1.0)  # 1.0 is all of it; 1 is one batch
+    return None if whole else limit
 
 
 def _table(report: dict[str, Any]) -> str:

@@ -168,25 +168,22 @@ class RunRequest:
             self.callbacks,
             self.hparams,
             self.command,
-            logger_for=lambda resume_from: (
-                self.logger
-                if resume_from is None
-                else build_logger(self.cfg.logger, self.run_dir, resume_from, self.experiment)
-            ),
+            logger_for=self.logger_for,
             train_alone=train_alone,
         )
 
+    def logger_for(self, resume_from: Path | None) -> Any:
+        """The run's logger(s) for an attempt from ``resume_from``: a sweep job learns where it resumes from (the
+        logger's purge step) only once it holds the job."""
+        if resume_from == self.resume_from:
+            return self.logger
+        return build_logger(self.cfg.logger, self.run_dir, resume_from, self.experiment)
+
     def train_attempt(self, resume_from: Path | None, gpu_index: int | None) -> dict[str, Any]:
-        # A sweep job learns where it resumes from (the logger's purge step) only once it holds the job.
-        logger = (
-            self.logger
-            if resume_from == self.resume_from
-            else build_logger(self.cfg.logger, self.run_dir, resume_from, self.experiment)
-        )
         return train(
             self.config,
             self.run_dir,
-            logger,
+            self.logger_for(resume_from),
             self.callbacks,
             hparams=self.hparams,
             resume_from=resume_from,

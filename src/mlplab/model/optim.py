@@ -16,7 +16,7 @@ import torch
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from mlplab.earlier_versions import upgraded_optimizer, upgraded_schedule
-from mlplab.errors import closest
+from mlplab.errors import SettingError, closest
 
 # fused: one kernel updates every parameter (CPU and CUDA); the default loops over parameters in Python, which on
 # the CPU costs 0.6 ms per step against 0.2 ms for the default network. Same update up to rounding.
@@ -33,7 +33,7 @@ def _class_at(path: Any, base: type, kind: str = "", example: str = "") -> type:
     except (ImportError, AttributeError, ValueError):
         cls = None
     if not (isinstance(cls, type) and issubclass(cls, base)):
-        raise ValueError(f"{wanted}; got {path!r}")
+        raise SettingError("_target_", f"{wanted}; got {path!r}")
     return cls
 
 
@@ -46,9 +46,9 @@ def _check_arguments(cls: type, path: str, arguments: dict[str, Any], skipped: t
     ]
     for key, value in arguments.items():
         if key not in taken:
-            raise ValueError(f"{key}: not an argument of {path}; {closest(key, taken)}")
+            raise SettingError(key, f"{key}: not an argument of {path}; {closest(key, taken)}")
         if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{key} must be a finite number, got {value}")
+            raise SettingError(key, f"{key} must be a finite number, got {value}")
 
 
 def _built(cls: type[torch.optim.Optimizer], parameters: Any, arguments: dict[str, Any]) -> torch.optim.Optimizer:
@@ -74,7 +74,7 @@ class OptimizerSettings:
         _check_arguments(cls, self.target, self.arguments, skipped=("params",))
         lr = self.arguments.get("lr", 1.0)
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-            raise ValueError(f"lr must be a number > 0, got {lr!r}")
+            raise SettingError("lr", f"lr must be a number > 0, got {lr!r}")
         if problem := self._refusal(self.arguments):
             # Which argument: the first the class refuses on its own.
             key = next((key for key in self.arguments if self._refusal({key: self.arguments[key]})), None)
@@ -83,7 +83,7 @@ class OptimizerSettings:
                 if key
                 else f"{self.target} refuses these arguments"
             )
-            raise ValueError(f"{where} ({problem})")
+            raise SettingError(key, f"{where} ({problem})")
 
     def _refusal(self, arguments: dict[str, Any]) -> str | None:
         """The class's own objection to ``arguments`` (a negative rate, a wrong type, an overflow in its update)
@@ -167,14 +167,15 @@ class ScheduleSettings:
     def __post_init__(self) -> None:
         if self.target is None:
             if self.arguments:
-                raise ValueError(
-                    f"_target_ is null (a constant rate), which takes no arguments; got {', '.join(self.arguments)}"
+                raise SettingError(
+                    "_target_",
+                    f"_target_ is null (a constant rate), which takes no arguments; got {', '.join(self.arguments)}",
                 )
             return
         cls = _class_at(self.target, LRScheduler, "a torch.optim.lr_scheduler", "torch.optim.lr_scheduler.StepLR")
         _check_arguments(cls, self.target, self.arguments, skipped=("optimizer",))
         if self.interval not in INTERVALS:
-            raise ValueError(f"interval must be one of {', '.join(INTERVALS)}; got {self.interval!r}")
+            raise SettingError("interval", f"interval must be one of {', '.join(INTERVALS)}; got {self.interval!r}")
 
     def check_with(self, optimizer: OptimizerSettings) -> None:
         """Build and step the schedule on an example optimizer; ValueError with the class's reason if it fails."""
@@ -185,7 +186,9 @@ class ScheduleSettings:
                 example.step()
                 config["scheduler"].step(*([1.0] if "monitor" in config else []))
         except (ValueError, TypeError, KeyError) as error:
-            raise ValueError(f"{self.target} refuses these arguments with {optimizer.target}: {error}") from None
+            raise SettingError(
+                None, f"{self.target} refuses these arguments with {optimizer.target}: {error}"
+            ) from None
 
     def build(self, optimizer: torch.optim.Optimizer, epochs: int, steps: int) -> dict[str, Any] | None:
         """Lightning's scheduler config for a run of ``epochs`` epochs and ``steps`` optimizer steps, or None."""

@@ -160,9 +160,8 @@ def parse_class_section(name: str, cls: type, values: dict[str, Any]) -> Any:
 
 def _within(group: str, error: ValueError, fields: Iterable[str] = ()) -> str:
     """A settings check's message with its group in front: ``group.key ...`` for a SettingError about a key,
-    ``group: ...`` otherwise. A plain ValueError comes from code that does not raise SettingError (a user's own
-    model family; mlplab.model.optim and backbones/cnn.py so far): it is taken to be about the key its message
-    starts with, if that is one of ``fields``."""
+    ``group: ...`` otherwise. mlplab's own checks raise SettingError; a plain ValueError comes from a user's own
+    model family, and is taken to be about the key its message starts with, if that is one of ``fields``."""
     if isinstance(error, SettingError):
         return error.within(group)
     first = str(error).split(" ")[0].rstrip(":")

@@ -10,11 +10,14 @@ from contextlib import contextmanager
 
 
 class LightningNotes(logging.Filter):
-    """Drops Lightning's notes that a user of mlplab cannot act on: an advertisement, and remarks on settings mlplab
-    makes itself (its own model summary callback, batch limits of 1.0)."""
+    """Drops Lightning's notes that a user of mlplab cannot act on: an advertisement, the device banners, and
+    remarks on settings mlplab makes itself (its own model summary callback, batch limits of 1.0)."""
 
     NOTES = (
         "💡 Tip:",
+        # The device banners: the device a run used is in its provenance.json; before a one-line error, noise.
+        "GPU available:",
+        "TPU available:",
         "Trainer already configured with model summary callbacks",
         "` was configured so ",
         "to estimate number of stepping batches",

@@ -1,4 +1,4 @@
-"""The files of a run directory that other tools read: metrics.json and checkpoints."""
+"""The files of a run directory that other tools read: metrics.json, checkpoints and TensorBoard's event files."""
 
 from __future__ import annotations
 
@@ -44,3 +44,8 @@ def find_checkpoint(run: str | Path, which: str = "best") -> tuple[Path, Path]:
         problem = "does not exist" if not path.exists() else f"has no {CHECKPOINT_DIR}/{which}.ckpt"
         raise RunNotFoundError(f"run={run} {problem}; give a run directory made by mlplab-train or a .ckpt file")
     return path, checkpoint
+
+
+def has_event_files(folder: Path) -> bool:
+    """Whether TensorBoard has anything to show under ``folder`` (not with logger=mlflow alone)."""
+    return any(folder.rglob("events.out.tfevents.*"))

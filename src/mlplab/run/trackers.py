@@ -113,13 +113,6 @@ def log_run_start(loggers: list[Logger], config: dict[str, Any], record: dict[st
                 logger.experiment.set_tag(logger.run_id, f"mlplab.{key}", value[:TAG_LIMIT])
 
 
-def log_final_metrics(loggers: list[Logger], finals: dict[str, float], step: int) -> None:
-    """The final metrics to trackers other than TensorBoard (whose HParams tab has them: views.hparams)."""
-    for logger in loggers:
-        if not isinstance(logger, TensorBoardLogger) and finals:
-            logger.log_metrics(finals, step)
-
-
 def image_writer(loggers: list[Logger]) -> Callable[[str, np.ndarray, int], None] | None:
     """Writes an H x W x C uint8 image under a tag: to TensorBoard's Images tab, or, without TensorBoard, to
     MLflow as a PNG artifact ``<tag>/step_<step>.png``; None when the run has neither."""

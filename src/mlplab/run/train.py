@@ -18,7 +18,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from mlplab.data.datamodule import ImageDataModule
-from mlplab.errors import one_line
+from mlplab.errors import SettingError, one_line
 from mlplab.model.backbones import count_parameters
 from mlplab.model.classifier import DivergedError, ImageClassifier
 from mlplab.run import provenance
@@ -27,7 +27,7 @@ from mlplab.run.config import ConfigError, RunConfig
 from mlplab.run.history import EpochHistory
 from mlplab.run.lightning_notes import quiet_lightning
 from mlplab.run.memory import planned_peak_bytes, require_memory_for
-from mlplab.run.records import CHECKPOINT_DIR, MONITOR, write_metrics
+from mlplab.run.records import CHECKPOINT_DIR, MONITOR, has_event_files, write_metrics
 from mlplab.run.trackers import log_run_start
 from mlplab.run.trainer import build_trainer, end_ranks, require_batches
 from mlplab.run.views.hparams import log_hparams
@@ -41,11 +41,12 @@ class Pruned(Exception):
 
 def build_model(config: RunConfig, datamodule: ImageDataModule, processes: int) -> tuple[ImageClassifier, int]:
     """The model, after checking that training it fits in memory; and the estimated peak memory of this process."""
-    input_shape, num_classes = datamodule.input_shape, len(datamodule.class_names)
+    input_shape, num_classes = datamodule.input_shape, datamodule.num_classes
     try:
         parameters, peak = planned_peak_bytes(config, input_shape, num_classes)
     except ValueError as error:  # a setting that does not suit this data's images, e.g. too many pooling blocks
-        raise ConfigError(f"model.{error}") from None
+        setting = error if isinstance(error, SettingError) else SettingError(None, str(error))
+        raise ConfigError(setting.within("model")) from None
     size_keys = [f"model.{name}" for name in config.model.size_settings] or ["model"]
     estimate = require_memory_for(peak, processes, parameters, size_keys)
     return ImageClassifier(
@@ -184,5 +185,5 @@ def report(run_dir: Path, metrics: dict[str, Any]) -> None:
     )
     log.info("Run directory: %s", run_dir)
     log.info("Evaluate:      mlplab-eval run=%s", shlex.quote(str(run_dir)))
-    if any(run_dir.rglob("events.out.tfevents.*")):  # not with logger=mlflow alone
+    if has_event_files(run_dir):
         log.info("TensorBoard:   tensorboard --logdir %s", shlex.quote(str(run_dir)))

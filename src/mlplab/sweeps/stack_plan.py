@@ -135,7 +135,7 @@ def stack_capacity(job: StackedJob) -> int:
     datamodule = ImageDataModule(config.data, config.data_dir)
     datamodule.prepare_data()
     datamodule.setup("fit")  # parsed once per process: the stack's own set-up finds it ready
-    _, peak = planned_peak_bytes(config, datamodule.input_shape, len(datamodule.class_names))
+    _, peak = planned_peak_bytes(config, datamodule.input_shape, datamodule.num_classes)
     per_job = peak - RUN_OVERHEAD_BYTES
     on_gpu = config.trainer.accelerator == "gpu" or (config.trainer.accelerator == "auto" and torch.cuda.is_available())
     free = torch.cuda.mem_get_info()[0] if on_gpu else available_memory() - RUN_OVERHEAD_BYTES

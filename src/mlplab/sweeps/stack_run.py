@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -173,9 +172,7 @@ def train_stack(jobs: Sequence[StackedJob], group_dir: Path, resume_from: Path |
         trainer = build_trainer(first.trainer, group_dir, False, callbacks)
     os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)  # as in run.train.train: no NVML query per step
     try:
-        with warnings.catch_warnings():  # the stack's own folder: a resumed stack finds its checkpoints there
-            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
         if resume_points.stopped_by:  # a signal during validation: the epoch ended with its checkpoints
             raise StopRequested
     except BaseException as error:

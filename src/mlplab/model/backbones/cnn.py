@@ -9,6 +9,7 @@ from typing import ClassVar
 
 from torch import nn
 
+from mlplab.errors import SettingError
 from mlplab.model.backbones import Backbone
 from mlplab.model.backbones.mlp import ACTIVATIONS
 
@@ -28,24 +29,28 @@ class CNN(Backbone):
 
     def __post_init__(self) -> None:
         if not self.channels or any(c < 1 for c in self.channels):
-            raise ValueError(f"channels must be a non-empty list of integers >= 1, got {self.channels}")
+            raise SettingError("channels", f"channels must be a non-empty list of integers >= 1, got {self.channels}")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise ValueError(
-                f"kernel_size must be an odd integer >= 1 (the padding keeps the size), got {self.kernel_size}"
+            raise SettingError(
+                "kernel_size",
+                f"kernel_size must be an odd integer >= 1 (the padding keeps the size), got {self.kernel_size}",
             )
         if self.hidden < 0:
-            raise ValueError(f"hidden must be an integer >= 0, got {self.hidden}")
+            raise SettingError("hidden", f"hidden must be an integer >= 0, got {self.hidden}")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {self.activation!r}")
+            raise SettingError(
+                "activation", f"activation must be one of {', '.join(ACTIVATIONS)}; got {self.activation!r}"
+            )
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must satisfy 0 <= p < 1, got {self.dropout}")
+            raise SettingError("dropout", f"dropout must satisfy 0 <= p < 1, got {self.dropout}")
 
     def build(self, input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
         in_channels, height, width = input_shape
         if min(height, width) >> len(self.channels) < 1:
-            raise ValueError(
+            raise SettingError(
+                "channels",
                 f"channels: {len(self.channels)} blocks halve {height}x{width} images to nothing; "
-                f"use at most {int(math.log2(min(height, width)))}"
+                f"use at most {int(math.log2(min(height, width)))}",
             )
         layers: list[nn.Module] = []
         for out_channels in self.channels:
