@@ -1,4 +1,5 @@
-"""The Lightning Trainer of a run: its settings (``trainer=...``), the devices it may use, what fits in memory."""
+"""The Lightning Trainer of a run: its settings (``trainer=...``), the devices and precision it uses, and the
+batches it needs (what fits in memory: mlplab.run.memory)."""
 
 from __future__ import annotations
 

@@ -2,9 +2,10 @@
 what they must share, in stacks as large as the memory holds. mlplab.sweeps.stack_run runs each stack; the engine
 is mlplab.model.stacked_network and mlplab.model.stacked_classifier.
 
-What may differ within a stack (the one statement of it; stack_group_key follows it, the rest refers to it):
-    Jobs stack when they differ only in numbers: seed, model.dropout, and the numeric arguments of the optimizer
-    and of the scheduler (optimizer.lr, weight_decay, betas, ...; scheduler.eta_min, step_size, gamma, ...).
+What may differ within a stack (stack_group_key follows it; the README's Stacked sweeps says it to users):
+    Jobs stack when they differ only in numbers: seed, model.dropout, and the arguments of the optimizer and of the
+    scheduler that are numbers or flags (optimizer.lr, weight_decay, betas, nesterov, ...; scheduler.eta_min,
+    step_size, gamma, ...).
     Everything else must be equal: the network's shape, the data and batch sizes, the epochs, the Trainer's
     settings, the optimizer's and the scheduler's classes and their other settings (such as scheduler.interval).
 
