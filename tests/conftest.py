@@ -17,6 +17,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -58,6 +59,28 @@ def cli_env(data_dir: Path | None = None) -> dict[str, str]:
     if data_dir is not None:
         env["MLPLAB_DATA_DIR"] = str(data_dir)
     return env
+
+
+def composed(overrides: list[str] | tuple[str, ...] = (), config_name: str = "train", hydra: bool = False) -> Any:
+    """The config mlplab's command line composes from ``overrides`` (with Hydra's own part if ``hydra``)."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name, overrides=list(overrides), return_hydra_config=hydra)
+
+
+def single_run_dir(cwd: Path) -> Path:
+    """The one run directory a command made under ``cwd``."""
+    (run_dir,) = (cwd / "outputs" / "runs").iterdir()
+    return run_dir
+
+
+def study_of(sweep_dir: Path) -> Any:
+    """The Optuna study a search keeps in its sweep folder (its journal file), read with Optuna's own API."""
+    import optuna
+
+    from mlplab.sweeps.storage import STUDY_FILE
+
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(sweep_dir / STUDY_FILE)))
+    return optuna.load_study(study_name=sweep_dir.name, storage=storage)
 
 
 def run_cli(
@@ -151,19 +174,17 @@ def train_in_process(data_dir, run_dir, overrides, stop_after=None, resume_from=
     ``overrides``); returns last.ckpt's contents.
     ``stop_after``: end training after that many epochs, as if stopped and resumed later."""
     small = [] if any(o.startswith("model=") for o in overrides) else ["model.width=16"]
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[
-                *SYNTHETIC_RUN,
-                f"paths.data_dir={data_dir}",
-                *small,
-                "trainer.max_epochs=3",
-                "callbacks.model_description=null",
-                "callbacks.misclassified=null",
-                *overrides,
-            ],
-        )
+    cfg = composed(
+        [
+            *SYNTHETIC_RUN,
+            f"paths.data_dir={data_dir}",
+            *small,
+            "trainer.max_epochs=3",
+            "callbacks.model_description=null",
+            "callbacks.misclassified=null",
+            *overrides,
+        ],
+    )
     config = parse_run_config(OmegaConf.to_container(cfg, resolve=True))
     callbacks = build_callbacks(cfg.callbacks) + ([StopAfterEpoch(stop_after)] if stop_after else [])
     train(config, run_dir, callbacks=callbacks, resume_from=resume_from)

@@ -7,17 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SYNTHETIC_RUN, run_cli
-from hydra import compose, initialize_config_dir
+from conftest import SYNTHETIC_RUN, composed, run_cli, single_run_dir
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-from mlplab.cli.compose import CONFIG_DIR
-
-
-def single_run_dir(cwd: Path) -> Path:
-    (run_dir,) = (cwd / "outputs" / "runs").iterdir()
-    return run_dir
 
 
 def scalars(run_dir: Path) -> dict[str, list[float]]:
@@ -150,8 +142,7 @@ def test_checkpoint_records_the_data_setup_eval_rebuilds(trained_run):
 
 def test_runs_started_in_the_same_second_get_their_own_directories(synthetic_data_dir, tmp_path):
     # The default run directory with its time part pinned: the two runs surely share that second.
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        default = OmegaConf.to_container(compose("train", return_hydra_config=True).hydra.run)["dir"]  # unresolved
+    default = OmegaConf.to_container(composed(hydra=True).hydra.run)["dir"]  # unresolved
     new_run = "outputs/runs/${now:%Y-%m-%d_%H-%M-%S}_${mlplab.pid:}"
     assert new_run in default  # a new run's directory, as pinned below
     pinned = new_run.replace("${now:%Y-%m-%d_%H-%M-%S}", "2026-01-01_00-00-00")

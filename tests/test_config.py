@@ -8,8 +8,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import SYNTHETIC_RUN
-from hydra import compose, initialize_config_dir
+from conftest import SYNTHETIC_RUN, composed
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
@@ -20,13 +19,13 @@ from mlplab.errors import SettingError
 from mlplab.run.config import ConfigError, parse_run_config
 
 
-def composed(*overrides: str) -> dict:
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return OmegaConf.to_container(compose("train", overrides=list(overrides)), resolve=True)
+def resolved(*overrides: str) -> dict:
+    """The composed config as plain values."""
+    return OmegaConf.to_container(composed(overrides), resolve=True)
 
 
 def parsed(*overrides: str):
-    return parse_run_config(composed(*overrides))
+    return parse_run_config(resolved(*overrides))
 
 
 def test_defaults():
@@ -114,8 +113,7 @@ def test_every_option_composes_and_sets_its_values(group):
 
 @pytest.mark.parametrize("option", ["tensorboard", "csv", "none"])
 def test_every_logger_option_is_the_logger_it_names(option):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        logger = compose("train", overrides=[f"logger={option}"]).logger
+    logger = composed([f"logger={option}"]).logger
     expected = {"tensorboard": "TensorBoardLogger", "csv": "CSVLogger"}.get(option)
     assert logger.get("_target_", "").endswith(expected) if expected else not logger
 
@@ -383,7 +381,7 @@ def test_the_default_run_is_the_dataclasses_defaults(monkeypatch):
 def test_both_checkpoints_get_the_flags_the_code_gives_its_own():
     from mlplab.run.checkpoints import CHECKPOINT_FLAGS
 
-    callbacks = composed()["callbacks"]
+    callbacks = resolved()["callbacks"]
     assert CHECKPOINT_FLAGS == {"save_top_k": 1, "auto_insert_metric_name": False, "enable_version_counter": False}
     for name, filename in (("model_checkpoint", "best"), ("last_checkpoint", "last")):
         checkpoint = callbacks[name]
@@ -393,14 +391,11 @@ def test_both_checkpoints_get_the_flags_the_code_gives_its_own():
 
 
 def test_eval_and_predict_share_where_the_data_is_and_write_nothing():
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        for tool in ("eval", "predict"):
-            cfg = compose(
-                tool, overrides=["run=x", *(["inputs=test"] if tool == "predict" else [])], return_hydra_config=True
-            )
-            assert cfg.paths == compose("train").paths
-            assert cfg.hydra.run.dir == "." and cfg.hydra.output_subdir is None
-            assert cfg.hydra.job_logging.handlers.console.stream == "ext://sys.stderr"
+    for tool in ("eval", "predict"):
+        cfg = composed(["run=x", *(["inputs=test"] if tool == "predict" else [])], tool, hydra=True)
+        assert cfg.paths == composed().paths
+        assert cfg.hydra.run.dir == "." and cfg.hydra.output_subdir is None
+        assert cfg.hydra.job_logging.handlers.console.stream == "ext://sys.stderr"
 
 
 # --- errors carry their key ---------------------------------------------------------------------------------------

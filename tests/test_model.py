@@ -46,11 +46,18 @@ def test_list_width_gives_one_size_per_layer():
     assert network(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
-@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+LAYER_OF = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
+
+
+def test_the_activations_offered_are_these():
+    assert sorted(ACTIVATIONS) == sorted(LAYER_OF)
+
+
+@pytest.mark.parametrize("name", sorted(LAYER_OF))
 def test_each_activation_follows_each_hidden_linear(name):
     network = build_mlp((1, 28, 28), 10, depth=2, width=32, activation=name)
     kinds = [type(m) for m in network]
-    assert kinds == [nn.Flatten, nn.Linear, ACTIVATIONS[name], nn.Linear, ACTIVATIONS[name], nn.Linear]
+    assert kinds == [nn.Flatten, nn.Linear, LAYER_OF[name], nn.Linear, LAYER_OF[name], nn.Linear]
 
 
 def test_dropout_after_each_activation_only_when_asked():

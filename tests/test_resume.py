@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SYNTHETIC_RUN, cli_env, run_cli
+from conftest import SYNTHETIC_RUN, cli_env, run_cli, single_run_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 BIN = Path(sys.executable).parent
@@ -38,11 +38,6 @@ def start(args: list[str], cwd: Path, data_dir: Path) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-
-
-def run_dir_of(cwd: Path) -> Path:
-    (run_dir,) = (cwd / "outputs" / "runs").iterdir()
-    return run_dir
 
 
 def saved_step(checkpoint: Path) -> int:
@@ -94,7 +89,7 @@ def uninterrupted(synthetic_data_dir, tmp_path_factory) -> Path:
     cwd = tmp_path_factory.mktemp("uninterrupted")
     result = run_cli(["mlplab-train", *RUN], cwd, synthetic_data_dir)
     assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir_of(cwd)
+    return single_run_dir(cwd)
 
 
 def test_ctrl_c_mid_epoch_then_the_printed_command_resumes_it_exactly(uninterrupted, synthetic_data_dir, tmp_path):
@@ -114,7 +109,7 @@ def test_ctrl_c_mid_epoch_then_the_printed_command_resumes_it_exactly(uninterrup
 
     resumed = run_cli(shlex.split(command), tmp_path, synthetic_data_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert run_dir_of(tmp_path) == run_dir  # the same directory, no new one
+    assert single_run_dir(tmp_path) == run_dir  # the same directory, no new one
     assert_same_run(run_dir, uninterrupted)
     # The resumed epoch's line too, and no warning about the run's own checkpoint folder.
     lines = [line.split(":")[0] for line in resumed.stderr.splitlines() if line.startswith("epoch ")]
@@ -152,7 +147,7 @@ def test_a_signal_during_validation_stops_once_the_epoch_is_saved_and_resumes_ex
     process = start([*RUN, probe], tmp_path, synthetic_data_dir)
     _, stderr = process.communicate(timeout=240)
     assert process.returncode == 128 + signal.Signals[signal_name].value, stderr[-3000:]
-    run_dir = run_dir_of(tmp_path)
+    run_dir = single_run_dir(tmp_path)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "interrupted" and metrics["stopped_by"] == signal_name
     assert metrics["step"] == (epoch + 1) * STEPS_PER_EPOCH and len(metrics["history"]) == epoch + 1  # epoch finished
@@ -267,7 +262,7 @@ def test_a_second_signal_stops_at_once(synthetic_data_dir, tmp_path):
     _, stderr = process.communicate(timeout=60)
     assert time.monotonic() - second < 10, "the second signal waited for the step"
     assert process.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
-    run_dir = run_dir_of(tmp_path)
+    run_dir = single_run_dir(tmp_path)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "interrupted" and metrics["step"] == 1  # stopped in the pause after the first step,
     assert not (

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import SYNTHETIC_RUN, run_cli
+from conftest import SYNTHETIC_RUN, run_cli, study_of
 from omegaconf import OmegaConf
 
 from mlplab.sweeps.storage import STUDY_FILE
@@ -24,11 +24,6 @@ SEARCH = [
     "sweep=search",
 ]
 TWO_PARAMETERS = ["model.width=choice(16,32)", "optimizer.lr=tag(log, interval(0.0003, 0.01))"]
-
-
-def study_of(sweep_dir: Path) -> optuna.Study:
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(sweep_dir / STUDY_FILE)))
-    return optuna.load_study(study_name=sweep_dir.name, storage=storage)
 
 
 def states(study: optuna.Study) -> dict[str, int]:

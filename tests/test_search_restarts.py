@@ -11,9 +11,8 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import SYNTHETIC_RUN, cli_env
+from conftest import SYNTHETIC_RUN, cli_env, study_of
 
-from mlplab.sweeps.storage import STUDY_FILE
 from mlplab.sweeps.study import DUPLICATE_OF
 
 BIN = Path(sys.executable).parent
@@ -40,11 +39,6 @@ def command(sampler: str) -> list[str]:
         *SPACE,
         *SLOW,
     ]
-
-
-def study_of(sweep_dir: Path) -> optuna.Study:
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(sweep_dir / STUDY_FILE)))
-    return optuna.load_study(study_name=sweep_dir.name, storage=storage)
 
 
 def finished_jobs(sweep_dir: Path) -> dict[str, str]:
