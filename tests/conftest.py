@@ -118,10 +118,11 @@ class ForkedCli:
         self.server.stdin.flush()
         return json.loads(self.server.stdout.readline())["returncode"]
 
-    def run(self, args: list[str], cwd: Path, tool: str = "mlplab-train") -> tuple[int, str]:
-        """``tool`` (mlplab-train, -eval, -predict or -report) with ``args``: its exit status and its output."""
+    def run(self, args: list[str], cwd: Path, tool: str = "mlplab-train", seconds: int = 300) -> tuple[int, str]:
+        """``tool`` (mlplab-train, -eval, -predict or -report) with ``args``: its exit status and its output; a
+        child still running after ``seconds`` is stopped (SIGALRM)."""
         output = self.outputs / "output.txt"
-        code = self._ask({"tool": tool, "args": args, "cwd": str(cwd), "output": str(output)})
+        code = self._ask({"tool": tool, "args": args, "cwd": str(cwd), "output": str(output), "seconds": seconds})
         return code, output.read_text()
 
     def run_apart(

@@ -30,6 +30,7 @@ from mlplab.data.datamodule import ImageDataModule
 from mlplab.model.backbones.mlp import MLP
 from mlplab.run.memory import RUN_OVERHEAD_BYTES, available_memory, planned_peak_bytes
 from mlplab.run.records import MONITOR
+from mlplab.run.trainer import TrainerSettings
 from mlplab.sweeps.jobs import resume_point
 from mlplab.sweeps.stack_jobs import VIEWS, StackedJob
 from mlplab.sweeps.stack_run import in_a_stopped_stack, train_claimed
@@ -40,15 +41,15 @@ SEARCH = "mlplab.sweeps.search"  # the module of a search trial's callback (repo
 # Optimizers whose update is element by element: a network's slice of the stacked weights steps as its own weight.
 ELEMENTWISE_OPTIMIZERS = ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam")
 # Trainer settings one stack cannot apply per job; each job with one of these set runs on its own.
-UNSTACKED_TRAINER_SETTINGS = {
-    "gradient_clip_val": None,
-    "accumulate_grad_batches": 1,
-    "val_check_interval": None,
-    "check_val_every_n_epoch": 1,
-    "max_steps": -1,
-    "max_time": None,
-    "profiler": None,
-}
+UNSTACKED_TRAINER_SETTINGS = (
+    "gradient_clip_val",
+    "accumulate_grad_batches",
+    "val_check_interval",
+    "check_val_every_n_epoch",
+    "max_steps",
+    "max_time",
+    "profiler",
+)
 
 
 def alone_reason(job: StackedJob) -> str | None:
@@ -61,8 +62,9 @@ def alone_reason(job: StackedJob) -> str | None:
     if config.optimizer.target not in {f"torch.optim.{name}" for name in ELEMENTWISE_OPTIMIZERS}:
         names = ", ".join(ELEMENTWISE_OPTIMIZERS)
         return f"optimizer._target_={config.optimizer.target}: only torch.optim's {names} stack"
-    for key, plain in UNSTACKED_TRAINER_SETTINGS.items():
-        if getattr(config.trainer, key) != plain:
+    plain = TrainerSettings()  # each of these at its default stacks
+    for key in UNSTACKED_TRAINER_SETTINGS:
+        if getattr(config.trainer, key) != getattr(plain, key):
             return f"trainer.{key}={getattr(config.trainer, key)} applies to each job on its own"
     if config.trainer.options:
         return f"trainer.{next(iter(config.trainer.options))} is not applied to stacks"
