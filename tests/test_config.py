@@ -428,3 +428,31 @@ def test_an_error_is_named_by_the_key_it_carries_not_its_first_word():
     with pytest.raises(ConfigError) as caught:
         parsed("data=folder")
     assert str(caught.value) == "data.path is required with data=folder: data.path=DIR (an image folder)"
+
+
+@pytest.mark.parametrize(
+    "option, cls, choices",
+    [
+        # The sampler and the pruner are the file's choices (None in code: a grid never builds them); the metric
+        # comes from the root's optimized_metric, val/acc by default, as in code.
+        ("hydra/sweeper/mlplab", "hydra_plugins.mlplab_sweeper.mlplab_sweeper.MlplabSweeper", {"sampler", "pruner"}),
+        ("hydra/launcher/stacked", "hydra_plugins.mlplab_sweeper.stacked_launcher.StackedLauncher", set()),
+    ],
+)
+def test_the_sweepers_and_launchers_files_give_their_classes_defaults(option, cls, choices):
+    module, _, name = cls.rpartition(".")
+    defaults = class_defaults(getattr(importlib.import_module(module), name))
+    given = {
+        key: value
+        for key, value in OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / f"{option}.yaml")).items()
+        if not key.startswith("_") and key not in choices and key != "metric"
+    }
+    assert set(given) | choices | {"metric"} >= set(defaults) - {"metric"}
+    wrong = [
+        f"conf/{option}.yaml: {key} is {value!r}, but its default is {defaults[key]!r}"
+        for key, value in given.items()
+        if value != defaults.get(key, "(none)")
+    ]
+    assert wrong == []
+    if "metric" in defaults:  # interpolated in the file: resolved, it is the class's default
+        assert composed(hydra=True).hydra.sweeper.metric == defaults["metric"] == "val/acc"
