@@ -84,18 +84,25 @@ def study_of(sweep_dir: Path) -> Any:
 
 
 def run_cli(
-    args: list[str], cwd: Path, data_dir: Path | None = None, timeout: int = 300, fresh: bool = False
+    args: list[str],
+    cwd: Path,
+    data_dir: Path | None = None,
+    timeout: int = 300,
+    fresh: bool = False,
+    python_path: list[Path] | None = None,
 ) -> subprocess.CompletedProcess:
     """Run an mlplab console script the way a user does: its ``main()`` with this command line, in a process forked
     from one that imported mlplab once (forked_cli.py). ``fresh``: the installed script in a new interpreter, where
-    the process boundary itself is what a test checks."""
+    the process boundary itself is what a test checks. ``python_path``: a user's own code, as on PYTHONPATH."""
     if fresh:
         script = Path(sys.executable).parent / args[0]
+        env = cli_env(data_dir)
+        env["PYTHONPATH"] = os.pathsep.join([*map(str, python_path or []), env["PYTHONPATH"]])
         return subprocess.run(
-            [str(script), *args[1:]], cwd=cwd, env=cli_env(data_dir), capture_output=True, text=True, timeout=timeout
+            [str(script), *args[1:]], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
         )
     env = {"MLPLAB_DATA_DIR": str(data_dir) if data_dir is not None else None}
-    code, stdout, stderr = shared_forked_cli().run_apart(args[1:], cwd, args[0], env, timeout)
+    code, stdout, stderr = shared_forked_cli().run_apart(args[1:], cwd, args[0], env, timeout, python_path or [])
     return subprocess.CompletedProcess(args, code, stdout, stderr)
 
 
@@ -126,12 +133,13 @@ class ForkedCli:
         return code, output.read_text()
 
     def run_apart(
-        self, args: list[str], cwd: Path, tool: str, env: dict[str, str | None], seconds: int
+        self, args: list[str], cwd: Path, tool: str, env: dict[str, str | None], seconds: int, path: list[Path]
     ) -> tuple[int, str, str]:
-        """As ``run``, with ``env`` set in the child: exit status, stdout and stderr."""
+        """As ``run``, with ``env`` set and ``path`` first on sys.path in the child: exit status, stdout and
+        stderr."""
         output, errors = self.outputs / "stdout.txt", self.outputs / "stderr.txt"
         request = {"tool": tool, "args": args, "cwd": str(cwd), "output": str(output), "errors": str(errors)}
-        code = self._ask({**request, "env": env, "seconds": seconds})
+        code = self._ask({**request, "env": env, "seconds": seconds, "path": [str(folder) for folder in path]})
         return code, output.read_text(), errors.read_text()
 
     def close(self) -> None:

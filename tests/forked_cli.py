@@ -3,7 +3,8 @@
 A child runs the console script's own ``main()`` with its ``sys.argv``, as the installed script does, so the
 tests can try many command lines through the real parser without ~4 s of imports each. Protocol: one JSON request
 per line on stdin (``tool``, ``args``, ``cwd``, ``output``; optionally ``errors``, a file of its own for stderr,
-``env``, variables to set (null: unset), and ``seconds`` before it is stopped), one JSON answer (``returncode``) per
+``env``, variables to set (null: unset), ``path``, folders to import from first, and ``seconds`` before it is
+stopped), one JSON answer (``returncode``) per
 line on stdout.
 """
 
@@ -37,6 +38,7 @@ CHILD_SECONDS = 120
 
 def run_child(request: dict) -> None:
     os.chdir(request["cwd"])
+    sys.path[:0] = request.get("path", [])  # as PYTHONPATH would put them
     for name, value in request.get("env", {}).items():
         if value is None:
             os.environ.pop(name, None)

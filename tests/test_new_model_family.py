@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
-from conftest import SYNTHETIC_RUN, cli_env
+from conftest import SYNTHETIC_RUN, run_cli
 
 BACKBONE = """
 from dataclasses import dataclass
@@ -34,17 +33,9 @@ class TinyConv(Backbone):
 
 
 def train(tmp_path: Path, data_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = cli_env(data_dir)
-    env["PYTHONPATH"] = f"{tmp_path / 'code'}:{env['PYTHONPATH']}"
-    script = Path(sys.executable).parent / "mlplab-train"
-    return subprocess.run(
-        [str(script), "--config-dir", str(tmp_path / "conf"), *SYNTHETIC_RUN, "model=tiny_conv", *overrides],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    """mlplab-train with the user's config dir and their own code importable (as on PYTHONPATH)."""
+    args = ["mlplab-train", "--config-dir", str(tmp_path / "conf"), *SYNTHETIC_RUN, "model=tiny_conv", *overrides]
+    return run_cli(args, tmp_path, data_dir, python_path=[tmp_path / "code"])
 
 
 def test_a_backbone_module_and_a_yaml_file_make_a_model_family(synthetic_data_dir, tmp_path):
@@ -69,13 +60,8 @@ def test_a_backbone_module_and_a_yaml_file_make_a_model_family(synthetic_data_di
     assert metrics["status"] == "completed" and metrics["num_parameters"] == (1 * 6 * 9 + 6) + (6 * 16 * 10 + 10)
     bad = train(tmp_path, synthetic_data_dir, "model.channels=0")
     assert bad.returncode == 2 and "model.channels must be an integer >= 1, got 0" in bad.stderr
-    evaluated = subprocess.run(
-        [str(Path(sys.executable).parent / "mlplab-eval"), f"run={run_dir}", "format=json"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**cli_env(synthetic_data_dir), "PYTHONPATH": str(tmp_path / "code")},
+    evaluated = run_cli(
+        ["mlplab-eval", f"run={run_dir}", "format=json"], tmp_path, synthetic_data_dir, python_path=[tmp_path / "code"]
     )
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert json.loads(evaluated.stdout)["test/acc"] == metrics["test/acc"]
