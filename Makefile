@@ -33,8 +33,7 @@ train: setup data
 	$(BIN)/mlplab-train $(ARGS)
 
 # Two workers, each stealing tests from the other as it runs out (the slowest take 30 to 60 s). The 15 slowest tests
-# are listed at the end, to keep an eye
-# on the total (README, Tests).
+# are listed at the end, to keep an eye on the total (tests/README.md).
 PYTEST_ARGS ?= -n 2 --dist worksteal --durations=15
 test: setup
 	$(BIN)/ruff check .
