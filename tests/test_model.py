@@ -5,6 +5,7 @@ import torch
 from conftest import train_in_process
 from torch import nn
 
+from mlplab.errors import SettingError
 from mlplab.model.backbones import count_parameters
 from mlplab.model.backbones.cnn import CNN
 from mlplab.model.backbones.mlp import ACTIVATIONS, MLP
@@ -110,3 +111,41 @@ def test_cnn_settings_that_do_not_fit_the_images_are_refused():
         CNN(kernel_size=4)
     with pytest.raises(ValueError, match="channels: 5 blocks halve 28x28 images to nothing; use at most 4"):
         CNN(channels=[2] * 5).planned_size((1, 28, 28), 10)
+
+
+def test_norm_sits_between_each_hidden_linear_and_its_activation():
+    batch = build_mlp((1, 28, 28), 10, depth=2, width=8, norm="batch", dropout=0.1)
+    assert [type(m) for m in batch] == [
+        nn.Flatten,
+        nn.Linear,
+        nn.BatchNorm1d,
+        nn.ReLU,
+        nn.Dropout,
+        nn.Linear,
+        nn.BatchNorm1d,
+        nn.ReLU,
+        nn.Dropout,
+        nn.Linear,
+    ]
+    layer = build_mlp((1, 28, 28), 10, depth=1, width=8, norm="layer")
+    assert [type(m) for m in layer] == [nn.Flatten, nn.Linear, nn.LayerNorm, nn.ReLU, nn.Linear]
+    assert count_parameters(layer) == 784 * 8 + 8 + 2 * 8 + 8 * 10 + 10  # LayerNorm: a weight and a bias per unit
+    with pytest.raises(SettingError, match="norm must be one of none, batch, layer; got 'group'"):
+        build_mlp((1, 28, 28), 10, depth=1, width=8, norm="group")
+
+
+@pytest.mark.parametrize("norm", ["batch", "layer"])
+def test_a_normalised_network_stopped_after_an_epoch_resumes_exactly(norm, synthetic_data_dir, tmp_path):
+    overrides = [f"model.norm={norm}", "trainer.deterministic=true"]
+    straight = train_in_process(synthetic_data_dir, tmp_path / "straight", overrides)
+    train_in_process(synthetic_data_dir, tmp_path / "resumed", overrides, stop_after=1)
+    resumed = train_in_process(
+        synthetic_data_dir,
+        tmp_path / "resumed",
+        overrides,
+        resume_from=tmp_path / "resumed" / "checkpoints" / "last.ckpt",
+    )
+    weights = straight["state_dict"]
+    # The norm's own parameters (and, for batch, its running statistics) are in the checkpoint, resumed bit for bit.
+    assert "network.2.weight" in weights and ("network.2.running_mean" in weights) == (norm == "batch")
+    assert all(torch.equal(weights[key], resumed["state_dict"][key]) for key in weights)

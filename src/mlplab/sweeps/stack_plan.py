@@ -57,6 +57,8 @@ def alone_reason(job: StackedJob) -> str | None:
     config = job.config
     if not isinstance(config.model, MLP):
         return f"model.family={config.model.as_dict()['family']}: only MLPs stack"
+    if config.model.norm != "none":
+        return f"model.norm={config.model.norm}: the stacked engine has no normalisation layers"
     if config.trainer.data_parallel:
         return "a data-parallel job (trainer=ddp) has its devices to itself"
     if config.optimizer.target not in {f"torch.optim.{name}" for name in ELEMENTWISE_OPTIMIZERS}:

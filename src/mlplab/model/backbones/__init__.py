@@ -33,7 +33,7 @@ class Backbone:
                 for module in network.modules()
                 if not list(module.children())
             ]
-            network(torch.zeros(1, *input_shape))
+            network.eval()(torch.zeros(1, *input_shape))  # one sample: batch norm counts it only in eval mode
         for hook in hooks:
             hook.remove()
         return count_parameters(network), sum(outputs)

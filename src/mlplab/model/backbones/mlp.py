@@ -1,4 +1,4 @@
-"""The multilayer perceptron: ``Flatten -> [Linear -> activation (-> Dropout)] x depth -> Linear(num_classes)``."""
+"""The multilayer perceptron: ``Flatten -> [Linear (-> norm) -> activation (-> Dropout)] x depth -> Linear``."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "gelu": nn.GELU,
 }
 OUTPUT_ACTIVATIONS = ("none", *ACTIVATIONS)
+# Normalisation of each hidden layer's output, between its Linear and its activation (as in Ioffe & Szegedy).
+NORMS: dict[str, type[nn.Module] | None] = {"none": None, "batch": nn.BatchNorm1d, "layer": nn.LayerNorm}
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class MLP(Backbone):
     width: int | list[int] = 512  # units per hidden layer: one for all, or one per layer
     activation: str = "relu"
     dropout: float = 0.0  # after each hidden activation
+    norm: str = "none"  # none | batch | layer: after each hidden Linear, before its activation
     # Other than "none", applied to the logits: only to reproduce networks written that way (it clips or squashes).
     output_activation: str = "none"
 
@@ -47,6 +50,8 @@ class MLP(Backbone):
             )
         if not 0 <= self.dropout < 1:
             raise SettingError("dropout", f"dropout must satisfy 0 <= p < 1, got {self.dropout}")
+        if self.norm not in NORMS:
+            raise SettingError("norm", f"norm must be one of {', '.join(NORMS)}; got {self.norm!r}")
         if self.output_activation not in OUTPUT_ACTIVATIONS:
             raise SettingError(
                 "output_activation",
@@ -62,7 +67,10 @@ class MLP(Backbone):
         layers: list[nn.Module] = [nn.Flatten()]
         in_features = math.prod(input_shape)
         for out_features in self.widths:
-            layers += [nn.Linear(in_features, out_features), ACTIVATIONS[self.activation]()]
+            layers.append(nn.Linear(in_features, out_features))
+            if NORMS[self.norm] is not None:
+                layers.append(NORMS[self.norm](out_features))
+            layers.append(ACTIVATIONS[self.activation]())
             if self.dropout > 0:
                 layers.append(nn.Dropout(self.dropout))
             in_features = out_features
