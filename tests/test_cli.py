@@ -185,6 +185,8 @@ BAD_INPUTS = [  # (override, the key the message must name, what it must say is 
     ("trainer.limit_train_batches=0.05", "trainer.limit_train_batches", "at least 0.1"),  # of 10 batches: none
     ("optimizer.lr=1e400", "optimizer.lr", "a finite number, got inf"),  # beyond a double: inf
     ("model.dropout=nan", "model.dropout", "a finite number, got nan"),
+    ("label_smoothing=1.5", "label_smoothing", "0 <= s < 1"),
+    ("model.norm=group", "model.norm", "none, batch, layer"),
     ("trainer.gradient_clip_val=inf", "trainer.gradient_clip_val", "a finite number, got inf"),
     ("+trainer.no_such_flag=1", "trainer.no_such_flag", "allowed: accelerator"),  # not a Lightning argument
     ("+trainer.acumulate_grad_batches=2", "trainer.acumulate_grad_batches", "did you mean accumulate_grad_batches"),

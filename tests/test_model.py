@@ -9,6 +9,7 @@ from mlplab.errors import SettingError
 from mlplab.model.backbones import count_parameters
 from mlplab.model.backbones.cnn import CNN
 from mlplab.model.backbones.mlp import ACTIVATIONS, MLP
+from mlplab.model.classifier import ImageClassifier
 
 
 def build_mlp(input_shape, num_classes, **settings):
@@ -149,3 +150,18 @@ def test_a_normalised_network_stopped_after_an_epoch_resumes_exactly(norm, synth
     # The norm's own parameters (and, for batch, its running statistics) are in the checkpoint, resumed bit for bit.
     assert "network.2.weight" in weights and ("network.2.running_mean" in weights) == (norm == "batch")
     assert all(torch.equal(weights[key], resumed["state_dict"][key]) for key in weights)
+
+
+def test_label_smoothing_shapes_the_training_loss_only():
+    model = ImageClassifier(MLP(depth=0), (1, 1, 10), 10, label_smoothing=0.1)
+    with torch.no_grad():  # logits 10, 0, ..., 0 for every image: confident in class 0, and right
+        model.network[1].weight.zero_()
+        model.network[1].bias.copy_(torch.tensor([10.0] + [0.0] * 9))
+    batch = (torch.zeros(4, 1, 1, 10, dtype=torch.uint8), torch.zeros(4, dtype=torch.long))
+    # Smoothed: 0.9 of the target on class 0, 0.01 on each class, so the confident answer costs about 0.9.
+    assert model._shared_step(batch, "train").item() == pytest.approx(0.90041, abs=1e-5)
+    assert model._shared_step(batch, "val").item() == pytest.approx(0.00041, abs=1e-5)
+    restored = ImageClassifier.from_checkpoint(
+        {"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}
+    )
+    assert restored.hparams.label_smoothing == 0.1

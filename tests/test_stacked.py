@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mlplab.model.backbones.mlp import MLP
+from mlplab.model.stacked_classifier import StackedClassifier
 from mlplab.model.stacked_network import PerNetworkOptimizer, StackedMLP, StackError
 
 SHAPE, CLASSES, SEEDS = (1, 8, 8), 10, (1, 2, 3)
@@ -146,3 +147,12 @@ def test_each_network_is_taken_out_under_its_own_layer_names():
         single.load_state_dict(stacked.network_state(k))
         for key, value in alone[k].state_dict().items():
             assert torch.equal(single.state_dict()[key], value)
+
+
+def test_the_stacks_training_loss_is_each_networks_smoothed_loss():
+    # Network 0 answers class 0 with logits 10, 0, ..., 0 (right, confident); network 1 answers uniformly.
+    logits = torch.stack([torch.tensor([[10.0] + [0.0] * 9] * 3), torch.zeros(3, 10)])
+    labels = torch.zeros(2, 3, dtype=torch.long)
+    smoothed = StackedClassifier._losses(None, logits, labels, 0.1)
+    assert smoothed.tolist() == pytest.approx([0.90041, 2.302585], abs=1e-5)  # uniform: ln 10 either way
+    assert StackedClassifier._losses(None, logits, labels).tolist() == pytest.approx([0.00041, 2.302585], abs=1e-5)

@@ -72,6 +72,7 @@ class ImageClassifier(L.LightningModule):
         input_mean: Sequence[float] = (0.0,),
         input_std: Sequence[float] = (1.0,),
         class_names: Sequence[str] = (),
+        label_smoothing: float = 0.0,  # the training loss's; validation and test report the plain cross-entropy
     ):
         super().__init__()
         backbone = backbone_from_dict(backbone) if isinstance(backbone, dict) else backbone
@@ -88,6 +89,7 @@ class ImageClassifier(L.LightningModule):
                 "input_mean": list(input_mean),
                 "input_std": list(input_std),
                 "class_names": list(class_names),
+                "label_smoothing": label_smoothing,
             },
             logger=False,
         )  # the run logs its whole config itself (mlplab.run.trackers)
@@ -133,7 +135,9 @@ class ImageClassifier(L.LightningModule):
     def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         images, labels = batch
         logits = self(images)
-        loss = F.cross_entropy(logits, labels)
+        loss = F.cross_entropy(
+            logits, labels, label_smoothing=self.hparams.label_smoothing if stage == "train" else 0.0
+        )
         if stage == "train":
             self._epoch_outputs[stage].append((loss.detach(), logits.detach().argmax(dim=1), labels))
         else:  # evaluation keeps each prediction's probability too: the views show the most confident mistakes

@@ -40,6 +40,7 @@ class StackedClassifier(L.LightningModule):
         self.optimizer_settings = [model.optimizer_settings for model in models]
         self.schedule_settings = [model.schedule_settings for model in models]
         self.max_epochs = models[0].hparams["max_epochs"]
+        self.label_smoothing = models[0].hparams["label_smoothing"]  # the same for every job of a stack
         # Per network, its schedule's Lightning config (built with the optimizers), or None for a constant rate.
         self.schedules: list[dict[str, Any] | None] = []
         self._schedule_states: list[dict[str, Any] | None] | None = None  # a resumed stack's, until they exist
@@ -62,15 +63,16 @@ class StackedClassifier(L.LightningModule):
         """K x B x C x H x W uint8 images (one batch per network) -> K x B x classes logits."""
         return self.stack(self.normalize(images))
 
-    def _losses(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """Each network's mean loss over its batch (labels K x B)."""
-        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape).mean(1)
+    def _losses(self, logits: Tensor, labels: Tensor, smoothing: float = 0.0) -> Tensor:
+        """Each network's mean loss over its batch (labels K x B); ``smoothing``: the training loss's."""
+        flat = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none", label_smoothing=smoothing)
+        return flat.view(labels.shape).mean(1)
 
     @override
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
         logits = self(images)
-        losses = self._losses(logits, labels)
+        losses = self._losses(logits, labels, self.label_smoothing)
         self._outputs["train"].append((losses.detach(), logits.detach().argmax(dim=2), labels))
         # Free on the CPU: a diverged network stops before this step reaches it.
         if losses.device.type == "cpu" and not bool(losses.isfinite().all()):

@@ -55,12 +55,14 @@ class RunConfig:
     scheduler: ScheduleSettings
     trainer: TrainerSettings
     checkpoint: CheckpointSettings
+    label_smoothing: float = 0.0  # the training loss's (torch's CrossEntropyLoss); validation and test: plain
 
     def as_dict(self) -> dict[str, Any]:
         """Every setting as plain values, grouped as in the config (the Trainer's options beside its other keys)."""
         trainer = {key: value for key, value in dataclasses.asdict(self.trainer).items() if key != "options"}
         return {
             "seed": self.seed,
+            "label_smoothing": self.label_smoothing,
             "paths": {"data_dir": self.data_dir},
             "model": self.model.as_dict(),
             "data": dataclasses.asdict(self.data),
@@ -80,11 +82,16 @@ OPEN_GROUPS = ("logger", "callbacks")
 
 def parse_run_config(raw: dict[str, Any]) -> RunConfig:
     """Check a resolved config (plain dict) key by key and return it typed; raises ConfigError."""
-    allowed = {"seed", "paths", "model", *SECTIONS, *CLASS_SECTIONS, *OPEN_GROUPS, *COMMAND_KEYS}
+    allowed = {"seed", "label_smoothing", "paths", "model", *SECTIONS, *CLASS_SECTIONS, *OPEN_GROUPS, *COMMAND_KEYS}
     for key in raw:
         _require(key in allowed, f"{key}: unknown top-level key; allowed: {', '.join(sorted(allowed))}")
     seed = raw.get("seed")
     _require(_matches(seed, int) and seed >= 0, f"seed must be an integer >= 0, got {seed!r}")
+    smoothing = raw.get("label_smoothing", 0.0)
+    _require(
+        _matches(smoothing, float) and 0 <= smoothing < 1,
+        f"label_smoothing must be a number with 0 <= s < 1, got {smoothing!r}",
+    )
     paths = raw.get("paths") or {}
     _require(isinstance(paths, dict), f"paths must be a group of keys, got {paths!r}")
     for key in paths:
@@ -100,7 +107,8 @@ def parse_run_config(raw: dict[str, Any]) -> RunConfig:
         sections["scheduler"].check_with(sections["optimizer"])
     except ValueError as error:
         raise ConfigError(_within("scheduler", error)) from None
-    return RunConfig(seed=seed, data_dir=data_dir, model=parse_model(raw.get("model") or {}), **sections)
+    model = parse_model(raw.get("model") or {})
+    return RunConfig(seed=seed, data_dir=data_dir, model=model, label_smoothing=float(smoothing), **sections)
 
 
 def parse_model(values: dict[str, Any]) -> Backbone:

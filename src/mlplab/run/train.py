@@ -59,6 +59,7 @@ def build_model(config: RunConfig, datamodule: ImageDataModule, processes: int) 
         input_mean=datamodule.mean,
         input_std=datamodule.std,
         class_names=datamodule.class_names,
+        label_smoothing=config.label_smoothing,
     ), estimate
 
 
