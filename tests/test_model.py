@@ -5,11 +5,13 @@ import torch
 from conftest import train_in_process
 from torch import nn
 
+from mlplab.cli.evaluate import evaluate
 from mlplab.errors import SettingError
 from mlplab.model.backbones import count_parameters
 from mlplab.model.backbones.cnn import CNN
 from mlplab.model.backbones.mlp import ACTIVATIONS, MLP
 from mlplab.model.classifier import ImageClassifier
+from mlplab.run.config import ConfigError
 
 
 def build_mlp(input_shape, num_classes, **settings):
@@ -165,3 +167,32 @@ def test_label_smoothing_shapes_the_training_loss_only():
         {"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}
     )
     assert restored.hparams.label_smoothing == 0.1
+
+
+def test_ema_validates_checkpoints_and_tests_the_average_and_resumes_exactly(synthetic_data_dir, tmp_path):
+    overrides = ["callbacks=ema", "callbacks.ema.decay=0.9", "trainer.deterministic=true"]
+    straight = train_in_process(synthetic_data_dir, tmp_path / "straight", overrides)
+    best = torch.load(tmp_path / "straight" / "checkpoints" / "best.ckpt", weights_only=True)
+    # The checkpoint's weights are the average, the trained ones beside them: what eval and predict load is the average.
+    assert not torch.equal(best["state_dict"]["network.1.weight"], best["current_model_state"]["network.1.weight"])
+    recorded = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    assert (
+        evaluate(tmp_path / "straight" / "checkpoints" / "best.ckpt", synthetic_data_dir, "cpu")["test/acc"]
+        == (recorded["test/acc"])
+    )
+    train_in_process(synthetic_data_dir, tmp_path / "resumed", overrides, stop_after=1)
+    resumed = train_in_process(
+        synthetic_data_dir,
+        tmp_path / "resumed",
+        overrides,
+        resume_from=tmp_path / "resumed" / "checkpoints" / "last.ckpt",
+    )
+    for part in ("state_dict", "current_model_state"):  # the average and the trained weights, bit for bit
+        assert all(torch.equal(straight[part][key], resumed[part][key]) for key in straight[part])
+
+
+def test_batch_norm_refuses_a_last_batch_of_one_image(synthetic_data_dir, tmp_path):
+    # 500 training images (600 less 100 for validation) in batches of 499: the last holds 1.
+    with pytest.raises(ConfigError, match=r"data.batch_size=499 leaves a last training batch of 1 image"):
+        train_in_process(synthetic_data_dir, tmp_path, ["model.norm=batch", "data.batch_size=499"])
+    assert not (tmp_path / "metrics.json").exists()  # refused before the run started

@@ -93,16 +93,24 @@ def test_each_stacked_job_ends_as_it_does_in_a_job_by_job_sweep(forked_cli, synt
     assert resumed["status"] == "completed" and resumed["epochs"] == 3 and resumed["step"] == 30
 
 
-def test_normalised_networks_run_on_their_own_saying_why(forked_cli, synthetic_data_dir, tmp_path):
+@pytest.mark.parametrize(
+    "override, reason",
+    [
+        ("model.norm=layer", "model.norm=layer: the stacked engine has no normalisation layers"),
+        ("callbacks=ema", "callback EMAWeights acts on one run's training"),
+    ],
+)
+def test_regularised_jobs_run_on_their_own_saying_why(override, reason, forked_cli, synthetic_data_dir, tmp_path):
     code, output, swept = sweep(
-        forked_cli, tmp_path, synthetic_data_dir, "norm", "seed=1,2", "model.norm=layer", "hydra/launcher=stacked"
+        forked_cli, tmp_path, synthetic_data_dir, "own", "seed=1,2", override, "hydra/launcher=stacked"
     )
     assert code == 0, output[-3000:]
-    assert output.count("runs on its own: model.norm=layer: the stacked engine has no normalisation layers") == 2
+    assert output.count(f"runs on its own: {reason}") == 2, output[-3000:]
     for job in jobs(swept).values():
         assert json.loads((job / "metrics.json").read_text())["status"] == "completed"
-        weights = torch.load(job / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
-        assert weights["network.2.weight"].shape == (16,)  # the LayerNorm after the first Linear (width 16)
+    if override == "model.norm=layer":
+        weights = torch.load(next(iter(jobs(swept).values())) / "checkpoints" / "best.ckpt", weights_only=True)
+        assert weights["state_dict"]["network.2.weight"].shape == (16,)  # the LayerNorm after the first Linear
 
 
 def test_jobs_that_cannot_stack_run_on_their_own_saying_why(forked_cli, synthetic_data_dir, tmp_path):

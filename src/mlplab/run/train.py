@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
 
 from mlplab.data.datamodule import ImageDataModule
 from mlplab.errors import SettingError, one_line
@@ -49,7 +50,7 @@ def build_model(config: RunConfig, datamodule: ImageDataModule, processes: int) 
         raise ConfigError(setting.within("model")) from None
     size_keys = [f"model.{name}" for name in config.model.size_settings] or ["model"]
     estimate = require_memory_for(peak, processes, parameters, size_keys)
-    return ImageClassifier(
+    model = ImageClassifier(
         config.model,
         input_shape,
         num_classes,
@@ -60,7 +61,15 @@ def build_model(config: RunConfig, datamodule: ImageDataModule, processes: int) 
         input_std=datamodule.std,
         class_names=datamodule.class_names,
         label_smoothing=config.label_smoothing,
-    ), estimate
+    )
+    last = len(datamodule.splits["train"]) % (config.data.batch_size * processes)
+    if last == 1 and any(isinstance(module, nn.BatchNorm1d) for module in model.network.modules()):
+        # Batch norm cannot normalise one sample by the batch's statistics: the epoch would end in an error.
+        raise ConfigError(
+            f"data.batch_size={config.data.batch_size} leaves a last training batch of 1 image, which batch norm "
+            "cannot train on; choose another data.batch_size (or data.val_size)"
+        )
+    return model, estimate
 
 
 def train(
