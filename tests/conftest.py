@@ -200,6 +200,13 @@ def train_in_process(data_dir, run_dir, overrides, stop_after=None, resume_from=
     return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
 
 
+def stopped_and_resumed(data_dir, folder: Path, overrides, stop_after: int) -> dict:
+    """train_in_process stopped after ``stop_after`` epochs in ``folder``, then resumed from its last.ckpt there;
+    returns the resumed run's last.ckpt contents."""
+    train_in_process(data_dir, folder, overrides, stop_after=stop_after)
+    return train_in_process(data_dir, folder, overrides, resume_from=folder / "checkpoints" / "last.ckpt")
+
+
 @contextlib.contextmanager
 def tensorboard_server(logdir: Path) -> Iterator[str]:
     """A real TensorBoard server on a free loopback port, stopped afterwards; yields its plugin data URL."""

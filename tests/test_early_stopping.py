@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import torch
-from conftest import train_in_process
+from conftest import stopped_and_resumed, train_in_process
 
 # No epoch can raise val/acc by a whole 1.0: epoch 1 sets the mark, and patience 1 ends training after epoch 2.
 NEVER_IMPROVES = [
@@ -25,13 +25,7 @@ def test_early_stopping_ends_training_and_metrics_json_says_when(synthetic_data_
 
 def test_a_resumed_run_keeps_its_early_stopping_count(synthetic_data_dir, tmp_path):
     straight = train_in_process(synthetic_data_dir, tmp_path / "straight", NEVER_IMPROVES)
-    train_in_process(synthetic_data_dir, tmp_path / "resumed", NEVER_IMPROVES, stop_after=1)
-    resumed = train_in_process(
-        synthetic_data_dir,
-        tmp_path / "resumed",
-        NEVER_IMPROVES,
-        resume_from=tmp_path / "resumed" / "checkpoints" / "last.ckpt",
-    )
+    resumed = stopped_and_resumed(synthetic_data_dir, tmp_path / "resumed", NEVER_IMPROVES, stop_after=1)
     # Resumed after epoch 1, it stops after epoch 2 as the straight run did: the count survived the checkpoint.
     assert resumed["global_step"] == straight["global_step"] == 20
     assert json.loads((tmp_path / "resumed" / "metrics.json").read_text())["stopped_early_at_epoch"] == 2

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import train_in_process
+from conftest import stopped_and_resumed, train_in_process
 from torch import nn
 
 from mlplab.cli.evaluate import evaluate
@@ -141,13 +141,7 @@ def test_norm_sits_between_each_hidden_linear_and_its_activation():
 def test_a_normalised_network_stopped_after_an_epoch_resumes_exactly(norm, synthetic_data_dir, tmp_path):
     overrides = [f"model.norm={norm}", "trainer.deterministic=true"]
     straight = train_in_process(synthetic_data_dir, tmp_path / "straight", overrides)
-    train_in_process(synthetic_data_dir, tmp_path / "resumed", overrides, stop_after=1)
-    resumed = train_in_process(
-        synthetic_data_dir,
-        tmp_path / "resumed",
-        overrides,
-        resume_from=tmp_path / "resumed" / "checkpoints" / "last.ckpt",
-    )
+    resumed = stopped_and_resumed(synthetic_data_dir, tmp_path / "resumed", overrides, stop_after=1)
     weights = straight["state_dict"]
     # The norm's own parameters (and, for batch, its running statistics) are in the checkpoint, resumed bit for bit.
     assert "network.2.weight" in weights and ("network.2.running_mean" in weights) == (norm == "batch")
@@ -180,13 +174,7 @@ def test_ema_validates_checkpoints_and_tests_the_average_and_resumes_exactly(syn
         evaluate(tmp_path / "straight" / "checkpoints" / "best.ckpt", synthetic_data_dir, "cpu")["test/acc"]
         == (recorded["test/acc"])
     )
-    train_in_process(synthetic_data_dir, tmp_path / "resumed", overrides, stop_after=1)
-    resumed = train_in_process(
-        synthetic_data_dir,
-        tmp_path / "resumed",
-        overrides,
-        resume_from=tmp_path / "resumed" / "checkpoints" / "last.ckpt",
-    )
+    resumed = stopped_and_resumed(synthetic_data_dir, tmp_path / "resumed", overrides, stop_after=1)
     for part in ("state_dict", "current_model_state"):  # the average and the trained weights, bit for bit
         assert all(torch.equal(straight[part][key], resumed[part][key]) for key in straight[part])
 
