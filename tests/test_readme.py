@@ -73,8 +73,6 @@ EXPECTED_STATUS = {
     # docs/predict-example holds one file that is no image: reported, the others predicted, exit status 1.
     "mlplab-predict run=outputs/runs/<run> inputs=docs/predict-example top_k=3": 1,
 }
-# Commands that fail today because of a bug in the code (not the shrinking): strict, so a fix is noticed.
-KNOWN_BUGS: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -276,8 +274,7 @@ def test_tests_covering_commands_elsewhere_exist():
 
 
 def case(command: Command):
-    marks = [pytest.mark.xfail(reason=KNOWN_BUGS[command.text], strict=True)] if command.text in KNOWN_BUGS else []
-    return pytest.param(command, id=command.text, marks=marks)
+    return pytest.param(command, id=command.text)
 
 
 @pytest.mark.parametrize("command", [case(command) for command in COMMANDS])

@@ -61,7 +61,7 @@ def console_main(
             check(sys.argv[1:])
         with errors_raised():
             hydra_main()
-    except BaseException as error:  # noqa: BLE001 - exit_for re-raises what it does not recognise
+    except BaseException as error:  # exit_for re-raises what it does not recognise
         if isinstance(error, SystemExit):
             raise
         exit_for(tool, error, before_task=not task_started())

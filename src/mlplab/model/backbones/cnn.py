@@ -16,9 +16,8 @@ from mlplab.model.backbones.mlp import ACTIVATIONS
 
 @dataclass(frozen=True)
 class CNN(Backbone):
-    channels: list[int] = field(
-        default_factory=lambda: [32, 64]
-    )  # output channels of each conv block; each block halves height and width
+    # Output channels of each conv block; each block halves height and width.
+    channels: list[int] = field(default_factory=lambda: [32, 64])
     kernel_size: int = 3
     hidden: int = 128  # units of the hidden Linear layer of the head; 0 for none
     activation: str = "relu"
