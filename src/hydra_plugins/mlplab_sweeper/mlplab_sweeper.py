@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,7 @@ class MlplabSweeper(Sweeper):
         storage: str | None = None,
         study_name: str | None = None,
         max_failure_rate: float | None = None,
+        seeds_per_trial: Any = 1,
     ):
         self.max_batch_size, self.params, self.n_trials = max_batch_size, params, n_trials
         self.direction, self.metric, self.n_jobs, self.timeout = direction, metric, n_jobs, timeout
@@ -80,6 +82,12 @@ class MlplabSweeper(Sweeper):
         self.failure_limit_key = "max_failure_ratio" if max_failure_rate is None else "max_failure_rate"
         if n_trials is not None and direction not in ("maximize", "minimize"):
             raise ConfigError(f"hydra.sweeper.direction={direction}: allowed: maximize, minimize (one objective)")
+        if isinstance(seeds_per_trial, bool) or not isinstance(seeds_per_trial, int) or seeds_per_trial < 1:
+            raise ConfigError(
+                f"hydra.sweeper.seeds_per_trial={seeds_per_trial}: allowed: a whole number >= 1, the seeds each "
+                "trial trains with (1: the trial's seed alone)"
+            )
+        self.seeds_per_trial = seeds_per_trial
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
@@ -161,6 +169,11 @@ class MlplabSweeper(Sweeper):
         fixed, space = parse_params(params, arguments)
         if not space:
             raise SweepError("the search has no dimensions; set hydra.sweeper.params (or use hparams_search=<preset>)")
+        if self.seeds_per_trial > 1 and "seed" in space:
+            raise SweepError(
+                f"seed is a search dimension and hydra.sweeper.seeds_per_trial={self.seeds_per_trial} gives each "
+                "trial its seeds; search seed, or set seeds_per_trial, not both"
+            )
         spec = dict(self.sampler or {})
         grid = spec.get("_target_") == GRID_SAMPLER
         sampler = DistinctSampler(lambda seed: _built(spec, seed), space, spec.get("seed"), grid)
@@ -214,16 +227,18 @@ class MlplabSweeper(Sweeper):
                 asked for asked in (self._ask(study, fixed, space) for _ in range(min(batch_size, remaining))) if asked
             ]
             if launched:
+                # Each trial's seeds, one job each: under hydra/launcher=stacked they train as one stack (with the
+                # batch's other trials of the same shape).
+                jobs = [[*o, f"trial={t.number}"] for t, seeds in launched for o in seeds]
                 with kept_alive([trial for trial, _ in launched]):
-                    returns = self.launcher.launch(
-                        [[*o, f"trial={t.number}"] for t, o in launched], initial_job_idx=launched[0][0].number
-                    )
-                for (trial, _), job in zip(launched, returns):
-                    self._tell(study, trial, Path(job.hydra_cfg.hydra.runtime.output_dir))
+                    returns = iter(self.launcher.launch(jobs, initial_job_idx=launched[0][0].number))
+                for trial, seeds in launched:
+                    job_dirs = [Path(next(returns).hydra_cfg.hydra.runtime.output_dir) for _ in seeds]
+                    self._tell(study, trial, job_dirs)
 
-    def _ask(self, study: Any, fixed: list[str], space: dict[str, Any]) -> tuple[Any, list[str]] | None:
-        """A new trial and its overrides, checked; None when it is told failed (an invalid config) or set aside
-        (another process proposed the same values first)."""
+    def _ask(self, study: Any, fixed: list[str], space: dict[str, Any]) -> tuple[Any, list[list[str]]] | None:
+        """A new trial and the overrides of each of its seeds' jobs, checked; None when it is told failed (an
+        invalid config) or set aside (another process proposed the same values first)."""
         from mlplab.sweeps.search import as_override
         from mlplab.sweeps.study import DUPLICATE_OF, duplicate_of, mark_running
 
@@ -232,7 +247,7 @@ class MlplabSweeper(Sweeper):
         overrides = [*fixed, *(as_override(key, value) for key, value in trial.params.items())]
         trial.set_user_attr("overrides", overrides)
         try:
-            checked_job_config(lambda o: self.loader.load_sweep_config(self.config, o), overrides)
+            config = checked_job_config(lambda o: self.loader.load_sweep_config(self.config, o), overrides)
         except MlplabError as problem:
             log.error("Trial %d: %s", trial.number, problem)
             trial.set_user_attr("error", str(problem))
@@ -244,40 +259,62 @@ class MlplabSweeper(Sweeper):
             trial.set_user_attr(DUPLICATE_OF, first)
             study.tell(trial, state=_state("FAIL"))
             return None
-        return trial, overrides
+        if self.seeds_per_trial == 1:
+            return trial, [overrides]
+        # The same seeds for every trial (the trial's seed and the next ones): trials compare on equal luck.
+        unseeded = [o for o in overrides if o.lstrip("+~").partition("=")[0] != "seed"]
+        seeds = [config.seed + index for index in range(self.seeds_per_trial)]
+        trial.set_user_attr("seeds", seeds)
+        return trial, [[*unseeded, f"seed={seed}"] for seed in seeds]
 
-    def _tell(self, study: Any, trial: Any, job_dir: Path) -> None:
-        """Tell Optuna how the trial's job ended, from its metrics.json."""
+    def _tell(self, study: Any, trial: Any, job_dirs: list[Path]) -> None:
+        """Tell Optuna how the trial's jobs (one per seed) ended, from their metrics.json."""
         from optuna.exceptions import UpdateFinishedTrialError
 
         try:
-            self._tell_once(study, trial, job_dir)
+            self._tell_once(study, trial, job_dirs)
         except UpdateFinishedTrialError:  # another process took the trial over, thinking this one had died
             log.warning(
-                "Trial %d was taken over by another process meanwhile; its job's results stay in %s",
+                "Trial %d was taken over by another process meanwhile; its jobs' results stay in %s",
                 trial.number,
-                job_dir,
+                ", ".join(str(job_dir) for job_dir in job_dirs),
             )
 
-    def _tell_once(self, study: Any, trial: Any, job_dir: Path) -> None:
-        metrics = read_metrics(job_dir)
-        status, value = metrics.get("status"), metrics.get(self.metric)
-        trial.set_user_attr("job", job_dir.name)
-        if status == "running":  # another process holds the job folder: its trial has these values
+    def _tell_once(self, study: Any, trial: Any, job_dirs: list[Path]) -> None:
+        """One seed: its job's objective. Several: their mean, each seed's value kept (``seed_values``); the trial
+        is pruned if one seed was, and fails if one did."""
+        ended = [read_metrics(job_dir) for job_dir in job_dirs]
+        statuses = [metrics.get("status") for metrics in ended]
+        values = [metrics.get(self.metric) for metrics in ended]
+        trial.set_user_attr("job", job_dirs[0].name)
+        if len(job_dirs) > 1:
+            trial.set_user_attr("jobs", [job_dir.name for job_dir in job_dirs])
+        if "running" in statuses:  # another process holds a job folder: its trial has these values
             from mlplab.sweeps.study import DUPLICATE_OF
 
             trial.set_user_attr(DUPLICATE_OF, "a trial another process is running")
             study.tell(trial, state=_state("FAIL"))
-        elif status == "completed" and value is not None:
-            study.tell(trial, float(value))
-        elif status == "pruned":
-            study.tell(trial, state=_state("PRUNED"))
-        elif status == "interrupted":
+        elif "interrupted" in statuses:
             raise Stopped("search stopped; run the same command again to continue it", 130)
+        elif all(status == "completed" for status in statuses) and None not in values:
+            mean = statistics.fmean(values)
+            if len(values) > 1:
+                trial.set_user_attr("seed_values", values)
+                trial.set_user_attr("std", statistics.stdev(values))
+            study.tell(trial, mean)
+            spread = f" ± {statistics.stdev(values):.4f} over {len(values)} seeds" if len(values) > 1 else ""
+            log.info("Trial %d: completed, %s %.4f%s", trial.number, self.metric, mean, spread)
+            return
+        elif "pruned" in statuses and set(statuses) <= {"completed", "pruned"}:
+            study.tell(trial, state=_state("PRUNED"))
         else:  # failed, diverged, or a metric the job did not record
-            trial.set_user_attr("error", metrics.get("error") or f"status {status}, no {self.metric} recorded")
+            failed = next(
+                (job_dir, metrics) for job_dir, metrics in zip(job_dirs, ended) if metrics.get("status") != "completed"
+            )
+            error = failed[1].get("error") or f"status {failed[1].get('status')}, no {self.metric} recorded"
+            trial.set_user_attr("error", f"{failed[0].name}: {error}" if len(job_dirs) > 1 else error)
             study.tell(trial, state=_state("FAIL"))
-        log.info("Trial %d: %s %s", trial.number, status, f"{self.metric} {value:.4f}" if value is not None else "")
+        log.info("Trial %d: %s", trial.number, ", ".join(sorted(set(map(str, statuses)))))
 
     def _stop_if_hopeless(self, study: Any) -> None:
         from mlplab.sweeps.study import failed_trials

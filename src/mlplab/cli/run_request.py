@@ -105,7 +105,8 @@ class RunRequest:
             sweeper = hydra_config.sweeper
             pruner = instantiate(sweeper.pruner) if sweeper.get("pruner") else None
             address = StudyAddress.of(sweeper.get("storage"), sweeper.get("study_name"), Path(hydra_config.sweep.dir))
-            callbacks.append(trial_callback(address, cfg.trial, sweeper.metric, pruner))
+            seeds = sweeper.get("seeds_per_trial", 1)
+            callbacks.append(trial_callback(address, cfg.trial, sweeper.metric, pruner, config.seed, seeds))
         hparams = run_hparams(config, command_line_values(overrides, groups=set(hydra_config.runtime.choices)))
         sweep = hydra_config.mode != RunMode.RUN
         experiment = Path(hydra_config.sweep.dir).name if sweep else None

@@ -47,8 +47,9 @@ class StackedClassifier(L.LightningModule):
         self.register_buffer("input_scale", models[0].input_scale.clone(), persistent=False)
         self.register_buffer("input_shift", models[0].input_shift.clone(), persistent=False)
         self.size = len(models)
-        # Per network, why it stopped: a diverged one no longer steps, and its records end there.
+        # Per network, why it stopped: a diverged or pruned one no longer steps, and its records end there.
         self.diverged: dict[int, str] = {}
+        self.pruned: dict[int, str] = {}  # by a search's pruner (mlplab.sweeps.search)
         self._outputs: dict[str, list[tuple[Tensor, ...]]] = {"train": [], "val": []}
         # Per stage, each network's loss and accuracy over the last finished epoch.
         self.epoch_metrics: dict[str, list[dict[str, float]]] = {}
@@ -104,6 +105,12 @@ class StackedClassifier(L.LightningModule):
             step = self.global_step - len(outputs) + first + 1
             self.diverged[index] = divergence_message(float(outputs[first][0][index]), step, self.current_epoch + 1)
             self.optimizers().optimizer.frozen.add(index)
+
+    def prune(self, index: int, reason: str) -> None:
+        """Stop network ``index`` (a search pruned its trial): from now on it no longer steps. Its slice of the
+        stacked weights is still computed with the others' (the stack keeps its shape), at no gain to them."""
+        self.pruned[index] = reason
+        self.optimizers().optimizer.frozen.add(index)
 
     def _epoch_metrics(self, stage: str) -> None:
         outputs = self._outputs[stage]
@@ -171,6 +178,7 @@ class StackedClassifier(L.LightningModule):
                 "labels": [batch.cpu() for batch in labels],
             }
         checkpoint["diverged"] = dict(self.diverged)
+        checkpoint["pruned"] = dict(self.pruned)
         checkpoint["schedules"] = [
             None if config is None else config["scheduler"].state_dict() for config in self.schedules
         ]
@@ -184,13 +192,14 @@ class StackedClassifier(L.LightningModule):
                 for losses, predictions, labels in zip(saved["losses"].unbind(), saved["predictions"], saved["labels"])
             ]
         self.diverged = dict(checkpoint.get("diverged", {}))
+        self.pruned = dict(checkpoint.get("pruned", {}))
         self._schedule_states = checkpoint.get("schedules")
 
     def _step_schedules(self, interval: str, plateau: bool = False) -> None:
         """Each network's schedule as Lightning steps one run's: per step, per epoch, or (ReduceLROnPlateau) after
         validation with the network's own monitored metric, as ImageClassifier steps it."""
         for index, config in enumerate(self.schedules):
-            if config is None or index in self.diverged or config["interval"] != interval:
+            if config is None or index in self.diverged or index in self.pruned or config["interval"] != interval:
                 continue
             scheduler = config["scheduler"]
             if isinstance(scheduler, ReduceLROnPlateau) == plateau:

@@ -111,7 +111,7 @@ class PerNetworkOptimizer(torch.optim.Optimizer):
         self.stack = stack
         self.slices = [stack.network_parameters(index) for index in range(len(build))]
         self.networks = [make(slices) for make, slices in zip(build, self.slices)]
-        self.frozen: set[int] = set()  # networks that no longer step (diverged)
+        self.frozen: set[int] = set()  # networks that no longer step (diverged, pruned)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for param in self.stack.parameters():

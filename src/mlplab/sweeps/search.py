@@ -65,37 +65,98 @@ def as_override(key: str, value: Any) -> str:
     return f"{key}={value!r}" if isinstance(value, float) else f"{key}={value}"
 
 
-def trial_callback(address: StudyAddress, number: int, metric: str, pruner: Any) -> Callback:
-    """The callback a trial's job trains with: reports ``metric`` after each validation, stops when pruned."""
+def trial_callback(
+    address: StudyAddress, number: int, metric: str, pruner: Any, seed: int, seeds_per_trial: int = 1
+) -> Callback:
+    """The callback a trial's job trains with: reports ``metric`` after each validation, stops when pruned.
+    ``seed``: the job's; ``seeds_per_trial``: how many seeds the trial trains (hydra.sweeper.seeds_per_trial)."""
     storage = address.open()
     study = optuna.load_study(study_name=address.name, storage=storage, pruner=pruner or optuna.pruners.NopPruner())
     trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(address.name), number)
-    return ReportToStudy(study, storage, trial_id, metric)
+    return ReportToStudy(study, storage, trial_id, metric, seed, seeds_per_trial)
+
+
+SEED_CURVE = "mlplab.curve.seed="  # + a seed: that seed's metric after each epoch, {"epoch": value}
+PRUNED_AFTER = "mlplab.pruned"  # why one of the trial's seeds was pruned: the others stop too
 
 
 class ReportToStudy(Callback):
     """Tells the study the metric of each epoch, through its shared storage (so parallel trials see each other), and
     ends the run (``Pruned``) when the study's pruner finds it clearly worse than the others at the same epoch.
 
+    A trial of several seeds (hydra.sweeper.seeds_per_trial) reports, at each epoch, the mean of the values its seeds
+    have reported for that epoch so far: all of them when they train together (in a stack, or in parallel), fewer
+    when they train one after another. Each seed's curve is kept as a user attribute. When one seed is pruned the
+    trial is, and its other seeds stop at their next epoch (or before their first).
+
     Through the storage and pruner APIs, as ``Trial.report`` and ``Trial.should_prune`` do: the trial was asked
     for in the sweeper's process, and Optuna has no public way to rebuild its ``Trial`` in another.
     """
 
-    def __init__(self, study: optuna.Study, storage: optuna.storages.BaseStorage, trial_id: int, metric: str):
+    def __init__(
+        self,
+        study: optuna.Study,
+        storage: optuna.storages.BaseStorage,
+        trial_id: int,
+        metric: str,
+        seed: int = 0,
+        seeds_per_trial: int = 1,
+    ):
         self.study, self.storage, self.trial_id, self.metric = study, storage, trial_id, metric
+        self.seed, self.seeds_per_trial = seed, seeds_per_trial
+        self.curve: dict[str, float] = dict(storage.get_trial(trial_id).user_attrs.get(f"{SEED_CURVE}{seed}", {}))
+
+    def report(self, epoch: int, value: float) -> None:
+        """Record this job's ``value`` after ``epoch`` (counted from 1: n_warmup_steps=6 may prune from the 6th)."""
+        if self.seeds_per_trial == 1:
+            self.storage.set_trial_intermediate_value(self.trial_id, epoch, value)
+            return
+        self.curve[str(epoch)] = value
+        self.storage.set_trial_user_attr(self.trial_id, f"{SEED_CURVE}{self.seed}", self.curve)
+
+    def verdict(self, epoch: int) -> str | None:
+        """Why the trial is pruned after ``epoch``, or None; with several seeds, first sets the epoch's value to
+        the mean of those its seeds reported."""
+        trial = self.storage.get_trial(self.trial_id)
+        if PRUNED_AFTER in trial.user_attrs:
+            return trial.user_attrs[PRUNED_AFTER]
+        if self.seeds_per_trial > 1:
+            values = [
+                curve[str(epoch)]
+                for key, curve in trial.user_attrs.items()
+                if key.startswith(SEED_CURVE) and str(epoch) in curve
+            ]
+            self.storage.set_trial_intermediate_value(self.trial_id, epoch, sum(values) / len(values))
+            trial = self.storage.get_trial(self.trial_id)
+        if not self.study.pruner.prune(self.study, trial):
+            return None
+        value = trial.intermediate_values[epoch]
+        mean = f" (the mean of {self.seeds_per_trial} seeds' so far)" if self.seeds_per_trial > 1 else ""
+        reason = (
+            f"pruned after epoch {epoch}: {self.metric} {value:.4f}{mean} is clearly worse than other trials' at "
+            "that epoch"
+        )
+        if self.seeds_per_trial > 1:
+            self.storage.set_trial_user_attr(self.trial_id, PRUNED_AFTER, reason)
+        return reason
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.seeds_per_trial > 1:
+            reason = self.storage.get_trial(self.trial_id).user_attrs.get(PRUNED_AFTER)
+            if reason:
+                raise Pruned(reason)
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         value = trainer.callback_metrics.get(self.metric)
         if trainer.sanity_checking or value is None:
             return
-        epoch = trainer.current_epoch + 1  # the step Optuna sees: n_warmup_steps=6 may prune from the 6th epoch on
-        self.storage.set_trial_intermediate_value(self.trial_id, epoch, float(value))
-        if self.study.pruner.prune(self.study, self.storage.get_trial(self.trial_id)):
-            raise Pruned(
-                f"pruned after epoch {epoch}: {self.metric} {float(value):.4f} is clearly "
-                "worse than other trials' at that epoch"
-            )
+        epoch = trainer.current_epoch + 1
+        self.report(epoch, float(value))
+        reason = self.verdict(epoch)
+        if reason:
+            raise Pruned(reason)
 
 
 def search_summary(sweep_dir: Path, address: StudyAddress, study: optuna.Study | None = None) -> str:
@@ -137,8 +198,15 @@ def search_summary(sweep_dir: Path, address: StudyAddress, study: optuna.Study |
         overrides = [
             o for o in best.user_attrs.get("overrides", []) if o.lstrip("+~").split("=")[0] not in COMMAND_KEYS
         ]
+        seeds = best.user_attrs.get("seed_values")
+        where = (
+            f"objective {best.value:.4f} ± {best.user_attrs['std']:.4f} (mean ± std of {len(seeds)} seeds; its "
+            f"first seed's job: {best.user_attrs.get('job', '')})"
+            if seeds
+            else f"{best.user_attrs.get('job', '')}, objective {best.value:.4f}"
+        )
         lines += [
-            f"Best: trial {best.number}, {best.user_attrs.get('job', '')}, objective {best.value:.4f}.",
+            f"Best: trial {best.number}, {where}.",
             "",
             "Its command, ready to run:",
             "",

@@ -36,6 +36,7 @@ from mlplab.run.views.network import LearningRate
 log = logging.getLogger(__name__)
 
 VIEWS = "mlplab.run.views"  # the module of the views: what TensorBoard shows beyond the curves
+SEARCH = "mlplab.sweeps.search"  # the module of a search trial's report (ReportToStudy: reports each epoch, prunes)
 
 
 @dataclass
@@ -83,8 +84,10 @@ class JobRecords(Callback):
             for callback in callbacks:
                 callback.dirpath = str(job.run_dir / CHECKPOINT_DIR)
             self.checkpoints.append(callbacks)
+        # Per job, its search trial's report (mlplab.sweeps.search.ReportToStudy), if it is a search's trial.
+        self.reporters = [next((c for c in job.callbacks if type(c).__module__ == SEARCH), None) for job in jobs]
         self.improved: set[int] = set()  # jobs whose val/acc improved this epoch: their best checkpoint is due
-        self.ended: set[int] = set()  # jobs whose records are final (diverged)
+        self.ended: set[int] = set()  # jobs whose records are final (diverged, pruned)
         self.views: dict[int, tuple[L.Trainer, list[Callback]]] = {}  # per job: its view trainer and views
         self.epoch_lr: dict[int, float] = {}
 
@@ -106,7 +109,8 @@ class JobRecords(Callback):
         self.ended = set(state_dict["ended"])
 
     def alive(self, module: StackedClassifier) -> Iterator[int]:
-        return (index for index in range(len(self.jobs)) if index not in self.ended and index not in module.diverged)
+        stopped = self.ended | module.diverged.keys() | module.pruned.keys()
+        return (index for index in range(len(self.jobs)) if index not in stopped)
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: StackedClassifier) -> None:
@@ -169,6 +173,7 @@ class JobRecords(Callback):
                     callback.current_score = score
                     if callback.best_model_score is None or score > callback.best_model_score:
                         self.improved.add(index)
+        self._report_to_searches(trainer, pl_module, epoch + 1, rows)
         accuracies = [rows[index][MONITOR] for index in self.alive(pl_module)]
         if accuracies:
             log.info(
@@ -179,6 +184,27 @@ class JobRecords(Callback):
                 max(accuracies),
                 len(accuracies),
             )
+
+    def _report_to_searches(
+        self, trainer: L.Trainer, module: StackedClassifier, epoch: int, rows: list[dict[str, float]]
+    ) -> None:
+        """Each search trial's jobs report the epoch (all first: a trial's seeds are judged on their mean), then
+        each pruned job leaves the stack while the others go on; a stack left with no job stops."""
+        reporting = {
+            index: reporter
+            for index in self.alive(module)
+            if (reporter := self.reporters[index]) and reporter.metric in rows[index]
+        }
+        for index, reporter in reporting.items():
+            reporter.report(epoch, rows[index][reporter.metric])
+        for index, reporter in reporting.items():
+            reason = reporter.verdict(epoch)
+            if reason:
+                log.info("Job %s is pruned and leaves the stack: %s", self.jobs[index].run_dir.name, reason)
+                module.prune(index, reason)
+                self._end(index, trainer, {**self.histories[index].best(), "status": "pruned", "pruned": reason})
+        if not any(self.alive(module)):
+            trainer.should_stop = True
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: StackedClassifier) -> None:
@@ -246,19 +272,17 @@ class JobRecords(Callback):
         """Write the final records of jobs that diverged since the last look; the others go on."""
         module.check_finite_loss()
         for index, reason in module.diverged.items():
-            if index in self.ended:
-                continue
-            self.ended.add(index)
-            job = self.jobs[index]
-            log.warning("Job %s diverged and leaves the stack: %s", job.run_dir.name, reason)
-            metrics = {
-                **self._started(index, trainer),
-                **self._record(index, trainer),
-                "status": "diverged",
-                "error": f"{DivergedError.__name__}: {reason}",
-            }
-            write_metrics(job.run_dir, metrics)
-            log_hparams(self.loggers[index], job.hparams, metrics, trainer.global_step)
+            if index not in self.ended:
+                log.warning("Job %s diverged and leaves the stack: %s", self.jobs[index].run_dir.name, reason)
+                self._end(index, trainer, {"status": "diverged", "error": f"{DivergedError.__name__}: {reason}"})
+
+    def _end(self, index: int, trainer: L.Trainer, how: dict[str, Any]) -> None:
+        """Write job ``index``'s final records, ended as ``how`` says, before the stack's end."""
+        self.ended.add(index)
+        job = self.jobs[index]
+        metrics = {**self._started(index, trainer), **self._record(index, trainer), **how}
+        write_metrics(job.run_dir, metrics)
+        log_hparams(self.loggers[index], job.hparams, metrics, trainer.global_step)
 
     def _record(self, index: int, trainer: L.Trainer) -> dict[str, Any]:
         best = next(

@@ -32,12 +32,11 @@ from mlplab.run.memory import RUN_OVERHEAD_BYTES, available_memory, planned_peak
 from mlplab.run.records import MONITOR
 from mlplab.run.trainer import TrainerSettings
 from mlplab.sweeps.jobs import resume_point
-from mlplab.sweeps.stack_jobs import VIEWS, StackedJob
+from mlplab.sweeps.stack_jobs import SEARCH, VIEWS, StackedJob
 from mlplab.sweeps.stack_run import in_a_stopped_stack, train_claimed
 
 log = logging.getLogger(__name__)
 
-SEARCH = "mlplab.sweeps.search"  # the module of a search trial's callback (reports to the study, prunes)
 # Optimizers whose update is element by element: a network's slice of the stacked weights steps as its own weight.
 ELEMENTWISE_OPTIMIZERS = ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam")
 # Trainer settings one stack cannot apply per job; each job with one of these set runs on its own.
@@ -76,9 +75,9 @@ def alone_reason(job: StackedJob) -> str | None:
                 return "callbacks.model_checkpoint: a stack keeps one best (by val/acc) and one last checkpoint per job"
         elif isinstance(callback, EarlyStopping):
             return "callbacks.early_stopping stops each job on its own"
-        elif type(callback).__module__ == SEARCH:
-            return "a search's trial reports to its study after each epoch, and may be pruned on its own"
-        elif not isinstance(callback, (ProgressBar, ModelSummary)) and not type(callback).__module__.startswith(VIEWS):
+        elif not isinstance(callback, (ProgressBar, ModelSummary)) and not type(callback).__module__.startswith(
+            (VIEWS, SEARCH)  # a search's report: each job's, by JobRecords
+        ):
             return f"callback {type(callback).__name__} acts on one run's training"
     return None
 
