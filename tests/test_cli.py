@@ -195,6 +195,7 @@ BAD_INPUTS = [  # (override, the key the message must name, what it must say is 
     ("optimizer._target_=torch.optim.Nope", "optimizer._target_", "a torch.optim optimizer class"),
     ("+optimizer.bettas=[0.9,0.99]", "optimizer.bettas", "did you mean betas"),
     ("scheduler._target_=torch.nn.Linear", "scheduler._target_", "torch.optim.lr_scheduler"),
+    ("callbacks=swa callbacks.swa.swa_epoch_start=1.0", "callbacks.swa: swa_epoch_start", "0 < s < 1"),  # two
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append(("trainer=gpu", "trainer.accelerator=gpu", "trainer=cpu"))
@@ -206,7 +207,8 @@ def test_bad_input_is_one_clear_message_and_no_training(
 ):
     # mlplab-train's main() in a process forked from one that imported it (tests/forked_cli.py): the console
     # script's code path without its seconds of imports for each of these.
-    code, output = forked_cli.run([*SYNTHETIC_RUN, f"paths.data_dir={synthetic_data_dir}", override], tmp_path)
+    # An entry may hold several overrides, separated by spaces.
+    code, output = forked_cli.run([*SYNTHETIC_RUN, f"paths.data_dir={synthetic_data_dir}", *override.split()], tmp_path)
     assert code == 2
     assert "Traceback" not in output and "GPU available" not in output
     (message,) = [line for line in output.splitlines() if "error" in line]

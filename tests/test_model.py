@@ -1,16 +1,18 @@
 import json
 
+import lightning as L
 import pytest
 import torch
 from conftest import stopped_and_resumed, train_in_process
 from torch import nn
 
-from mlplab.cli.evaluate import evaluate
+from mlplab.cli.evaluate import evaluate, load_data, load_model
 from mlplab.errors import SettingError
 from mlplab.model.backbones import count_parameters
 from mlplab.model.backbones.cnn import CNN
 from mlplab.model.backbones.mlp import ACTIVATIONS, MLP
 from mlplab.model.classifier import ImageClassifier
+from mlplab.run.averaging import SWAWeights
 from mlplab.run.config import ConfigError
 
 
@@ -177,6 +179,65 @@ def test_ema_validates_checkpoints_and_tests_the_average_and_resumes_exactly(syn
     resumed = stopped_and_resumed(synthetic_data_dir, tmp_path / "resumed", overrides, stop_after=1)
     for part in ("state_dict", "current_model_state"):  # the average and the trained weights, bit for bit
         assert all(torch.equal(straight[part][key], resumed[part][key]) for key in straight[part])
+
+
+def validation_of(checkpoint, data_dir) -> dict[str, float]:
+    """val/* of a checkpoint's state_dict on the validation split it trained with."""
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    return trainer.validate(load_model(checkpoint), datamodule=load_data(checkpoint, data_dir), verbose=False)[0]
+
+
+@pytest.mark.parametrize("norm", ["none", "batch"])
+def test_swa_averages_the_epochs_from_its_start_validates_tests_and_resumes_exactly(norm, synthetic_data_dir, tmp_path):
+    # 0.7 of 3 epochs: epochs 2 and 3 are averaged.
+    overrides = [
+        "callbacks=swa",
+        "callbacks.swa.swa_epoch_start=0.7",
+        f"model.norm={norm}",
+        "trainer.deterministic=true",
+    ]
+    straight = train_in_process(synthetic_data_dir, tmp_path / "straight", overrides)
+    # The same run stopped after each epoch and resumed: its last.ckpt then holds that epoch's trained weights.
+    folder, last = tmp_path / "resumed", tmp_path / "resumed" / "checkpoints" / "last.ckpt"
+    first = train_in_process(synthetic_data_dir, folder, overrides, stop_after=1)
+    # Before the start nothing is averaged: validation and the checkpoint see the trained weights.
+    assert all(torch.equal(first["state_dict"][key], first["current_model_state"][key]) for key in first["state_dict"])
+    first_validation = validation_of(last, synthetic_data_dir)
+    second = train_in_process(synthetic_data_dir, folder, overrides, stop_after=2, resume_from=last)
+    resumed = train_in_process(synthetic_data_dir, folder, overrides, resume_from=last)
+    for part in ("state_dict", "current_model_state"):  # the average and the trained weights, bit for bit
+        assert all(torch.equal(straight[part][key], resumed[part][key]) for key in straight[part])
+    # The average is the mean of epoch 2's and epoch 3's trained weights, and of batch norm's statistics (its
+    # count of batches too: 20 and 30 give 25).
+    epoch_2, epoch_3 = second["current_model_state"], straight["current_model_state"]
+    assert ("network.2.running_mean" in epoch_3) == (norm == "batch")
+    for key, average in straight["state_dict"].items():
+        mean = ((epoch_2[key] + epoch_3[key]) / 2).to(average.dtype)
+        torch.testing.assert_close(average, mean, rtol=0, atol=1e-7)
+    assert not torch.equal(straight["state_dict"]["network.1.weight"], epoch_3["network.1.weight"])
+    # Validation measured the trained weights in epoch 1, the average in epoch 3; the test used best.ckpt's.
+    recorded = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    assert recorded["history"][0]["val/loss"] == pytest.approx(first_validation["val/loss"], abs=1e-6)
+    averaged = validation_of(tmp_path / "straight" / "checkpoints" / "last.ckpt", synthetic_data_dir)
+    assert recorded["history"][2]["val/loss"] == pytest.approx(averaged["val/loss"], abs=1e-6)
+    tested = evaluate(tmp_path / "straight" / "checkpoints" / "best.ckpt", synthetic_data_dir, "cpu")
+    assert tested["test/acc"] == recorded["test/acc"]
+
+
+@pytest.mark.parametrize("start, max_epochs, first", [(0.8, 10, 8), (0.7, 3, 2), (0.05, 10, 1), (3, 10, 3), (1, 1, 1)])
+def test_swa_starts_at_an_epoch_or_a_share_of_the_epochs(start, max_epochs, first):
+    assert SWAWeights(start).first_epoch(max_epochs) == first
+
+
+@pytest.mark.parametrize("start", [0, -1, 0.0, 1.0, 1.5, -0.5, True, "late", None])
+def test_swa_refuses_a_start_that_is_no_epoch_or_share(start):
+    with pytest.raises(SettingError, match=r"swa_epoch_start must be a share .* \(an integer >= 1\), got"):
+        SWAWeights(start)
+
+
+def test_swa_refuses_a_start_after_the_last_epoch(synthetic_data_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"swa_epoch_start=4 is after the last epoch \(trainer.max_epochs=3\)"):
+        train_in_process(synthetic_data_dir, tmp_path, ["callbacks=swa", "callbacks.swa.swa_epoch_start=4"])
 
 
 def test_batch_norm_refuses_a_last_batch_of_one_image(synthetic_data_dir, tmp_path):

@@ -98,6 +98,7 @@ def test_each_stacked_job_ends_as_it_does_in_a_job_by_job_sweep(forked_cli, synt
     [
         ("model.norm=layer", "model.norm=layer: the stacked engine has no normalisation layers"),
         ("callbacks=ema", "callback EMAWeights acts on one run's training"),
+        ("callbacks=swa", "callback SWAWeights acts on one run's training"),
     ],
 )
 def test_regularised_jobs_run_on_their_own_saying_why(override, reason, forked_cli, synthetic_data_dir, tmp_path):
