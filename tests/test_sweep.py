@@ -13,10 +13,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import SYNTHETIC_RUN, run_cli, tensorboard_server
+from conftest import SYNTHETIC_RUN, composed, run_cli, tensorboard_server
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
+from mlplab.run.config import parse_run_config
+from mlplab.run.views.hparams import run_hparams
 from mlplab.sweeps.jobs import gpu_slot, threads_per_job
 
 BIN = Path(sys.executable).parent
@@ -98,8 +101,10 @@ def test_grid_sweep_gives_one_folder_per_job_and_a_summary_of_them(grid):
         for key in ("val/acc", "val/loss", "test/acc", "test/loss", "epochs", "wall_seconds", "num_parameters"):
             assert float(row[key]) == pytest.approx(recorded[key]), key
 
-    assert (grid / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    table = [line for line in (grid / "summary.md").read_text().splitlines() if line.startswith("| ")][2:]
+    for picture in ("summary.png", "pareto.png"):
+        assert (grid / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", picture
+    ranking = (grid / "summary.md").read_text().split("\n## ")[0]  # the sections after it have tables of their own
+    table = [line for line in ranking.splitlines() if line.startswith("| ")][2:]
     assert len(table) == 4 and "(best)" in table[0]
     ranked_val_acc = [float(line.split("|")[4]) for line in table]  # rank | depth | width | val/acc
     assert ranked_val_acc == sorted(ranked_val_acc, reverse=True)  # ranked by validation accuracy
@@ -107,14 +112,16 @@ def test_grid_sweep_gives_one_folder_per_job_and_a_summary_of_them(grid):
 
 
 def test_report_regenerates_the_summary_and_prints_it(grid, tmp_path):
-    for name in ("summary.csv", "summary.md", "summary.png"):
+    for name in ("summary.csv", "summary.md", "summary.png", "pareto.png"):
         (grid / name).rename(tmp_path / name)
     result = run_cli(["mlplab-report", str(grid)], tmp_path)
     assert result.returncode == 0, result.stderr
     assert (grid / "summary.md").read_text() == (tmp_path / "summary.md").read_text()
     assert summary_rows(grid).keys() == {job.name for job in job_dirs(grid)}
     assert (grid / "summary.png").is_file()
-    assert sum(line.startswith("| ") for line in result.stdout.splitlines()) == 2 + 4  # header, rule, four jobs
+    ranking = result.stdout.split("\n## ")[0]
+    assert sum(line.startswith("| ") for line in ranking.splitlines()) == 2 + 4  # header, rule, four jobs
+    assert "\n## Pareto front\n" in result.stdout and (grid / "pareto.png").is_file()
 
     wrong = run_cli(["mlplab-report", str(tmp_path)], tmp_path)
     assert wrong.returncode == 2 and "not a sweep folder" in wrong.stderr and "Traceback" not in wrong.stderr
@@ -130,6 +137,15 @@ def hparams_session(job: Path) -> dict:
         values[key] = value.string_value if value.WhichOneof("kind") == "string_value" else value.number_value
     scalars = {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"]}
     return {"hparams": values, "scalars": scalars}
+
+
+def hparams_columns(job: Path) -> list[tuple[str, bool]]:
+    """The HParams columns the job's experiment summary lists, in its order, each with its ``differs`` mark (which
+    TensorBoard's HParams tab shows and ticks first)."""
+    events = EventAccumulator(str(job))
+    events.Reload()
+    experiment = HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/experiment"]).experiment
+    return [(info.name, info.differs) for info in experiment.hparam_infos]
 
 
 def test_hparams_in_each_jobs_own_event_files(grid):
@@ -180,6 +196,27 @@ def test_hparams_have_one_column_per_setting_named_as_on_the_command_line(synthe
     assert hparams["optimizer._target_"] == "torch.optim.AdamW"
     assert hparams["scheduler._target_"] == "torch.optim.lr_scheduler.CosineAnnealingLR"
     assert hparams["model.width"] == "[32, 16]"  # a list, as written
+    columns = hparams_columns(run_dir)  # a single run: what it set on the command line first, nothing marked swept
+    assert [name for name, _ in columns][:6] == [
+        "trainer.max_epochs",
+        "data.val_size",
+        "data.batch_size",
+        "model.width",
+        "model.depth",
+        "trainer.limit_train_batches",
+    ]
+    assert not [name for name, differs in columns if differs]
+
+
+def test_hparams_put_the_swept_keys_first_then_the_command_lines():
+    config = parse_run_config(
+        OmegaConf.to_container(composed(["optimizer=sgd", "model.depth=2", "seed=3"]), resolve=True)
+    )
+    hparams = run_hparams(config, {"model.depth": "2", "seed": "3"}, swept=["seed", "optimizer"])
+    # a swept config group stands for the column naming its choice
+    assert list(hparams)[:3] == ["seed", "optimizer._target_", "model.depth"]
+    assert hparams.swept == ("seed", "optimizer._target_")
+    assert hparams["optimizer._target_"] == "torch.optim.SGD" and hparams["seed"] == 3
 
 
 def post(url: str, body: dict) -> dict:
@@ -218,6 +255,10 @@ def test_tensorboard_server_shows_one_hparams_row_per_job(grid, tmp_path):
     )
     assert not {"model", "optimizer", "scheduler", "data", "trainer"} & set(columns)  # named as on the command line
     assert columns["model.width"] == "DATA_TYPE_STRING"  # a width may be a list: one text column, as written
+    # The swept keys are the columns the HParams tab shows first and ticks (it ticks the first 5, differing first).
+    names = [info["name"] for info in experiment["hparamInfos"]]
+    assert names[:2] == ["model.depth", "model.width"]
+    assert [info["name"] for info in experiment["hparamInfos"] if info.get("differs")] == names[:2]
     for group in groups:
         value = {m["name"]["tag"]: m["value"] for m in group["metricValues"]}["final/best_val_acc"]
         assert value == pytest.approx(metrics(jobs[group["name"]])["val/acc"])
@@ -327,6 +368,16 @@ def test_over_seeds_table_averages_each_configuration(synthetic_data_dir, tmp_pa
         assert count == "2" and len(jobs) == 2
         assert float(val_mean) == pytest.approx(sum(metrics(job)["val/acc"] for job in jobs) / 2, abs=1e-4)
         assert float(test_mean) == pytest.approx(sum(metrics(job)["test/acc"] for job in jobs) / 2, abs=1e-4)
+    for job in job_dirs(sweep_dir):  # HParams: the swept keys first (marked differing), then the command line's
+        columns = hparams_columns(job)
+        assert [name for name, _ in columns][:5] == [
+            "model.width",
+            "seed",
+            "trainer.max_epochs",
+            "data.val_size",
+            "data.batch_size",
+        ]
+        assert [name for name, differs in columns if differs] == ["model.width", "seed"]
 
 
 def test_two_processes_on_one_sweep_train_each_job_once(synthetic_data_dir, tmp_path):

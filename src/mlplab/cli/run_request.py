@@ -35,6 +35,7 @@ from mlplab.run.train import train
 from mlplab.run.views.hparams import run_hparams
 from mlplab.sweeps.jobs import run_sweep_job
 from mlplab.sweeps.stack_jobs import StackedJob
+from mlplab.sweeps.summary import sweep_dimensions
 
 log = logging.getLogger(__name__)
 TOOL = "mlplab-train"
@@ -107,8 +108,9 @@ class RunRequest:
             address = StudyAddress.of(sweeper.get("storage"), sweeper.get("study_name"), Path(hydra_config.sweep.dir))
             seeds = sweeper.get("seeds_per_trial", 1)
             callbacks.append(trial_callback(address, cfg.trial, sweeper.metric, pruner, config.seed, seeds))
-        hparams = run_hparams(config, command_line_values(overrides, groups=set(hydra_config.runtime.choices)))
         sweep = hydra_config.mode != RunMode.RUN
+        swept = sweep_dimensions(Path(hydra_config.sweep.dir)) if sweep else []  # HParams shows them first
+        hparams = run_hparams(config, command_line_values(overrides, groups=set(hydra_config.runtime.choices)), swept)
         experiment = Path(hydra_config.sweep.dir).name if sweep else None
         command = [TOOL, *overrides] if sweep else [TOOL, *sys.argv[1:]]
         config_dirs = [

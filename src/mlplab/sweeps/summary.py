@@ -1,4 +1,4 @@
-"""Sweep reports: summary.csv, summary.md and summary.png from a sweep's job folders."""
+"""Sweep reports: summary.csv, summary.md, summary.png and pareto.png from a sweep's job folders."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import yaml
 from mlplab.files import write_text_atomically
 from mlplab.run.records import MONITOR, read_metrics
 from mlplab.sweeps.jobs import job_state
+from mlplab.sweeps.pareto import configurations, pareto_section, plot_pareto
 from mlplab.sweeps.storage import StudyAddress
 
 SWEEP_JOBS_FILE = "jobs.json"  # written by the sweeper before the first job: lets a report list jobs not started yet
@@ -50,6 +51,24 @@ def swept_keys(jobs: list[dict[str, Any]]) -> list[str]:
     """Keys whose value differs between jobs, in command-line order."""
     keys = list(dict.fromkeys(key for job in jobs for key in job["values"]))
     return [key for key in keys if len({job["values"].get(key) for job in jobs}) > 1]
+
+
+def sweep_dimensions(sweep_dir: Path) -> list[str]:
+    """The keys a sweep varies, in the order given: those its command line or ``hydra.sweeper.params`` sweep
+    (``a=1,2``, ``choice(...)``, ``range(...)``, ``interval(...)``), and ``seed`` when a search gives each trial
+    several seeds. From the multirun.yaml the sweeper writes before any job: a job's own overrides hold one value."""
+    saved = sweep_dir / "multirun.yaml"
+    hydra = (yaml.safe_load(saved.read_text()) or {}).get("hydra", {}) if saved.is_file() else {}
+    if not hydra:
+        return []
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    sweeper = hydra.get("sweeper") or {}
+    lines = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()]
+    lines += (hydra.get("overrides") or {}).get("task") or []
+    keys = [line.key_or_group for line in OverridesParser.create().parse_overrides(lines) if line.is_sweep_override()]
+    seeds = sweeper.get("seeds_per_trial")
+    return list(dict.fromkeys(keys + (["seed"] if isinstance(seeds, int) and seeds > 1 else [])))
 
 
 def ranked(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -113,6 +132,7 @@ def markdown(jobs: list[dict[str, Any]], title: str) -> str:
         )
     if "seed" in keys:
         lines += ["", "## Over seeds", "", *seed_table(jobs, [k for k in keys if k != "seed"])]
+    lines += pareto_section(jobs, [k for k in keys if k != "seed"])
     evaluable = [job for job in ranked(jobs) if job["status"] in ("completed", "pruned")]
     if evaluable:
         lines += ["", "## Evaluate a job", "", "```"]
@@ -249,7 +269,8 @@ def _sort_key(value: str) -> tuple:
 
 
 def write_summary(sweep_dir: Path, study: Any = None) -> tuple[list[dict[str, Any]], str]:
-    """Write summary.csv, summary.md and summary.png into the sweep folder; returns the jobs and the markdown.
+    """Write summary.csv, summary.md, summary.png and pareto.png into the sweep folder; returns the jobs and the
+    markdown.
     ``study``: a search's open Optuna study (else found from the folder's multirun.yaml)."""
     jobs = collect_jobs(sweep_dir)
     text = markdown(jobs, sweep_dir.name)
@@ -261,4 +282,6 @@ def write_summary(sweep_dir: Path, study: Any = None) -> tuple[list[dict[str, An
     write_csv(jobs, sweep_dir / "summary.csv")
     write_text_atomically(sweep_dir / "summary.md", text)
     plot(jobs, sweep_dir / "summary.png")
+    keys = [key for key in swept_keys(jobs) if key != "seed"]
+    plot_pareto(jobs, configurations(jobs, keys), keys, sweep_dir / "pareto.png")
     return jobs, text

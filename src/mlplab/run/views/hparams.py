@@ -23,9 +23,29 @@ FINAL_METRICS = {
 }
 
 
-def run_hparams(config: RunConfig, overrides: dict[str, str] | None = None) -> dict[str, Any]:
+# What TensorBoard's HParams tab shows first (TensorBoard 2.21). Its backend sorts the experiment's hparams by
+# (not differs, name): tensorboard/plugins/hparams/backend_context.py, _sort_and_reduce_to_hparams_limit. Its table
+# (tf-hparams-query-pane, _computeHParams, in tensorboard/webfiles.zip) sorts them again by `differs` alone and ticks
+# the first Math.min(5, ...) as visible columns. So a column comes first, and is ticked, because its HParamInfo says
+# `differs`, not because of its place in the dict; torch's add_hparams never sets it, which left the five first
+# names in alphabetical order (data.batch_size, data.name, model.*) as the visible columns of every sweep.
+
+
+class HParams(dict):
+    """A run's HParams columns, the keys its sweep varies first, then those set on its command line, then the rest;
+    ``swept``: the columns of the keys its sweep varies, which the HParams tab shows (and ticks) first."""
+
+    def __init__(self, values: dict[str, Any] | None = None, swept: tuple[str, ...] = ()):
+        super().__init__(values or {})
+        self.swept = swept
+
+
+def run_hparams(config: RunConfig, overrides: dict[str, str] | None = None, swept: list[str] | None = None) -> HParams:
     """The hyperparameters a user compares runs by (every model, optimizer and schedule setting, the data set and
-    batch size, epochs and seed), plus every key set on the command line (as written)."""
+    batch size, epochs and seed), plus every key set on the command line (as written).
+
+    ``swept``: the keys the run's sweep varies (a sweep's ``a=1,2``, a search's parameters), as given; a config group
+    (``optimizer=adam,sgd``) stands for the column that names its choice (``optimizer._target_``)."""
     values: dict[str, Any] = {}
     hints = typing.get_type_hints(type(config.model))
     for field in dataclasses.fields(config.model):
@@ -48,7 +68,15 @@ def run_hparams(config: RunConfig, overrides: dict[str, str] | None = None) -> d
     }
     for key, value in (overrides or {}).items():
         values.setdefault(key, _number_if_numeric(value))
-    return values
+    columns = [column for column in (_column(key, values) for key in swept or []) if column is not None]
+    first = dict.fromkeys([*columns, *(overrides or {})])
+    return HParams({key: values[key] for key in first if key in values} | values, tuple(dict.fromkeys(columns)))
+
+
+def _column(key: str, values: dict[str, Any]) -> str | None:
+    """The column of a swept key: its own, or for a config group the one naming its choice."""
+    candidates = (key, f"{key}._target_", f"{key}.family", f"{key}.name")
+    return next((column for column in candidates if column in values), None)
 
 
 def _number_if_numeric(value: str) -> int | float | str:
@@ -86,11 +114,25 @@ def _write_session(
     from torch.utils.tensorboard.summary import hparams as hparams_summary
 
     values = {key: _plain(value) for key, value in {**hparams, "status": metrics.get("status", "")}.items()}
+    experiment, start, end = hparams_summary(values, dict.fromkeys(FINAL_METRICS.values(), 0.0))
+    _mark_differing(experiment, hparams.swept if isinstance(hparams, HParams) else ())
     with SummaryWriter(log_dir=logger.log_dir) as writer:
-        for summary in hparams_summary(values, dict.fromkeys(FINAL_METRICS.values(), 0.0)):
+        for summary in (experiment, start, end):
             writer.file_writer.add_summary(summary)
         for tag, value in finals.items():
             writer.add_scalar(tag, value, step)
+
+
+def _mark_differing(experiment: Any, swept: tuple[str, ...]) -> None:
+    """Mark the swept columns ``differs`` in the experiment summary, so that the HParams tab shows and ticks them
+    first (see the note above HParams)."""
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    plugin_data = experiment.value[0].metadata.plugin_data
+    content = HParamsPluginData.FromString(plugin_data.content)
+    for info in content.experiment.hparam_infos:
+        info.differs = info.name in swept
+    plugin_data.content = content.SerializeToString()
 
 
 def _plain(value: Any) -> int | float | str | bool:
