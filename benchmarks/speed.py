@@ -271,15 +271,16 @@ class BareLoop:
     def epoch(self) -> float:
         sync(self.device)
         started = time.perf_counter()
+        # Shuffled once per epoch, then contiguous batches: one gather an epoch, as a lean hand-written loop has.
         order = torch.randperm(len(self.y), device=self.device)
+        x, y, bs = self.x[order], self.y[order], self.batch_size
         train_epoch(
             self.model,
             self.optimizer,
-            ((self.x[i], self.y[i]) for i in order.split(self.batch_size)),
+            ((x[i : i + bs], y[i : i + bs]) for i in range(0, len(y), bs)),
             self.device,
             self.bf16,
         )
-        bs = self.batch_size
         evaluate_epoch(
             self.model,
             ((self.x_val[i : i + bs], self.y_val[i : i + bs]) for i in range(0, len(self.y_val), bs)),

@@ -5,11 +5,14 @@
     python benchmarks/stacked_sweep.py --ks 8 --epochs 2 --repeats 3            # the CPU target: 8 seeds
     python benchmarks/stacked_sweep.py --device cuda --ks 1 4 8 16 32 --epochs 2 --alone-ks 1 4 8
     python benchmarks/stacked_sweep.py --quick                                  # synthetic data: checks the script
+    python benchmarks/stacked_sweep.py --search 4 --ks 2 --epochs 2 --repeats 2   # a search: 4 trials of 2 seeds
 
 Each sweep is a fresh mlplab-train process (imports and exit counted: that is what a user waits for), seeds
 1..K, default settings otherwise. Repeats are interleaved (stacked, then job by job, for each K in turn); the
-table gives medians. ``--alone-ks`` limits the job-by-job sweeps to those K (on a GPU, 32 jobs one by one take
-long and say little: each job costs the same).
+table gives medians. With ``--search N``, each sweep is instead an Optuna search of N trials over the learning rate
+(hydra.sweeper.seeds_per_trial=K, ``--trials-at-once`` trials asked together, no pruning, the same TPE seed both
+ways, so both run the same trials); the table adds trials per hour. ``--alone-ks`` limits the job-by-job sweeps to
+those K (on a GPU, 32 jobs one by one take long and say little: each job costs the same).
 """
 
 from __future__ import annotations
@@ -34,10 +37,21 @@ SYSTEM_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashi
 def sweep(k: int, stacked: bool, args: argparse.Namespace, workdir: Path, data_dir: Path, number: int) -> dict:
     """One sweep of seeds 1..k; its wall time and its jobs' test accuracies."""
     sweep_dir = workdir / f"sweep-{number}-k{k}-{'stacked' if stacked else 'alone'}"
+    seeds = [f"seed={','.join(map(str, range(1, k + 1)))}" if k > 1 else "seed=1"]
+    if args.search:
+        seeds = [
+            "hydra/sweeper=optuna",
+            f"hydra.sweeper.n_trials={args.search}",
+            f"hydra.sweeper.seeds_per_trial={k}",
+            f"hydra.sweeper.n_jobs={args.trials_at_once}",
+            "hydra.sweeper.pruner=null",
+            "+hydra.sweeper.sampler.constant_liar=true",
+            "optimizer.lr=tag(log, interval(0.0003, 0.003))",
+        ]
     command = [
         str(BIN / "mlplab-train"),
         "-m",
-        f"seed={','.join(map(str, range(1, k + 1)))}" if k > 1 else "seed=1",
+        *seeds,
         f"trainer={'gpu' if args.device == 'cuda' else 'cpu'}",
         f"trainer.max_epochs={args.epochs}",
         f"paths.data_dir={data_dir}",
@@ -66,6 +80,8 @@ def main() -> None:
     parser.add_argument("--alone-ks", type=int, nargs="*", help="K for which job-by-job sweeps run (default: all)")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--search", type=int, help="search this many trials of K seeds each instead of a seed sweep")
+    parser.add_argument("--trials-at-once", type=int, default=2, help="with --search: trials asked together")
     parser.add_argument("--quick", action="store_true", help="synthetic data, tiny network: checks the script runs")
     parser.add_argument("--output", type=Path, default=HERE / "results", help="folder for the JSON result")
     parser.add_argument("overrides", nargs="*", help="further mlplab-train overrides for every sweep")
@@ -102,8 +118,9 @@ def main() -> None:
             row[name] = {
                 "wall_s": wall,
                 "walls_s": walls,
-                "jobs_per_minute": 60 * k / wall,
-                "epochs_per_second": k * args.epochs / wall,
+                "jobs_per_minute": 60 * k * (args.search or 1) / wall,
+                **({"trials_per_hour": 3600 * args.search / wall} if args.search else {}),
+                "epochs_per_second": k * (args.search or 1) * args.epochs / wall,
                 "test_acc": accuracies,
                 "test_acc_mean": statistics.mean(accuracies),
             }
@@ -120,6 +137,11 @@ def main() -> None:
             f"{alone.get('jobs_per_minute', float('nan')):>15.1f} {row['stacked']['epochs_per_second']:>17.2f} "
             f"{row['stacked']['test_acc_mean']:>17.4f} {alone.get('test_acc_mean', float('nan')):>15.4f}"
         )
+        if args.search:
+            print(
+                f"    a search of {args.search} trials of {k} seeds: {row['stacked']['trials_per_hour']:.1f} "
+                f"trials/hour stacked, {alone.get('trials_per_hour', float('nan')):.1f} job by job"
+            )
     import torch
 
     device = (
@@ -142,6 +164,8 @@ def main() -> None:
         "torch": torch.__version__,
         "epochs": args.epochs,
         "repeats": args.repeats,
+        "search_trials": args.search,
+        "trials_at_once": args.trials_at_once if args.search else None,
         "quick": args.quick,
         "overrides": args.overrides,
         "rows": rows,

@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     _, text = write_summary(sweep_dir)
     print(text, end="")
-    print(f"\nWritten: {sweep_dir / 'summary.csv'}, {sweep_dir / 'summary.md'}, {sweep_dir / 'summary.png'}")
+    written = ", ".join(str(sweep_dir / name) for name in ("summary.csv", "summary.md", "summary.png", "pareto.png"))
+    print(f"\nWritten: {written}")
 
 
 if __name__ == "__main__":

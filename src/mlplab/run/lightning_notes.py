@@ -29,11 +29,13 @@ class LightningNotes(logging.Filter):
 
 
 # Lightning's own use of a torch API deprecated in torch 2.10; its advice to sync logged metrics across ranks
-# (mlplab gathers a data-parallel run's metrics itself); a resumed run's checkpoint folder, which holds checkpoints.
+# (mlplab gathers a data-parallel run's metrics itself); a resumed run's checkpoint folder, which holds checkpoints;
+# the model summary's size estimate under bf16-mixed (trainer.precision=auto), which it gives in fp32 sizes anyway.
 WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
     r"It is recommended to use `self\.log\(.*sync_dist=True",
     r"Checkpoint directory .* exists and is not empty",
+    r"Precision .* is not supported by the model summary",
 )
 
 
