@@ -148,3 +148,18 @@ class BreakStacks(HydraCallback):
             raise RuntimeError("a stack's own bug")
 
         StackedClassifier.training_step = broken
+
+
+class RequeueOnce(Callback):
+    """Asks SLURM to requeue the job it runs in (``scontrol requeue``, as a preemption does), once: after ``step``
+    optimizer steps, mid-epoch; ``marker`` records that it happened."""
+
+    def __init__(self, marker: str, step: int):
+        self.marker, self.step = marker, step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            import subprocess
+
+            subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=True)  # SIGTERM follows

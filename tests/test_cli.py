@@ -57,6 +57,7 @@ def test_a_run_prints_no_lightning_notes_a_user_cannot_act_on(synthetic_data_dir
     for note in ("Tip:", "litlogger", "Trainer already configured with model summary", "was configured so"):
         assert note not in output
     assert "is not supported by the model summary" not in output
+    assert "srun" not in output  # Lightning's hint on a machine with SLURM installed (CI installs it)
     assert "Finished: test/acc" in output  # mlplab's own report is still there
 
 

@@ -56,7 +56,7 @@ SHRINK = [
 ]
 SEARCH_SHRINK = ["hydra.sweeper.n_trials=2"]
 # Commands run by another test instead (tests/<file>::<name>, checked to exist): those that need a server this file
-# does not start (PostgreSQL, a SLURM cluster: test_scale_out runs the submitit path with submitit_local), and those
+# does not start (PostgreSQL, a SLURM cluster), and those
 # whose extra processes each import mlplab afresh (the parallel launcher's workers, a data-parallel run's second
 # rank: about 20 s each on the 2-core machine), which the named tests run with the same launcher and trainer.
 # Delete an entry to run that command here too.
@@ -64,7 +64,13 @@ COVERED_ELSEWHERE = {
     "hydra.sweeper.storage=postgresql": (
         "test_study_storage.py::test_two_processes_with_their_own_sweep_folders_share_one_postgresql_study"
     ),
-    "hydra/launcher=slurm": "test_scale_out.py::test_ddp_sweep_has_one_directory_per_job_and_a_summary",
+    # a real SLURM cluster (tests/slurm_cluster.py); the GPU partition's command is refused there: no such partition
+    "hydra.launcher.wait=false": "test_slurm.py::test_submit_and_return_then_follow_the_sweep_with_mlplab_report",
+    "hydra/launcher=stacked_slurm": "test_slurm.py::test_a_stacked_sweep_runs_as_one_slurm_job",
+    "hydra.launcher.partition=gpu": (
+        "test_slurm.py::test_a_request_the_cluster_cannot_satisfy_is_one_line_and_nothing_is_submitted"
+    ),
+    "hydra/launcher=slurm": "test_slurm.py::test_a_cpu_sweep_runs_as_one_job_array_and_writes_its_summary",
     "hydra/launcher=parallel": "test_sweep.py::test_parallel_launcher_gives_the_same_results_as_one_process",
     "trainer=ddp": "test_scale_out.py::test_ddp_run_has_one_directory_written_by_rank_zero",
 }

@@ -35,6 +35,7 @@ from mlplab.sweeps.grid import (
     Job,
     dry_run_listing,
     grid_jobs,
+    job_folder,
     sweep_overrides,
     wait_for_other_processes,
 )
@@ -86,6 +87,8 @@ class MlplabSweeper(SearchLoop, Sweeper):
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=self.hydra_context, task_function=task_function, config=config
         )
+        # A cluster's launcher runs the jobs on its nodes: their devices are checked there, not on this machine.
+        self.jobs_run_here = not getattr(self.launcher, "runs_elsewhere", False)
 
     def sweep(self, arguments: list[str]) -> Any:
         params = OmegaConf.to_container(self.params) if self.params else None
@@ -99,6 +102,8 @@ class MlplabSweeper(SearchLoop, Sweeper):
         board = f"; TensorBoard: tensorboard --logdir {sweep_dir}" if has_event_files(sweep_dir) else ""
         print(f"Summary: {sweep_dir / 'summary.md'} (also summary.csv, summary.png, pareto.png){board}")
         unfinished = [job for job in jobs if job["status"] not in ("completed", "pruned")]
+        if not getattr(self.launcher, "wait", True):  # submitted to a cluster to run there (hydra.launcher.wait)
+            return
         if self.n_trials is None and unfinished:
             raise SweepIncomplete(
                 f"{len(unfinished)} of {len(jobs)} jobs did not complete: "
@@ -141,11 +146,13 @@ class MlplabSweeper(SearchLoop, Sweeper):
         """Compose one job's config and check it as the job will; a bad point stops the sweep before any training."""
         try:
             config = checked_job_config(
-                lambda overrides: self.loader.compose(self.config, overrides, keep=True), job_overrides
+                lambda overrides: self.loader.compose(self.config, overrides, keep=True),
+                job_overrides,
+                self.jobs_run_here,
             )
         except MlplabError as error:
             raise ConfigError(f"job {' '.join(job_overrides)}: {error}; no job was started") from None
-        return Job(job_overrides, Path(config.hydra.sweep.dir) / str(OmegaConf.select(config, "hydra.sweep.subdir")))
+        return Job(job_overrides, job_folder(config))
 
 
 class StableOptunaConfigs(Callback):

@@ -19,7 +19,7 @@ from mlplab.cli.compose import checked_job_config
 from mlplab.errors import MlplabError
 from mlplab.run.records import read_metrics
 from mlplab.run.stopping import Stopped
-from mlplab.sweeps.grid import SweepError
+from mlplab.sweeps.grid import SweepError, job_folder
 from mlplab.sweeps.summary import write_summary
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class SearchLoop:
     n_trials: int
     seeds_per_trial: int
     study: Any
+    jobs_run_here: bool
 
     def _search(self, sweep_dir: Path, params: dict[str, Any] | None, arguments: list[str]) -> None:
         from mlplab.sweeps.sampling import GRID_SAMPLER, DistinctSampler
@@ -117,8 +118,14 @@ class SearchLoop:
                 with kept_alive([trial for trial, _ in launched]):
                     returns = iter(self.launcher.launch(jobs, initial_job_idx=launched[0][0].number))
                 for trial, seeds in launched:
-                    job_dirs = [Path(next(returns).hydra_cfg.hydra.runtime.output_dir) for _ in seeds]
+                    job_dirs = [self._job_dir(next(returns), [*o, f"trial={trial.number}"]) for o in seeds]
                     self._tell(study, trial, job_dirs)
+
+    def _job_dir(self, returned: Any, overrides: list[str]) -> Path:
+        """Where a trial's job ran: from its return, or (a SLURM job that ended without one) from its overrides."""
+        if returned.hydra_cfg is not None:
+            return Path(returned.hydra_cfg.hydra.runtime.output_dir)
+        return job_folder(self.loader.load_sweep_config(self.config, overrides))
 
     def _ask(self, study: Any, fixed: list[str], space: dict[str, Any]) -> tuple[Any, list[list[str]]] | None:
         """A new trial and the overrides of each of its seeds' jobs, checked; None when it is told failed (an
@@ -131,7 +138,9 @@ class SearchLoop:
         overrides = [*fixed, *(as_override(key, value) for key, value in trial.params.items())]
         trial.set_user_attr("overrides", overrides)
         try:
-            config = checked_job_config(lambda o: self.loader.load_sweep_config(self.config, o), overrides)
+            config = checked_job_config(
+                lambda o: self.loader.load_sweep_config(self.config, o), overrides, self.jobs_run_here
+            )
         except MlplabError as problem:
             log.error("Trial %d: %s", trial.number, problem)
             trial.set_user_attr("error", str(problem))

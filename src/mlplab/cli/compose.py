@@ -55,6 +55,10 @@ OmegaConf.register_new_resolver("mlplab.run_dir", run_dir, replace=True)
 OmegaConf.register_new_resolver("mlplab.unless_resumed", lambda resume, value: None if resume else value, replace=True)
 OmegaConf.register_new_resolver("mlplab.non_experiment_keys", lambda: list(NON_EXPERIMENT_KEYS), replace=True)
 OmegaConf.register_new_resolver("mlplab.monitor", lambda: MONITOR, replace=True)
+# hydra/launcher=slurm: GPUs for a GPU run only
+OmegaConf.register_new_resolver(
+    "mlplab.gpus_if", lambda accelerator, devices: devices if accelerator == "gpu" else 0, replace=True
+)
 # A search's objective: lightning-hydra-template's optimized_metric names the best epoch's value "<metric>_best";
 # metrics.json holds every metric at the best epoch under its own name.
 OmegaConf.register_new_resolver(
@@ -74,14 +78,18 @@ def validated(cfg: DictConfig) -> RunConfig:
     return parse_run_config(raw)
 
 
-def checked_job_config(compose: Callable[[list[str]], DictConfig], overrides: list[str]) -> DictConfig:
-    """``compose(overrides)``, checked as the job will check it; raises ConfigError (one line) if it would fail."""
+def checked_job_config(
+    compose: Callable[[list[str]], DictConfig], overrides: list[str], here: bool = True
+) -> DictConfig:
+    """``compose(overrides)``, checked as the job will check it; raises ConfigError (one line) if it would fail.
+    ``here``: the job runs on this machine, whose devices are checked too (not for a SLURM job: its node's are)."""
     try:
         config = compose(overrides)
     except (CompactHydraException, OmegaConfBaseException) as error:
         raise ConfigError(describe_config_error(error)) from None
     run_config = validated(config)
-    require_accelerator(run_config.trainer.accelerator, "trainer.accelerator", "use trainer=cpu or trainer=auto")
+    if here:
+        require_accelerator(run_config.trainer.accelerator, "trainer.accelerator", "use trainer=cpu or trainer=auto")
     return config
 
 

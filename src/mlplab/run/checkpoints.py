@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import signal
 from dataclasses import dataclass
@@ -83,9 +84,19 @@ class StopRequested(KeyboardInterrupt):
     """Ctrl-C (or SIGTERM) arrived; raised at the next point a checkpoint can be taken from."""
 
 
+def requeue_signal() -> int | None:
+    """The signal a SLURM job of hydra/launcher=slurm gets before its time limit or when preempted (submitit's,
+    USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise); None outside such a job."""
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return None
+    return signal.Signals["SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")]
+
+
 class ResumePoints(Callback):
     """Keeps ``checkpoints/last.ckpt`` a point to resume from between epochs: every ``every_n_steps`` optimizer
-    steps, and when SIGINT or SIGTERM stops the run.
+    steps, and when SIGINT or SIGTERM stops the run, or (in a SLURM job of hydra/launcher=slurm) submitit's signal
+    before the time limit or a preemption: then, once the checkpoint is saved, submitit's own handler requeues the
+    job, which resumes from it. That is the one requeue mechanism (Lightning's SLURM auto-requeue is off).
 
     A signal takes effect at the next point a resumed run can continue exactly from: after the current training
     batch (the checkpoint is saved there), or, during validation, once the epoch's validation and checkpoints are
@@ -113,9 +124,8 @@ class ResumePoints(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._previous_handlers = {
-            signum: signal.signal(signum, self._request_stop) for signum in (signal.SIGINT, signal.SIGTERM)
-        }
+        signals = [signal.SIGINT, signal.SIGTERM, *filter(None, [requeue_signal()])]
+        self._previous_handlers = {signum: signal.signal(signum, self._request_stop) for signum in signals}
 
     def _request_stop(self, signum: int, frame: Any) -> None:
         if self.stopped_by:
@@ -137,6 +147,7 @@ class ResumePoints(Callback):
                 pl_module.check_finite_loss()  # never a checkpoint of diverged weights
             trainer.save_checkpoint(self.path, weights_only=False)
         if self.stopped_by:
+            self._hand_over_to_requeue()
             raise StopRequested
 
     @override
@@ -147,7 +158,18 @@ class ResumePoints(Callback):
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.stopped_by:  # stopped after a validation, whose epoch checkpoints are saved
+            self._hand_over_to_requeue()
         self._restore_handlers()
+
+    def _hand_over_to_requeue(self) -> None:
+        """After submitit's signal, with the checkpoint saved: submitit's handler requeues the job and exits."""
+        signum = requeue_signal()
+        if signum is not None and self.stopped_by == signal.Signals(signum).name:
+            handler = self._previous_handlers.get(signum)
+            self._restore_handlers()
+            if callable(handler):
+                handler(signum, None)
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:

@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
 from mlplab.compat import RankCommandDDPStrategy
@@ -220,13 +221,18 @@ def build_trainer(
         # Checkpoints are copied in memory and written by a background thread: on a busy disk a write can
         # stall for seconds, longer than an epoch. Lightning waits for the writes when fit ends.
         checkpoint_io = AsyncCheckpointIO(AtomicCheckpointIO())
+    plugins: list[Any] = [checkpoint_io]
+    if not settings.data_parallel and SLURMEnvironment.detect():
+        # A SLURM job (hydra/launcher=slurm): submitit handles its signal (requeued before the time limit, or when
+        # preempted) and the job resumes from its checkpoints; Lightning's own SLURM requeue would be a second.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     try:
         return L.Trainer(
             **arguments,
             default_root_dir=run_dir,
             logger=loggers,
             callbacks=callbacks,
-            plugins=[checkpoint_io],
+            plugins=plugins,
             # Lightning adds its own of each unless told not to; the callbacks group decides instead.
             enable_checkpointing=has(ModelCheckpoint),
             enable_progress_bar=has(ProgressBar),

@@ -33,6 +33,11 @@ class Job(NamedTuple):  # not a dataclass: Hydra's plugin scan runs its modules 
     dir: Path
 
 
+def job_folder(config: Any) -> Path:
+    """A sweep job's folder, from its composed config (hydra.sweep.dir and .subdir, as Hydra makes it)."""
+    return Path(config.hydra.sweep.dir) / str(OmegaConf.select(config, "hydra.sweep.subdir"))
+
+
 def grid_jobs(overrides: list[Override]) -> list[list[str]]:
     """Each job's overrides: one per combination of the sweep's values (``a=1,2 b=x,y``: four jobs)."""
     choices: dict[str, list[str]] = {}

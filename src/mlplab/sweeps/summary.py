@@ -17,6 +17,7 @@ from mlplab.files import write_text_atomically
 from mlplab.run.records import MONITOR, read_metrics
 from mlplab.sweeps.jobs import job_state
 from mlplab.sweeps.pareto import configurations, pareto_section, plot_pareto
+from mlplab.sweeps.slurm import scheduler_states
 from mlplab.sweeps.storage import StudyAddress
 
 SWEEP_JOBS_FILE = "jobs.json"  # written by the sweeper before the first job: lets a report list jobs not started yet
@@ -29,13 +30,18 @@ def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
     overrides = {sweep_dir / job["dir"]: job["overrides"] for job in listed}
     for config in sorted(sweep_dir.glob("*/.hydra/overrides.yaml")):
         overrides.setdefault(config.parent.parent, [str(o) for o in yaml.safe_load(config.read_text()) or []])
+    in_queue = scheduler_states(sweep_dir)  # a sweep submitted to SLURM: its jobs still queued or running there
     jobs = []
     for job_dir, job_overrides in overrides.items():
         metrics = read_metrics(job_dir)
+        status = job_state(job_dir)
+        if status not in ("completed", "pruned") and tuple(job_overrides) in in_queue:
+            job_id, state = in_queue[tuple(job_overrides)]
+            status = f"{'queued' if state == 'PENDING' else state.lower()} (SLURM job {job_id})"
         jobs.append(
             {
                 "job": job_dir.name,
-                "status": job_state(job_dir),
+                "status": status,
                 "overrides": job_overrides,
                 "values": dict(override.lstrip("+~").partition("=")[::2] for override in job_overrides),
                 **{key: metrics[key] for key in METRICS if key in metrics},
@@ -150,7 +156,7 @@ def markdown(jobs: list[dict[str, Any]], title: str) -> str:
         lines += ["", "## Failed", ""] + [
             f"- `{job['job']}`: {job['status']}: {job['error'] or 'no error recorded'}" for job in failed
         ]
-    unfinished = [job for job in jobs if job["status"] in ("running", "interrupted", "pending")]
+    unfinished = [job for job in jobs if job["status"] not in ("completed", "pruned", "failed", "diverged")]
     if unfinished:
         lines += ["", "## Not finished", ""] + [f"- `{job['job']}`: {job['status']}" for job in unfinished]
     return "\n".join(lines) + "\n"

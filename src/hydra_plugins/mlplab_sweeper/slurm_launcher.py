@@ -1,0 +1,178 @@
+"""mlplab's SLURM launcher (``hydra/launcher=slurm``): Hydra's submitit launcher, with the request fitted to the run
+and checked against the cluster before anything is submitted (mlplab.sweeps.slurm), a refused submission said in
+one line, and the jobs followed through the queue (squeue) rather than accounting (sacct, which a cluster without
+slurmdbd cannot answer: submitit would warn at every poll, and never see a cancelled job end).
+
+Each job runs mlplab-train's task as Hydra's submitit launcher runs it (the launcher is pickled into the job). A job
+requeued by SLURM (preemption, ``scontrol requeue``, or submitit's own requeue before the time limit) starts again
+and continues from its last checkpoint in its own job folder; a job that ends without a result (``scancel``) is
+left interrupted, and the same command submits the unfinished jobs again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
+from omegaconf import OmegaConf
+
+from mlplab.errors import one_line
+from mlplab.sweeps.slurm import (
+    SlurmError,
+    cluster_nodes,
+    fitted_request,
+    queued,
+    record_submitted,
+    scheduler_states,
+)
+
+log = logging.getLogger(__name__)
+POLL_SECONDS = 2.0  # how often the queue is read while the sweep's jobs run
+RESULT_GRACE_SECONDS = 10.0  # after a job left the queue, how long its result file may take to appear
+
+
+class MlplabSlurmLauncher(SlurmLauncher):
+    runs_elsewhere = True  # its jobs run on the cluster's nodes, whose devices this machine need not have
+
+    def __init__(self, **params: Any) -> None:
+        # mlplab's settings, not sbatch's: hydra/launcher=stacked_slurm's stack size; whether to wait for the jobs
+        self.max_stack = params.pop("max_stack", None)
+        self.wait = params.pop("wait", True)
+        super().__init__(**params)
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        import submitit
+
+        assert self.config is not None
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        # A job still in the queue from an earlier submission of the same sweep is followed, not submitted again.
+        earlier = scheduler_states(sweep_dir)
+        arguments, fresh = [], []
+        for number, overrides in enumerate(job_overrides, start=initial_job_idx):
+            if tuple(overrides) in earlier:
+                log.info("\t#%d : already in the queue as SLURM job %s", number, earlier[tuple(overrides)][0])
+                continue
+            log.info("\t#%d : %s", number, " ".join(filter_overrides(overrides)))
+            state = Singleton.get_state()
+            arguments.append((list(overrides), "hydra.sweep.dir", number, f"job_id_for_{number}", state))
+            fresh.append(tuple(overrides))
+        submitted = dict(zip(fresh, self._submitted(self, arguments))) if arguments else {}
+        record_submitted(sweep_dir, {job.job_id: list(overrides) for overrides, job in submitted.items()})
+        folder = self.params["submitit_folder"]
+        jobs = [
+            submitted.get(tuple(overrides)) or submitit.SlurmJob(folder=folder, job_id=earlier[tuple(overrides)][0])
+            for overrides in job_overrides
+        ]
+        if not self.wait:
+            log.info(
+                "Submitted; not waiting (hydra.launcher.wait=false). Follow the sweep with: mlplab-report %s",
+                sweep_dir,
+            )
+            return [JobReturn(overrides=list(overrides), status=JobStatus.UNKNOWN) for overrides in job_overrides]
+        return [
+            returned if isinstance(returned, JobReturn) else _ended(overrides, returned)
+            for returned, overrides in zip(self._followed(jobs), job_overrides)
+        ]
+
+    def _submitted(self, function: Any, arguments: list[tuple]) -> list[Any]:
+        """``function`` submitted once per item of ``arguments`` (a job array), the request fitted to the run and
+        checked against the cluster first."""
+        import submitit
+
+        assert self.config is not None
+        devices = self.config.trainer.devices
+        if self.config.trainer.get("strategy") == "ddp" or (isinstance(devices, int) and devices > 1):
+            raise SlurmError(
+                "trainer=ddp with hydra/launcher=slurm: data-parallel runs as SLURM tasks are not supported yet; "
+                "submit one-device jobs (trainer=gpu or trainer=cpu), or run trainer=ddp on one machine"
+            )
+        device = "gpu" if self.config.trainer.accelerator == "gpu" else "cpu"
+        params = fitted_request(self.params, device, cluster_nodes(self.params.get("partition")))
+        executor = submitit.AutoExecutor(
+            folder=params["submitit_folder"], cluster="slurm", slurm_max_num_timeout=params["max_num_timeout"]
+        )
+        queue_keys = set(OmegaConf.structured(BaseQueueConf).keys())
+        executor.update_parameters(
+            **{
+                key if key in queue_keys else f"slurm_{key}": value
+                for key, value in params.items()
+                if key not in ("submitit_folder", "max_num_timeout")
+            }
+        )
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        try:
+            jobs = executor.map_array(function, *zip(*arguments))
+        except submitit.core.utils.FailedJobError as error:
+            raise SlurmError(f"sbatch refused the sweep's jobs: {one_line(error)}") from None
+        array = jobs[0].job_id.split("_")[0]
+        log.info(
+            "Submitted SLURM job %s (%d job(s); %s CPUs, %s GB, %s GPUs per node each); their logs: %s",
+            array,
+            len(jobs),
+            params["cpus_per_task"] * params["tasks_per_node"],
+            params["mem_gb"],
+            params.get("gpus_per_node") or 0,
+            params["submitit_folder"].replace("%j", f"{array}_*"),
+        )
+        return jobs
+
+    def _followed(self, jobs: list[Any]) -> list[Any]:
+        """Each job's result once it has left the queue, or (cancelled, killed, failed) why it has none."""
+        returns: dict[int, Any] = {}
+        left_queue: dict[int, float] = {}
+        while len(returns) < len(jobs):
+            waiting = [index for index in range(len(jobs)) if index not in returns]
+            in_queue = queued([jobs[index].job_id for index in waiting])
+            for index in waiting:
+                job = jobs[index]
+                if job.job_id in in_queue:  # pending, running, or requeued (an earlier attempt's result may exist)
+                    left_queue.pop(index, None)
+                elif job.paths.result_pickle.exists():
+                    returns[index] = _result(job)
+                elif time.monotonic() - left_queue.setdefault(index, time.monotonic()) > RESULT_GRACE_SECONDS:
+                    log.warning("SLURM job %s ended without a result (cancelled or killed)", job.job_id)
+                    returns[index] = f"SLURM job {job.job_id} ended without a result"
+            if len(returns) < len(jobs):
+                time.sleep(POLL_SECONDS)
+        return [returns[index] for index in range(len(jobs))]
+
+
+class StackedSlurmLauncher(MlplabSlurmLauncher):
+    """``hydra/launcher=stacked_slurm``: a stacked sweep as one SLURM job, which trains the sweep's jobs as
+    ``hydra/launcher=stacked`` does on the machine it runs on (one GPU, sixteen seeds)."""
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        overrides = [list(item) for item in job_overrides]
+        log.info("%d jobs as one SLURM job, trained in stacks", len(overrides))
+        (job,) = self._submitted(self.stacks, [(overrides, initial_job_idx, Singleton.get_state())])
+        (returned,) = self._followed([job])
+        if isinstance(returned, list):
+            return returned
+        return [_ended(item, returned) for item in overrides]
+
+    def stacks(self, job_overrides: list[list[str]], initial_job_idx: int, singleton_state: Any) -> list[JobReturn]:
+        """In the SLURM job: the stacked launcher over the sweep's jobs."""
+        from hydra_plugins.mlplab_sweeper.stacked_launcher import StackedLauncher
+
+        Singleton.set_state(singleton_state)
+        launcher = StackedLauncher(self.max_stack)
+        launcher.setup(hydra_context=self.hydra_context, task_function=self.task_function, config=self.config)
+        return list(launcher.launch(job_overrides, initial_job_idx))
+
+
+def _result(job: Any) -> Any:
+    try:
+        return job.results()[0]
+    except Exception as error:  # the job's own failure, already in its folder's metrics.json and log
+        return f"SLURM job {job.job_id}: {one_line(error)}"
+
+
+def _ended(overrides: Sequence[str], reason: str) -> JobReturn:
+    return JobReturn(overrides=list(overrides), status=JobStatus.FAILED, _return_value=SlurmError(reason))

@@ -1,0 +1,144 @@
+"""SLURM as mlplab's launcher (``hydra/launcher=slurm``) meets it: what the cluster's nodes have, a job's request
+fitted to the run and checked against them before anything is submitted, and which of a sweep's jobs are still in
+the queue. Through the scheduler's own commands (sinfo, squeue): on a cluster without accounting (no slurmdbd),
+sacct answers nothing, while the queue is always there to read.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlplab.errors import MlplabError
+from mlplab.files import write_text_atomically
+
+# What a job asks for when its settings are null (conf/hydra/launcher/slurm.yaml): per task (one task per rank).
+CPUS_PER_GPU_TASK = 8  # a GPU rank's data work is light (mlplab keeps batches in memory): up to 8 cores
+MEM_GB_PER_TASK = {"cpu": 4, "gpu": 16}  # a CPU run of the default network peaks near 1.5 GB; a GPU rank holds CUDA
+
+
+class SlurmError(MlplabError):
+    """A request the cluster cannot satisfy, or a submission it refused: one line, nothing (more) submitted."""
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    partition: str
+    cpus: int
+    memory_mb: int
+    gpus: int
+
+
+def _run(command: list[str]) -> str:
+    if shutil.which(command[0]) is None:
+        raise SlurmError(
+            f"hydra/launcher=slurm: {command[0]} is not on the PATH; run the sweep where SLURM jobs can be submitted "
+            "(a login node of the cluster)"
+        )
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        reason = " ".join(result.stderr.split()) or f"exit status {result.returncode}"
+        raise SlurmError(f"hydra/launcher=slurm: {' '.join(command[:2])} failed: {reason}")
+    return result.stdout
+
+
+def gpus_in(gres: str) -> int:
+    """GPUs in sinfo's generic resources, e.g. ``gpu:4``, ``gpu:a100:4(S:0-1)``, ``(null)``."""
+    return sum(int(match) for match in re.findall(r"gpu(?::[^:,(]+)?:(\d+)", gres))
+
+
+def cluster_nodes(partition: str | None) -> list[Node]:
+    """The nodes of ``partition`` (None: the cluster's default partition), from sinfo."""
+    lines = _run(["sinfo", "--noheader", "--Node", "--format=%N|%P|%c|%m|%G"]).splitlines()
+    nodes = []
+    for line in lines:
+        name, part, cpus, memory, gres = line.strip().split("|")
+        nodes.append(Node(name, part, int(cpus.rstrip("+")), int(memory.rstrip("+")), gpus_in(gres)))
+    chosen = [n for n in nodes if (n.partition.rstrip("*") == partition if partition else n.partition.endswith("*"))]
+    if not chosen:
+        names = ", ".join(sorted({n.partition.rstrip("*") for n in nodes})) or "none"
+        wanted = f"hydra.launcher.partition={partition}" if partition else "hydra.launcher.partition=null"
+        raise SlurmError(f"{wanted}: no such partition (or no default one); the cluster has: {names}")
+    return chosen
+
+
+def fitted_request(params: dict[str, Any], device: str, nodes: list[Node]) -> dict[str, Any]:
+    """``params`` (the launcher's settings) with a null ``cpus_per_task`` or ``mem_gb`` filled in for the run
+    (``device``: cpu or gpu), checked against ``nodes``; SlurmError names the setting that does not fit."""
+    tasks, gpus = int(params.get("tasks_per_node") or 1), int(params.get("gpus_per_node") or 0)
+    partition = nodes[0].partition.rstrip("*")
+    fitting = [node for node in nodes if node.gpus >= gpus]
+    if not fitting:
+        most = max(node.gpus for node in nodes)
+        raise SlurmError(
+            f"hydra.launcher.gpus_per_node={gpus}: the nodes of partition {partition} have at most {most} GPUs; "
+            + ("use trainer=cpu, or another hydra.launcher.partition" if most == 0 else f"set trainer.devices={most}")
+        )
+    cpus = max(node.cpus for node in fitting)
+    memory_gb = max(node.memory_mb for node in fitting) // 1024
+    request = dict(params)
+    if request.get("cpus_per_task") is None:
+        share = max(cpus // tasks, 1)
+        request["cpus_per_task"] = min(share, CPUS_PER_GPU_TASK) if device == "gpu" else share
+    if request.get("mem_gb") is None:
+        request["mem_gb"] = min(MEM_GB_PER_TASK[device] * tasks, memory_gb)
+    if request["cpus_per_task"] * tasks > cpus:
+        raise SlurmError(
+            f"hydra.launcher.cpus_per_task={request['cpus_per_task']} for {tasks} task(s) per node needs "
+            f"{request['cpus_per_task'] * tasks} CPUs; the nodes of partition {partition} have at most {cpus}; set "
+            f"hydra.launcher.cpus_per_task={max(cpus // tasks, 1)} or less (or null: from the run)"
+        )
+    if request["mem_gb"] > memory_gb:
+        raise SlurmError(
+            f"hydra.launcher.mem_gb={request['mem_gb']}: the nodes of partition {partition} have at most "
+            f"{memory_gb} GB; set hydra.launcher.mem_gb={memory_gb} or less (or null: from the run)"
+        )
+    if int(request.get("nodes") or 1) > len(nodes):
+        raise SlurmError(
+            f"hydra.launcher.nodes={request['nodes']}: partition {partition} has {len(nodes)} node(s); set "
+            f"hydra.launcher.nodes={len(nodes)} or less"
+        )
+    return request
+
+
+def queued(job_ids: list[str]) -> dict[str, str]:
+    """The state (PENDING, RUNNING, ...) of each of ``job_ids`` still in the queue; jobs that left it are absent."""
+    if not job_ids:
+        return {}
+    # This user's jobs, not --jobs=<ids>: squeue refuses ids that have left the queue.
+    output = _run(["squeue", "--noheader", "--array", "--me", "--format=%i|%T"])
+    states = dict(line.strip().split("|", 1) for line in output.splitlines() if "|" in line)
+    return {job_id: states[job_id] for job_id in job_ids if job_id in states}
+
+
+SLURM_JOBS_FILE = "slurm_jobs.json"  # in a sweep folder: each job submitted to SLURM, its id and its overrides
+
+
+def record_submitted(sweep_dir: Path, submitted: dict[str, list[str]]) -> None:
+    """Add ``submitted`` (SLURM job id: the job's overrides) to the sweep's record."""
+    path = sweep_dir / SLURM_JOBS_FILE
+    write_text_atomically(path, json.dumps({**submitted_jobs(sweep_dir), **submitted}, indent=1) + "\n")
+
+
+def submitted_jobs(sweep_dir: Path) -> dict[str, list[str]]:
+    path = sweep_dir / SLURM_JOBS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def scheduler_states(sweep_dir: Path) -> dict[tuple[str, ...], tuple[str, str]]:
+    """For each of the sweep's jobs still in SLURM's queue, by its overrides: (its job id, its state); empty for a
+    sweep never submitted to SLURM, or where squeue cannot be run."""
+    jobs = submitted_jobs(sweep_dir)
+    if not jobs:
+        return {}
+    try:
+        states = queued(list(jobs))
+    except SlurmError:
+        return {}
+    return {tuple(jobs[job_id]): (job_id, state) for job_id, state in states.items()}

@@ -1,0 +1,249 @@
+"""Sweeps on a real SLURM cluster (hydra/launcher=slurm): munged, slurmctld and slurmd started on this machine
+(tests/slurm_cluster.py), jobs submitted with sbatch as a user's sweep submits them, followed through squeue; the
+cluster has no accounting database, as many small clusters have not."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SYNTHETIC_RUN, cli_env, study_of
+from slurm_cluster import missing_binaries, slurm_cluster
+
+pytestmark = pytest.mark.skipif(
+    bool(missing_binaries()),
+    reason=f"SLURM's binaries are not installed ({', '.join(missing_binaries())}; Debian: apt-get install "
+    "slurm-wlm munge, as .ci/run does)",
+)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with slurm_cluster() as env:
+        yield env
+
+
+def submit(forked_cli, cluster, tmp_path: Path, data_dir: Path, *overrides: str, seconds: int = 240):
+    return forked_cli.run_apart(
+        ["-m", "hydra/launcher=slurm", *SYNTHETIC_RUN, f"paths.data_dir={data_dir}", *overrides],
+        tmp_path,
+        "mlplab-train",
+        cluster,
+        seconds,
+        [],
+    )
+
+
+def queue(cluster, format: str = "%i %T") -> str:
+    env = {"SLURM_CONF": cluster["SLURM_CONF"], "PATH": os.environ["PATH"]}
+    command = ["squeue", "--noheader", "--array", f"--format={format}"]
+    return subprocess.run(command, capture_output=True, text=True, env=env).stdout.strip()
+
+
+def test_a_cpu_sweep_runs_as_one_job_array_and_writes_its_summary(forked_cli, cluster, synthetic_data_dir, tmp_path):
+    # trainer=cpu and nothing else about the cluster: the request comes from the run and fits the node
+    code, out, err = submit(forked_cli, cluster, tmp_path, synthetic_data_dir, "trainer=cpu", "seed=1,2", "sweep=array")
+    assert code == 0, err[-3000:]
+    output = out + err
+    sweep_dir = tmp_path / "outputs" / "sweeps" / "array"
+    (array,) = re.findall(r"Submitted SLURM job (\d+) \(2 job\(s\);", output)  # one sbatch: an array of two
+    assert sorted(path.name for path in (sweep_dir / ".submitit").glob(f"{array}_*")) == [f"{array}_0", f"{array}_1"]
+    jobs = [json.loads(path.read_text()) for path in sorted(sweep_dir.glob("*/metrics.json"))]
+    assert [job["status"] for job in jobs] == ["completed", "completed"]
+    assert "2 jobs: 2 completed." in (sweep_dir / "summary.md").read_text()
+    # no sacct on a cluster without accounting, no Lightning hint about srun, no traceback
+    for noise in ("sacct", "accounting storage", "srun", "Traceback"):
+        assert noise not in output, noise
+    assert queue(cluster) == ""
+
+
+def test_a_request_the_cluster_cannot_satisfy_is_one_line_and_nothing_is_submitted(
+    forked_cli, cluster, synthetic_data_dir, tmp_path
+):
+    for override, message in (
+        ("hydra.launcher.cpus_per_task=64", "hydra.launcher.cpus_per_task=64 for 1 task(s) per node needs 64 CPUs"),
+        ("hydra.launcher.mem_gb=100000", "hydra.launcher.mem_gb=100000: the nodes of partition debug have at most"),
+        ("hydra.launcher.partition=gpu", "hydra.launcher.partition=gpu: no such partition"),
+    ):
+        code, out, err = submit(forked_cli, cluster, tmp_path, synthetic_data_dir, "trainer=cpu", override, "sweep=no")
+        (line,) = [line for line in err.splitlines() if line.startswith("mlplab-train: error:")]
+        assert code == 2 and message in line and "Traceback" not in err, err[-2000:]
+        assert not (tmp_path / "outputs" / "sweeps" / "no" / ".submitit").exists() and queue(cluster) == ""
+
+
+def pace(seconds: float) -> str:
+    return f"+callbacks.pace={{_target_:probes.PaceSteps,seconds:{seconds}}}"
+
+
+def release_requeued(cluster, until: Path) -> None:
+    """Let a requeued job run again at once, as an administrator would: SLURM holds it back for a while first."""
+    env = {"SLURM_CONF": cluster["SLURM_CONF"], "PATH": os.environ["PATH"]}
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not until.exists():
+        lines = subprocess.run(
+            ["squeue", "--noheader", "--array", "--format=%i|%T|%r"], capture_output=True, text=True, env=env
+        ).stdout.split()
+        for job_id, state, reason in (line.split("|") for line in lines):
+            if state == "PENDING" and reason == "BeginTime":
+                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, check=False)
+        time.sleep(0.5)
+
+
+def only_job(sweep_dir: Path) -> Path:
+    (job,) = [path.parent for path in sweep_dir.glob("*/metrics.json")]
+    return job
+
+
+def test_a_requeued_job_resumes_from_its_checkpoint_to_an_uninterrupted_runs_weights(
+    forked_cli, cluster, synthetic_data_dir, tmp_path
+):
+    marker = tmp_path / "requeued"
+    job = ["trainer=cpu", "trainer.deterministic=true", "trainer.max_epochs=3", "seed=1", pace(0.05)]
+    done = tmp_path / "done"
+    releaser = threading.Thread(target=release_requeued, args=(cluster, done), daemon=True)
+    releaser.start()
+    # preempted mid-epoch: after 15 of its 30 steps, the job asks SLURM to requeue it (scontrol requeue)
+    requeue = f"+callbacks.requeue={{_target_:probes.RequeueOnce,marker:'{marker}',step:15}}"
+    code, out, err = submit(forked_cli, cluster, tmp_path, synthetic_data_dir, *job, requeue, "sweep=requeued")
+    done.touch()
+    assert code == 0 and marker.exists(), err[-3000:]
+    requeued = only_job(tmp_path / "outputs" / "sweeps" / "requeued")
+    metrics = json.loads((requeued / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["epochs"] == 3 and metrics["step"] == 30
+    logs = "".join(path.read_text() for path in (requeued.parent / ".submitit").rglob("*_log.*"))
+    assert "stopped by SIGTERM" in logs and "Resuming from" in logs  # the first attempt's end, the second's start
+    # the same job on this machine, never interrupted: the same weights and optimizer state, bit for bit
+    code, output = forked_cli.run(
+        ["-m", *SYNTHETIC_RUN, f"paths.data_dir={synthetic_data_dir}", *job, "sweep=uninterrupted"], tmp_path
+    )
+    assert code == 0, output[-3000:]
+    alone = only_job(tmp_path / "outputs" / "sweeps" / "uninterrupted")
+    ours, theirs = (torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True) for folder in (requeued, alone))
+    assert ours["state_dict"].keys() == theirs["state_dict"].keys()
+    for key, value in theirs["state_dict"].items():
+        assert torch.equal(ours["state_dict"][key], value), key
+    for index, values in theirs["optimizer_states"][0]["state"].items():
+        for name, value in values.items():
+            assert torch.equal(ours["optimizer_states"][0]["state"][index][name], value), (index, name)
+
+
+def test_a_cancelled_job_is_interrupted_and_the_same_command_resumes_only_it(cluster, synthetic_data_dir, tmp_path):
+    command = [
+        str(Path(sys.executable).parent / "mlplab-train"),
+        "-m",
+        "hydra/launcher=slurm",
+        *SYNTHETIC_RUN,
+        f"paths.data_dir={synthetic_data_dir}",
+        "trainer=cpu",
+        "trainer.max_epochs=3",
+        "seed=1,2",
+        "hydra.launcher.cpus_per_task=1",  # both jobs at once on the 2-CPU node
+        "sweep=cancelled",
+    ]
+    env = {**cli_env(synthetic_data_dir), **cluster}
+    sweep_dir = tmp_path / "outputs" / "sweeps" / "cancelled"
+    process = subprocess.Popen(
+        [*command, pace(0.2)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline, victim = time.monotonic() + 120, None
+    while victim is None and time.monotonic() < deadline:  # the seed=2 job, once it has a checkpoint to resume from
+        folders = [path.parent.parent for path in sweep_dir.glob("*seed=2*/checkpoints/last.ckpt")]
+        if folders:
+            running = [line.split("|") for line in queue(cluster, "%i|%T").splitlines()]
+            victim = next((job_id for job_id, state in running if job_id.endswith("_1") and state == "RUNNING"), None)
+        time.sleep(0.3)
+    assert victim, process.communicate()[0][-3000:]
+    subprocess.run(["scancel", victim], env=env, check=True)
+    output = process.communicate(timeout=180)[0]
+    assert process.returncode == 1 and "Traceback" not in output, output[-3000:]
+    assert "1 of 2 jobs did not complete" in output and "(interrupted)" in output
+    first = {json.loads(p.read_text())["status"] for p in sweep_dir.glob("*seed=1*/metrics.json")}
+    assert first == {"completed"}
+    # the same command again: only the cancelled job is submitted, and it continues from its checkpoint
+    again = subprocess.run([*command, pace(0.2)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "2 jobs, 1 done already, 1 to run" in again.stdout + again.stderr
+    (job,) = sweep_dir.glob("*seed=2*")
+    metrics = json.loads((job / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["epochs"] == 3
+    logs = "".join(path.read_text() for path in (sweep_dir / ".submitit").rglob("*.out"))
+    assert "Resuming from" in logs and queue(cluster) == ""
+
+
+def test_a_search_runs_its_trials_as_slurm_jobs_that_report_and_are_pruned(
+    forked_cli, cluster, synthetic_data_dir, tmp_path
+):
+    code, out, err = submit(
+        forked_cli,
+        cluster,
+        tmp_path,
+        synthetic_data_dir,
+        "trainer=cpu",
+        "trainer.max_epochs=3",
+        "hydra/sweeper=optuna",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.n_jobs=2",  # both trials asked at once: one array of two SLURM jobs
+        "hydra.launcher.cpus_per_task=1",
+        "optimizer.lr=choice(0.003, 0.00001)",
+        # a trial below 0.3 val/acc after its first epoch is pruned, from inside its SLURM job
+        "~hydra.sweeper.pruner.n_startup_trials",
+        "~hydra.sweeper.pruner.n_warmup_steps",
+        "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner",
+        "+hydra.sweeper.pruner.lower=0.3",
+        "sweep=search",
+    )
+    assert code == 0, err[-3000:]
+    assert (out + err).count("Submitted SLURM job") == 1
+    trials = {
+        trial.params["optimizer.lr"]: trial for trial in study_of(tmp_path / "outputs" / "sweeps" / "search").trials
+    }
+    assert trials[0.003].state.name == "COMPLETE" and sorted(trials[0.003].intermediate_values) == [1, 2, 3]
+    assert trials[0.00001].state.name == "PRUNED" and sorted(trials[0.00001].intermediate_values) == [1]
+
+
+def test_a_stacked_sweep_runs_as_one_slurm_job(forked_cli, cluster, synthetic_data_dir, tmp_path):
+    code, out, err = submit(
+        forked_cli,
+        cluster,
+        tmp_path,
+        synthetic_data_dir,
+        "hydra/launcher=stacked_slurm",
+        "trainer=cpu",
+        "seed=1,2,3",
+        "sweep=stacked",
+    )
+    assert code == 0, err[-3000:]
+    sweep_dir = tmp_path / "outputs" / "sweeps" / "stacked"
+    assert "Submitted SLURM job" in out + err and "(1 job(s);" in out + err  # one SLURM job for the three
+    jobs = [json.loads(path.read_text()) for path in sorted(sweep_dir.glob("*/metrics.json"))]
+    assert [(job["status"], job.get("stacked_jobs")) for job in jobs] == [("completed", 3)] * 3
+    assert "3 jobs: 3 completed." in (sweep_dir / "summary.md").read_text()
+
+
+def test_submit_and_return_then_follow_the_sweep_with_mlplab_report(forked_cli, cluster, synthetic_data_dir, tmp_path):
+    args = ["trainer=cpu", "trainer.max_epochs=2", "seed=1,2", pace(0.3), "hydra.launcher.wait=false", "sweep=later"]
+    code, out, err = submit(forked_cli, cluster, tmp_path, synthetic_data_dir, *args)
+    assert code == 0, err[-3000:]
+    sweep_dir = tmp_path / "outputs" / "sweeps" / "later"
+    assert (
+        "Submitted SLURM job" in out + err
+        and f"Follow the sweep with: mlplab-report {Path('outputs/sweeps/later')}" in out + err
+    )
+    assert len(queue(cluster).splitlines()) == 2  # returned while both jobs are still in the queue
+    # the same command while they are queued or running submits nothing twice
+    code, out, err = submit(forked_cli, cluster, tmp_path, synthetic_data_dir, *args)
+    assert code == 0 and (out + err).count("already in the queue as SLURM job") == 2
+    assert "Submitted SLURM job" not in out + err
+    code, report, _ = forked_cli.run_apart([str(sweep_dir)], tmp_path, "mlplab-report", cluster, 60, [])
+    assert code == 0 and "(SLURM job" in report, report[-2000:]  # queued or running, as the scheduler says
+    deadline = time.monotonic() + 180
+    while queue(cluster) and time.monotonic() < deadline:
+        time.sleep(1)
+    code, report, _ = forked_cli.run_apart([str(sweep_dir)], tmp_path, "mlplab-report", cluster, 60, [])
+    assert code == 0 and "2 jobs: 2 completed." in report, report[-2000:]
