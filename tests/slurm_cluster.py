@@ -21,6 +21,18 @@ def missing_binaries() -> list[str]:
     return [name for name in BINARIES if shutil.which(name) is None and not Path("/usr/sbin", name).exists()]
 
 
+def why_not() -> str | None:
+    """Why this machine cannot start the test cluster, or None."""
+    if missing := missing_binaries():
+        return (
+            f"SLURM's binaries are not installed ({', '.join(missing)}; Debian: apt-get install slurm-wlm munge, as "
+            ".ci/run does)"
+        )
+    if os.geteuid() != 0:
+        return "the test cluster's daemons start as root (slurmctld, slurmd) and as the munge user: run as root"
+    return None
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -56,6 +68,23 @@ def slurm_cluster() -> Iterator[dict[str, str]]:
     shutil.chown(key, "munge", "munge")
     key.chmod(0o400)
     munge_socket = socket_dir / "munge.socket"
+    env = {"SLURM_CONF": str(root / "slurm.conf")}
+    client_env = {**os.environ, **env}
+    pid_files = (root / "slurmd.pid", root / "slurmctld.pid", key_dir / "munged.pid")
+    try:
+        yield from _started(root, key, key_dir, munge_socket, client_env, env)
+    finally:
+        subprocess.run(["scancel", "--full", "--user=root"], env=client_env, capture_output=True)
+        for pid_file in pid_files:
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(pid_file.read_text().strip()), 15)
+        time.sleep(0.5)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _started(
+    root: Path, key: Path, key_dir: Path, munge_socket: Path, client_env: dict[str, str], env: dict[str, str]
+) -> Iterator[dict[str, str]]:
     subprocess.run(
         [
             "runuser", "-u", "munge", "--", _binary("munged"), f"--socket={munge_socket}", f"--key-file={key}",
@@ -106,24 +135,12 @@ def slurm_cluster() -> Iterator[dict[str, str]]:
             ]
         )
     )
-    env = {"SLURM_CONF": str(conf)}
-    client_env = {**os.environ, **env}
-    try:
-        subprocess.run([_binary("slurmctld"), "-f", str(conf), "-i"], check=True, env=client_env)
-        subprocess.run([_binary("slurmd"), "-f", str(conf)], check=True, env=client_env)
+    subprocess.run([_binary("slurmctld"), "-f", str(conf), "-i"], check=True, env=client_env)
+    subprocess.run([_binary("slurmd"), "-f", str(conf)], check=True, env=client_env)
 
-        def idle() -> bool:
-            state = subprocess.run(
-                ["sinfo", "--noheader", "--format=%t"], capture_output=True, text=True, env=client_env
-            ).stdout
-            return state.strip() in ("idle", "mix", "alloc")
+    def idle() -> bool:
+        state = subprocess.run(["sinfo", "--noheader", "--format=%t"], capture_output=True, text=True, env=client_env)
+        return state.stdout.strip() in ("idle", "mix", "alloc")
 
-        _wait_for(idle, 30, "node")
-        yield env
-    finally:
-        subprocess.run(["scancel", "--full", "--user=root"], env=client_env, capture_output=True)
-        for pid_file in (root / "slurmd.pid", root / "slurmctld.pid", key_dir / "munged.pid"):
-            with contextlib.suppress(OSError, ValueError):
-                os.kill(int(pid_file.read_text().strip()), 15)
-        time.sleep(0.5)
-        shutil.rmtree(root, ignore_errors=True)
+    _wait_for(idle, 30, "node")
+    yield env

@@ -14,13 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SYNTHETIC_RUN, cli_env, study_of
-from slurm_cluster import missing_binaries, slurm_cluster
+from slurm_cluster import slurm_cluster, why_not
 
-pytestmark = pytest.mark.skipif(
-    bool(missing_binaries()),
-    reason=f"SLURM's binaries are not installed ({', '.join(missing_binaries())}; Debian: apt-get install "
-    "slurm-wlm munge, as .ci/run does)",
-)
+pytestmark = pytest.mark.skipif(why_not() is not None, reason=why_not() or "")
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +62,14 @@ def test_a_cpu_sweep_runs_as_one_job_array_and_writes_its_summary(forked_cli, cl
 def test_a_request_the_cluster_cannot_satisfy_is_one_line_and_nothing_is_submitted(
     forked_cli, cluster, synthetic_data_dir, tmp_path
 ):
-    for override, message in (
-        ("hydra.launcher.cpus_per_task=64", "hydra.launcher.cpus_per_task=64 for 1 task(s) per node needs 64 CPUs"),
-        ("hydra.launcher.mem_gb=100000", "hydra.launcher.mem_gb=100000: the nodes of partition debug have at most"),
-        ("hydra.launcher.partition=gpu", "hydra.launcher.partition=gpu: no such partition"),
+    for overrides, message in (
+        ("trainer=cpu hydra.launcher.cpus_per_task=64", "hydra.launcher.cpus_per_task=64 for 1 task(s) per node needs"),
+        ("trainer=cpu hydra.launcher.mem_gb=100000", "hydra.launcher.mem_gb=100000: the nodes of partition debug"),
+        ("trainer=cpu hydra.launcher.partition=gpu", "hydra.launcher.partition=gpu: no such partition"),
+        ("trainer=gpu", "hydra.launcher.gpus_per_node=1: the nodes of partition debug have at most 0 GPUs"),
+        ("trainer=ddp trainer.accelerator=cpu", "data-parallel runs as SLURM tasks are not supported yet"),
     ):
-        code, out, err = submit(forked_cli, cluster, tmp_path, synthetic_data_dir, "trainer=cpu", override, "sweep=no")
+        code, out, err = submit(forked_cli, cluster, tmp_path, synthetic_data_dir, *overrides.split(), "sweep=no")
         (line,) = [line for line in err.splitlines() if line.startswith("mlplab-train: error:")]
         assert code == 2 and message in line and "Traceback" not in err, err[-2000:]
         assert not (tmp_path / "outputs" / "sweeps" / "no" / ".submitit").exists() and queue(cluster) == ""

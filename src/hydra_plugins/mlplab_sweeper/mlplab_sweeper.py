@@ -39,7 +39,7 @@ from mlplab.sweeps.grid import (
     sweep_overrides,
     wait_for_other_processes,
 )
-from mlplab.sweeps.jobs import job_state
+from mlplab.sweeps.jobs import FINISHED, job_state
 from mlplab.sweeps.summary import SWEEP_JOBS_FILE, write_summary
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,11 @@ class MlplabSweeper(SearchLoop, Sweeper):
         params = OmegaConf.to_container(self.params) if self.params else None
         sweep_dir = Path(self.config.hydra.sweep.dir)  # resolved (and cached) before any job copies the cache
         if self.n_trials is not None:
+            if not getattr(self.launcher, "wait", True):
+                raise ConfigError(
+                    "hydra.launcher.wait=false with a search (hydra.sweeper.n_trials): a search tells each trial's "
+                    "result before it asks the next; use hydra.launcher.wait=true"
+                )
             self._search(sweep_dir, params, arguments)
         elif not self._grid(sweep_dir, sweep_overrides(params, arguments)):
             return  # a dry run
@@ -101,8 +106,8 @@ class MlplabSweeper(SearchLoop, Sweeper):
         print(text, end="")
         board = f"; TensorBoard: tensorboard --logdir {sweep_dir}" if has_event_files(sweep_dir) else ""
         print(f"Summary: {sweep_dir / 'summary.md'} (also summary.csv, summary.png, pareto.png){board}")
-        unfinished = [job for job in jobs if job["status"] not in ("completed", "pruned")]
-        if not getattr(self.launcher, "wait", True):  # submitted to a cluster to run there (hydra.launcher.wait)
+        unfinished = [job for job in jobs if job["status"] not in FINISHED]
+        if not getattr(self.launcher, "wait", True):  # submitted to a cluster, to run there (hydra.launcher.wait)
             return
         if self.n_trials is None and unfinished:
             raise SweepIncomplete(
@@ -139,7 +144,8 @@ class MlplabSweeper(SearchLoop, Sweeper):
         batch_size = self.max_batch_size or max(len(todo), 1)
         for start in range(0, len(todo), batch_size):
             self.launcher.launch([job.overrides for job in todo[start : start + batch_size]], initial_job_idx=start)
-        wait_for_other_processes([job.dir for job in jobs])
+        if getattr(self.launcher, "wait", True):  # else submitted to a cluster, to run there
+            wait_for_other_processes([job.dir for job in jobs])
         return True
 
     def _check(self, job_overrides: list[str]) -> Job:

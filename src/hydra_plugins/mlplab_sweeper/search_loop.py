@@ -20,6 +20,7 @@ from mlplab.errors import MlplabError
 from mlplab.run.records import read_metrics
 from mlplab.run.stopping import Stopped
 from mlplab.sweeps.grid import SweepError, job_folder
+from mlplab.sweeps.jobs import FINISHED
 from mlplab.sweeps.summary import write_summary
 
 log = logging.getLogger(__name__)
@@ -118,11 +119,15 @@ class SearchLoop:
                 with kept_alive([trial for trial, _ in launched]):
                     returns = iter(self.launcher.launch(jobs, initial_job_idx=launched[0][0].number))
                 for trial, seeds in launched:
-                    job_dirs = [self._job_dir(next(returns), [*o, f"trial={trial.number}"]) for o in seeds]
-                    self._tell(study, trial, job_dirs)
+                    ended = [next(returns) for _ in seeds]
+                    job_dirs = [self._job_dir(r, [*o, f"trial={trial.number}"]) for r, o in zip(ended, seeds)]
+                    # A cluster's job that ended without a return (cancelled, killed) fails its trial, whatever its
+                    # folder last recorded.
+                    lost = any(r.hydra_cfg is None for r in ended)
+                    self._tell(study, trial, job_dirs, "its cluster job ended without a result" if lost else None)
 
     def _job_dir(self, returned: Any, overrides: list[str]) -> Path:
-        """Where a trial's job ran: from its return, or (a SLURM job that ended without one) from its overrides."""
+        """Where a trial's job ran: from its return, or (a cluster job that ended without one) from its overrides."""
         if returned.hydra_cfg is not None:
             return Path(returned.hydra_cfg.hydra.runtime.output_dir)
         return job_folder(self.loader.load_sweep_config(self.config, overrides))
@@ -160,11 +165,17 @@ class SearchLoop:
         trial.set_user_attr("seeds", seeds)
         return trial, [[*unseeded, f"seed={seed}"] for seed in seeds]
 
-    def _tell(self, study: Any, trial: Any, job_dirs: list[Path]) -> None:
-        """Tell Optuna how the trial's jobs (one per seed) ended, from their metrics.json."""
+    def _tell(self, study: Any, trial: Any, job_dirs: list[Path], lost: str | None = None) -> None:
+        """Tell Optuna how the trial's jobs (one per seed) ended, from their metrics.json; ``lost``: why one of them
+        has no result (its trial fails)."""
         from optuna.exceptions import UpdateFinishedTrialError
 
         try:
+            if lost and not all(read_metrics(job_dir).get("status") in FINISHED for job_dir in job_dirs):
+                trial.set_user_attr("error", lost)
+                study.tell(trial, state=trial_state("FAIL"))
+                log.info("Trial %d: failed, %s", trial.number, lost)
+                return
             self._tell_once(study, trial, job_dirs)
         except UpdateFinishedTrialError:  # another process took the trial over, thinking this one had died
             log.warning(

@@ -1,12 +1,13 @@
-"""mlplab's SLURM launcher (``hydra/launcher=slurm``): Hydra's submitit launcher, with the request fitted to the run
-and checked against the cluster before anything is submitted (mlplab.sweeps.slurm), a refused submission said in
-one line, and the jobs followed through the queue (squeue) rather than accounting (sacct, which a cluster without
-slurmdbd cannot answer: submitit would warn at every poll, and never see a cancelled job end).
+"""mlplab's SLURM launchers (``hydra/launcher=slurm``, ``stacked_slurm``): Hydra's submitit launcher, with the request
+fitted to the run and checked against the cluster before anything is submitted (mlplab.sweeps.slurm), a refused
+submission said in one line, and the jobs followed through the queue (squeue) rather than accounting (sacct, which a
+cluster without slurmdbd cannot answer: submitit would warn at every poll, and never see a cancelled job end).
 
 Each job runs mlplab-train's task as Hydra's submitit launcher runs it (the launcher is pickled into the job). A job
 requeued by SLURM (preemption, ``scontrol requeue``, or submitit's own requeue before the time limit) starts again
 and continues from its last checkpoint in its own job folder; a job that ends without a result (``scancel``) is
-left interrupted, and the same command submits the unfinished jobs again.
+left interrupted, and the same command submits the unfinished jobs again. Jobs still in the queue from an earlier
+submission of the sweep (``<sweep>/slurm_jobs.json``) are followed, not submitted twice.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 from omegaconf import OmegaConf
 
+from mlplab.cli.compose import validated
 from mlplab.errors import one_line
 from mlplab.sweeps.slurm import (
     SlurmError,
@@ -36,6 +38,7 @@ from mlplab.sweeps.slurm import (
 log = logging.getLogger(__name__)
 POLL_SECONDS = 2.0  # how often the queue is read while the sweep's jobs run
 RESULT_GRACE_SECONDS = 10.0  # after a job left the queue, how long its result file may take to appear
+QUEUE_RETRIES = 5  # polls in a row squeue may fail (a busy controller) before the sweep gives up following
 
 
 class MlplabSlurmLauncher(SlurmLauncher):
@@ -48,12 +51,7 @@ class MlplabSlurmLauncher(SlurmLauncher):
         super().__init__(**params)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        import submitit
-
-        assert self.config is not None
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        # A job still in the queue from an earlier submission of the same sweep is followed, not submitted again.
-        earlier = scheduler_states(sweep_dir)
+        earlier = self._earlier()
         arguments, fresh = [], []
         for number, overrides in enumerate(job_overrides, start=initial_job_idx):
             if tuple(overrides) in earlier:
@@ -62,39 +60,69 @@ class MlplabSlurmLauncher(SlurmLauncher):
             log.info("\t#%d : %s", number, " ".join(filter_overrides(overrides)))
             state = Singleton.get_state()
             arguments.append((list(overrides), "hydra.sweep.dir", number, f"job_id_for_{number}", state))
-            fresh.append(tuple(overrides))
-        submitted = dict(zip(fresh, self._submitted(self, arguments))) if arguments else {}
-        record_submitted(sweep_dir, {job.job_id: list(overrides) for overrides, job in submitted.items()})
-        folder = self.params["submitit_folder"]
-        jobs = [
-            submitted.get(tuple(overrides)) or submitit.SlurmJob(folder=folder, job_id=earlier[tuple(overrides)][0])
-            for overrides in job_overrides
-        ]
+            fresh.append(list(overrides))
+        jobs = dict(zip(map(tuple, fresh), self._submitted(self, arguments, job_overrides))) if arguments else {}
+        self._record([(job.job_id, list(overrides)) for overrides, job in jobs.items()])
         if not self.wait:
+            return [JobReturn(overrides=list(overrides), status=JobStatus.UNKNOWN) for overrides in job_overrides]
+        followed = [jobs.get(tuple(o)) or self._job(earlier[tuple(o)][0]) for o in job_overrides]
+        return [_returned(result, o) for result, o in zip(self._followed(followed), job_overrides)]
+
+    def _earlier(self) -> dict[tuple[str, ...], tuple[str, str]]:
+        """The sweep's jobs still in the queue from an earlier submission: (SLURM job id, state) by overrides."""
+        assert self.config is not None
+        return scheduler_states(Path(str(self.config.hydra.sweep.dir)))
+
+    def _record(self, submitted: list[tuple[str, list[str]]]) -> None:
+        assert self.config is not None
+        if submitted:
+            record_submitted(Path(str(self.config.hydra.sweep.dir)), submitted)
+        if submitted and not self.wait:
             log.info(
                 "Submitted; not waiting (hydra.launcher.wait=false). Follow the sweep with: mlplab-report %s",
-                sweep_dir,
+                self.config.hydra.sweep.dir,
             )
-            return [JobReturn(overrides=list(overrides), status=JobStatus.UNKNOWN) for overrides in job_overrides]
-        return [
-            returned if isinstance(returned, JobReturn) else _ended(overrides, returned)
-            for returned, overrides in zip(self._followed(jobs), job_overrides)
-        ]
 
-    def _submitted(self, function: Any, arguments: list[tuple]) -> list[Any]:
-        """``function`` submitted once per item of ``arguments`` (a job array), the request fitted to the run and
-        checked against the cluster first."""
+    def _job(self, job_id: str) -> Any:
         import submitit
 
-        assert self.config is not None
-        devices = self.config.trainer.devices
-        if self.config.trainer.get("strategy") == "ddp" or (isinstance(devices, int) and devices > 1):
+        return submitit.SlurmJob(folder=self.params["submitit_folder"], job_id=job_id)
+
+    def _request(self, job_overrides: Sequence[Sequence[str]]) -> dict[str, Any]:
+        """The SLURM request for these jobs, from their runs' trainer settings (one request per sweep)."""
+        assert self.config is not None and self.hydra_context is not None
+        swept = any(o.lstrip("+~").startswith("trainer") for overrides in job_overrides for o in overrides)
+        configs = (
+            [self.hydra_context.config_loader.load_sweep_config(self.config, list(o)) for o in job_overrides]
+            if swept
+            else [self.config]
+        )
+        trainers = {(t.accelerator, t.devices, t.data_parallel) for t in (validated(c).trainer for c in configs)}
+        if len(trainers) > 1:
+            raise SlurmError(
+                "hydra/launcher=slurm makes one request for a sweep, and its jobs differ in trainer.accelerator or "
+                "trainer.devices; sweep them in separate sweeps"
+            )
+        ((accelerator, devices, data_parallel),) = trainers
+        if data_parallel:
             raise SlurmError(
                 "trainer=ddp with hydra/launcher=slurm: data-parallel runs as SLURM tasks are not supported yet; "
                 "submit one-device jobs (trainer=gpu or trainer=cpu), or run trainer=ddp on one machine"
             )
-        device = "gpu" if self.config.trainer.accelerator == "gpu" else "cpu"
-        params = fitted_request(self.params, device, cluster_nodes(self.params.get("partition")))
+        if not isinstance(devices, int):
+            raise SlurmError(
+                f"trainer.devices={devices}: hydra/launcher=slurm asks SLURM for a number of devices; give one"
+            )
+        device = "gpu" if accelerator == "gpu" else "cpu"
+        return fitted_request(self.params, device, devices, cluster_nodes(self.params.get("partition")))
+
+    def _submitted(self, function: Any, arguments: list[tuple], job_overrides: Sequence[Sequence[str]]) -> list[Any]:
+        """``function`` submitted once per item of ``arguments`` (a job array), the request fitted to the runs of
+        ``job_overrides`` and checked against the cluster first."""
+        import submitit
+
+        assert self.config is not None
+        params = self._request(job_overrides)
         executor = submitit.AutoExecutor(
             folder=params["submitit_folder"], cluster="slurm", slurm_max_num_timeout=params["max_num_timeout"]
         )
@@ -118,7 +146,7 @@ class MlplabSlurmLauncher(SlurmLauncher):
             len(jobs),
             params["cpus_per_task"] * params["tasks_per_node"],
             params["mem_gb"],
-            params.get("gpus_per_node") or 0,
+            params["gpus_per_node"],
             params["submitit_folder"].replace("%j", f"{array}_*"),
         )
         return jobs
@@ -127,9 +155,18 @@ class MlplabSlurmLauncher(SlurmLauncher):
         """Each job's result once it has left the queue, or (cancelled, killed, failed) why it has none."""
         returns: dict[int, Any] = {}
         left_queue: dict[int, float] = {}
+        failures = 0
         while len(returns) < len(jobs):
             waiting = [index for index in range(len(jobs)) if index not in returns]
-            in_queue = queued([jobs[index].job_id for index in waiting])
+            try:
+                in_queue = queued([jobs[index].job_id for index in waiting])
+                failures = 0
+            except SlurmError:
+                failures += 1
+                if failures > QUEUE_RETRIES:
+                    raise
+                time.sleep(POLL_SECONDS)
+                continue
             for index in waiting:
                 job = jobs[index]
                 if job.job_id in in_queue:  # pending, running, or requeued (an earlier attempt's result may exist)
@@ -138,7 +175,7 @@ class MlplabSlurmLauncher(SlurmLauncher):
                     returns[index] = _result(job)
                 elif time.monotonic() - left_queue.setdefault(index, time.monotonic()) > RESULT_GRACE_SECONDS:
                     log.warning("SLURM job %s ended without a result (cancelled or killed)", job.job_id)
-                    returns[index] = f"SLURM job {job.job_id} ended without a result"
+                    returns[index] = SlurmError(f"SLURM job {job.job_id} ended without a result (cancelled or killed)")
             if len(returns) < len(jobs):
                 time.sleep(POLL_SECONDS)
         return [returns[index] for index in range(len(jobs))]
@@ -146,19 +183,28 @@ class MlplabSlurmLauncher(SlurmLauncher):
 
 class StackedSlurmLauncher(MlplabSlurmLauncher):
     """``hydra/launcher=stacked_slurm``: a stacked sweep as one SLURM job, which trains the sweep's jobs as
-    ``hydra/launcher=stacked`` does on the machine it runs on (one GPU, sixteen seeds)."""
+    ``hydra/launcher=stacked`` does on the node it runs on (one GPU, sixteen seeds). Requeued, it resumes its
+    stacks from their checkpoints."""
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         overrides = [list(item) for item in job_overrides]
-        log.info("%d jobs as one SLURM job, trained in stacks", len(overrides))
-        (job,) = self._submitted(self.stacks, [(overrides, initial_job_idx, Singleton.get_state())])
-        (returned,) = self._followed([job])
-        if isinstance(returned, list):
-            return returned
-        return [_ended(item, returned) for item in overrides]
+        earlier = self._earlier()
+        if all(tuple(item) in earlier for item in overrides) and len({earlier[tuple(i)][0] for i in overrides}) == 1:
+            job_id = earlier[tuple(overrides[0])][0]
+            log.info("%d jobs: already in the queue as SLURM job %s", len(overrides), job_id)
+            job = self._job(job_id)
+        else:
+            log.info("%d jobs as one SLURM job, trained in stacks", len(overrides))
+            (job,) = self._submitted(self, [(overrides, initial_job_idx, Singleton.get_state())], overrides)
+            self._record([(job.job_id, item) for item in overrides])
+        if not self.wait:
+            return [JobReturn(overrides=item, status=JobStatus.UNKNOWN) for item in overrides]
+        (result,) = self._followed([job])
+        return result if isinstance(result, list) else [_returned(result, item) for item in overrides]
 
-    def stacks(self, job_overrides: list[list[str]], initial_job_idx: int, singleton_state: Any) -> list[JobReturn]:
-        """In the SLURM job: the stacked launcher over the sweep's jobs."""
+    def __call__(self, job_overrides: list[list[str]], initial_job_idx: int, singleton_state: Any) -> list[JobReturn]:
+        """In the SLURM job: the stacked launcher over the sweep's jobs. submitit requeues it (this launcher's
+        ``checkpoint``) when the time limit nears."""
         from hydra_plugins.mlplab_sweeper.stacked_launcher import StackedLauncher
 
         Singleton.set_state(singleton_state)
@@ -171,8 +217,13 @@ def _result(job: Any) -> Any:
     try:
         return job.results()[0]
     except Exception as error:  # the job's own failure, already in its folder's metrics.json and log
-        return f"SLURM job {job.job_id}: {one_line(error)}"
+        return SlurmError(f"SLURM job {job.job_id}: {one_line(error)}")
 
 
-def _ended(overrides: Sequence[str], reason: str) -> JobReturn:
-    return JobReturn(overrides=list(overrides), status=JobStatus.FAILED, _return_value=SlurmError(reason))
+def _returned(result: Any, overrides: Sequence[str]) -> JobReturn:
+    """A job's return: its own, or a failed one saying why it has none (SlurmError)."""
+    if isinstance(result, JobReturn):
+        return result
+    returned = JobReturn(overrides=list(overrides), status=JobStatus.FAILED)
+    returned.return_value = result
+    return returned

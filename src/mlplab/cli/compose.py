@@ -55,10 +55,6 @@ OmegaConf.register_new_resolver("mlplab.run_dir", run_dir, replace=True)
 OmegaConf.register_new_resolver("mlplab.unless_resumed", lambda resume, value: None if resume else value, replace=True)
 OmegaConf.register_new_resolver("mlplab.non_experiment_keys", lambda: list(NON_EXPERIMENT_KEYS), replace=True)
 OmegaConf.register_new_resolver("mlplab.monitor", lambda: MONITOR, replace=True)
-# hydra/launcher=slurm: GPUs for a GPU run only
-OmegaConf.register_new_resolver(
-    "mlplab.gpus_if", lambda accelerator, devices: devices if accelerator == "gpu" else 0, replace=True
-)
 # A search's objective: lightning-hydra-template's optimized_metric names the best epoch's value "<metric>_best";
 # metrics.json holds every metric at the best epoch under its own name.
 OmegaConf.register_new_resolver(

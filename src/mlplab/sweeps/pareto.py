@@ -94,11 +94,12 @@ def pareto_section(jobs: list[dict[str, Any]], keys: list[str]) -> list[str]:
     for cost, name in COSTS.items():
         header, rows = front_table(configs, keys, cost)
         if rows:
-            lines += ["", f"By {name}:", "", _row(header), _row(["---"] * len(header)), *map(_row, rows)]
+            table = [markdown_row(header), markdown_row(["---"] * len(header)), *map(markdown_row, rows)]
+            lines += ["", f"By {name}:", "", *table]
     return lines
 
 
-def _row(cells: list[Any]) -> str:
+def markdown_row(cells: list[Any]) -> str:
     return "| " + " | ".join(str(cell) for cell in cells) + " |"
 
 

@@ -85,9 +85,10 @@ class ReportToStudy(Callback):
     ends the run (``Pruned``) when the study's pruner finds it clearly worse than the others at the same epoch.
 
     A trial of several seeds (hydra.sweeper.seeds_per_trial) reports, at each epoch, the mean of the values its seeds
-    have reported for that epoch so far: all of them when they train together (in a stack, or in parallel), fewer
-    when they train one after another. Each seed's curve is kept as a user attribute. When one seed is pruned the
-    trial is, and its other seeds stop at their next epoch (or before their first).
+    have reported for that epoch so far: all of them when they train as one stack (each reports before any is
+    judged), those that got there first when they train in parallel or one after another. Each seed's curve is
+    kept as a user attribute. When one seed is pruned the trial is, and its other seeds stop at their next epoch
+    (or before their first).
 
     Through the storage and pruner APIs, as ``Trial.report`` and ``Trial.should_prune`` do: the trial was asked
     for in the sweeper's process, and Optuna has no public way to rebuild its ``Trial`` in another.

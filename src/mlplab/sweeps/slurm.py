@@ -28,7 +28,7 @@ class SlurmError(MlplabError):
 
 @dataclass(frozen=True)
 class Node:
-    name: str
+    name: str  # named in a refusal
     partition: str
     cpus: int
     memory_mb: int
@@ -68,36 +68,47 @@ def cluster_nodes(partition: str | None) -> list[Node]:
     return chosen
 
 
-def fitted_request(params: dict[str, Any], device: str, nodes: list[Node]) -> dict[str, Any]:
-    """``params`` (the launcher's settings) with a null ``cpus_per_task`` or ``mem_gb`` filled in for the run
-    (``device``: cpu or gpu), checked against ``nodes``; SlurmError names the setting that does not fit."""
-    tasks, gpus = int(params.get("tasks_per_node") or 1), int(params.get("gpus_per_node") or 0)
+def fitted_request(params: dict[str, Any], device: str, devices: int, nodes: list[Node]) -> dict[str, Any]:
+    """``params`` (the launcher's settings) with the nulls filled in for the run (``device``: cpu or gpu;
+    ``devices``: trainer.devices) and checked against ``nodes``: some node must hold the whole request. SlurmError
+    names the setting that does not fit and what the nodes have."""
+    request = dict(params)
+    tasks = int(request.get("tasks_per_node") or 1)
+    if request.get("gpus_per_node") is None:
+        request["gpus_per_node"] = devices if device == "gpu" else 0
+    gpus = int(request["gpus_per_node"])
     partition = nodes[0].partition.rstrip("*")
-    fitting = [node for node in nodes if node.gpus >= gpus]
-    if not fitting:
+    candidates = [node for node in nodes if node.gpus >= gpus]
+    if not candidates:
         most = max(node.gpus for node in nodes)
         raise SlurmError(
             f"hydra.launcher.gpus_per_node={gpus}: the nodes of partition {partition} have at most {most} GPUs; "
             + ("use trainer=cpu, or another hydra.launcher.partition" if most == 0 else f"set trainer.devices={most}")
         )
-    cpus = max(node.cpus for node in fitting)
-    memory_gb = max(node.memory_mb for node in fitting) // 1024
-    request = dict(params)
+    cpus = max(node.cpus for node in candidates)
+    memory_gb = max(node.memory_mb for node in candidates) // 1024
     if request.get("cpus_per_task") is None:
         share = max(cpus // tasks, 1)
         request["cpus_per_task"] = min(share, CPUS_PER_GPU_TASK) if device == "gpu" else share
     if request.get("mem_gb") is None:
-        request["mem_gb"] = min(MEM_GB_PER_TASK[device] * tasks, memory_gb)
-    if request["cpus_per_task"] * tasks > cpus:
+        request["mem_gb"] = max(min(MEM_GB_PER_TASK[device] * tasks, memory_gb), 1)
+    wanted_cpus, wanted_gb = request["cpus_per_task"] * tasks, request["mem_gb"]
+    if wanted_cpus > cpus:
         raise SlurmError(
             f"hydra.launcher.cpus_per_task={request['cpus_per_task']} for {tasks} task(s) per node needs "
-            f"{request['cpus_per_task'] * tasks} CPUs; the nodes of partition {partition} have at most {cpus}; set "
+            f"{wanted_cpus} CPUs; the nodes of partition {partition} have at most {cpus}; set "
             f"hydra.launcher.cpus_per_task={max(cpus // tasks, 1)} or less (or null: from the run)"
         )
-    if request["mem_gb"] > memory_gb:
+    if wanted_gb > memory_gb:
         raise SlurmError(
-            f"hydra.launcher.mem_gb={request['mem_gb']}: the nodes of partition {partition} have at most "
-            f"{memory_gb} GB; set hydra.launcher.mem_gb={memory_gb} or less (or null: from the run)"
+            f"hydra.launcher.mem_gb={wanted_gb}: the nodes of partition {partition} have at most {memory_gb} GB; "
+            f"set hydra.launcher.mem_gb={memory_gb} or less (or null: from the run)"
+        )
+    if not any(node.cpus >= wanted_cpus and node.memory_mb // 1024 >= wanted_gb for node in candidates):
+        have = ", ".join(f"{n.name}: {n.cpus} CPUs, {n.memory_mb // 1024} GB, {n.gpus} GPUs" for n in candidates)
+        raise SlurmError(
+            f"no node of partition {partition} has {wanted_cpus} CPUs, {wanted_gb} GB and {gpus} GPUs together "
+            f"({have}); lower hydra.launcher.cpus_per_task or hydra.launcher.mem_gb"
         )
     if int(request.get("nodes") or 1) > len(nodes):
         raise SlurmError(
@@ -120,25 +131,30 @@ def queued(job_ids: list[str]) -> dict[str, str]:
 SLURM_JOBS_FILE = "slurm_jobs.json"  # in a sweep folder: each job submitted to SLURM, its id and its overrides
 
 
-def record_submitted(sweep_dir: Path, submitted: dict[str, list[str]]) -> None:
-    """Add ``submitted`` (SLURM job id: the job's overrides) to the sweep's record."""
+def record_submitted(sweep_dir: Path, submitted: list[tuple[str, list[str]]]) -> None:
+    """Add ``submitted`` (each job's SLURM id and overrides; a stack's jobs share one id) to the sweep's record."""
     path = sweep_dir / SLURM_JOBS_FILE
-    write_text_atomically(path, json.dumps({**submitted_jobs(sweep_dir), **submitted}, indent=1) + "\n")
+    entries = [*submitted_jobs(sweep_dir), *({"job_id": job_id, "overrides": o} for job_id, o in submitted)]
+    write_text_atomically(path, json.dumps(entries, indent=1) + "\n")
 
 
-def submitted_jobs(sweep_dir: Path) -> dict[str, list[str]]:
+def submitted_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
     path = sweep_dir / SLURM_JOBS_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return json.loads(path.read_text()) if path.is_file() else []
 
 
 def scheduler_states(sweep_dir: Path) -> dict[tuple[str, ...], tuple[str, str]]:
-    """For each of the sweep's jobs still in SLURM's queue, by its overrides: (its job id, its state); empty for a
-    sweep never submitted to SLURM, or where squeue cannot be run."""
-    jobs = submitted_jobs(sweep_dir)
-    if not jobs:
+    """For each of the sweep's jobs still in SLURM's queue, by its overrides: (its SLURM job id, its state); empty
+    for a sweep never submitted to SLURM, or where squeue cannot be run."""
+    entries = submitted_jobs(sweep_dir)
+    if not entries:
         return {}
     try:
-        states = queued(list(jobs))
+        states = queued([entry["job_id"] for entry in entries])
     except SlurmError:
         return {}
-    return {tuple(jobs[job_id]): (job_id, state) for job_id, state in states.items()}
+    return {
+        tuple(entry["overrides"]): (entry["job_id"], states[entry["job_id"]])
+        for entry in entries
+        if entry["job_id"] in states
+    }

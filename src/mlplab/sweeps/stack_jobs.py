@@ -247,7 +247,7 @@ class JobRecords(Callback):
         job = {
             key: value
             for key, value in checkpoint.items()
-            if key not in ("train_epoch_outputs", "diverged", "schedules")
+            if key not in ("train_epoch_outputs", "diverged", "pruned", "schedules")
         }
         job["state_dict"] = {f"network.{name}": value for name, value in module.stack.network_state(index).items()}
         job["optimizer_states"] = [module.optimizers().optimizer.network_state_dict(index)]

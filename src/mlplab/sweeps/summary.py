@@ -15,8 +15,9 @@ import yaml
 
 from mlplab.files import write_text_atomically
 from mlplab.run.records import MONITOR, read_metrics
-from mlplab.sweeps.jobs import job_state
-from mlplab.sweeps.pareto import configurations, pareto_section, plot_pareto
+from mlplab.sweeps.grid import sweep_overrides
+from mlplab.sweeps.jobs import FINISHED, job_state
+from mlplab.sweeps.pareto import configurations, markdown_row, pareto_section, plot_pareto
 from mlplab.sweeps.slurm import scheduler_states
 from mlplab.sweeps.storage import StudyAddress
 
@@ -34,14 +35,16 @@ def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
     jobs = []
     for job_dir, job_overrides in overrides.items():
         metrics = read_metrics(job_dir)
-        status = job_state(job_dir)
-        if status not in ("completed", "pruned") and tuple(job_overrides) in in_queue:
+        status, scheduled = job_state(job_dir), {}
+        if status not in FINISHED and tuple(job_overrides) in in_queue:
             job_id, state = in_queue[tuple(job_overrides)]
-            status = f"{'queued' if state == 'PENDING' else state.lower()} (SLURM job {job_id})"
+            status = "queued" if state == "PENDING" else state.lower()
+            scheduled = {"scheduler": f"SLURM job {job_id}"}
         jobs.append(
             {
                 "job": job_dir.name,
                 "status": status,
+                **scheduled,
                 "overrides": job_overrides,
                 "values": dict(override.lstrip("+~").partition("=")[::2] for override in job_overrides),
                 **{key: metrics[key] for key in METRICS if key in metrics},
@@ -70,8 +73,7 @@ def sweep_dimensions(sweep_dir: Path) -> list[str]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     sweeper = hydra.get("sweeper") or {}
-    lines = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()]
-    lines += (hydra.get("overrides") or {}).get("task") or []
+    lines = sweep_overrides(sweeper.get("params"), (hydra.get("overrides") or {}).get("task") or [])
     keys = [line.key_or_group for line in OverridesParser.create().parse_overrides(lines) if line.is_sweep_override()]
     seeds = sweeper.get("seeds_per_trial")
     return list(dict.fromkeys(keys + (["seed"] if isinstance(seeds, int) and seeds > 1 else [])))
@@ -118,10 +120,10 @@ def markdown(jobs: list[dict[str, Any]], title: str) -> str:
         "",
     ]
     header = ["rank", *keys, "val/acc", "val/loss", "best epoch", "test/acc", "epochs", "seconds", "parameters", "job"]
-    lines += [_row(header), _row(["---"] * len(header))]
+    lines += [markdown_row(header), markdown_row(["---"] * len(header))]
     for rank, job in enumerate(ranked(jobs), start=1):
         lines.append(
-            _row(
+            markdown_row(
                 [
                     f"{rank} (best)" if rank == 1 else str(rank),
                     *(job["values"].get(k, "") for k in keys),
@@ -139,7 +141,7 @@ def markdown(jobs: list[dict[str, Any]], title: str) -> str:
     if "seed" in keys:
         lines += ["", "## Over seeds", "", *seed_table(jobs, [k for k in keys if k != "seed"])]
     lines += pareto_section(jobs, [k for k in keys if k != "seed"])
-    evaluable = [job for job in ranked(jobs) if job["status"] in ("completed", "pruned")]
+    evaluable = [job for job in ranked(jobs) if job["status"] in FINISHED]
     if evaluable:
         lines += ["", "## Evaluate a job", "", "```"]
         lines += [f"mlplab-eval run={shlex.quote(str(Path(job['run_dir']).absolute()))}" for job in evaluable]
@@ -158,33 +160,23 @@ def markdown(jobs: list[dict[str, Any]], title: str) -> str:
         ]
     unfinished = [job for job in jobs if job["status"] not in ("completed", "pruned", "failed", "diverged")]
     if unfinished:
-        lines += ["", "## Not finished", ""] + [f"- `{job['job']}`: {job['status']}" for job in unfinished]
+        lines += ["", "## Not finished", ""] + [
+            f"- `{job['job']}`: {job['status']}" + (f" ({job['scheduler']})" if "scheduler" in job else "")
+            for job in unfinished
+        ]
     return "\n".join(lines) + "\n"
 
 
 def seed_table(jobs: list[dict[str, Any]], keys: list[str]) -> list[str]:
     """Mean and standard deviation over seeds of each configuration, best mean validation accuracy first."""
-    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for job in ranked(jobs):
-        groups[tuple(job["values"].get(k, "") for k in keys)].append(job)
     header = [*keys, "seeds", "val/acc mean", "val/acc std", "test/acc mean", "test/acc std"]
     rows = []
-    for config, members in groups.items():
-        val, test = [job["val/acc"] for job in members], [job["test/acc"] for job in members if "test/acc" in job]
-        rows.append(
-            (
-                statistics.fmean(val),
-                [
-                    *config,
-                    len(members),
-                    _number(statistics.fmean(val)),
-                    _number(_std(val)),
-                    _number(statistics.fmean(test) if test else None),
-                    _number(_std(test)),
-                ],
-            )
-        )
-    return [_row(header), _row(["---"] * len(header))] + [_row(cells) for _, cells in sorted(rows, key=lambda r: -r[0])]
+    for config in configurations(jobs, keys):
+        val = [job["val/acc"] for job in config["jobs"]]
+        test = [job["test/acc"] for job in config["jobs"] if "test/acc" in job]
+        means = [statistics.fmean(val), _std(val), statistics.fmean(test) if test else None, _std(test)]
+        rows.append([*config["values"].values(), len(val), *map(_number, means)])
+    return [markdown_row(header), markdown_row(["---"] * len(header)), *map(markdown_row, rows)]
 
 
 def _std(values: list[float]) -> float | None:
@@ -193,10 +185,6 @@ def _std(values: list[float]) -> float | None:
 
 def _number(value: Any, digits: int = 4) -> str:
     return "" if value is None else f"{value:.{digits}f}"
-
-
-def _row(cells: list[Any]) -> str:
-    return "| " + " | ".join(str(cell) for cell in cells) + " |"
 
 
 def plot(jobs: list[dict[str, Any]], path: Path, top: int = 5) -> None:

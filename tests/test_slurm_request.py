@@ -1,0 +1,51 @@
+"""hydra/launcher=slurm's request, fitted to the run and checked against a cluster's nodes as sinfo lists them (the
+cluster itself: tests/test_slurm.py)."""
+
+import re
+
+import pytest
+
+from mlplab.sweeps.slurm import Node, SlurmError, fitted_request, gpus_in
+
+LAUNCHER = {"tasks_per_node": 1, "nodes": 1, "gpus_per_node": None, "cpus_per_task": None, "mem_gb": None}
+CPU_NODES = [Node("c1", "cpu*", 64, 257_000, 0), Node("c2", "cpu*", 32, 128_000, 0)]
+GPU_NODES = [Node("g1", "gpu", 32, 512_000, 4), Node("g2", "gpu", 96, 1_024_000, 8)]
+
+
+@pytest.mark.parametrize(
+    ("gres", "gpus"), [("(null)", 0), ("gpu:4", 4), ("gpu:a100:8(S:0-1)", 8), ("gpu:a100:2,gpu:v100:2", 4)]
+)
+def test_gpus_are_read_from_sinfos_generic_resources(gres, gpus):
+    assert gpus_in(gres) == gpus
+
+
+def test_a_cpu_run_asks_for_a_nodes_cores_4_gb_and_no_gpu():
+    request = fitted_request(LAUNCHER, "cpu", 1, CPU_NODES)
+    assert (request["cpus_per_task"], request["mem_gb"], request["gpus_per_node"]) == (64, 4, 0)
+
+
+def test_a_gpu_run_asks_for_its_devices_up_to_8_cores_and_16_gb():
+    request = fitted_request(LAUNCHER, "gpu", 2, GPU_NODES)
+    assert (request["cpus_per_task"], request["mem_gb"], request["gpus_per_node"]) == (8, 16, 2)
+
+
+@pytest.mark.parametrize(
+    ("settings", "device", "nodes", "message"),
+    [
+        ({}, "gpu", CPU_NODES, "hydra.launcher.gpus_per_node=1: the nodes of partition cpu have at most 0 GPUs"),
+        ({"gpus_per_node": 16}, "gpu", GPU_NODES, "have at most 8 GPUs; set trainer.devices=8"),
+        ({"cpus_per_task": 128}, "cpu", CPU_NODES, "needs 128 CPUs; the nodes of partition cpu have at most 64"),
+        ({"mem_gb": 2000}, "cpu", CPU_NODES, "hydra.launcher.mem_gb=2000: the nodes of partition cpu have at most 250"),
+        # 64 cores: only c1 (250 GB); 300 GB: only c3 (16 cores); both together: no node
+        (
+            {"cpus_per_task": 64, "mem_gb": 300},
+            "cpu",
+            [*CPU_NODES, Node("c3", "cpu*", 16, 1_000_000, 0)],
+            "no node of partition cpu has 64 CPUs, 300 GB and 0 GPUs together (c1: 64 CPUs, 250 GB, 0 GPUs,",
+        ),
+        ({"nodes": 3}, "cpu", CPU_NODES, "hydra.launcher.nodes=3: partition cpu has 2 node(s)"),
+    ],
+)
+def test_a_request_no_node_can_hold_names_the_setting(settings, device, nodes, message):
+    with pytest.raises(SlurmError, match=re.escape(message)):
+        fitted_request({**LAUNCHER, **settings}, device, 1, nodes)
