@@ -197,6 +197,10 @@ def bench_epochs(args, data_dir: Path, workdir: Path) -> dict:
                 fused = by_name[FUSED]
                 row["ratio_to_fused_bare"] = median / statistics.median(fused)
                 row["paired_ratio_to_fused_bare"] = statistics.median(v / r for v, r in zip(values, fused))
+                if BF16 in by_name:  # mlplab in bf16 (--precision) against the same loop in bf16 autocast
+                    bf16 = by_name[BF16]
+                    row["ratio_to_bf16_bare"] = median / statistics.median(bf16)
+                    row["paired_ratio_to_bf16_bare"] = statistics.median(v / r for v, r in zip(values, bf16))
             table.append(row)
     print(
         f"\nSeconds per epoch ({args.device}; {len(samples[args.batch_sizes[0]]['mlplab'])} epochs of each, "
@@ -219,6 +223,11 @@ def bench_epochs(args, data_dir: Path, workdir: Path) -> dict:
             print(
                 f"batch {row['batch_size']:>4}: mlplab / bare loop with fused Adam (framework cost alone): "
                 f"ratio {row['ratio_to_fused_bare']:.3f}, paired {row['paired_ratio_to_fused_bare']:.3f}"
+            )
+        if "ratio_to_bf16_bare" in row:
+            print(
+                f"batch {row['batch_size']:>4}: mlplab / bare loop in bf16 autocast with fused Adam: "
+                f"ratio {row['ratio_to_bf16_bare']:.3f}, paired {row['paired_ratio_to_bf16_bare']:.3f}"
             )
     return {"training_samples": n_train, "table": table}
 

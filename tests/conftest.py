@@ -158,6 +158,15 @@ def shared_forked_cli() -> ForkedCli:
     return _shared[0]
 
 
+# Tests that mostly wait (on a SLURM cluster's scheduler and its jobs' processes) go first, so that their waits
+# overlap the other worker's training rather than end the run.
+WAITING_FIRST = ("test_slurm.py",)
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    items.sort(key=lambda item: item.path.name not in WAITING_FIRST)  # stable: the rest keep their order
+
+
 def pytest_sessionfinish(session, exitstatus) -> None:
     for cli in _shared:
         cli.close()

@@ -43,6 +43,10 @@ def _binary(name: str) -> str:
     return shutil.which(name) or str(Path("/usr/sbin", name))
 
 
+def _queue(env: dict[str, str]) -> str:
+    return subprocess.run(["squeue", "--noheader"], capture_output=True, text=True, env=env).stdout.strip()
+
+
 def _wait_for(check, seconds: float, what: str) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -75,6 +79,8 @@ def slurm_cluster() -> Iterator[dict[str, str]]:
         yield from _started(root, key, key_dir, munge_socket, client_env, env)
     finally:
         subprocess.run(["scancel", "--full", "--user=root"], env=client_env, capture_output=True)
+        with contextlib.suppress(RuntimeError):  # the jobs' steps end before the daemons that would reap them
+            _wait_for(lambda: not _queue(client_env), 20, "queue's end")
         for pid_file in pid_files:
             with contextlib.suppress(OSError, ValueError):
                 os.kill(int(pid_file.read_text().strip()), 15)

@@ -61,6 +61,10 @@ SEARCH_SHRINK = ["hydra.sweeper.n_trials=2"]
 # rank: about 20 s each on the 2-core machine), which the named tests run with the same launcher and trainer.
 # Delete an entry to run that command here too.
 COVERED_ELSEWHERE = {
+    # the same search as test_search_seeds' stacked one, with the preset's longer trials
+    "hydra.sweeper.seeds_per_trial=3": (
+        "test_search_seeds.py::test_a_trial_scores_the_mean_of_its_seeds_job_by_job_and_stacked"
+    ),
     "hydra.sweeper.storage=postgresql": (
         "test_study_storage.py::test_two_processes_with_their_own_sweep_folders_share_one_postgresql_study"
     ),

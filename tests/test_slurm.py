@@ -147,7 +147,7 @@ def test_a_cancelled_job_is_interrupted_and_the_same_command_resumes_only_it(clu
     env = {**cli_env(synthetic_data_dir), **cluster}
     sweep_dir = tmp_path / "outputs" / "sweeps" / "cancelled"
     process = subprocess.Popen(
-        [*command, pace(0.2)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [*command, pace(0.15)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     deadline, victim = time.monotonic() + 120, None
     while victim is None and time.monotonic() < deadline:  # the seed=2 job, once it has a checkpoint to resume from
@@ -164,7 +164,7 @@ def test_a_cancelled_job_is_interrupted_and_the_same_command_resumes_only_it(clu
     first = {json.loads(p.read_text())["status"] for p in sweep_dir.glob("*seed=1*/metrics.json")}
     assert first == {"completed"}
     # the same command again: only the cancelled job is submitted, and it continues from its checkpoint
-    again = subprocess.run([*command, pace(0.2)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    again = subprocess.run([*command, pace(0.15)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "2 jobs, 1 done already, 1 to run" in again.stdout + again.stderr
     (job,) = sweep_dir.glob("*seed=2*")
@@ -225,7 +225,8 @@ def test_a_stacked_sweep_runs_as_one_slurm_job(forked_cli, cluster, synthetic_da
 
 
 def test_submit_and_return_then_follow_the_sweep_with_mlplab_report(forked_cli, cluster, synthetic_data_dir, tmp_path):
-    args = ["trainer=cpu", "trainer.max_epochs=2", "seed=1,2", pace(0.3), "hydra.launcher.wait=false", "sweep=later"]
+    args = ["trainer=cpu", "trainer.max_epochs=2", "seed=1,2", pace(0.2), "hydra.launcher.wait=false", "sweep=later"]
+    args.append("hydra.launcher.cpus_per_task=1")  # both jobs at once on the 2-CPU node
     code, out, err = submit(forked_cli, cluster, tmp_path, synthetic_data_dir, *args)
     assert code == 0, err[-3000:]
     sweep_dir = tmp_path / "outputs" / "sweeps" / "later"

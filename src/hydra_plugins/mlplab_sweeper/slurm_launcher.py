@@ -36,7 +36,7 @@ from mlplab.sweeps.slurm import (
 )
 
 log = logging.getLogger(__name__)
-POLL_SECONDS = 2.0  # how often the queue is read while the sweep's jobs run
+POLL_SECONDS = (0.5, 10.0)  # the queue is read every half second at first, then less often, up to every 10 s
 RESULT_GRACE_SECONDS = 10.0  # after a job left the queue, how long its result file may take to appear
 QUEUE_RETRIES = 5  # polls in a row squeue may fail (a busy controller) before the sweep gives up following
 
@@ -155,7 +155,7 @@ class MlplabSlurmLauncher(SlurmLauncher):
         """Each job's result once it has left the queue, or (cancelled, killed, failed) why it has none."""
         returns: dict[int, Any] = {}
         left_queue: dict[int, float] = {}
-        failures = 0
+        failures, pause = 0, POLL_SECONDS[0]
         while len(returns) < len(jobs):
             waiting = [index for index in range(len(jobs)) if index not in returns]
             try:
@@ -165,7 +165,7 @@ class MlplabSlurmLauncher(SlurmLauncher):
                 failures += 1
                 if failures > QUEUE_RETRIES:
                     raise
-                time.sleep(POLL_SECONDS)
+                time.sleep(POLL_SECONDS[1])
                 continue
             for index in waiting:
                 job = jobs[index]
@@ -177,7 +177,8 @@ class MlplabSlurmLauncher(SlurmLauncher):
                     log.warning("SLURM job %s ended without a result (cancelled or killed)", job.job_id)
                     returns[index] = SlurmError(f"SLURM job {job.job_id} ended without a result (cancelled or killed)")
             if len(returns) < len(jobs):
-                time.sleep(POLL_SECONDS)
+                time.sleep(pause)
+                pause = min(pause * 1.25, POLL_SECONDS[1])
         return [returns[index] for index in range(len(jobs))]
 
 
