@@ -69,7 +69,9 @@ COVERED_ELSEWHERE = {
         "test_study_storage.py::test_two_processes_with_their_own_sweep_folders_share_one_postgresql_study"
     ),
     # a real SLURM cluster (tests/slurm_cluster.py); the GPU partition's command is refused there: no such partition
-    "hydra.launcher.wait=false": "test_slurm.py::test_submit_and_return_then_follow_the_sweep_with_mlplab_report",
+    "hydra.launcher.wait=false": (
+        "test_slurm.py::test_submit_and_return_then_a_cancelled_job_is_interrupted_and_the_same_command_resumes_only_it"
+    ),
     "hydra/launcher=stacked_slurm": "test_slurm.py::test_a_stacked_sweep_runs_as_one_slurm_job",
     "hydra.launcher.partition=gpu": (
         "test_slurm.py::test_a_request_the_cluster_cannot_satisfy_is_one_line_and_nothing_is_submitted"

@@ -6,14 +6,13 @@ import json
 import os
 import re
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import SYNTHETIC_RUN, cli_env, study_of
+from conftest import SYNTHETIC_RUN, study_of
 from slurm_cluster import slurm_cluster, why_not
 
 pytestmark = pytest.mark.skipif(why_not() is not None, reason=why_not() or "")
@@ -131,49 +130,6 @@ def test_a_requeued_job_resumes_from_its_checkpoint_to_an_uninterrupted_runs_wei
             assert torch.equal(ours["optimizer_states"][0]["state"][index][name], value), (index, name)
 
 
-def test_a_cancelled_job_is_interrupted_and_the_same_command_resumes_only_it(cluster, synthetic_data_dir, tmp_path):
-    command = [
-        str(Path(sys.executable).parent / "mlplab-train"),
-        "-m",
-        "hydra/launcher=slurm",
-        *SYNTHETIC_RUN,
-        f"paths.data_dir={synthetic_data_dir}",
-        "trainer=cpu",
-        "trainer.max_epochs=3",
-        "seed=1,2",
-        "hydra.launcher.cpus_per_task=1",  # both jobs at once on the 2-CPU node
-        "sweep=cancelled",
-    ]
-    env = {**cli_env(synthetic_data_dir), **cluster}
-    sweep_dir = tmp_path / "outputs" / "sweeps" / "cancelled"
-    process = subprocess.Popen(
-        [*command, pace(0.15)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    deadline, victim = time.monotonic() + 120, None
-    while victim is None and time.monotonic() < deadline:  # the seed=2 job, once it has a checkpoint to resume from
-        folders = [path.parent.parent for path in sweep_dir.glob("*seed=2*/checkpoints/last.ckpt")]
-        if folders:
-            running = [line.split("|") for line in queue(cluster, "%i|%T").splitlines()]
-            victim = next((job_id for job_id, state in running if job_id.endswith("_1") and state == "RUNNING"), None)
-        time.sleep(0.3)
-    assert victim, process.communicate()[0][-3000:]
-    subprocess.run(["scancel", victim], env=env, check=True)
-    output = process.communicate(timeout=180)[0]
-    assert process.returncode == 1 and "Traceback" not in output, output[-3000:]
-    assert "1 of 2 jobs did not complete" in output and "(interrupted)" in output
-    first = {json.loads(p.read_text())["status"] for p in sweep_dir.glob("*seed=1*/metrics.json")}
-    assert first == {"completed"}
-    # the same command again: only the cancelled job is submitted, and it continues from its checkpoint
-    again = subprocess.run([*command, pace(0.15)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "2 jobs, 1 done already, 1 to run" in again.stdout + again.stderr
-    (job,) = sweep_dir.glob("*seed=2*")
-    metrics = json.loads((job / "metrics.json").read_text())
-    assert metrics["status"] == "completed" and metrics["epochs"] == 3
-    logs = "".join(path.read_text() for path in (sweep_dir / ".submitit").rglob("*.out"))
-    assert "Resuming from" in logs and queue(cluster) == ""
-
-
 def test_a_search_runs_its_trials_as_slurm_jobs_that_report_and_are_pruned(
     forked_cli, cluster, synthetic_data_dir, tmp_path
 ):
@@ -224,25 +180,50 @@ def test_a_stacked_sweep_runs_as_one_slurm_job(forked_cli, cluster, synthetic_da
     assert "3 jobs: 3 completed." in (sweep_dir / "summary.md").read_text()
 
 
-def test_submit_and_return_then_follow_the_sweep_with_mlplab_report(forked_cli, cluster, synthetic_data_dir, tmp_path):
-    args = ["trainer=cpu", "trainer.max_epochs=2", "seed=1,2", pace(0.2), "hydra.launcher.wait=false", "sweep=later"]
+def test_submit_and_return_then_a_cancelled_job_is_interrupted_and_the_same_command_resumes_only_it(
+    forked_cli, cluster, synthetic_data_dir, tmp_path
+):
+    args = ["trainer=cpu", "trainer.max_epochs=3", "seed=1,2", pace(0.15), "hydra.launcher.wait=false", "sweep=later"]
     args.append("hydra.launcher.cpus_per_task=1")  # both jobs at once on the 2-CPU node
+    sweep_dir = tmp_path / "outputs" / "sweeps" / "later"
+
+    def report() -> str:
+        code, text, _ = forked_cli.run_apart([str(sweep_dir)], tmp_path, "mlplab-report", cluster, 60, [])
+        assert code == 0, text[-2000:]
+        return text
+
+    def drained() -> None:
+        deadline = time.monotonic() + 180
+        while queue(cluster) and time.monotonic() < deadline:
+            time.sleep(0.5)
+
     code, out, err = submit(forked_cli, cluster, tmp_path, synthetic_data_dir, *args)
     assert code == 0, err[-3000:]
-    sweep_dir = tmp_path / "outputs" / "sweeps" / "later"
-    assert (
-        "Submitted SLURM job" in out + err
-        and f"Follow the sweep with: mlplab-report {Path('outputs/sweeps/later')}" in out + err
-    )
+    assert "Submitted SLURM job" in out + err
+    assert f"Follow the sweep with: mlplab-report {Path('outputs/sweeps/later')}" in out + err
     assert len(queue(cluster).splitlines()) == 2  # returned while both jobs are still in the queue
     # the same command while they are queued or running submits nothing twice
     code, out, err = submit(forked_cli, cluster, tmp_path, synthetic_data_dir, *args)
     assert code == 0 and (out + err).count("already in the queue as SLURM job") == 2
     assert "Submitted SLURM job" not in out + err
-    code, report, _ = forked_cli.run_apart([str(sweep_dir)], tmp_path, "mlplab-report", cluster, 60, [])
-    assert code == 0 and "(SLURM job" in report, report[-2000:]  # queued or running, as the scheduler says
-    deadline = time.monotonic() + 180
-    while queue(cluster) and time.monotonic() < deadline:
-        time.sleep(1)
-    code, report, _ = forked_cli.run_apart([str(sweep_dir)], tmp_path, "mlplab-report", cluster, 60, [])
-    assert code == 0 and "2 jobs: 2 completed." in report, report[-2000:]
+    assert "(SLURM job" in report()  # queued or running, as the scheduler says
+    # scancel the seed=2 job once it has a checkpoint to resume from
+    deadline, victim = time.monotonic() + 120, None
+    while victim is None and time.monotonic() < deadline:
+        if list(sweep_dir.glob("*seed=2*/checkpoints/last.ckpt")):
+            running = [line.split("|") for line in queue(cluster, "%i|%T").splitlines()]
+            victim = next((job_id for job_id, state in running if job_id.endswith("_1") and state == "RUNNING"), None)
+        time.sleep(0.2)
+    assert victim, report()
+    subprocess.run(["scancel", victim], env={**os.environ, **cluster}, check=True)
+    drained()
+    assert "2 jobs: 1 completed, 1 interrupted." in report()
+    # the same command again: only the cancelled job is submitted, and it continues from its checkpoint
+    code, out, err = submit(forked_cli, cluster, tmp_path, synthetic_data_dir, *args)
+    assert code == 0 and "2 jobs, 1 done already, 1 to run" in out + err, err[-3000:]
+    drained()
+    assert "2 jobs: 2 completed." in report()
+    (job,) = sweep_dir.glob("*seed=2*")
+    assert json.loads((job / "metrics.json").read_text())["epochs"] == 3
+    logs = "".join(path.read_text() for path in (sweep_dir / ".submitit").rglob("*_log.*"))
+    assert "sweep stopped by SIGTERM" in logs and "Resuming from" in logs  # the cancelled attempt, then the new
