@@ -76,7 +76,9 @@ COVERED_ELSEWHERE = {
     "hydra.launcher.partition=gpu": (
         "test_slurm.py::test_a_request_the_cluster_cannot_satisfy_is_one_line_and_nothing_is_submitted"
     ),
-    "hydra/launcher=slurm": "test_slurm.py::test_a_cpu_sweep_runs_as_one_job_array_and_writes_its_summary",
+    "hydra/launcher=slurm": (
+        "test_slurm.py::test_a_cpu_sweep_runs_as_one_job_array_and_a_requeued_job_resumes_to_an_uninterrupted_runs_weights"
+    ),
     "hydra/launcher=parallel": "test_sweep.py::test_parallel_launcher_gives_the_same_results_as_one_process",
     "trainer=ddp": "test_scale_out.py::test_ddp_run_has_one_directory_written_by_rank_zero",
 }

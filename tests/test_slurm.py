@@ -41,23 +41,6 @@ def queue(cluster, format: str = "%i %T") -> str:
     return subprocess.run(command, capture_output=True, text=True, env=env).stdout.strip()
 
 
-def test_a_cpu_sweep_runs_as_one_job_array_and_writes_its_summary(forked_cli, cluster, synthetic_data_dir, tmp_path):
-    # trainer=cpu and nothing else about the cluster: the request comes from the run and fits the node
-    code, out, err = submit(forked_cli, cluster, tmp_path, synthetic_data_dir, "trainer=cpu", "seed=1,2", "sweep=array")
-    assert code == 0, err[-3000:]
-    output = out + err
-    sweep_dir = tmp_path / "outputs" / "sweeps" / "array"
-    (array,) = re.findall(r"Submitted SLURM job (\d+) \(2 job\(s\);", output)  # one sbatch: an array of two
-    assert sorted(path.name for path in (sweep_dir / ".submitit").glob(f"{array}_*")) == [f"{array}_0", f"{array}_1"]
-    jobs = [json.loads(path.read_text()) for path in sorted(sweep_dir.glob("*/metrics.json"))]
-    assert [job["status"] for job in jobs] == ["completed", "completed"]
-    assert "2 jobs: 2 completed." in (sweep_dir / "summary.md").read_text()
-    # no sacct on a cluster without accounting, no Lightning hint about srun, no traceback
-    for noise in ("sacct", "accounting storage", "srun", "Traceback"):
-        assert noise not in output, noise
-    assert queue(cluster) == ""
-
-
 def test_a_request_the_cluster_cannot_satisfy_is_one_line_and_nothing_is_submitted(
     forked_cli, cluster, synthetic_data_dir, tmp_path
 ):
@@ -92,42 +75,49 @@ def release_requeued(cluster, until: Path) -> None:
         time.sleep(0.5)
 
 
-def only_job(sweep_dir: Path) -> Path:
-    (job,) = [path.parent for path in sweep_dir.glob("*/metrics.json")]
+def job_of(sweep_dir: Path, seed: int) -> Path:
+    """The job folder of ``seed`` (long folder names end in a hash, not in their overrides)."""
+    (job,) = [p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml") if f"- seed={seed}\n" in p.read_text()]
     return job
 
 
-def test_a_requeued_job_resumes_from_its_checkpoint_to_an_uninterrupted_runs_weights(
+def test_a_cpu_sweep_runs_as_one_job_array_and_a_requeued_job_resumes_to_an_uninterrupted_runs_weights(
     forked_cli, cluster, synthetic_data_dir, tmp_path
 ):
-    marker = tmp_path / "requeued"
-    job = ["trainer=cpu", "trainer.deterministic=true", "trainer.max_epochs=3", "seed=1", pace(0.05)]
-    done = tmp_path / "done"
+    marker, done = tmp_path / "requeued", tmp_path / "done"
+    jobs = ["trainer=cpu", "trainer.deterministic=true", "trainer.max_epochs=3", "seed=1,2", pace(0.05)]
     releaser = threading.Thread(target=release_requeued, args=(cluster, done), daemon=True)
     releaser.start()
-    # preempted mid-epoch: after 15 of its 30 steps, the job asks SLURM to requeue it (scontrol requeue)
+    # preempted mid-epoch: after 15 of its 30 steps, the first job asks SLURM to requeue it (scontrol requeue)
     requeue = f"+callbacks.requeue={{_target_:probes.RequeueOnce,marker:'{marker}',step:15}}"
-    code, out, err = submit(forked_cli, cluster, tmp_path, synthetic_data_dir, *job, requeue, "sweep=requeued")
+    # trainer=cpu and nothing about the cluster: the request comes from the run and fits the node
+    code, out, err = submit(forked_cli, cluster, tmp_path, synthetic_data_dir, *jobs, requeue, "sweep=array")
     done.touch()
     assert code == 0 and marker.exists(), err[-3000:]
-    requeued = only_job(tmp_path / "outputs" / "sweeps" / "requeued")
-    metrics = json.loads((requeued / "metrics.json").read_text())
-    assert metrics["status"] == "completed" and metrics["epochs"] == 3 and metrics["step"] == 30
-    logs = "".join(path.read_text() for path in (requeued.parent / ".submitit").rglob("*_log.*"))
+    output, sweep_dir = out + err, tmp_path / "outputs" / "sweeps" / "array"
+    (array,) = re.findall(r"Submitted SLURM job (\d+) \(2 job\(s\); 2 CPUs, 4 GB, 0 GPUs", output)  # one array
+    assert sorted(path.name for path in (sweep_dir / ".submitit").glob(f"{array}_*")) == [f"{array}_0", f"{array}_1"]
+    assert "2 jobs: 2 completed." in (sweep_dir / "summary.md").read_text()
+    for noise in ("sacct", "accounting storage", "srun", "Traceback"):  # no accounting, no Lightning hint
+        assert noise not in output, noise
+    logs = "".join(path.read_text() for path in (sweep_dir / ".submitit").rglob("*_log.*"))
     assert "stopped by SIGTERM" in logs and "Resuming from" in logs  # the first attempt's end, the second's start
-    # the same job on this machine, never interrupted: the same weights and optimizer state, bit for bit
-    code, output = forked_cli.run(
-        ["-m", *SYNTHETIC_RUN, f"paths.data_dir={synthetic_data_dir}", *job, "sweep=uninterrupted"], tmp_path
+    # the same jobs on this machine, never interrupted: the same weights and optimizer states, bit for bit
+    code, text = forked_cli.run(
+        ["-m", *SYNTHETIC_RUN, f"paths.data_dir={synthetic_data_dir}", *jobs, "sweep=uninterrupted"], tmp_path
     )
-    assert code == 0, output[-3000:]
-    alone = only_job(tmp_path / "outputs" / "sweeps" / "uninterrupted")
-    ours, theirs = (torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True) for folder in (requeued, alone))
-    assert ours["state_dict"].keys() == theirs["state_dict"].keys()
-    for key, value in theirs["state_dict"].items():
-        assert torch.equal(ours["state_dict"][key], value), key
-    for index, values in theirs["optimizer_states"][0]["state"].items():
-        for name, value in values.items():
-            assert torch.equal(ours["optimizer_states"][0]["state"][index][name], value), (index, name)
+    assert code == 0, text[-3000:]
+    for seed in (1, 2):
+        job, alone = (job_of(folder, seed) for folder in (sweep_dir, tmp_path / "outputs" / "sweeps" / "uninterrupted"))
+        metrics = json.loads((job / "metrics.json").read_text())
+        assert metrics["status"] == "completed" and metrics["epochs"] == 3 and metrics["step"] == 30
+        ours, theirs = (torch.load(f / "checkpoints" / "last.ckpt", weights_only=True) for f in (job, alone))
+        assert ours["state_dict"].keys() == theirs["state_dict"].keys()
+        for key, value in theirs["state_dict"].items():
+            assert torch.equal(ours["state_dict"][key], value), (seed, key)
+        for index, values in theirs["optimizer_states"][0]["state"].items():
+            for name, value in values.items():
+                assert torch.equal(ours["optimizer_states"][0]["state"][index][name], value), (seed, index, name)
 
 
 def test_a_search_runs_its_trials_as_slurm_jobs_that_report_and_are_pruned(
@@ -210,7 +200,8 @@ def test_submit_and_return_then_a_cancelled_job_is_interrupted_and_the_same_comm
     # scancel the seed=2 job once it has a checkpoint to resume from
     deadline, victim = time.monotonic() + 120, None
     while victim is None and time.monotonic() < deadline:
-        if list(sweep_dir.glob("*seed=2*/checkpoints/last.ckpt")):
+        seed_2 = [p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml") if "- seed=2\n" in p.read_text()]
+        if seed_2 and (seed_2[0] / "checkpoints" / "last.ckpt").is_file():
             running = [line.split("|") for line in queue(cluster, "%i|%T").splitlines()]
             victim = next((job_id for job_id, state in running if job_id.endswith("_1") and state == "RUNNING"), None)
         time.sleep(0.2)
@@ -223,7 +214,6 @@ def test_submit_and_return_then_a_cancelled_job_is_interrupted_and_the_same_comm
     assert code == 0 and "2 jobs, 1 done already, 1 to run" in out + err, err[-3000:]
     drained()
     assert "2 jobs: 2 completed." in report()
-    (job,) = sweep_dir.glob("*seed=2*")
-    assert json.loads((job / "metrics.json").read_text())["epochs"] == 3
+    assert json.loads((job_of(sweep_dir, 2) / "metrics.json").read_text())["epochs"] == 3
     logs = "".join(path.read_text() for path in (sweep_dir / ".submitit").rglob("*_log.*"))
     assert "sweep stopped by SIGTERM" in logs and "Resuming from" in logs  # the cancelled attempt, then the new
