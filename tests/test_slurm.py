@@ -49,7 +49,7 @@ def test_a_request_the_cluster_cannot_satisfy_is_one_line_and_nothing_is_submitt
         ("trainer=cpu hydra.launcher.mem_gb=100000", "hydra.launcher.mem_gb=100000: the nodes of partition debug"),
         ("trainer=cpu hydra.launcher.partition=gpu", "hydra.launcher.partition=gpu: no such partition"),
         ("trainer=gpu", "hydra.launcher.gpus_per_node=1: the nodes of partition debug have at most 0 GPUs"),
-        ("trainer=ddp trainer.accelerator=cpu", "data-parallel runs as SLURM tasks are not supported yet"),
+        ("trainer=ddp trainer.accelerator=cpu hydra.launcher.nodes=2", "hydra.launcher.nodes=2 with trainer=ddp: a"),
     ):
         code, out, err = submit(forked_cli, cluster, tmp_path, synthetic_data_dir, *overrides.split(), "sweep=no")
         (line,) = [line for line in err.splitlines() if line.startswith("mlplab-train: error:")]
@@ -217,3 +217,38 @@ def test_submit_and_return_then_a_cancelled_job_is_interrupted_and_the_same_comm
     assert json.loads((job_of(sweep_dir, 2) / "metrics.json").read_text())["epochs"] == 3
     logs = "".join(path.read_text() for path in (sweep_dir / ".submitit").rglob("*_log.*"))
     assert "sweep stopped by SIGTERM" in logs and "Resuming from" in logs  # the cancelled attempt, then the new
+
+
+def test_a_data_parallel_job_runs_as_two_slurm_tasks_and_tests_as_one_process_evaluates_its_best_checkpoint(
+    forked_cli, cluster, synthetic_data_dir, tmp_path
+):
+    ddp = ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.max_epochs=2"]
+    hard = ["optimizer.lr=3e-5", "data.batch_size=32"]  # not so easy that both opinions are 1.0
+    code, out, err = submit(forked_cli, cluster, tmp_path, synthetic_data_dir, *ddp, *hard, "sweep=ddp")
+    assert code == 0, err[-3000:]
+    (array,) = re.findall(r"Submitted SLURM job (\d+) \(1 job\(s\); 2 CPUs, 8 GB, 0 GPUs", out + err)  # 2 tasks
+    sweep_dir = tmp_path / "outputs" / "sweeps" / "ddp"
+    (job,) = [path.parent for path in sweep_dir.glob("*/metrics.json")]
+    recorded = json.loads((job / "metrics.json").read_text())
+    assert recorded["status"] == "completed" and recorded["epochs"] == 2
+    # Lightning took the ranks from SLURM: each task is one rank, and no task started a rank of its own
+    logs = {task: (sweep_dir / ".submitit" / array / f"{array}_{task}_log.err").read_text() for task in (0, 1)}
+    assert [re.findall(r"GLOBAL_RANK: (\d), MEMBER: (\d)/(\d)", logs[task]) for task in (0, 1)] == [
+        [("0", "1", "2")],
+        [("1", "2", "2")],
+    ]
+    assert sorted(path.name for path in job.glob("*.log")) == ["train.log"]  # rank 1 wrote no log file of its own
+    assert "Traceback" not in out + err + logs[0] + logs[1] and "deprecated" not in logs[0] + logs[1]
+    code, single, errors = forked_cli.run_apart(
+        [f"run={job}", "format=json", "accelerator=cpu"],
+        tmp_path,
+        "mlplab-eval",
+        {"MLPLAB_DATA_DIR": str(synthetic_data_dir)},
+        120,
+        [],
+    )
+    assert code == 0, errors[-2000:]
+    single = json.loads(single)
+    assert 0.2 < single["test/acc"] < 1.0
+    assert recorded["test/acc"] == pytest.approx(single["test/acc"], abs=1e-6)
+    assert recorded["test/loss"] == pytest.approx(single["test/loss"], rel=1e-4)

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from mlplab.sweeps.slurm import Node, SlurmError, fitted_request, gpus_in
+from mlplab.sweeps.slurm import Node, SlurmError, fitted_request, gpus_in, rank_tasks
 
 LAUNCHER = {"tasks_per_node": 1, "nodes": 1, "gpus_per_node": None, "cpus_per_task": None, "mem_gb": None}
 CPU_NODES = [Node("c1", "cpu*", 64, 257_000, 0), Node("c2", "cpu*", 32, 128_000, 0)]
@@ -27,6 +27,27 @@ def test_a_cpu_run_asks_for_a_nodes_cores_4_gb_and_no_gpu():
 def test_a_gpu_run_asks_for_its_devices_up_to_8_cores_and_16_gb():
     request = fitted_request(LAUNCHER, "gpu", 2, GPU_NODES)
     assert (request["cpus_per_task"], request["mem_gb"], request["gpus_per_node"]) == (8, 16, 2)
+
+
+def test_a_data_parallel_run_is_one_task_per_rank_on_one_node_and_each_rank_gets_its_share_of_the_cores():
+    assert rank_tasks(None, 1, 4, data_parallel=True) == 4 and rank_tasks(None, 1, 1, data_parallel=False) == 1
+    request = fitted_request({**LAUNCHER, "tasks_per_node": 4}, "gpu", 4, GPU_NODES)
+    assert (request["cpus_per_task"], request["mem_gb"], request["gpus_per_node"]) == (8, 64, 4)
+    request = fitted_request({**LAUNCHER, "tasks_per_node": 2}, "cpu", 2, CPU_NODES)
+    assert (request["cpus_per_task"], request["mem_gb"], request["gpus_per_node"]) == (32, 8, 0)
+
+
+@pytest.mark.parametrize(
+    ("tasks", "nodes", "devices", "data_parallel", "message"),
+    [
+        (2, 1, 1, False, "hydra.launcher.tasks_per_node=2: a one-device run is 1 SLURM task(s) per node"),
+        (1, 1, 2, True, "hydra.launcher.tasks_per_node=1: trainer.devices=2 with trainer=ddp is 2 SLURM task(s)"),
+        (None, 2, 2, True, "hydra.launcher.nodes=2 with trainer=ddp: a data-parallel job's ranks are the SLURM tasks"),
+    ],
+)
+def test_tasks_that_are_not_one_per_rank_are_refused(tasks, nodes, devices, data_parallel, message):
+    with pytest.raises(SlurmError, match=re.escape(message)):
+        rank_tasks(tasks, nodes, devices, data_parallel)
 
 
 @pytest.mark.parametrize(

@@ -26,11 +26,13 @@ from omegaconf import OmegaConf
 
 from mlplab.cli.compose import validated
 from mlplab.errors import one_line
+from mlplab.run.distributed import launched_rank
 from mlplab.sweeps.slurm import (
     SlurmError,
     cluster_nodes,
     fitted_request,
     queued,
+    rank_tasks,
     record_submitted,
     scheduler_states,
 )
@@ -68,6 +70,15 @@ class MlplabSlurmLauncher(SlurmLauncher):
         followed = [jobs.get(tuple(o)) or self._job(earlier[tuple(o)][0]) for o in job_overrides]
         return [_returned(result, o) for result, o in zip(self._followed(followed), job_overrides)]
 
+    def __call__(
+        self, sweep_overrides: list[str], job_dir_key: str, job_num: int, job_id: str, singleton_state: Any
+    ) -> JobReturn:
+        """In each SLURM task of a job: the job, as Hydra's submitit launcher runs it. A data-parallel job's other
+        ranks write no config copy and no log file of their own into the job folder (rank 0 writes both)."""
+        if launched_rank() > 0:
+            sweep_overrides = [*sweep_overrides, "hydra.output_subdir=null", "hydra/job_logging=stderr"]
+        return super().__call__(sweep_overrides, job_dir_key, job_num, job_id, singleton_state)
+
     def _earlier(self) -> dict[tuple[str, ...], tuple[str, str]]:
         """The sweep's jobs still in the queue from an earlier submission: (SLURM job id, state) by overrides."""
         assert self.config is not None
@@ -104,17 +115,16 @@ class MlplabSlurmLauncher(SlurmLauncher):
                 "trainer.devices; sweep them in separate sweeps"
             )
         ((accelerator, devices, data_parallel),) = trainers
-        if data_parallel:
-            raise SlurmError(
-                "trainer=ddp with hydra/launcher=slurm: data-parallel runs as SLURM tasks are not supported yet; "
-                "submit one-device jobs (trainer=gpu or trainer=cpu), or run trainer=ddp on one machine"
-            )
         if not isinstance(devices, int):
             raise SlurmError(
                 f"trainer.devices={devices}: hydra/launcher=slurm asks SLURM for a number of devices; give one"
             )
         device = "gpu" if accelerator == "gpu" else "cpu"
-        return fitted_request(self.params, device, devices, cluster_nodes(self.params.get("partition")))
+        tasks = rank_tasks(
+            self.params.get("tasks_per_node"), int(self.params.get("nodes") or 1), devices, data_parallel
+        )
+        params = {**self.params, "tasks_per_node": tasks}
+        return fitted_request(params, device, devices, cluster_nodes(self.params.get("partition")))
 
     def _submitted(self, function: Any, arguments: list[tuple], job_overrides: Sequence[Sequence[str]]) -> list[Any]:
         """``function`` submitted once per item of ``arguments`` (a job array), the request fitted to the runs of
@@ -171,7 +181,7 @@ class MlplabSlurmLauncher(SlurmLauncher):
                 job = jobs[index]
                 if job.job_id in in_queue:  # pending, running, or requeued (an earlier attempt's result may exist)
                     left_queue.pop(index, None)
-                elif job.paths.result_pickle.exists():
+                elif _first_task(job).paths.result_pickle.exists():
                     returns[index] = _result(job)
                 elif time.monotonic() - left_queue.setdefault(index, time.monotonic()) > RESULT_GRACE_SECONDS:
                     log.warning("SLURM job %s ended without a result (cancelled or killed)", job.job_id)
@@ -214,9 +224,14 @@ class StackedSlurmLauncher(MlplabSlurmLauncher):
         return list(launcher.launch(job_overrides, initial_job_idx))
 
 
+def _first_task(job: Any) -> Any:
+    """The job's rank-0 task (a data-parallel job has one per rank), whose result is the job's."""
+    return job.task(0) if job.num_tasks > 1 else job
+
+
 def _result(job: Any) -> Any:
     try:
-        return job.results()[0]
+        return _first_task(job).results()[0]
     except Exception as error:  # the job's own failure, already in its folder's metrics.json and log
         return SlurmError(f"SLURM job {job.job_id}: {one_line(error)}")
 

@@ -28,13 +28,15 @@ class LightningNotes(logging.Filter):
         return not any(note in record.getMessage() for note in self.NOTES)
 
 
-# Lightning's own use of a torch API deprecated in torch 2.10; its advice to sync logged metrics across ranks
-# (mlplab gathers a data-parallel run's metrics itself); a resumed run's checkpoint folder, which holds checkpoints;
-# the model summary's size estimate under bf16-mixed (trainer.precision=auto), which it gives in fp32 sizes anyway;
-# the hint to prepend `srun` on a machine with SLURM installed (a login node): mlplab submits SLURM jobs itself
-# (hydra/launcher=slurm), and a plain run there is meant to run where it is.
+# Lightning's own uses of torch APIs deprecated in torch 2.10 (a tree spec check; all_gather across ranks); its
+# advice to sync logged metrics across ranks (mlplab gathers a data-parallel run's metrics itself); a resumed run's
+# checkpoint folder, which holds checkpoints; the model summary's size estimate under bf16-mixed
+# (trainer.precision=auto), which it gives in fp32 sizes anyway; the hint to prepend `srun` on a machine with SLURM
+# installed (a login node): mlplab submits SLURM jobs itself (hydra/launcher=slurm), and a plain run there is meant
+# to run where it is.
 WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    r"torch\.distributed\.nn\.functional\.all_gather is deprecated",
     r"It is recommended to use `self\.log\(.*sync_dist=True",
     r"Checkpoint directory .* exists and is not empty",
     r"Precision .* is not supported by the model summary",

@@ -222,9 +222,10 @@ def build_trainer(
         # stall for seconds, longer than an epoch. Lightning waits for the writes when fit ends.
         checkpoint_io = AsyncCheckpointIO(AtomicCheckpointIO())
     plugins: list[Any] = [checkpoint_io]
-    if not settings.data_parallel and SLURMEnvironment.detect():
-        # A SLURM job (hydra/launcher=slurm): submitit handles its signal (requeued before the time limit, or when
-        # preempted) and the job resumes from its checkpoints; Lightning's own SLURM requeue would be a second.
+    if SLURMEnvironment.detect():
+        # A SLURM job (hydra/launcher=slurm), whose tasks are a data-parallel run's ranks: submitit handles its
+        # signal (requeued before the time limit, or when preempted) and the job resumes from its checkpoints;
+        # Lightning's own SLURM requeue would be a second.
         plugins.append(SLURMEnvironment(auto_requeue=False))
     try:
         return L.Trainer(

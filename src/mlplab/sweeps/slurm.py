@@ -68,12 +68,30 @@ def cluster_nodes(partition: str | None) -> list[Node]:
     return chosen
 
 
+def rank_tasks(tasks_per_node: int | None, nodes: int, devices: int, data_parallel: bool) -> int:
+    """SLURM tasks per node for a run: one per rank of a data-parallel run (``trainer.devices``), which Lightning
+    then reads from SLURM; one for any other run. ``tasks_per_node``: the launcher's setting (None: from the run)."""
+    wanted = devices if data_parallel else 1
+    if tasks_per_node is not None and tasks_per_node != wanted:
+        run = f"trainer.devices={devices} with trainer=ddp" if data_parallel else "a one-device run"
+        raise SlurmError(
+            f"hydra.launcher.tasks_per_node={tasks_per_node}: {run} is {wanted} SLURM task(s) per node, one per "
+            f"rank; set hydra.launcher.tasks_per_node=null (from the run)"
+        )
+    if data_parallel and nodes != 1:
+        raise SlurmError(
+            f"hydra.launcher.nodes={nodes} with trainer=ddp: a data-parallel job's ranks are the SLURM tasks of one "
+            "node (trainer.devices of them); set hydra.launcher.nodes=1"
+        )
+    return wanted
+
+
 def fitted_request(params: dict[str, Any], device: str, devices: int, nodes: list[Node]) -> dict[str, Any]:
     """``params`` (the launcher's settings) with the nulls filled in for the run (``device``: cpu or gpu;
     ``devices``: trainer.devices) and checked against ``nodes``: some node must hold the whole request. SlurmError
     names the setting that does not fit and what the nodes have."""
     request = dict(params)
-    tasks = int(request.get("tasks_per_node") or 1)
+    tasks = int(request["tasks_per_node"])
     if request.get("gpus_per_node") is None:
         request["gpus_per_node"] = devices if device == "gpu" else 0
     gpus = int(request["gpus_per_node"])
