@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 from hydra.experimental.callback import Callback as HydraCallback
 from lightning.pytorch import Callback
@@ -32,13 +33,18 @@ class SignalDuringValidation(Callback):
 
 
 class PaceSteps(Callback):
-    """Sleeps after each optimizer step, so that a test's signal from outside lands where the test means it to."""
+    """Sleeps after each optimizer step, so that a test's signal from outside lands where the test means it to;
+    with ``until_resumed``, only until the run is stopped: a resumed run goes at its own pace."""
 
-    def __init__(self, seconds: float):
-        self.seconds = seconds
+    def __init__(self, seconds: float, until_resumed: bool = False):
+        self.seconds, self.until_resumed, self.pacing = seconds, until_resumed, True
+
+    def on_train_start(self, trainer, *args) -> None:
+        self.pacing = not (self.until_resumed and trainer.ckpt_path)
 
     def on_train_batch_end(self, *args) -> None:
-        time.sleep(self.seconds)
+        if self.pacing:
+            time.sleep(self.seconds)
 
 
 def fingerprint(image) -> str:
@@ -152,13 +158,16 @@ class BreakStacks(HydraCallback):
 
 class RequeueOnce(Callback):
     """Asks SLURM to requeue the job it runs in (``scontrol requeue``, as a preemption does), once: after ``step``
-    optimizer steps, mid-epoch; ``marker`` records that it happened."""
+    optimizer steps, mid-epoch, in the sweep job whose overrides include ``job`` (e.g. ``seed=1``); ``marker``
+    records that it happened."""
 
-    def __init__(self, marker: str, step: int):
-        self.marker, self.step = marker, step
+    def __init__(self, marker: str, step: int, job: str):
+        self.marker, self.step, self.job = marker, step, job
 
     def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step == self.step and not os.path.exists(self.marker):
+        overrides = Path(trainer.default_root_dir, ".hydra", "overrides.yaml")
+        mine = f"- {self.job}\n" in overrides.read_text()
+        if mine and trainer.global_step == self.step and not os.path.exists(self.marker):
             open(self.marker, "w").close()
             import subprocess
 

@@ -57,8 +57,8 @@ def test_a_request_the_cluster_cannot_satisfy_is_one_line_and_nothing_is_submitt
         assert not (tmp_path / "outputs" / "sweeps" / "no" / ".submitit").exists() and queue(cluster) == ""
 
 
-def pace(seconds: float) -> str:
-    return f"+callbacks.pace={{_target_:probes.PaceSteps,seconds:{seconds}}}"
+def pace(seconds: float, until_resumed: bool = False) -> str:
+    return f"+callbacks.pace={{_target_:probes.PaceSteps,seconds:{seconds},until_resumed:{until_resumed}}}"
 
 
 def release_requeued(cluster, until: Path) -> None:
@@ -81,27 +81,40 @@ def job_of(sweep_dir: Path, seed: int) -> Path:
     return job
 
 
-def test_a_cpu_sweep_runs_as_one_job_array_and_a_requeued_job_resumes_to_an_uninterrupted_runs_weights(
+def test_a_cpu_sweep_runs_as_one_job_array_whose_preempted_and_time_limited_jobs_resume_to_uninterrupted_weights(
     forked_cli, cluster, synthetic_data_dir, tmp_path
 ):
     marker, done = tmp_path / "requeued", tmp_path / "done"
-    jobs = ["trainer=cpu", "trainer.deterministic=true", "trainer.max_epochs=3", "seed=1,2", pace(0.05)]
+    jobs = ["trainer=cpu", "trainer.deterministic=true", "trainer.max_epochs=3", "seed=1,2"]
     releaser = threading.Thread(target=release_requeued, args=(cluster, done), daemon=True)
     releaser.start()
-    # preempted mid-epoch: after 15 of its 30 steps, the first job asks SLURM to requeue it (scontrol requeue)
-    requeue = f"+callbacks.requeue={{_target_:probes.RequeueOnce,marker:'{marker}',step:15}}"
-    # trainer=cpu and nothing about the cluster: the request comes from the run and fits the node
-    code, out, err = submit(forked_cli, cluster, tmp_path, synthetic_data_dir, *jobs, requeue, "sweep=array")
+    # seed=1 is preempted mid-epoch: after its first step it asks SLURM to requeue it (scontrol requeue).
+    # seed=2 meets its time limit: a minute, with submitit's signal 10 s before it. SLURM looks at time limits
+    # every 30 s, so the signal comes 20 to 50 s after the job starts; until it is stopped, the job takes 2 s a step
+    # (30 steps), so it is still training then. Resumed, each job goes at its own pace.
+    slurm = ["hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=10"]
+    requeue = f"+callbacks.requeue={{_target_:probes.RequeueOnce,marker:'{marker}',step:1,job:'seed=1'}}"
+    code, out, err = submit(
+        forked_cli, cluster, tmp_path, synthetic_data_dir, *jobs, *slurm, pace(2, True), requeue, "sweep=array"
+    )
     done.touch()
     assert code == 0 and marker.exists(), err[-3000:]
     output, sweep_dir = out + err, tmp_path / "outputs" / "sweeps" / "array"
-    (array,) = re.findall(r"Submitted SLURM job (\d+) \(2 job\(s\); 2 CPUs, 4 GB, 0 GPUs", output)  # one array
+    (array,) = re.findall(r"Submitted SLURM job (\d+) \(2 job\(s\); 1 CPUs, 4 GB, 0 GPUs", output)  # one array
     assert sorted(path.name for path in (sweep_dir / ".submitit").glob(f"{array}_*")) == [f"{array}_0", f"{array}_1"]
     assert "2 jobs: 2 completed." in (sweep_dir / "summary.md").read_text()
     for noise in ("sacct", "accounting storage", "srun", "Traceback"):  # no accounting, no Lightning hint
         assert noise not in output, noise
-    logs = "".join(path.read_text() for path in (sweep_dir / ".submitit").rglob("*_log.*"))
-    assert "stopped by SIGTERM" in logs and "Resuming from" in logs  # the first attempt's end, the second's start
+    preempted, timed_out = (
+        "".join(path.read_text() for path in (sweep_dir / ".submitit" / f"{array}_{index}").glob("*_log.*"))
+        for index in (0, 1)
+    )
+    assert (
+        "stopped by SIGTERM" in preempted and "Resuming from" in preempted
+    )  # the first attempt's end, the next's start
+    assert "timed-out" not in preempted
+    assert "Caught signal SIGUSR2" in timed_out and "this job is timed-out" in timed_out
+    assert "stopped by SIGUSR2" in timed_out and "Resuming from" in timed_out
     # the same jobs on this machine, never interrupted: the same weights and optimizer states, bit for bit
     code, text = forked_cli.run(
         ["-m", *SYNTHETIC_RUN, f"paths.data_dir={synthetic_data_dir}", *jobs, "sweep=uninterrupted"], tmp_path
