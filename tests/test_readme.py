@@ -47,6 +47,7 @@ from mlplab.data.synthetic import learnable_images, write_mnist_like
 REPOSITORY = Path(__file__).resolve().parents[1]
 README = REPOSITORY / "README.md"
 SCRIPTS = ("mlplab-train", "mlplab-eval", "mlplab-predict", "mlplab-report")
+SUBMITTERS = ("sbatch",)  # a cluster's commands that run mlplab's: only ever run by another test (COVERED_ELSEWHERE)
 SETUP_COMMANDS = ("mkdir", "printf")
 SHRINK = [
     *SYNTHETIC_RUN,
@@ -65,19 +66,25 @@ COVERED_ELSEWHERE = {
     "hydra.sweeper.seeds_per_trial=3": (
         "test_search_seeds.py::test_a_trial_scores_the_mean_of_its_seeds_job_by_job_and_stacked"
     ),
+    # the many-node search: a SLURM array of search processes sharing a PostgreSQL study
+    "sbatch --array": "test_slurm.py::test_the_readmes_search_over_many_nodes_shares_one_postgresql_study",
     "hydra.sweeper.storage=postgresql": (
-        "test_study_storage.py::test_two_processes_with_their_own_sweep_folders_share_one_postgresql_study"
+        "test_slurm.py::test_the_readmes_search_over_many_nodes_shares_one_postgresql_study"
     ),
     # a real SLURM cluster (tests/slurm_cluster.py); the GPU partition's command is refused there: no such partition
     "hydra.launcher.wait=false": (
         "test_slurm.py::test_submit_and_return_then_a_cancelled_job_is_interrupted_and_the_same_command_resumes_only_it"
     ),
     "hydra/launcher=stacked_slurm": "test_slurm.py::test_a_stacked_sweep_runs_as_one_slurm_job",
+    "hydra/launcher=slurm trainer=ddp": (
+        "test_slurm.py::"
+        "test_a_data_parallel_job_runs_as_two_slurm_tasks_and_tests_as_one_process_evaluates_its_best_checkpoint"
+    ),
     "hydra.launcher.partition=gpu": (
         "test_slurm.py::test_a_request_the_cluster_cannot_satisfy_is_one_line_and_nothing_is_submitted"
     ),
     "hydra/launcher=slurm": (
-        "test_slurm.py::test_a_cpu_sweep_runs_as_one_job_array_and_a_requeued_job_resumes_to_an_uninterrupted_runs_weights"
+        "test_slurm.py::test_a_cpu_sweep_runs_as_one_job_array_whose_preempted_and_time_limited_jobs_resume_to_uninterrupted_weights"
     ),
     "hydra/launcher=parallel": "test_sweep.py::test_parallel_launcher_gives_the_same_results_as_one_process",
     "trainer=ddp": "test_scale_out.py::test_ddp_run_has_one_directory_written_by_rank_zero",
@@ -128,7 +135,7 @@ def readme_commands(text: str) -> list[Command]:
         for line in joined:
             prompt = line.startswith("$ ")
             words = shlex.split(line.removeprefix("$ "), comments=True) if line else []
-            if words and words[0] in SCRIPTS:
+            if words and words[0] in (*SCRIPTS, *SUBMITTERS):
                 if pending:
                     commands.append(pending)
                 pending = Command(" ".join(words), tuple(words), tuple(setup))
@@ -276,7 +283,7 @@ def project(synthetic_data_dir, tmp_path_factory):
 
 
 def test_the_readme_has_commands_of_every_script():
-    assert {command.script for command in COMMANDS} == set(SCRIPTS)
+    assert {command.script for command in COMMANDS} == {*SCRIPTS, *SUBMITTERS}
     assert len(COMMANDS) >= 20, [command.text for command in COMMANDS]
 
 

@@ -2,17 +2,21 @@
 (tests/slurm_cluster.py), jobs submitted with sbatch as a user's sweep submits them, followed through squeue; the
 cluster has no accounting database, as many small clusters have not."""
 
+import csv
 import json
 import os
 import re
+import shlex
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
-from conftest import SYNTHETIC_RUN, study_of
+from conftest import SYNTHETIC_RUN, cli_env, postgres_server, study_of
 from slurm_cluster import slurm_cluster, why_not
 
 pytestmark = pytest.mark.skipif(why_not() is not None, reason=why_not() or "")
@@ -265,3 +269,46 @@ def test_a_data_parallel_job_runs_as_two_slurm_tasks_and_tests_as_one_process_ev
     assert 0.2 < single["test/acc"] < 1.0
     assert recorded["test/acc"] == pytest.approx(single["test/acc"], abs=1e-6)
     assert recorded["test/loss"] == pytest.approx(single["test/loss"], rel=1e-4)
+
+
+def test_the_readmes_search_over_many_nodes_shares_one_postgresql_study(synthetic_data_dir, cluster, tmp_path):
+    """README's sbatch line as it is, shrunk to this cluster: two search processes (one CPU each), small trials."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    (line,) = [line.strip() for line in readme.splitlines() if line.strip().startswith("sbatch --array=")]
+    shrunk = {"--array": "--array=1-2", "--cpus-per-task": "--cpus-per-task=1", "--mem": "--mem=2G"}
+    args = [shrunk.get(arg.split("=", 1)[0], arg) for arg in shlex.split(line)]
+    small = [
+        *SYNTHETIC_RUN,
+        "callbacks.model_summary=null",
+        "hydra.sweeper.n_trials=6",
+        "model.width=choice(16, 24, 32)",
+        "optimizer.lr=tag(log, interval(0.0003, 0.01))",
+        "data.batch_size=10",
+        "+callbacks.pace={_target_:probes.PaceSteps,seconds:0.01}",
+    ]
+    with postgres_server() as url:
+        args[-1] = re.sub(r"postgresql\S+", url, args[-1]) + " " + " ".join(shlex.quote(arg) for arg in small)
+        env = {**cli_env(synthetic_data_dir), **cluster, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+        submitted = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert submitted.returncode == 0, submitted.stderr
+        deadline = time.monotonic() + 240
+        while queue(cluster) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        logs = "".join(path.read_text() for path in tmp_path.glob("slurm-*.out"))
+        assert "Traceback" not in logs and not queue(cluster), logs[-3000:]
+        study = optuna.load_study(study_name="wide", storage=url)
+        trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+        every_trial, best = study.get_trials(), study.best_trial
+    assert len(trials) == 6 and len({tuple(sorted(t.params.items())) for t in trials}) == 6  # none twice
+    assert len(every_trial) == 6  # nothing cut short, nothing set aside
+    sweeps = {task: tmp_path / "outputs" / "sweeps" / f"wide-{task}" for task in (1, 2)}
+    own = {}
+    for task, sweep_dir in sweeps.items():  # each array task's own folder
+        with (sweep_dir / "summary.csv").open() as file:
+            own[task] = [row["job"] for row in csv.DictReader(file)]
+    assert own[1] and own[2]  # both processes ran trials: each summary lists its own
+    assert sorted(own[1] + own[2]) == sorted(t.user_attrs["job"] for t in trials)
+    for sweep_dir in sweeps.values():  # and the study's best, wherever it ran
+        summary = (sweep_dir / "summary.md").read_text()
+        assert f"Best: trial {best.number}, {best.user_attrs['job']}" in summary
+        assert "6 distinct trials (6 complete)" in summary and "mlplab@127.0.0.1" in summary

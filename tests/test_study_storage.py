@@ -1,6 +1,8 @@
-"""Where a search's study is kept (hydra.sweeper.storage): SQLite, a real PostgreSQL server shared by two processes,
-refusals that leave an existing study untouched, lightning-hydra-template's search configs, and optuna-dashboard
-reading a running search. Searches run as users run them, in subprocesses; studies are read back with Optuna."""
+"""Where a search's study is kept (hydra.sweeper.storage): SQLite, a journal in one sweep folder shared by two
+processes (a real PostgreSQL server shared by two processes, each with its own folder: tests/test_slurm.py, where
+they run as the README's SLURM array), refusals that leave an existing study untouched, lightning-hydra-template's
+search configs, and optuna-dashboard reading a running search. Searches run as users run them, in subprocesses;
+studies are read back with Optuna."""
 
 import csv
 import json
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import SYNTHETIC_RUN, cli_env, free_port, postgres_server
+from conftest import SYNTHETIC_RUN, cli_env, free_port
 
 from mlplab.sweeps.storage import STUDY_FILE
 
@@ -34,46 +36,6 @@ def search(forked_cli, args: list[str], cwd: Path, data_dir: Path) -> tuple[int,
 def jobs_in_summary(sweep_dir: Path) -> list[str]:
     with (sweep_dir / "summary.csv").open() as file:
         return [row["job"] for row in csv.DictReader(file)]
-
-
-def test_two_processes_with_their_own_sweep_folders_share_one_postgresql_study(synthetic_data_dir, tmp_path):
-    slow = ["data.batch_size=10", "+callbacks.pace={_target_:probes.PaceSteps,seconds:0.01}"]
-    with postgres_server() as url:
-        shared = [
-            *SEARCH,
-            "hydra.sweeper.n_trials=6",
-            f"hydra.sweeper.storage={url}",
-            "hydra.sweeper.study_name=shared",
-            *SPACE,
-            *slow,
-        ]
-        processes = [
-            subprocess.Popen(
-                [str(BIN / "mlplab-train"), *shared, f"sweep={name}"],
-                cwd=tmp_path,
-                env=cli_env(synthetic_data_dir),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for name in ("a", "b")
-        ]
-        outputs = [process.communicate(timeout=400) for process in processes]
-        for process, (_, stderr) in zip(processes, outputs):
-            assert process.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]
-        study = optuna.load_study(study_name="shared", storage=url)
-        trials, every_trial, best = study.get_trials(states=COMPLETE), study.get_trials(), study.best_trial
-    assert len(trials) == 6 and len({tuple(sorted(t.params.items())) for t in trials}) == 6
-    assert len(every_trial) == 6  # nothing cut short, nothing set aside
-    sweeps = {name: tmp_path / "outputs" / "sweeps" / name for name in ("a", "b")}
-    own = {name: jobs_in_summary(sweep_dir) for name, sweep_dir in sweeps.items()}
-    assert own["a"] and own["b"]  # both processes ran trials: each summary lists its own
-    assert sorted(own["a"] + own["b"]) == sorted(t.user_attrs["job"] for t in trials)
-    best = f"Best: trial {best.number}, {best.user_attrs['job']}"
-    for sweep_dir in sweeps.values():  # and the study's best, wherever it ran
-        summary = (sweep_dir / "summary.md").read_text()
-        assert best in summary and "6 distinct trials (6 complete)" in summary
-        assert "mlplab@127.0.0.1" in summary and not (sweep_dir / STUDY_FILE).exists()
 
 
 def test_two_processes_share_one_sweep_folder_and_its_journal(synthetic_data_dir, tmp_path):
