@@ -32,6 +32,18 @@ class SignalDuringValidation(Callback):
             os.kill(os.getpid(), self.signum)
 
 
+class SignalAtStep(Callback):
+    """Sends the run a signal during its ``step``-th optimizer step (counting from 1), as a user or a scheduler
+    might."""
+
+    def __init__(self, signal_name: str, step: int):
+        self.signum, self.step = signal.Signals[signal_name], step
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if trainer.global_step + 1 == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
 class PaceSteps(Callback):
     """Sleeps after each optimizer step, so that a test's signal from outside lands where the test means it to;
     with ``until_resumed``, only until the run is stopped: a resumed run goes at its own pace."""

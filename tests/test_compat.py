@@ -111,3 +111,13 @@ def test_hydra_finds_mlplabs_plugins_in_this_install():
     found |= {cls.__name__ for cls in Plugins.instance().discover(Launcher)}
     if not {"MlplabSweeper", "StackedLauncher"} <= found:
         pytest.fail("Hydra no longer finds mlplab's plugins; update hydra_plugins_listed in src/mlplab/compat.py")
+
+
+def test_the_fit_loop_still_counts_training_batches_across_epochs():
+    from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+
+    require(
+        isinstance(getattr(_TrainingEpochLoop, "total_batch_idx", None), property),
+        "the epoch loop's count of batches across epochs (total_batch_idx)",
+        "batches_trained",
+    )

@@ -137,12 +137,16 @@ def test_killed_twice_and_resumed_twice_ends_as_the_uninterrupted_run(uninterrup
     assert not list(run_dir.glob("checkpoints/.*partial"))  # what the kill left half-written is cleared away
 
 
-@pytest.mark.parametrize("signal_name, epoch", [("SIGTERM", 1), ("SIGINT", 2)])
-def test_a_signal_during_validation_stops_once_the_epoch_is_saved_and_resumes_exactly(
-    signal_name, epoch, uninterrupted, synthetic_data_dir, tmp_path
+@pytest.mark.parametrize("signal_name, epoch, during", [("SIGTERM", 1, "validation"), ("SIGINT", 2, "last step")])
+def test_a_signal_during_validation_or_an_epochs_last_step_stops_once_the_epoch_is_validated_and_resumes_exactly(
+    signal_name, epoch, during, uninterrupted, synthetic_data_dir, tmp_path
 ):
+    # At the epoch's last step, stopping right there would checkpoint an epoch whose validation a resumed run skips.
     probe = (
         f"+callbacks.signal_probe={{_target_:probes.SignalDuringValidation,signal_name:{signal_name},epoch:{epoch}}}"
+        if during == "validation"
+        else f"+callbacks.signal_probe={{_target_:probes.SignalAtStep,signal_name:{signal_name},"
+        f"step:{(epoch + 1) * STEPS_PER_EPOCH}}}"
     )
     process = start([*RUN, probe], tmp_path, synthetic_data_dir)
     _, stderr = process.communicate(timeout=240)

@@ -10,6 +10,11 @@ So the launcher is replaced (``DDPStrategy._configure_launcher`` sets ``_launche
 ranks (``_ChildProcessObserver``, which kills this process when a rank dies) gets an off switch, so that a sweep
 outlives one failed job.
 
+Lightning's fit loop decides when validation follows a training batch; ``ResumePoints`` must know it (a stop
+checkpointed between a batch and its validation would resume past that validation). With
+``check_val_every_n_epoch=None`` that counts batches across epochs, which only the (private) epoch loop's
+``total_batch_idx`` holds: ``batches_trained``.
+
 setuptools (editable installs): pyproject.toml maps the package ``mlplab.conf`` to the top-level ``conf/``, and
 ``pip install -e .`` then serves the packages through an import finder whose namespace entries pkgutil cannot list.
 Hydra finds its plugins by listing ``hydra_plugins`` with pkgutil, so it would not see mlplab's sweeper and launcher;
@@ -118,6 +123,11 @@ class RankCommandDDPStrategy(DDPStrategy):
         """Called when the job is over, however it ended, by the process that started the other ranks."""
         if isinstance(self._launcher, RankLauncher):
             self._launcher.end_ranks(wait_seconds)
+
+
+def batches_trained(trainer: Any) -> int:
+    """Training batches this run has been through, across epochs (Lightning's count, from 0 before the first)."""
+    return int(trainer.fit_loop.epoch_loop.total_batch_idx)
 
 
 def hydra_plugins_listed() -> None:

@@ -14,6 +14,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
+from mlplab.compat import batches_trained
 from mlplab.errors import MlplabError, SettingError, one_line
 from mlplab.files import write_atomically
 from mlplab.run.records import CHECKPOINT_DIR, LAST_CHECKPOINT
@@ -80,6 +81,20 @@ def checkpoint_step(path: Path) -> int:
     return int(read_checkpoint(path)["global_step"])
 
 
+def validates_next(trainer: Trainer, batch_idx: int) -> bool:
+    """Whether Lightning validates right after training batch ``batch_idx`` of this epoch (its last batch, or every
+    ``val_check_interval`` batches), as its fit loop decides it."""
+    every_epochs = trainer.check_val_every_n_epoch
+    if not trainer.enable_validation or (every_epochs is not None and (trainer.current_epoch + 1) % every_epochs):
+        return False
+    if batch_idx + 1 == trainer.num_training_batches:
+        return True
+    every_batches = trainer.val_check_batch
+    # with check_val_every_n_epoch=null, validation follows every val_check_interval batches across epochs
+    count = batch_idx if every_epochs is not None else batches_trained(trainer)
+    return every_batches != float("inf") and (count + 1) % every_batches == 0
+
+
 class StopRequested(KeyboardInterrupt):
     """Ctrl-C (or SIGTERM) arrived; raised at the next point a checkpoint can be taken from."""
 
@@ -99,9 +114,11 @@ class ResumePoints(Callback):
     job, which resumes from it. That is the one requeue mechanism (Lightning's SLURM auto-requeue is off).
 
     A signal takes effect at the next point a resumed run can continue exactly from: after the current training
-    batch (the checkpoint is saved there), or, during validation, once the epoch's validation and checkpoints are
-    done. Lightning's own SIGTERM handling is replaced while training: it stops in the middle of validation,
-    leaving the finished epoch without a checkpoint. A second signal stops at once.
+    batch (the checkpoint is saved there), or, during validation or at a batch that validation follows (an epoch's
+    last), once that validation and its checkpoints are done: a run resumed from a checkpoint taken between a
+    batch and its validation would never run that validation (nor is ``every_n_steps``'s checkpoint taken there).
+    Lightning's own SIGTERM handling is replaced while training: it stops in the middle of validation, leaving the
+    finished epoch without a checkpoint. A second signal stops at once.
     """
 
     def __init__(self, run_dir: Path, every_n_steps: int = EVERY_N_STEPS):
@@ -142,7 +159,10 @@ class ResumePoints(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._stop_requested(trainer) or (self.every_n_steps and trainer.global_step % self.every_n_steps == 0):
+        stop = self._stop_requested(trainer)
+        if validates_next(trainer, batch_idx):  # on_validation_end stops, and the epoch's checkpoints follow it
+            return
+        if stop or (self.every_n_steps and trainer.global_step % self.every_n_steps == 0):
             if hasattr(pl_module, "check_finite_loss"):
                 pl_module.check_finite_loss()  # never a checkpoint of diverged weights
             trainer.save_checkpoint(self.path, weights_only=False)
