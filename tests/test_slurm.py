@@ -92,12 +92,13 @@ def test_a_cpu_sweep_runs_as_one_job_array_whose_preempted_and_time_limited_jobs
     jobs = ["trainer=cpu", "trainer.deterministic=true", "trainer.max_epochs=3", "seed=1,2"]
     releaser = threading.Thread(target=release_requeued, args=(cluster, done), daemon=True)
     releaser.start()
-    # trainer=cpu and nothing about the cluster's resources: the request comes from the run and fits the node.
+    # One CPU each, so that both jobs run at once (the submit-and-return test gives no resources: they come from
+    # the run).
     # seed=1 is preempted mid-epoch: after its first step it asks SLURM to requeue it (scontrol requeue).
     # seed=2 meets its time limit: a minute, with submitit's signal 10 s before it. SLURM looks at time limits
     # every 30 s, so the signal comes 20 to 50 s after the job starts; until it is stopped, the job takes 2 s a step
     # (30 steps), so it is still training then. Resumed, each job goes at its own pace.
-    slurm = ["hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=10"]
+    slurm = ["hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=10"]
     requeue = f"+callbacks.requeue={{_target_:probes.RequeueOnce,marker:'{marker}',step:1,job:'seed=1'}}"
     code, out, err = submit(
         forked_cli, cluster, tmp_path, synthetic_data_dir, *jobs, *slurm, pace(2, True), requeue, "sweep=array"
@@ -105,7 +106,7 @@ def test_a_cpu_sweep_runs_as_one_job_array_whose_preempted_and_time_limited_jobs
     done.touch()
     assert code == 0 and marker.exists(), err[-3000:]
     output, sweep_dir = out + err, tmp_path / "outputs" / "sweeps" / "array"
-    (array,) = re.findall(r"Submitted SLURM job (\d+) \(2 job\(s\); 2 CPUs, 4 GB, 0 GPUs", output)  # one array
+    (array,) = re.findall(r"Submitted SLURM job (\d+) \(2 job\(s\); 1 CPUs, 4 GB, 0 GPUs", output)  # one array
     assert sorted(path.name for path in (sweep_dir / ".submitit").glob(f"{array}_*")) == [f"{array}_0", f"{array}_1"]
     assert "2 jobs: 2 completed." in (sweep_dir / "summary.md").read_text()
     for noise in ("sacct", "accounting storage", "srun", "Traceback"):  # no accounting, no Lightning hint
@@ -191,8 +192,8 @@ def test_a_stacked_sweep_runs_as_one_slurm_job(forked_cli, cluster, synthetic_da
 def test_submit_and_return_then_a_cancelled_job_is_interrupted_and_the_same_command_resumes_only_it(
     forked_cli, cluster, synthetic_data_dir, tmp_path
 ):
+    # trainer=cpu and nothing about the cluster's resources: the request comes from the run (a node's 2 CPUs)
     args = ["trainer=cpu", "trainer.max_epochs=3", "seed=1,2", pace(0.15), "hydra.launcher.wait=false", "sweep=later"]
-    args.append("hydra.launcher.cpus_per_task=1")  # both jobs at once on the 2-CPU node
     sweep_dir = tmp_path / "outputs" / "sweeps" / "later"
 
     def report() -> str:
@@ -207,7 +208,7 @@ def test_submit_and_return_then_a_cancelled_job_is_interrupted_and_the_same_comm
 
     code, out, err = submit(forked_cli, cluster, tmp_path, synthetic_data_dir, *args)
     assert code == 0, err[-3000:]
-    assert "Submitted SLURM job" in out + err
+    assert re.search(r"Submitted SLURM job \d+ \(2 job\(s\); 2 CPUs, 4 GB, 0 GPUs per node each\)", out + err)
     assert f"Follow the sweep with: mlplab-report {Path('outputs/sweeps/later')}" in out + err
     assert len(queue(cluster).splitlines()) == 2  # returned while both jobs are still in the queue
     # the same command while they are queued or running submits nothing twice
