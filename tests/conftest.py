@@ -142,6 +142,31 @@ class ForkedCli:
         code = self._ask({**request, "env": env, "seconds": seconds, "path": [str(folder) for folder in path]})
         return code, output.read_text(), errors.read_text()
 
+    def run_together(
+        self, commands: list[list[str]], cwd: Path, env: dict[str, str | None], seconds: int = 300
+    ) -> list[tuple[int, str, str]]:
+        """mlplab-train command lines side by side, each a process of its own (as two users' terminals would run
+        them): each one's exit status, stdout and stderr, once all have ended."""
+        requests = [
+            {
+                "tool": "mlplab-train",
+                "args": args,
+                "cwd": str(cwd),
+                "output": str(self.outputs / f"stdout-{index}.txt"),
+                "errors": str(self.outputs / f"stderr-{index}.txt"),
+                "env": env,
+                "seconds": seconds,
+            }
+            for index, args in enumerate(commands)
+        ]
+        self.server.stdin.write(json.dumps({"together": requests}) + "\n")
+        self.server.stdin.flush()
+        codes = json.loads(self.server.stdout.readline())["returncodes"]
+        return [
+            (code, Path(request["output"]).read_text(), Path(request["errors"]).read_text())
+            for code, request in zip(codes, requests)
+        ]
+
     def close(self) -> None:
         self.server.stdin.close()
         self.server.wait(timeout=60)

@@ -4,8 +4,8 @@ A child runs the console script's own ``main()`` with its ``sys.argv``, as the i
 tests can try many command lines through the real parser without ~4 s of imports each. Protocol: one JSON request
 per line on stdin (``tool``, ``args``, ``cwd``, ``output``; optionally ``errors``, a file of its own for stderr,
 ``env``, variables to set (null: unset), ``path``, folders to import from first, and ``seconds`` before it is
-stopped), one JSON answer (``returncode``) per
-line on stdout.
+stopped), one JSON answer (``returncode``) per line on stdout. A request ``{"together": [request, ...]}`` runs its
+command lines side by side, as separate processes, and answers with their ``returncodes`` once all have ended.
 """
 
 from __future__ import annotations
@@ -64,14 +64,25 @@ def run_child(request: dict) -> None:
     os._exit(code)
 
 
+def started(request: dict) -> int:
+    child = os.fork()
+    if child == 0:
+        run_child(request)
+    return child
+
+
+def ended(child: int) -> int:
+    return os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
+
+
 def serve() -> None:
     for line in sys.stdin:
         request = json.loads(line)
-        child = os.fork()
-        if child == 0:
-            run_child(request)
-        _, status = os.waitpid(child, 0)
-        print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), flush=True)
+        if "together" in request:
+            children = [started(one) for one in request["together"]]
+            print(json.dumps({"returncodes": [ended(child) for child in children]}), flush=True)
+        else:
+            print(json.dumps({"returncode": ended(started(request))}), flush=True)
 
 
 if __name__ == "__main__":

@@ -144,24 +144,15 @@ def test_checkpoint_records_the_data_setup_eval_rebuilds(trained_run):
     assert state["datamodule_hyper_parameters"]["val_size"] == 100
 
 
-def test_runs_started_in_the_same_second_get_their_own_directories(synthetic_data_dir, tmp_path):
+def test_runs_started_in_the_same_second_get_their_own_directories(forked_cli, synthetic_data_dir, tmp_path):
     # The default run directory with its time part pinned: the two runs surely share that second.
     default = OmegaConf.to_container(composed(hydra=True).hydra.run)["dir"]  # unresolved
     new_run = "outputs/runs/${now:%Y-%m-%d_%H-%M-%S}_${mlplab.pid:}"
     assert new_run in default  # a new run's directory, as pinned below
     pinned = new_run.replace("${now:%Y-%m-%d_%H-%M-%S}", "2026-01-01_00-00-00")
-    args = [
-        str(Path(sys.executable).parent / "mlplab-train"),
-        *SYNTHETIC_RUN,
-        "trainer.limit_train_batches=2",
-        f"hydra.run.dir={pinned}",
-    ]
-    env = {"MLPLAB_DATA_DIR": str(synthetic_data_dir), "PATH": str(Path(sys.executable).parent)}
-    processes = [
-        subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        for _ in range(2)
-    ]
-    assert [p.wait(timeout=300) for p in processes] == [0, 0]
+    args = [*SYNTHETIC_RUN, "trainer.limit_train_batches=2", f"hydra.run.dir={pinned}"]
+    results = forked_cli.run_together([args, args], tmp_path, {"MLPLAB_DATA_DIR": str(synthetic_data_dir)})
+    assert [code for code, _, _ in results] == [0, 0], results[0][2][-2000:]
     run_dirs = sorted((tmp_path / "outputs" / "runs").iterdir())
     assert len(run_dirs) == 2 and all(d.name.startswith("2026-01-01_00-00-00_") for d in run_dirs)
     for run_dir in run_dirs:  # each run whole in its own directory

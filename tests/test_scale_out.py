@@ -121,11 +121,12 @@ def test_ddp_ranks_share_each_epoch_every_training_sample_once(ddp_run, syntheti
 
 
 def test_ddp_sweep_has_one_directory_per_job_and_a_summary(synthetic_data_dir, tmp_path):
-    for launcher in ([], ["hydra/launcher=submitit_local"]):
+    # two jobs in this process; one job in a process of submitit's, which has no command line of its own to re-run
+    for launcher, seeds in (([], ["1", "2"]), (["hydra/launcher=submitit_local"], ["1"])):
         cwd = tmp_path / (launcher[0].split("=")[1] if launcher else "basic")
         cwd.mkdir()
         result = run_cli(
-            ["mlplab-train", "-m", *RUN, "trainer.max_epochs=1", "seed=1,2", "sweep=s", *launcher],
+            ["mlplab-train", "-m", *RUN, "trainer.max_epochs=1", f"seed={','.join(seeds)}", "sweep=s", *launcher],
             cwd,
             synthetic_data_dir,
         )
@@ -133,12 +134,12 @@ def test_ddp_sweep_has_one_directory_per_job_and_a_summary(synthetic_data_dir, t
         sweep_dir = cwd / "outputs" / "sweeps" / "s"
         assert not written_outside(cwd, sweep_dir), launcher
         jobs = sorted(path for path in sweep_dir.iterdir() if (path / ".hydra").is_dir())
-        assert [job.name.split("seed=")[1].split(",")[0] for job in jobs] == ["1", "2"], launcher
+        assert [job.name.split("seed=")[1].split(",")[0] for job in jobs] == seeds, launcher
         for job in jobs:
             assert json.loads((job / "metrics.json").read_text())["status"] == "completed"
             assert [name for name in files_under(job) if name.endswith(".log")] == ["train.log"]
         rows = (sweep_dir / "summary.csv").read_text().strip().splitlines()
-        assert len(rows) == 3, launcher  # header and two jobs
+        assert len(rows) == 1 + len(seeds), launcher  # a header and a row per job
 
 
 def start_paced_run(cwd: Path, data_dir: Path, checkpoints: str, stderr: int) -> subprocess.Popen:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import SYNTHETIC_RUN, cli_env, free_port
+from conftest import SYNTHETIC_RUN, free_port
 
 from mlplab.sweeps.storage import STUDY_FILE
 
@@ -38,23 +38,18 @@ def jobs_in_summary(sweep_dir: Path) -> list[str]:
         return [row["job"] for row in csv.DictReader(file)]
 
 
-def test_two_processes_share_one_sweep_folder_and_its_journal(synthetic_data_dir, tmp_path):
+def test_two_processes_share_one_sweep_folder_and_its_journal(forked_cli, synthetic_data_dir, tmp_path):
     slow = ["data.batch_size=10", "+callbacks.pace={_target_:probes.PaceSteps,seconds:0.01}"]
-    args = [str(BIN / "mlplab-train"), *SEARCH, "hydra.sweeper.n_trials=6", "sweep=together", *SPACE, *slow]
-    processes = [
-        subprocess.Popen(
-            args,
-            cwd=tmp_path,
-            env=cli_env(synthetic_data_dir),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(2)
+    args = [
+        *SEARCH,
+        f"paths.data_dir={synthetic_data_dir}",
+        "hydra.sweeper.n_trials=6",
+        "sweep=together",
+        *SPACE,
+        *slow,
     ]
-    outputs = [process.communicate(timeout=400) for process in processes]
-    for process, (_, stderr) in zip(processes, outputs):
-        assert process.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]
+    for code, _, stderr in forked_cli.run_together([args, args], tmp_path, {}):  # two processes side by side
+        assert code == 0 and "Traceback" not in stderr, stderr[-3000:]
     sweep_dir = tmp_path / "outputs" / "sweeps" / "together"
     study = optuna.load_study(
         study_name="together",

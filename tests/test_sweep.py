@@ -380,12 +380,12 @@ def test_over_seeds_table_averages_each_configuration(synthetic_data_dir, tmp_pa
         assert [name for name, differs in columns if differs] == ["model.width", "seed"]
 
 
-def test_two_processes_on_one_sweep_train_each_job_once(synthetic_data_dir, tmp_path):
-    args = [*SLOW_JOBS, "seed=1,2,3,4", "sweep=shared"]
-    # Two processes on 2 cores: one thread each, as the README says (2 x 2 spinning threads run 20x slower).
-    processes = [start_sweep(args, tmp_path, synthetic_data_dir, threads=1) for _ in range(2)]
-    outputs = [process.communicate(timeout=600)[0] for process in processes]
-    assert [process.returncode for process in processes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+def test_two_processes_on_one_sweep_train_each_job_once(forked_cli, synthetic_data_dir, tmp_path):
+    args = ["-m", *SYNTHETIC_RUN, f"paths.data_dir={synthetic_data_dir}", *SLOW_JOBS, "seed=1,2,3,4", "sweep=shared"]
+    # Two processes on 2 cores: one thread each (conftest.py), as the README says (2 x 2 spinning threads run 20x
+    # slower).
+    results = forked_cli.run_together([args, args], tmp_path, {})
+    assert [code for code, _, _ in results] == [0, 0], results[0][2][-2000:] + results[1][2][-2000:]
     sweep_dir = tmp_path / "outputs" / "sweeps" / "shared"
     jobs = job_dirs(sweep_dir)
     assert len(jobs) == 4
