@@ -61,6 +61,11 @@ def test_a_request_the_cluster_cannot_satisfy_is_one_line_and_nothing_is_submitt
         assert not (tmp_path / "outputs" / "sweeps" / "no" / ".submitit").exists() and queue(cluster) == ""
 
 
+def controller_log(cluster) -> str:
+    """The end of slurmctld's log: what the scheduler did, for a failure's message."""
+    return (Path(cluster["SLURM_CONF"]).parent / "log" / "slurmctld.log").read_text()[-4000:]
+
+
 def pace(seconds: float, until_resumed: bool = False) -> str:
     return f"+callbacks.pace={{_target_:probes.PaceSteps,seconds:{seconds},until_resumed:{until_resumed}}}"
 
@@ -104,7 +109,7 @@ def test_a_cpu_sweep_runs_as_one_job_array_whose_preempted_and_time_limited_jobs
         forked_cli, cluster, tmp_path, synthetic_data_dir, *jobs, *slurm, pace(2, True), requeue, "sweep=array"
     )
     done.touch()
-    assert code == 0 and marker.exists(), err[-3000:]
+    assert code == 0 and marker.exists(), out[-3000:] + err[-2000:] + controller_log(cluster)
     output, sweep_dir = out + err, tmp_path / "outputs" / "sweeps" / "array"
     (array,) = re.findall(r"Submitted SLURM job (\d+) \(2 job\(s\); 1 CPUs, 4 GB, 0 GPUs", output)  # one array
     assert sorted(path.name for path in (sweep_dir / ".submitit").glob(f"{array}_*")) == [f"{array}_0", f"{array}_1"]

@@ -28,10 +28,11 @@ from mlplab.cli.compose import validated
 from mlplab.errors import one_line
 from mlplab.run.distributed import launched_rank
 from mlplab.sweeps.slurm import (
+    ENDED,
     SlurmError,
     cluster_nodes,
     fitted_request,
-    queued,
+    job_states,
     rank_tasks,
     record_submitted,
     scheduler_states,
@@ -169,7 +170,7 @@ class MlplabSlurmLauncher(SlurmLauncher):
         while len(returns) < len(jobs):
             waiting = [index for index in range(len(jobs)) if index not in returns]
             try:
-                in_queue = queued([jobs[index].job_id for index in waiting])
+                states = job_states([jobs[index].job_id for index in waiting])
                 failures = 0
             except SlurmError:
                 failures += 1
@@ -179,13 +180,15 @@ class MlplabSlurmLauncher(SlurmLauncher):
                 continue
             for index in waiting:
                 job = jobs[index]
-                if job.job_id in in_queue:  # pending, running, or requeued (an earlier attempt's result may exist)
-                    left_queue.pop(index, None)
+                state = states.get(job.job_id, "no longer listed")
+                if job.job_id in states and state not in ENDED:  # pending, running, or requeued (an earlier
+                    left_queue.pop(index, None)  # attempt's result may exist)
                 elif _first_task(job).paths.result_pickle.exists():
                     returns[index] = _result(job)
                 elif time.monotonic() - left_queue.setdefault(index, time.monotonic()) > RESULT_GRACE_SECONDS:
-                    log.warning("SLURM job %s ended without a result (cancelled or killed)", job.job_id)
-                    returns[index] = SlurmError(f"SLURM job {job.job_id} ended without a result (cancelled or killed)")
+                    why = f"SLURM job {job.job_id} ended without a result ({state}: cancelled, killed or out of time)"
+                    log.warning(why)
+                    returns[index] = SlurmError(why)
             if len(returns) < len(jobs):
                 time.sleep(pause)
                 pause = min(pause * 1.25, POLL_SECONDS[1])

@@ -136,14 +136,35 @@ def fitted_request(params: dict[str, Any], device: str, devices: int, nodes: lis
     return request
 
 
-def queued(job_ids: list[str]) -> dict[str, str]:
-    """The state (PENDING, RUNNING, ...) of each of ``job_ids`` still in the queue; jobs that left it are absent."""
+# The states a job ends in (a requeued job passes through none of them: it goes back to PENDING).
+ENDED = {
+    "COMPLETED",
+    "CANCELLED",
+    "FAILED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
+
+
+def job_states(job_ids: list[str]) -> dict[str, str]:
+    """The state (PENDING, RUNNING, COMPLETED, TIMEOUT, ...) of each of ``job_ids`` the controller still knows;
+    ended jobs stay listed for a while (MinJobAge), then are absent."""
     if not job_ids:
         return {}
-    # This user's jobs, not --jobs=<ids>: squeue refuses ids that have left the queue.
-    output = _run(["squeue", "--noheader", "--array", "--me", "--format=%i|%T"])
+    # This user's jobs in any state, not --jobs=<ids> (refused for ids that have left) nor squeue's default states
+    # (which leave out a job's end, and so why it ended).
+    output = _run(["squeue", "--noheader", "--array", "--me", "--states=all", "--format=%i|%T"])
     states = dict(line.strip().split("|", 1) for line in output.splitlines() if "|" in line)
     return {job_id: states[job_id] for job_id in job_ids if job_id in states}
+
+
+def queued(job_ids: list[str]) -> dict[str, str]:
+    """The state (PENDING, RUNNING, ...) of each of ``job_ids`` still in the queue; jobs that left it are absent."""
+    return {job_id: state for job_id, state in job_states(job_ids).items() if state not in ENDED}
 
 
 SLURM_JOBS_FILE = "slurm_jobs.json"  # in a sweep folder: each job submitted to SLURM, its id and its overrides
