@@ -137,7 +137,10 @@ def test_killed_twice_and_resumed_twice_ends_as_the_uninterrupted_run(uninterrup
     assert not list(run_dir.glob("checkpoints/.*partial"))  # what the kill left half-written is cleared away
 
 
-@pytest.mark.parametrize("signal_name, epoch, during", [("SIGTERM", 1, "validation"), ("SIGINT", 2, "last step")])
+@pytest.mark.parametrize(
+    "signal_name, epoch, during",
+    [("SIGTERM", 1, "validation"), ("SIGINT", 2, "validation"), ("SIGTERM", 2, "last step")],
+)
 def test_a_signal_during_validation_or_an_epochs_last_step_stops_once_the_epoch_is_validated_and_resumes_exactly(
     signal_name, epoch, during, uninterrupted, synthetic_data_dir, tmp_path
 ):

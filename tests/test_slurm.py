@@ -56,7 +56,10 @@ def test_a_request_the_cluster_cannot_satisfy_is_one_line_and_nothing_is_submitt
         ("trainer=cpu hydra.launcher.mem_gb=100000", "hydra.launcher.mem_gb=100000: the nodes of partition debug"),
         ("trainer=cpu hydra.launcher.partition=gpu", "hydra.launcher.partition=gpu: no such partition"),
         ("trainer=gpu", "hydra.launcher.gpus_per_node=1: the nodes of partition debug have at most 0 GPUs"),
-        ("trainer=ddp trainer.accelerator=cpu hydra.launcher.nodes=2", "hydra.launcher.nodes=2 with trainer=ddp: a"),
+        (
+            "trainer=ddp trainer.accelerator=cpu hydra.launcher.nodes=2",
+            "hydra.launcher.nodes=2: each of mlplab's SLURM jobs runs on one node",
+        ),
     ):
         code, out, err = submit(forked_cli, cluster, tmp_path, synthetic_data_dir, *overrides.split(), "sweep=no")
         (line,) = [line for line in err.splitlines() if line.startswith("mlplab-train: error:")]

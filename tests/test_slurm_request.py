@@ -42,7 +42,8 @@ def test_a_data_parallel_run_is_one_task_per_rank_on_one_node_and_each_rank_gets
     [
         (2, 1, 1, False, "hydra.launcher.tasks_per_node=2: a one-device run is 1 SLURM task(s) per node"),
         (1, 1, 2, True, "hydra.launcher.tasks_per_node=1: trainer.devices=2 with trainer=ddp is 2 SLURM task(s)"),
-        (None, 2, 2, True, "hydra.launcher.nodes=2 with trainer=ddp: a data-parallel job's ranks are the SLURM tasks"),
+        (None, 2, 2, True, "hydra.launcher.nodes=2: each of mlplab's SLURM jobs runs on one node (a data-parallel"),
+        (None, 3, 1, False, "hydra.launcher.nodes=3: each of mlplab's SLURM jobs runs on one node"),
     ],
 )
 def test_tasks_that_are_not_one_per_rank_are_refused(tasks, nodes, devices, data_parallel, message):
@@ -64,7 +65,6 @@ def test_tasks_that_are_not_one_per_rank_are_refused(tasks, nodes, devices, data
             [*CPU_NODES, Node("c3", "cpu*", 16, 1_000_000, 0)],
             "no node of partition cpu has 64 CPUs, 300 GB and 0 GPUs together (c1: 64 CPUs, 250 GB, 0 GPUs,",
         ),
-        ({"nodes": 3}, "cpu", CPU_NODES, "hydra.launcher.nodes=3: partition cpu has 2 node(s)"),
     ],
 )
 def test_a_request_no_node_can_hold_names_the_setting(settings, device, nodes, message):

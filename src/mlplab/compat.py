@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from lightning.pytorch.strategies import DDPStrategy
@@ -66,7 +67,9 @@ class RankLauncher(_SubprocessScriptLauncher):
             self._call_children_scripts()
             self.observer = RankObserver(main_pid=os.getpid(), child_processes=self.procs)
             self.observer.start()
-        _set_num_threads_if_needed(num_processes=self.num_processes)  # shares the CPU threads out among ranks
+            _set_num_threads_if_needed(num_processes=self.num_processes)  # shares the CPU threads out among ranks
+        elif "OMP_NUM_THREADS" not in os.environ and os.environ.get("SLURM_CPUS_PER_TASK"):
+            torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))  # a SLURM task: the cores it was given
         return function(*args, **kwargs)
 
     @override
@@ -126,7 +129,8 @@ class RankCommandDDPStrategy(DDPStrategy):
 
 
 def batches_trained(trainer: Any) -> int:
-    """Training batches this run has been through, across epochs (Lightning's count, from 0 before the first)."""
+    """The index of the current training batch counted across epochs (Lightning's ``total_batch_idx``; in
+    ``on_train_batch_end``, the batch just trained)."""
     return int(trainer.fit_loop.epoch_loop.total_batch_idx)
 
 

@@ -24,6 +24,7 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 from omegaconf import OmegaConf
 
+from mlplab.cli.command_line import OTHER_RANK_OVERRIDES
 from mlplab.cli.compose import validated
 from mlplab.errors import one_line
 from mlplab.run.distributed import launched_rank
@@ -46,6 +47,7 @@ QUEUE_RETRIES = 5  # polls in a row squeue may fail (a busy controller) before t
 
 class MlplabSlurmLauncher(SlurmLauncher):
     runs_elsewhere = True  # its jobs run on the cluster's nodes, whose devices this machine need not have
+    stacks = False  # hydra/launcher=stacked_slurm: the sweep's jobs train in stacks in one SLURM job
 
     def __init__(self, **params: Any) -> None:
         # mlplab's settings, not sbatch's: hydra/launcher=stacked_slurm's stack size; whether to wait for the jobs
@@ -77,7 +79,7 @@ class MlplabSlurmLauncher(SlurmLauncher):
         """In each SLURM task of a job: the job, as Hydra's submitit launcher runs it. A data-parallel job's other
         ranks write no config copy and no log file of their own into the job folder (rank 0 writes both)."""
         if launched_rank() > 0:
-            sweep_overrides = [*sweep_overrides, "hydra.output_subdir=null", "hydra/job_logging=stderr"]
+            sweep_overrides = [*sweep_overrides, *OTHER_RANK_OVERRIDES]
         return super().__call__(sweep_overrides, job_dir_key, job_num, job_id, singleton_state)
 
     def _earlier(self) -> dict[tuple[str, ...], tuple[str, str]]:
@@ -119,6 +121,11 @@ class MlplabSlurmLauncher(SlurmLauncher):
         if not isinstance(devices, int):
             raise SlurmError(
                 f"trainer.devices={devices}: hydra/launcher=slurm asks SLURM for a number of devices; give one"
+            )
+        if data_parallel and self.stacks:
+            raise SlurmError(
+                "trainer=ddp with hydra/launcher=stacked_slurm: a data-parallel job does not stack; submit it with "
+                "hydra/launcher=slurm (one SLURM task per rank)"
             )
         device = "gpu" if accelerator == "gpu" else "cpu"
         tasks = rank_tasks(
@@ -181,12 +188,12 @@ class MlplabSlurmLauncher(SlurmLauncher):
             for index in waiting:
                 job = jobs[index]
                 state = states.get(job.job_id, "no longer listed")
-                if job.job_id in states and state not in ENDED:  # pending, running, or requeued (an earlier
+                if state not in ENDED and job.job_id in states:  # pending, running, or requeued (an earlier
                     left_queue.pop(index, None)  # attempt's result may exist)
                 elif _first_task(job).paths.result_pickle.exists():
                     returns[index] = _result(job)
                 elif time.monotonic() - left_queue.setdefault(index, time.monotonic()) > RESULT_GRACE_SECONDS:
-                    why = f"SLURM job {job.job_id} ended without a result ({state}: cancelled, killed or out of time)"
+                    why = f"SLURM job {job.job_id} ended without a result (its state: {state})"
                     log.warning(why)
                     returns[index] = SlurmError(why)
             if len(returns) < len(jobs):
@@ -199,6 +206,8 @@ class StackedSlurmLauncher(MlplabSlurmLauncher):
     """``hydra/launcher=stacked_slurm``: a stacked sweep as one SLURM job, which trains the sweep's jobs as
     ``hydra/launcher=stacked`` does on the node it runs on (one GPU, sixteen seeds). Requeued, it resumes its
     stacks from their checkpoints."""
+
+    stacks = True
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         overrides = [list(item) for item in job_overrides]

@@ -54,6 +54,10 @@ def paths_as_values(args: Sequence[str]) -> list[str]:
     return written
 
 
+# What a data-parallel run's other ranks add to the job's overrides: rank 0 alone writes the config copy and the log.
+OTHER_RANK_OVERRIDES = ("hydra.output_subdir=null", "hydra/job_logging=stderr")
+
+
 def rank_command(
     overrides: list[str], run_dir: Path, resume_from: Path | None, config_dirs: Sequence[str] = ()
 ) -> list[str]:
@@ -69,6 +73,5 @@ def rank_command(
         *(f"--config-dir={path}" for path in config_dirs),
         *kept,
         f"hydra.run.dir={quoted(run_dir)}",
-        "hydra.output_subdir=null",
-        "hydra/job_logging=stderr",
+        *OTHER_RANK_OVERRIDES,
     ]

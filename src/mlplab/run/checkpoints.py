@@ -82,17 +82,18 @@ def checkpoint_step(path: Path) -> int:
 
 
 def validates_next(trainer: Trainer, batch_idx: int) -> bool:
-    """Whether Lightning validates right after training batch ``batch_idx`` of this epoch (its last batch, or every
-    ``val_check_interval`` batches), as its fit loop decides it."""
+    """Whether Lightning validates right after training batch ``batch_idx`` of this epoch, as its fit loop decides
+    it (``_TrainingEpochLoop._should_check_val_fx``): every ``val_check_batch`` batches, which is the epoch's length
+    unless ``val_check_interval`` says otherwise."""
     every_epochs = trainer.check_val_every_n_epoch
     if not trainer.enable_validation or (every_epochs is not None and (trainer.current_epoch + 1) % every_epochs):
         return False
-    if batch_idx + 1 == trainer.num_training_batches:
-        return True
     every_batches = trainer.val_check_batch
-    # with check_val_every_n_epoch=null, validation follows every val_check_interval batches across epochs
+    if every_batches == float("inf"):  # an epoch of unknown length: validated after its last batch
+        return batch_idx + 1 == trainer.num_training_batches
+    # every val_check_interval batches (an epoch's by default), counted across epochs with check_val_every_n_epoch=null
     count = batch_idx if every_epochs is not None else batches_trained(trainer)
-    return every_batches != float("inf") and (count + 1) % every_batches == 0
+    return (count + 1) % every_batches == 0
 
 
 class StopRequested(KeyboardInterrupt):
@@ -124,7 +125,8 @@ class ResumePoints(Callback):
     def __init__(self, run_dir: Path, every_n_steps: int = EVERY_N_STEPS):
         self.path = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
         self.every_n_steps = every_n_steps
-        self.stopped_by: str | None = None
+        self.stopped_by: str | None = None  # this process's signal, or another rank's (then "SIGTERM")
+        self._signalled = False  # whether this process itself got a signal: its second one stops at once
         self._previous_handlers: dict[int, Any] = {}
 
     @override
@@ -145,9 +147,11 @@ class ResumePoints(Callback):
         self._previous_handlers = {signum: signal.signal(signum, self._request_stop) for signum in signals}
 
     def _request_stop(self, signum: int, frame: Any) -> None:
-        if self.stopped_by:
+        if self._signalled:
             raise KeyboardInterrupt
-        self.stopped_by = signal.Signals(signum).name
+        # A data-parallel run's ranks may hear of a stop from each other before their own signal (SLURM signals
+        # every task): that signal is still this process's first, and names the stop.
+        self._signalled, self.stopped_by = True, signal.Signals(signum).name
 
     def _stop_requested(self, trainer: Trainer) -> bool:
         """Whether any rank was signalled: the ranks of a data-parallel run must stop at the same step."""

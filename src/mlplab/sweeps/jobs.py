@@ -211,7 +211,8 @@ def run_sweep_job(
     ``gpu_count``: GPUs the job may choose from (one-device jobs on a machine with several).
     """
     if launched_rank() > 0:  # one of the job's SLURM tasks, not its first: rank 0 holds the job and writes
-        return attempt(resume_point(job_dir), None)
+        done = read_metrics(job_dir)  # a job finished already (requeued after its end): rank 0 trains nothing
+        return done if done.get("status") in FINISHED else attempt(resume_point(job_dir), None)
     with claim(job_dir) as claimed:
         if not claimed:
             log.info("Skipped: another process is running this job (%s)", job_dir)

@@ -78,10 +78,10 @@ def rank_tasks(tasks_per_node: int | None, nodes: int, devices: int, data_parall
             f"hydra.launcher.tasks_per_node={tasks_per_node}: {run} is {wanted} SLURM task(s) per node, one per "
             f"rank; set hydra.launcher.tasks_per_node=null (from the run)"
         )
-    if data_parallel and nodes != 1:
+    if nodes != 1:
         raise SlurmError(
-            f"hydra.launcher.nodes={nodes} with trainer=ddp: a data-parallel job's ranks are the SLURM tasks of one "
-            "node (trainer.devices of them); set hydra.launcher.nodes=1"
+            f"hydra.launcher.nodes={nodes}: each of mlplab's SLURM jobs runs on one node (a data-parallel job's ranks "
+            "are that node's tasks); set hydra.launcher.nodes=1"
         )
     return wanted
 
@@ -127,11 +127,6 @@ def fitted_request(params: dict[str, Any], device: str, devices: int, nodes: lis
         raise SlurmError(
             f"no node of partition {partition} has {wanted_cpus} CPUs, {wanted_gb} GB and {gpus} GPUs together "
             f"({have}); lower hydra.launcher.cpus_per_task or hydra.launcher.mem_gb"
-        )
-    if int(request.get("nodes") or 1) > len(nodes):
-        raise SlurmError(
-            f"hydra.launcher.nodes={request['nodes']}: partition {partition} has {len(nodes)} node(s); set "
-            f"hydra.launcher.nodes={len(nodes)} or less"
         )
     return request
 
