@@ -184,7 +184,7 @@ def shared_forked_cli() -> ForkedCli:
 
 
 # Tests that mostly wait (on a SLURM cluster's scheduler and its jobs' processes) go first, so that their waits
-# overlap the other workers' training rather than end the run (they are one xdist group: one worker holds them).
+# overlap the other worker's training rather than end the run.
 WAITING_FIRST = ("test_slurm.py",)
 
 

@@ -44,10 +44,6 @@ from PIL import Image
 
 from mlplab.data.synthetic import learnable_images, write_mnist_like
 
-# The README is a walk: later commands read what earlier ones made (a sweep, then its report), in one project
-# folder. One xdist group keeps the walk on one worker, in order (make test: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("readme")
-
 REPOSITORY = Path(__file__).resolve().parents[1]
 README = REPOSITORY / "README.md"
 SCRIPTS = ("mlplab-train", "mlplab-eval", "mlplab-predict", "mlplab-report")

@@ -19,10 +19,7 @@ import torch
 from conftest import SYNTHETIC_RUN, cli_env, postgres_server, study_of
 from slurm_cluster import slurm_cluster, why_not
 
-pytestmark = [
-    pytest.mark.skipif(why_not() is not None, reason=why_not() or ""),
-    pytest.mark.xdist_group("slurm"),  # one worker waits on the cluster (make test: --dist loadgroup)
-]
+pytestmark = pytest.mark.skipif(why_not() is not None, reason=why_not() or "")
 
 
 @pytest.fixture(scope="module")
