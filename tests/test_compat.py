@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import inspect
 from importlib.metadata import version
+from pathlib import Path
 
 import pytest
+import torch
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from torch.utils.data import DataLoader, TensorDataset
 
 LIGHTNING = f"lightning {version('lightning')}"
+HYDRA = f"hydra-core {version('hydra-core')}"
 
 
-def require(ok: bool, what: str, piece: str) -> None:
+def require(ok: bool, what: str, piece: str, library: str = LIGHTNING) -> None:
     if not ok:
-        pytest.fail(f"{LIGHTNING} changed {what}; update {piece} in src/mlplab/compat.py")
+        pytest.fail(f"{library} changed {what}; update {piece} in src/mlplab/compat.py")
 
 
 def parameters(function) -> list[str]:
@@ -113,11 +118,173 @@ def test_hydra_finds_mlplabs_plugins_in_this_install():
         pytest.fail("Hydra no longer finds mlplab's plugins; update hydra_plugins_listed in src/mlplab/compat.py")
 
 
-def test_the_fit_loop_still_counts_training_batches_across_epochs():
-    from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+class Tiny(LightningModule):
+    """Two inputs, one weight matrix; with a step schedule stepped per ``interval`` (None: no schedule)."""
 
-    require(
-        isinstance(getattr(_TrainingEpochLoop, "total_batch_idx", None), property),
-        "the epoch loop's count of batches across epochs (total_batch_idx)",
-        "batches_trained",
+    def __init__(self, interval: str | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        self.layer = torch.nn.Linear(2, 2)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).square().mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self.layer(batch[0]).square().mean())
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        if self.hparams.interval is None:
+            return optimizer
+        schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.9)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": self.hparams.interval}}
+
+
+def fit(module: LightningModule, callback: Callback, batches: int, **settings) -> None:
+    """Train ``module`` for 3 epochs of ``batches`` batches (2 at most with ``settings``' max_epochs) on the CPU."""
+    data = DataLoader(TensorDataset(torch.randn(2 * batches, 2)), batch_size=2)
+    trainer = Trainer(
+        **{"max_epochs": 3, **settings},
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[callback],
     )
+    trainer.fit(module, data, data)
+
+
+class ValidationWatch(Callback):
+    """The training batches (epoch, index) after which validates_next said Lightning validates, and those after
+    which it did."""
+
+    def __init__(self):
+        self.said, self.validated, self.last = set(), set(), None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        from mlplab.compat import validates_next
+
+        self.last = (trainer.current_epoch, batch_idx)
+        if validates_next(trainer):
+            self.said.add(self.last)
+
+    def on_validation_start(self, trainer, pl_module):
+        self.validated.add(self.last)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"val_check_interval": 2},
+        {"val_check_interval": 0.5},
+        {"check_val_every_n_epoch": 2},
+        {"check_val_every_n_epoch": None, "val_check_interval": 4},  # every 4 batches, counted across epochs
+        {"limit_train_batches": 4},
+        {"limit_train_batches": 0.5, "val_check_interval": 2},
+    ],
+)
+def test_validates_next_says_what_lightnings_fit_loop_does(settings):
+    watch = ValidationWatch()
+    fit(Tiny(), watch, batches=6, **settings)
+    require(
+        watch.said == watch.validated and watch.validated,
+        f"when validation follows a training batch ({settings}: validated after (epoch, batch) "
+        f"{sorted(watch.validated)}, validates_next said {sorted(watch.said)})",
+        "validates_next",
+    )
+
+
+class CheckpointAt(Callback):
+    """The checkpoint Lightning saves after the second batch of the second epoch, and at that epoch's end."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if (trainer.current_epoch, batch_idx) == (1, 1):  # where ResumePoints saves one mid-epoch
+            trainer.save_checkpoint(self.folder / "mid-epoch.ckpt")
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.current_epoch == 1:  # where ModelCheckpoint saves the epoch's
+            trainer.save_checkpoint(self.folder / "epoch-end.ckpt")
+
+
+@pytest.mark.parametrize("interval", ["step", "epoch"])
+def test_loops_with_schedule_steps_writes_the_loop_state_lightning_saves(interval, tmp_path):
+    from mlplab.compat import loops_with_schedule_steps
+
+    fit(Tiny(interval), CheckpointAt(tmp_path), batches=4, max_epochs=2)
+    for name, steps_this_epoch in (("mid-epoch", 0), ("epoch-end", 1)):
+        checkpoint = torch.load(tmp_path / f"{name}.ckpt", weights_only=True)
+        loops = checkpoint["loops"]
+        stack = loops_with_schedule_steps(loops, 0, 0)  # a stack's own: its Trainer steps no schedule
+        steps = checkpoint["lr_schedulers"][0]["last_epoch"]
+        ours = loops_with_schedule_steps(stack, steps, None if interval == "step" else steps_this_epoch)
+        require(
+            ours == loops,
+            f"a checkpoint's loop state ({interval} schedule, {name}: Lightning saved {loops['fit_loop']}, "
+            f"mlplab writes {ours['fit_loop']})",
+            "loops_with_schedule_steps",
+        )
+        # what each stacked job's checkpoint is given of its own (mlplab.sweeps.stack_jobs JobRecords._job_checkpoint)
+        own = {
+            "state_dict",
+            "optimizer_states",
+            "lr_schedulers",
+            "loops",
+            "callbacks",
+            "hparams_name",
+            "hyper_parameters",
+        }
+        if (
+            not own <= checkpoint.keys()
+            or LightningDataModule.CHECKPOINT_HYPER_PARAMS_KEY != "datamodule_hyper_parameters"
+        ):
+            pytest.fail(
+                f"{LIGHTNING} saves a checkpoint's parts under other keys ({sorted(checkpoint)}); update "
+                "JobRecords._job_checkpoint in src/mlplab/sweeps/stack_jobs.py"
+            )
+
+
+def test_jobs_derived_from_a_composed_one_equal_hydras_own_composition():
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from mlplab.cli.compose import CONFIG_DIR  # registers the resolvers the config uses
+    from mlplab.sweeps.grid import ComposedOnce
+
+    jobs = [
+        ["seed=1", "model.width=[256,128]", "optimizer.lr=0.1"],
+        ["seed=2", "model.width=[64]", "optimizer.lr=${model.dropout}"],  # derived: same groups, same keys
+        ["model=linear", "seed=3", "optimizer=sgd", "optimizer.momentum=0.9"],
+        ["model=linear", "seed=4", "optimizer=sgd", "optimizer.momentum=0.5"],  # derived from the one before
+        ["seed=5", "model.width=[32]", "optimizer.lr=0.3"],  # derived from the first
+        ["seed=6", "checkpoint.every_n_steps=10"],
+        ["seed=7", "checkpoint.every_n_steps=20"],  # derived; a key left out of the job's folder name
+        ["seed=8", "+model.note=x"],  # an addition: composed in full
+        ["seed=9", "model={depth: 3}"],  # a dict merges: composed in full
+    ]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        master = loader.load_configuration("train", overrides=["hydra.sweep.dir=sweeps/x"], run_mode=RunMode.MULTIRUN)
+        composed_once = ComposedOnce(loader)
+        for overrides in jobs:
+            expected = loader.load_sweep_config(master, overrides)
+            got = composed_once.compose(master, overrides)
+            run_keys = [key for key in expected if key != "hydra"]  # hydra's own keys resolve only in a running job
+            require(
+                OmegaConf.to_yaml(got) == OmegaConf.to_yaml(expected)
+                and OmegaConf.to_yaml(OmegaConf.masked_copy(got, run_keys), resolve=True)
+                == OmegaConf.to_yaml(OmegaConf.masked_copy(expected, run_keys), resolve=True),
+                f"the config load_sweep_config composes for a sweep job ({' '.join(overrides)}: "
+                f"hydra.job.override_dirname {expected.hydra.job.override_dirname!r}, derived "
+                f"{got.hydra.job.override_dirname!r})",
+                "derive_job_config",
+                HYDRA,
+            )
+        assert len(composed_once._bases) == 3  # the first job's shape, model=linear's and seed=6's: the rest derived

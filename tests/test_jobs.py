@@ -1,5 +1,5 @@
-"""Claims on sweep jobs across hosts: a lease renewed by a heartbeat, so a dead host's job is taken over and a
-waiting process does not wait for ever (a sweep shared over a network file system)."""
+"""Claims on run folders (sweep jobs here) across hosts: a lease renewed by a heartbeat, so a dead host's job is
+taken over and a waiting process does not wait for ever (a sweep shared over a network file system)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import mlplab.run.ownership as ownership
 import mlplab.sweeps.jobs as jobs
 from mlplab.run.records import write_metrics
 
@@ -19,7 +20,7 @@ from mlplab.run.records import write_metrics
 def stale_claim_of_another_host(job: Path, age_seconds: float) -> Path:
     job.mkdir(parents=True, exist_ok=True)
     write_metrics(job, {"status": "running"})
-    lock = job / jobs.LOCK_FILE
+    lock = job / ownership.LOCK_FILE
     lock.write_text("another-host 4242\n")
     then = time.time() - age_seconds
     os.utime(lock, (then, then))
@@ -28,10 +29,10 @@ def stale_claim_of_another_host(job: Path, age_seconds: float) -> Path:
 
 def test_another_hosts_claim_counts_while_renewed_and_expires_after_its_lease(tmp_path):
     job = tmp_path / "job"
-    stale_claim_of_another_host(job, age_seconds=jobs.LEASE_SECONDS / 2)
-    assert jobs.job_state(job) == "running" and jobs.running_on(job) == "another-host 4242"
-    stale_claim_of_another_host(job, age_seconds=jobs.LEASE_SECONDS + 1)
-    assert jobs.job_state(job) == "interrupted" and jobs.running_on(job) is None
+    stale_claim_of_another_host(job, age_seconds=ownership.LEASE_SECONDS / 2)
+    assert jobs.job_state(job) == "running" and ownership.running_on(job) == "another-host 4242"
+    stale_claim_of_another_host(job, age_seconds=ownership.LEASE_SECONDS + 1)
+    assert jobs.job_state(job) == "interrupted" and ownership.running_on(job) is None
     from mlplab.sweeps.grid import wait_for_other_processes
 
     started = time.monotonic()
@@ -40,10 +41,10 @@ def test_another_hosts_claim_counts_while_renewed_and_expires_after_its_lease(tm
 
 
 def test_a_held_claim_is_renewed(tmp_path, monkeypatch):
-    monkeypatch.setattr(jobs, "HEARTBEAT_SECONDS", 0.05)
-    with jobs.claim(tmp_path / "job") as claimed:
+    monkeypatch.setattr(ownership, "HEARTBEAT_SECONDS", 0.05)
+    with ownership.claim(tmp_path / "job") as claimed:
         assert claimed
-        lock = tmp_path / "job" / jobs.LOCK_FILE
+        lock = tmp_path / "job" / ownership.LOCK_FILE
         os.utime(lock, (0, 0))
         time.sleep(0.5)
         assert time.time() - lock.stat().st_mtime < 5  # renewed since
@@ -54,7 +55,7 @@ def test_a_held_claim_is_renewed(tmp_path, monkeypatch):
 def dead_hosts_lock(tmp_path):
     """A lock file whose flock is still held (as a network file system may keep a dead host's) but not renewed."""
     job = tmp_path / "job"
-    lock = stale_claim_of_another_host(job, age_seconds=jobs.LEASE_SECONDS + 30)
+    lock = stale_claim_of_another_host(job, age_seconds=ownership.LEASE_SECONDS + 30)
     holder = subprocess.Popen(
         [
             sys.executable,
@@ -63,7 +64,7 @@ def dead_hosts_lock(tmp_path):
         import fcntl, os, sys, time
         fd = os.open({str(lock)!r}, os.O_RDWR)
         fcntl.flock(fd, fcntl.LOCK_EX)
-        then = time.time() - {jobs.LEASE_SECONDS + 30}
+        then = time.time() - {ownership.LEASE_SECONDS + 30}
         os.utime(fd, (then, then))
         print("held", flush=True)
         time.sleep(600)
@@ -80,9 +81,9 @@ def dead_hosts_lock(tmp_path):
 
 def test_an_expired_claim_is_taken_over_and_a_live_one_is_not(dead_hosts_lock):
     job = dead_hosts_lock
-    with jobs.claim(job) as claimed:
+    with ownership.claim(job) as claimed:
         assert claimed  # the lease ran out: taken over
-        assert (job / jobs.LOCK_FILE).read_text().split()[1] == str(os.getpid())
-        with jobs.claim(job) as again:
+        assert (job / ownership.LOCK_FILE).read_text().split()[1] == str(os.getpid())
+        with ownership.claim(job) as again:
             assert not again  # now held and renewed: nobody else gets it
-    assert not list(job.glob(f"{jobs.LOCK_FILE}.expired.*"))
+    assert not list(job.glob(f"{ownership.LOCK_FILE}.expired.*"))

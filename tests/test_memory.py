@@ -1,5 +1,6 @@
 """The memory guard's estimate against the real peak: training networks of a few sizes, the peak resident memory
-of the mlplab-train process (as the kernel counts it) stays at or below the estimate the run recorded."""
+of the mlplab-train process (as the kernel counts it) stays at or below the estimate the run recorded. A stack on a
+GPU is checked against the GPU's free memory, not the machine's."""
 
 from __future__ import annotations
 
@@ -78,3 +79,29 @@ def test_the_estimate_covers_the_peak_that_was_killed():
     parameters, activations = MLP(depth=2, width=30000).planned_size((1, 28, 28), 10)
     assert parameters == 923_880_010
     assert training_peak_bytes(parameters, 2, activations, batch_size=128, eval_batch_size=1000) > 24.2e9
+
+
+def test_a_stack_on_a_gpu_needs_the_gpus_free_memory_not_the_machines(monkeypatch):
+    import torch
+
+    from mlplab.run.trainer import TrainerSettings
+    from mlplab.sweeps import stack_run
+
+    gib = 2**30
+    monkeypatch.setattr(stack_run, "available_memory", lambda: 1 * gib)  # a GPU machine with little RAM free
+    monkeypatch.setattr(stack_run, "resident_bytes", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu, cpu = TrainerSettings(accelerator="auto"), TrainerSettings(accelerator="cpu")
+    assert stack_run.stack_memory(gpu) == (8 * gib, "free on the GPU")  # what stack_plan sizes stacks by too
+    stack_run._require_stack_memory([2 * gib] * 3, gpu)  # about 5.4 GiB: fits the GPU, though not the RAM
+    with pytest.raises(MemoryError) as refused:
+        stack_run._require_stack_memory([2 * gib] * 5, gpu)
+    assert str(refused.value) == (
+        "5 stacked jobs need about 8.8 GiB and 8.0 GiB is free on the GPU; set hydra.launcher.max_stack lower"
+    )
+    with pytest.raises(MemoryError) as refused:
+        stack_run._require_stack_memory([2 * gib] * 3, cpu)
+    assert str(refused.value) == (
+        "3 stacked jobs need about 5.4 GiB and 1.0 GiB is available; set hydra.launcher.max_stack lower"
+    )

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SYNTHETIC_RUN, run_cli
+from conftest import SYNTHETIC_RUN, composed, run_cli, single_run_dir
 
 OLD_RUN = Path(__file__).parent / "data" / "run-0.1.0"
 
@@ -102,3 +102,24 @@ def test_a_run_that_named_its_optimizer_and_schedule_resumes(synthetic_data_dir,
         ["mlplab-eval", f"run={run_dir}", "format=json", "accelerator=cpu"], tmp_path, synthetic_data_dir
     )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+
+
+def test_a_resumed_run_keeps_its_recorded_experiment_when_a_default_has_changed_since(synthetic_data_dir, tmp_path):
+    """A run from when data.val_size was 120 by default (it is 5000 now): its overrides do not name it, its recorded
+    config does."""
+    assert composed().data.val_size == 5000
+    started = [*(o for o in SYNTHETIC_RUN if not o.startswith("data.val_size=")), "data.val_size=120"]
+    result = run_cli(["mlplab-train", *started], tmp_path, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = single_run_dir(tmp_path)
+    overrides = run_dir / ".hydra" / "overrides.yaml"
+    overrides.write_text(overrides.read_text().replace("- data.val_size=120\n", ""))  # as if it were the default
+    assert (
+        "val_size" not in overrides.read_text() and "val_size: 120" in (run_dir / ".hydra" / "config.yaml").read_text()
+    )
+    result = run_cli(["mlplab-train", f"resume={run_dir}", "trainer.max_epochs=2"], tmp_path, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["epochs"] == 2  # max_epochs, resumable, given now
+    resumed = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["datamodule_hyper_parameters"]["val_size"] == 120  # the split it started with

@@ -167,11 +167,14 @@ def test_a_signal_during_validation_or_an_epochs_last_step_stops_once_the_epoch_
 
 
 def test_resume_refuses_changes_to_the_experiment_but_may_train_longer(uninterrupted, synthetic_data_dir, tmp_path):
-    before = {p: p.stat().st_mtime_ns for p in uninterrupted.rglob("*") if p.is_file()}
+    def records() -> dict[Path, int]:  # all but .lock, which a resume holds while it checks (mlplab.run.ownership)
+        return {p: p.stat().st_mtime_ns for p in uninterrupted.rglob("*") if p.is_file() and p.name != ".lock"}
+
+    before = records()
     refused = run_cli(["mlplab-train", f"resume={uninterrupted}", "model.width=64"], tmp_path, synthetic_data_dir)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "model.width=64 would change the experiment" in refused.stderr and "trainer.max_epochs" in refused.stderr
-    assert {p: p.stat().st_mtime_ns for p in uninterrupted.rglob("*") if p.is_file()} == before
+    assert records() == before
 
     missing = run_cli(["mlplab-train", f"resume={tmp_path / 'nowhere'}"], tmp_path, synthetic_data_dir)
     assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr

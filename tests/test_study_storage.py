@@ -15,7 +15,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import SYNTHETIC_RUN, free_port
+from conftest import SYNTHETIC_RUN, free_port, postgres_server
 
 from mlplab.sweeps.storage import STUDY_FILE
 
@@ -104,6 +104,31 @@ def test_a_study_that_cannot_be_used_is_refused_with_one_line_and_left_as_it_was
         assert errors[0].startswith("mlplab-train: error: ") and "Traceback" not in output
         assert (sweep_dir / STUDY_FILE).read_bytes() == journal  # nothing written into the study
         assert sorted(p.name for p in sweep_dir.iterdir()) == folders  # nothing trained
+
+
+def test_a_database_password_is_shown_masked_wherever_the_storage_is_shown(forked_cli, synthetic_data_dir, tmp_path):
+    # The README keeps the password out of the URL (~/.pgpass); given in it all the same, it is *** in the log and
+    # the summary, and in the one line refusing a URL that SQLAlchemy would misread or cannot read at all.
+    with postgres_server() as url:  # it trusts every connection: the password is sent, not checked
+        given, masked = url.replace("mlplab@", "mlplab:hunter2@"), url.replace("mlplab@", "mlplab:***@")
+        args = [f"hydra.sweeper.storage={given}", "sweep=secret", "hydra.sweeper.n_trials=1", *SPACE]
+        code, output = search(forked_cli, args, tmp_path, synthetic_data_dir)
+        summary = (tmp_path / "outputs" / "sweeps" / "secret" / "summary.md").read_text()
+        assert code == 0 and f"in {masked}; watch it live: optuna-dashboard '{masked}'" in output
+        assert f"in `{masked}`: 1 distinct trials" in summary
+        assert "hunter2" not in output + summary
+        port = url.split(":")[-1].split("/")[0]
+        refusals = {
+            url.replace("mlplab@", "mlplab:hun@ter2@"): "the password holds '@', which a URL must write as %40",
+            given.replace(f":{port}/", ":port/"): "not a database URL (invalid literal for int()",
+        }
+        for storage, expected in refusals.items():
+            code, output = forked_cli.run(
+                [*SEARCH, f"paths.data_dir={synthetic_data_dir}", f"hydra.sweeper.storage={storage}", *SPACE], tmp_path
+            )
+            errors = [line for line in output.splitlines() if line.startswith("mlplab-train:")]
+            assert code == 2 and len(errors) == 1 and expected in errors[0], (storage, output[-2000:])
+            assert "Traceback" not in output and "mlplab:***@" in errors[0] and "ter2" not in output
 
 
 def test_a_search_config_shaped_like_lightning_hydra_templates_runs_as_it_is(forked_cli, synthetic_data_dir, tmp_path):

@@ -434,36 +434,3 @@ def test_more_jobs_than_gpus_are_spread_evenly(tmp_path):
             assert [more.enter_context(gpu_slot(tmp_path, 4)) for _ in range(3)] == [0, 1, 2]  # a third each, in turn
     with contextlib.ExitStack() as jobs:  # all released: the next jobs start from the first GPU again
         assert [jobs.enter_context(gpu_slot(tmp_path, 4)) for _ in range(5)] == [0, 1, 2, 3, 0]
-
-
-def test_jobs_derived_from_a_composed_one_equal_hydras_own_composition():
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.types import RunMode
-    from omegaconf import OmegaConf
-
-    from mlplab.cli.compose import CONFIG_DIR  # registers the resolvers the config uses
-    from mlplab.sweeps.grid import ComposedOnce
-
-    jobs = [
-        ["seed=1", "model.width=[256,128]", "optimizer.lr=0.1"],
-        ["seed=2", "model.width=[64]", "optimizer.lr=${model.dropout}"],  # derived: same groups, same keys
-        ["model=linear", "seed=3", "optimizer=sgd", "optimizer.momentum=0.9"],
-        ["model=linear", "seed=4", "optimizer=sgd", "optimizer.momentum=0.5"],  # derived from the one before
-        ["seed=5", "model.width=[32]", "optimizer.lr=0.3"],  # derived from the first
-        ["seed=6", "+model.note=x"],  # an addition: composed in full
-        ["seed=7", "model={depth: 3}"],  # a dict merges: composed in full
-    ]
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        loader = GlobalHydra.instance().config_loader()
-        master = loader.load_configuration("train", overrides=["hydra.sweep.dir=sweeps/x"], run_mode=RunMode.MULTIRUN)
-        composed_once = ComposedOnce(loader)
-        for overrides in jobs:
-            expected = loader.load_sweep_config(master, overrides)
-            got = composed_once.compose(master, overrides)
-            assert OmegaConf.to_yaml(got) == OmegaConf.to_yaml(expected), overrides
-            run_keys = [key for key in expected if key != "hydra"]  # hydra's own keys resolve only in a running job
-            assert OmegaConf.to_yaml(OmegaConf.masked_copy(got, run_keys), resolve=True) == OmegaConf.to_yaml(
-                OmegaConf.masked_copy(expected, run_keys), resolve=True
-            ), overrides
-        assert len(composed_once._bases) == 2  # the first job's shape and model=linear's: the others were derived

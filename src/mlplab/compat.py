@@ -10,10 +10,22 @@ So the launcher is replaced (``DDPStrategy._configure_launcher`` sets ``_launche
 ranks (``_ChildProcessObserver``, which kills this process when a rank dies) gets an off switch, so that a sweep
 outlives one failed job.
 
-Lightning's fit loop decides when validation follows a training batch; ``ResumePoints`` must know it (a stop
-checkpointed between a batch and its validation would resume past that validation). With
-``check_val_every_n_epoch=None`` that counts batches across epochs, which only the (private) epoch loop's
-``total_batch_idx`` holds: ``batches_trained``.
+Lightning's fit loop decides when validation follows a training batch, and has no public way to ask it;
+``ResumePoints`` must know (a stop checkpointed between a batch and its validation would resume past that
+validation). ``validates_next`` asks the loop's own decision (``_TrainingEpochLoop._should_check_val_fx``, given the
+fit loop's data fetcher) rather than repeat it: the settings it weighs (val_check_interval, check_val_every_n_epoch,
+limit_train_batches, batches counted across epochs, a time interval, a stop requested) change between versions.
+
+A stacked sweep trains several networks in one Trainer and steps each network's learning-rate schedule itself, then
+writes each network's checkpoint as its single run would. Lightning counts a run's schedule steps in the
+checkpoint's loop state (``loops``: the fit loop's ``epoch_loop.scheduler_progress``), a format with no public API;
+``loops_with_schedule_steps`` writes that count with Lightning's own progress class.
+
+Hydra (1.3): a sweep job's config costs a full composition (``ConfigLoaderImpl.load_sweep_config``, ~0.1 s). Jobs
+that differ from a composed one only in values are derived from it instead (mlplab.sweeps.grid.ComposedOnce), and
+Hydra has no public way to finish such a config as it finishes a composed one: ``derive_job_config`` sets the
+values, ``hydra.overrides.task``, ``hydra.job.override_dirname`` (Hydra's own ``get_overrides_dirname``) and the
+resolver cache (``OmegaConf.copy_cache``) as ``load_sweep_config`` does.
 
 setuptools (editable installs): pyproject.toml maps the package ``mlplab.conf`` to the top-level ``conf/``, and
 ``pip install -e .`` then serves the packages through an import finder whose namespace entries pkgutil cannot list.
@@ -23,19 +35,25 @@ Hydra finds its plugins by listing ``hydra_plugins`` with pkgutil, so it would n
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
+from lightning.pytorch.loops.progress import _ReadyCompletedTracker, _SchedulerProgress
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from typing_extensions import override
+
+if TYPE_CHECKING:  # Hydra is imported where a sweep derives a job's config, not by every run
+    from hydra.core.override_parser.types import Override
+    from omegaconf import DictConfig
 
 
 class RankObserver(_ChildProcessObserver):
@@ -128,10 +146,47 @@ class RankCommandDDPStrategy(DDPStrategy):
             self._launcher.end_ranks(wait_seconds)
 
 
-def batches_trained(trainer: Any) -> int:
-    """The index of the current training batch counted across epochs (Lightning's ``total_batch_idx``; in
-    ``on_train_batch_end``, the batch just trained)."""
-    return int(trainer.fit_loop.epoch_loop.total_batch_idx)
+def validates_next(trainer: Any) -> bool:
+    """In ``on_train_batch_end``: whether Lightning validates right after the batch that just trained. The loop's
+    own decision, on the state it decides on (it asks once the batch's hooks have returned)."""
+    fit_loop = trainer.fit_loop
+    return bool(fit_loop.epoch_loop._should_check_val_fx(fit_loop._data_fetcher))
+
+
+def loops_with_schedule_steps(loops: dict[str, Any], steps: int, steps_this_epoch: int | None) -> dict[str, Any]:
+    """A checkpoint's loop state (``loops``) as Lightning writes it for a run whose one learning-rate schedule has
+    stepped ``steps`` times, ``steps_this_epoch`` of them in the current epoch (None: once per training batch of
+    this epoch so far, a schedule stepped after every batch)."""
+    fit_loop = dict(loops["fit_loop"])
+    if steps_this_epoch is None:
+        steps_this_epoch = fit_loop["epoch_loop.batch_progress"]["current"]["ready"]
+    progress = _SchedulerProgress(
+        total=_ReadyCompletedTracker(ready=steps, completed=steps),
+        current=_ReadyCompletedTracker(ready=steps_this_epoch, completed=steps_this_epoch),
+    )
+    fit_loop["epoch_loop.scheduler_progress"] = progress.state_dict()
+    return {**loops, "fit_loop": fit_loop}
+
+
+def derive_job_config(
+    base: DictConfig, master_config: DictConfig, parsed: list[Override], values: list[Override]
+) -> DictConfig:
+    """The config Hydra's ``load_sweep_config`` composes for the sweep job with overrides ``parsed``, derived from
+    ``base``: the composed config of a job that chose the same config groups and set the same keys. ``values``: the
+    overrides among ``parsed`` that set a value, each a plain change (``key=value``, no ``+``, ``~`` or ``@``)."""
+    from hydra._internal.config_loader_impl import get_overrides_dirname
+    from omegaconf import OmegaConf
+
+    config = copy.deepcopy(base)
+    for change in values:  # as ConfigLoaderImpl._apply_overrides_to_config applies a plain change
+        OmegaConf.update(config, change.key_or_group, change.value(), merge=True)
+    config.hydra.overrides.task = [given.input_line for given in parsed]
+    dirname = config.hydra.job.config.override_dirname
+    config.hydra.job.override_dirname = get_overrides_dirname(
+        overrides=parsed, exclude_keys=list(dirname.exclude_keys), item_sep=dirname.item_sep, kv_sep=dirname.kv_sep
+    )
+    OmegaConf.copy_cache(from_config=master_config, to_config=config)
+    return config
 
 
 def hydra_plugins_listed() -> None:

@@ -1,5 +1,6 @@
 """Everything that reads what earlier versions of mlplab wrote, in one place: their checkpoints' hyperparameters,
-their optimizer and schedule settings, and the overrides of their runs (which ``resume=`` repeats).
+their optimizer and schedule settings, and the overrides and recorded config of their runs (which ``resume=``
+repeats).
 
 Each function takes what an earlier version stored and returns it as this version writes it; what this version
 wrote passes through unchanged. tests/test_old_runs.py evaluates, predicts and resumes a run of mlplab 0.1.
@@ -42,6 +43,13 @@ def upgraded_schedule(values: dict[str, Any]) -> dict[str, Any]:
     if values["name"] == "none":
         return {}
     return {"_target_": COSINE, "eta_min": values.get("min_lr", 0.0)}
+
+
+def upgraded_section(name: str, values: Any) -> Any:
+    """A top-level key of a run's recorded config (``.hydra/config.yaml``: ``optimizer``, ``model``, ``seed``...)
+    as this version writes it."""
+    upgrade = {"optimizer": upgraded_optimizer, "scheduler": upgraded_schedule}.get(name)
+    return upgrade(values) if upgrade and isinstance(values, dict) else values
 
 
 def upgraded_hparams(hparams: dict[str, Any]) -> dict[str, Any]:

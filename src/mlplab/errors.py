@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 
 
 class MlplabError(Exception):
@@ -15,6 +16,14 @@ class MlplabError(Exception):
 def one_line(error: BaseException) -> str:
     """An error (or the error behind it) as one line."""
     return " ".join(str(error.__cause__ or error).split()) or type(error).__name__
+
+
+def first_sentence(error: BaseException) -> str:
+    """The first sentence of ``one_line(error)``, without its full stop: a library's message may go on to a
+    paragraph of advice about its own internals, and a message cut at some length would end mid-sentence."""
+    text = one_line(error)
+    end = re.search(r"\.\s+(?=[A-Z])", text)  # a full stop before a capital: where the next sentence starts
+    return (text[: end.start()] if end else text).rstrip(".")
 
 
 def closest(name: str, allowed: list[str]) -> str:

@@ -26,9 +26,10 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, read_write
 
 from hydra_plugins.mlplab_sweeper.search_loop import SearchLoop, SweepIncomplete, trial_state
-from mlplab.cli.compose import checked_job_config
+from mlplab.cli.compose import checked_job_config, checked_sweep_name
 from mlplab.errors import MlplabError
 from mlplab.run.config import ConfigError
+from mlplab.run.ownership import claim
 from mlplab.run.records import has_event_files
 from mlplab.sweeps.grid import (
     ComposedOnce,
@@ -39,8 +40,10 @@ from mlplab.sweeps.grid import (
     sweep_overrides,
     wait_for_other_processes,
 )
-from mlplab.sweeps.jobs import FINISHED, job_state
-from mlplab.sweeps.summary import SWEEP_JOBS_FILE, write_summary
+from mlplab.sweeps.job_records import SWEEP_JOBS_FILE, claimed_metrics
+from mlplab.sweeps.jobs import FINISHED, UNREADABLE, job_state
+from mlplab.sweeps.settings import check_settings
+from mlplab.sweeps.summary import write_summary
 
 log = logging.getLogger(__name__)
 STABLE_OPTUNA_SWEEPER = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
@@ -92,6 +95,8 @@ class MlplabSweeper(SearchLoop, Sweeper):
 
     def sweep(self, arguments: list[str]) -> Any:
         params = OmegaConf.to_container(self.params) if self.params else None
+        if self.config.get("sweep"):  # refused in one line here; from inside the resolver it would come wrapped
+            checked_sweep_name(self.config.sweep)
         sweep_dir = Path(self.config.hydra.sweep.dir)  # resolved (and cached) before any job copies the cache
         if self.n_trials is not None:
             if not getattr(self.launcher, "wait", True):
@@ -129,8 +134,11 @@ class MlplabSweeper(SearchLoop, Sweeper):
     def _grid(self, sweep_dir: Path, overrides: list[str]) -> bool:
         """Run the grid's jobs; False for a dry run, which only lists them."""
         parsed = OverridesParser.create(config_loader=self.loader).parse_overrides(overrides)
-        jobs = [self._check(job_overrides) for job_overrides in grid_jobs(parsed)]
-        done = [job for job in jobs if job_state(job.dir) == "completed"]
+        checked = [self._check(job_overrides) for job_overrides in grid_jobs(parsed)]
+        jobs = [job for job, _ in checked]
+        earlier = check_settings(sweep_dir, [(job.dir.name, job.overrides, config) for job, config in checked])
+        states = {job.dir: job_state(job.dir) for job in jobs}
+        done = [job for job in jobs if states[job.dir] == "completed"]
         if self.config.get("dry_run"):
             print(dry_run_listing(jobs, done, sweep_dir))
             return False
@@ -139,7 +147,13 @@ class MlplabSweeper(SearchLoop, Sweeper):
         listing = [{"overrides": job.overrides, "dir": job.dir.name} for job in jobs]
         (sweep_dir / SWEEP_JOBS_FILE).write_text(json.dumps(listing, indent=1) + "\n")
         todo = [job for job in jobs if job not in done]
-        log.info("Sweep %s: %d jobs, %d done already, %d to run", sweep_dir, len(jobs), len(done), len(todo))
+        held = f"; its folder also holds {earlier} job{'s' * (earlier > 1)} of earlier commands" if earlier else ""
+        log.info("Sweep %s: %d jobs, %d done already, %d to run%s", sweep_dir, len(jobs), len(done), len(todo), held)
+        for job in todo:
+            if states[job.dir] == UNREADABLE:  # its metrics.json is damaged: it starts over, as a failed job does
+                with claim(job.dir) as holding:
+                    if holding:
+                        claimed_metrics(job.dir)
         log.info("Resume or extend it with the same command and sweep=%s", sweep_dir.name)
         batch_size = self.max_batch_size or max(len(todo), 1)
         for start in range(0, len(todo), batch_size):
@@ -148,7 +162,7 @@ class MlplabSweeper(SearchLoop, Sweeper):
             wait_for_other_processes([job.dir for job in jobs])
         return True
 
-    def _check(self, job_overrides: list[str]) -> Job:
+    def _check(self, job_overrides: list[str]) -> tuple[Job, DictConfig]:
         """Compose one job's config and check it as the job will; a bad point stops the sweep before any training."""
         try:
             config = checked_job_config(
@@ -158,7 +172,7 @@ class MlplabSweeper(SearchLoop, Sweeper):
             )
         except MlplabError as error:
             raise ConfigError(f"job {' '.join(job_overrides)}: {error}; no job was started") from None
-        return Job(job_overrides, job_folder(config))
+        return Job(job_overrides, job_folder(config)), config
 
 
 class StableOptunaConfigs(Callback):

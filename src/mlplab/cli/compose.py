@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import importlib.resources
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,8 +37,19 @@ def job_dirname(overrides: str) -> str:
 
 
 def sweep_name(name: str | None) -> str:
-    """The sweep's folder name: as given (``sweep=<name>``), else its start time and process id."""
-    return name or f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{os.getpid()}"
+    """The sweep's folder name: as given (``sweep=<name>``, checked), else its start time and process id."""
+    return checked_sweep_name(name) if name else f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{os.getpid()}"
+
+
+def checked_sweep_name(name: object) -> str:
+    """``sweep=<name>`` as a folder name under outputs/sweeps/; ConfigError otherwise. A path would escape:
+    ``sweep=../../etc`` wrote the sweep outside outputs/, ``sweep=/tmp/x`` under outputs/sweeps/tmp/x."""
+    if not re.fullmatch(r"[\w.-]+", str(name)) or not str(name).strip("."):
+        raise ConfigError(
+            f"sweep={name}: not a sweep name; a sweep's folder is outputs/sweeps/<name>, and a name is letters, "
+            "digits, '.', '_' and '-' (no '/', not '..')"
+        )
+    return str(name)
 
 
 def run_dir(resume: str | None, new_run_dir: str) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from mlplab.cli.compose import CONFIG_DIR
 from mlplab.cli.failure import console_main, exit_for
@@ -18,7 +18,7 @@ from mlplab.model.classifier import ImageClassifier
 from mlplab.run.checkpoints import read_checkpoint
 from mlplab.run.config import ConfigError
 from mlplab.run.lightning_notes import ignore_lightning_warnings, quiet_lightning
-from mlplab.run.records import find_checkpoint, read_metrics
+from mlplab.run.records import find_checkpoint, read_metrics, read_yaml_record
 from mlplab.run.trainer import ACCELERATORS, require_accelerator
 
 
@@ -37,17 +37,17 @@ def hydra_main(cfg: DictConfig) -> dict[str, Any]:
         if cfg.format not in ("table", "json"):
             raise ConfigError(f"format must be table or json, got {cfg.format!r}")
         run_dir, checkpoint = find_checkpoint(cfg.run, cfg.checkpoint)
+        # The run's records first: a damaged one is refused before minutes of testing.
+        recorded, limit = read_metrics(run_dir), _test_limit(run_dir)
         results = evaluate(checkpoint, Path(cfg.paths.data_dir), cfg.accelerator)
     except MlplabError as error:
         exit_for("mlplab-eval", error)
-    recorded = read_metrics(run_dir)
     report = {
         "run": str(run_dir),
         "checkpoint": str(checkpoint),
         **results,
         **{f"recorded {key}": recorded[key] for key in results if key in recorded},
     }
-    limit = _test_limit(run_dir)
     if limit is not None and any(key.startswith("recorded") for key in report):
         report["note"] = (
             f"the run tested on part of the test set (trainer.limit_test_batches={limit}); this evaluation tests on "
@@ -90,7 +90,8 @@ def load_data(checkpoint: Path, data_dir: Path) -> ImageDataModule:
 def _test_limit(run_dir: Path) -> Any:
     """The run's trainer.limit_test_batches, when it tested on part of the test set; else None."""
     config = run_dir / ".hydra" / "config.yaml"
-    limit = OmegaConf.load(config).get("trainer", {}).get("limit_test_batches") if config.is_file() else None
+    trainer = read_yaml_record(config, dict).get("trainer") if config.is_file() else None
+    limit = trainer.get("limit_test_batches") if isinstance(trainer, dict) else None
     whole = limit is None or (isinstance(limit, float) and limit == 1.0)  # 1.0 is all of it; 1 is one batch
     return None if whole else limit
 

@@ -20,9 +20,9 @@ def build_logger(
 ) -> Any:
     """The configured logger, or several (a group of ``name: logger config``), writing into ``run_dir``.
 
-    Resuming, TensorBoard hides what the stopped run logged after its checkpoint (``purge_step``), so the curves
-    continue without doubled or rewound points; MLflow continues the run's own MLflow run. ``experiment``: the
-    sweep's name for a sweep job (MLflow's experiment).
+    Resuming, TensorBoard and the CSV file leave out what the stopped run logged after its checkpoint
+    (``purge_step``), so the curves continue without doubled or rewound points; MLflow continues the run's own
+    MLflow run. ``experiment``: the sweep's name for a sweep job (MLflow's experiment).
     """
     if not logger_cfg:
         return False
@@ -31,7 +31,7 @@ def build_logger(
     extra: dict[str, Any] = {}
     target = logger_cfg.get("_target_", "")
     try:
-        if resume_from and target.endswith("TensorBoardLogger"):
+        if resume_from and target.endswith(("TensorBoardLogger", "ResumableCSVLogger")):
             extra["purge_step"] = checkpoint_step(resume_from) + 1
         if target.endswith("MLFlowLogger"):
             extra = mlflow_arguments(OmegaConf.to_container(logger_cfg, resolve=True), run_dir, experiment)

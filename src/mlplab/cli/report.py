@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from mlplab.sweeps.summary import SWEEP_JOBS_FILE, write_summary
+from mlplab.sweeps.job_records import SWEEP_JOBS_FILE
+from mlplab.sweeps.summary import write_summary
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -15,9 +16,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     sweep_dir = Path(args[0])
     if not sweep_dir.is_dir() or not (any(sweep_dir.glob("*/.hydra")) or (sweep_dir / SWEEP_JOBS_FILE).is_file()):
+        problem = "does not exist" if not sweep_dir.exists() else "is not a sweep folder (no jobs in it)"
         print(
-            f"mlplab-report: error: {sweep_dir} is not a sweep folder (no jobs in it); "
-            "give one made by mlplab-train -m",
+            f"mlplab-report: error: {sweep_dir} {problem}; give a sweep folder made by mlplab-train -m",
             file=sys.stderr,
         )
         sys.exit(2)

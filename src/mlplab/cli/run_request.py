@@ -4,6 +4,7 @@ job's description (``describe_stacked_job``) and trains the jobs once it knows t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shlex
 import shutil
@@ -28,7 +29,9 @@ from mlplab.cli.instantiate import build_callbacks, build_logger
 from mlplab.cli.resume import resumed_config
 from mlplab.errors import MlplabError, one_line
 from mlplab.run.config import NON_EXPERIMENT_KEYS, RunConfig
+from mlplab.run.distributed import started_as_other_rank
 from mlplab.run.lightning_notes import ignore_lightning_warnings
+from mlplab.run.ownership import LOCK_FILE, owned
 from mlplab.run.records import find_checkpoint
 from mlplab.run.stopping import Stopped, stopped
 from mlplab.run.train import train
@@ -60,15 +63,20 @@ def _task(cfg: DictConfig, describe: bool) -> Any:
     run_dir = Path(hydra_config.runtime.output_dir)
     # Ended here, not raised: Hydra would add a line of its own ("Error executing job with overrides") to the one.
     try:
-        with discarded_if_refused(run_dir):
-            request = RunRequest.of(cfg, hydra_config, run_dir)
-        if describe:
-            return request.stacked_job(hydra_config)
-        # A sweep's job has mode MULTIRUN, or none when the sweep's mode came from a config (a search preset), not -m.
-        if hydra_config.mode != RunMode.RUN:
-            return request.train_sweep_job(hydra_config)
-        with discarded_if_refused(run_dir):
-            return request.train_run()
+        with contextlib.ExitStack() as held:
+            with discarded_if_refused(run_dir):
+                # A single run or resume= holds its folder before anything reads or writes in it; a sweep's job is
+                # claimed by the sweep (mlplab.sweeps.jobs), a data-parallel run's other ranks by its first.
+                if hydra_config.mode == RunMode.RUN and not started_as_other_rank():
+                    held.enter_context(owned(run_dir))
+                request = RunRequest.of(cfg, hydra_config, run_dir)
+            if describe:
+                return request.stacked_job(hydra_config)
+            # A sweep's job has mode MULTIRUN, or none when the sweep's mode came from a config (a search preset).
+            if hydra_config.mode != RunMode.RUN:
+                return request.train_sweep_job(hydra_config)
+            with discarded_if_refused(run_dir):
+                return request.train_run()
     except (MlplabError, Stopped) as error:
         exit_for(TOOL, error)
 
@@ -222,7 +230,7 @@ def discarded_if_refused(run_dir: Path) -> Iterator[None]:
         if (
             error.exit_status == 2
             and run_dir.is_dir()
-            and all(entry.name == ".hydra" or entry.suffix == ".log" for entry in run_dir.iterdir())
+            and all(entry.name in (".hydra", LOCK_FILE) or entry.suffix == ".log" for entry in run_dir.iterdir())
         ):
             shutil.rmtree(run_dir, ignore_errors=True)
         raise

@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from typing_extensions import override
 
+from mlplab.compat import loops_with_schedule_steps
 from mlplab.model.backbones import backbone_from_dict
 from mlplab.model.classifier import (
     EpochPredictions,
@@ -233,14 +234,6 @@ class StackedClassifier(L.LightningModule):
         config = self.schedules[index] if self.schedules else None
         if config is None:
             return loops
-        fit_loop = dict(loops["fit_loop"])
-        steps = config["scheduler"].last_epoch
-        if config["interval"] == "step":
-            current = fit_loop["epoch_loop.batch_progress"]["current"]["completed"]
-        else:
-            current = int(self.epoch_outputs(index) is None)  # at an epoch's end its step is done
-        fit_loop["epoch_loop.scheduler_progress"] = {
-            "total": {"ready": steps, "completed": steps},
-            "current": {"ready": current, "completed": current},
-        }
-        return {**loops, "fit_loop": fit_loop}
+        # an epoch's schedule has stepped once this epoch at its end (no outputs left); a step's, once per batch
+        this_epoch = None if config["interval"] == "step" else int(self.epoch_outputs(index) is None)
+        return loops_with_schedule_steps(loops, config["scheduler"].last_epoch, this_epoch)

@@ -14,9 +14,10 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
-from mlplab.compat import batches_trained
-from mlplab.errors import MlplabError, SettingError, one_line
+from mlplab.compat import validates_next
+from mlplab.errors import MlplabError, SettingError, first_sentence, one_line
 from mlplab.files import write_atomically
+from mlplab.run.ownership import ClaimLostError, held_claim
 from mlplab.run.records import CHECKPOINT_DIR, LAST_CHECKPOINT
 
 # What both of a run's ModelCheckpoints are given (conf/callbacks/checkpoint/plain.yaml holds the same flags, and
@@ -51,7 +52,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             write_atomically(Path(path), lambda file: torch.save(checkpoint, file), durable=True, sole_writer=True)
         except RuntimeError as error:  # torch.save reports a failed write (a full disk) so: "unexpected pos ..."
-            raise OSError(f"could not write {path}: {one_line(error)[:200]}") from None
+            raise OSError(f"could not write {path} (torch.save: {first_sentence(error)})") from None
 
 
 class UnreadableCheckpointError(MlplabError):
@@ -70,30 +71,36 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
             "(checkpoints written by mlplab never do)"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise UnreadableCheckpointError(f"{path} is not a readable checkpoint ({one_line(error)[:200]})") from None
+        raise UnreadableCheckpointError(
+            f"{path} is not a readable checkpoint ({_why_unreadable(path, error)}); restore it from a copy, or give "
+            "another checkpoint of the run"
+        ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise UnreadableCheckpointError(f"{path} is not a Lightning checkpoint (no state_dict in it)")
     return checkpoint
 
 
+ZIP_SIGNATURE = b"PK\x03\x04"  # how a file torch.save writes begins: it is a zip archive
+
+
+def _why_unreadable(path: Path, error: BaseException) -> str:
+    """What is wrong with a file torch.load refused, in a few whole words: torch's own message names its internals
+    (miniz, mmap) and goes on to a paragraph of advice."""
+    try:
+        with path.open("rb") as file:
+            start = file.read(len(ZIP_SIGNATURE))
+    except OSError as unopened:  # no permission to read it
+        return one_line(unopened)
+    if not start:
+        return "it is empty"
+    if start != ZIP_SIGNATURE:
+        return "not a file torch.save writes"
+    return f"cut short or damaged: {first_sentence(error)}"
+
+
 def checkpoint_step(path: Path) -> int:
     """The optimizer step a checkpoint was taken at."""
     return int(read_checkpoint(path)["global_step"])
-
-
-def validates_next(trainer: Trainer, batch_idx: int) -> bool:
-    """Whether Lightning validates right after training batch ``batch_idx`` of this epoch, as its fit loop decides
-    it (``_TrainingEpochLoop._should_check_val_fx``): every ``val_check_batch`` batches, which is the epoch's length
-    unless ``val_check_interval`` says otherwise."""
-    every_epochs = trainer.check_val_every_n_epoch
-    if not trainer.enable_validation or (every_epochs is not None and (trainer.current_epoch + 1) % every_epochs):
-        return False
-    every_batches = trainer.val_check_batch
-    if every_batches == float("inf"):  # an epoch of unknown length: validated after its last batch
-        return batch_idx + 1 == trainer.num_training_batches
-    # every val_check_interval batches (an epoch's by default), counted across epochs with check_val_every_n_epoch=null
-    count = batch_idx if every_epochs is not None else batches_trained(trainer)
-    return (count + 1) % every_batches == 0
 
 
 class StopRequested(KeyboardInterrupt):
@@ -126,6 +133,8 @@ class ResumePoints(Callback):
         self.path = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
         self.every_n_steps = every_n_steps
         self.stopped_by: str | None = None  # this process's signal, or another rank's (then "SIGTERM")
+        # The run folder's claim (mlplab.run.ownership): once another process has taken it over, this one stops.
+        self.claim = held_claim(run_dir)
         self._signalled = False  # whether this process itself got a signal: its second one stops at once
         self._previous_handlers: dict[int, Any] = {}
 
@@ -164,7 +173,11 @@ class ResumePoints(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         stop = self._stop_requested(trainer)
-        if validates_next(trainer, batch_idx):  # on_validation_end stops, and the epoch's checkpoints follow it
+        if self.claim is not None and self.claim.lost.is_set():
+            # Another process trains here now, from the last checkpoint, and writes the folder's files: this one
+            # writes nothing more (a checkpoint written now would race the new owner's writes of the same file).
+            raise ClaimLostError(self.claim.path.parent, trainer.global_step)
+        if validates_next(trainer):  # on_validation_end stops, and the epoch's checkpoints follow it
             return
         if stop or (self.every_n_steps and trainer.global_step % self.every_n_steps == 0):
             if hasattr(pl_module, "check_finite_loss"):

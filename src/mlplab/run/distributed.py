@@ -23,6 +23,12 @@ def launched_rank() -> int:
     return 0
 
 
+def started_as_other_rank() -> bool:
+    """Whether this process is a data-parallel run's rank other than its first: started by the first
+    (mlplab.compat.RankLauncher sets LOCAL_RANK) or by SLURM as a task of its own."""
+    return int(os.environ.get("LOCAL_RANK", "0")) > 0 or launched_rank() > 0
+
+
 # What a launch leaves in this process's environment: Lightning then reads "the processes exist already", and
 # shares the CPU threads out among the ranks.
 LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "OMP_NUM_THREADS")

@@ -30,15 +30,16 @@ class LightningNotes(logging.Filter):
 
 # Lightning's own uses of torch APIs deprecated in torch 2.10 (a tree spec check; all_gather across ranks); its
 # advice to sync logged metrics across ranks (mlplab gathers a data-parallel run's metrics itself); a resumed run's
-# checkpoint folder, which holds checkpoints; the model summary's size estimate under bf16-mixed
-# (trainer.precision=auto), which it gives in fp32 sizes anyway; the hint to prepend `srun` on a machine with SLURM
-# installed (a login node): mlplab submits SLURM jobs itself (hydra/launcher=slurm), and a plain run there is meant
-# to run where it is.
+# checkpoint folder, which holds checkpoints, and its metrics.csv, which mlplab keeps (ResumableCSVLogger); the
+# model summary's size estimate under bf16-mixed (trainer.precision=auto), which it gives in fp32 sizes anyway; the
+# hint to prepend `srun` on a machine with SLURM installed (a login node): mlplab submits SLURM jobs itself
+# (hydra/launcher=slurm), and a plain run there is meant to run where it is.
 WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
     r"torch\.distributed\.nn\.functional\.all_gather is deprecated",
     r"It is recommended to use `self\.log\(.*sync_dist=True",
     r"Checkpoint directory .* exists and is not empty",
+    r"Experiment logs directory .* exists and is not empty",
     r"Precision .* is not supported by the model summary",
     r"The `srun` command is available on your system but is not used",
 )

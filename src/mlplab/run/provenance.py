@@ -19,6 +19,7 @@ import torch
 
 import mlplab
 from mlplab.files import write_text_atomically
+from mlplab.run.records import UnreadableRecordError, read_json_record
 
 PROVENANCE_FILE = "provenance.json"
 
@@ -86,13 +87,22 @@ def collect(command: Sequence[str], device: torch.device) -> dict[str, Any]:
     }
 
 
+def earlier_attempts(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of the run's attempts so far (none before it first starts); UnreadableRecordError when its
+    provenance.json is damaged, rather than a new record written over it."""
+    path = run_dir / PROVENANCE_FILE
+    if not path.is_file():
+        return []
+    previous = read_json_record(path)
+    if not isinstance(previous, dict) or not isinstance(previous.get("earlier_attempts", []), list):
+        raise UnreadableRecordError(path, "a JSON object with a list of earlier_attempts was expected")
+    return [*previous.pop("earlier_attempts", []), previous]
+
+
 def write(run_dir: Path, record: dict[str, Any]) -> None:
     """provenance.json: this attempt's record, with those of the run's earlier attempts (before a resume)."""
-    path = run_dir / PROVENANCE_FILE
-    earlier: list[dict[str, Any]] = []
-    if path.is_file():
-        previous = json.loads(path.read_text())
-        earlier = [*previous.pop("earlier_attempts", []), previous]
+    earlier = earlier_attempts(run_dir)
     write_text_atomically(
-        path, json.dumps({**record, **({"earlier_attempts": earlier} if earlier else {})}, indent=2) + "\n"
+        run_dir / PROVENANCE_FILE,
+        json.dumps({**record, **({"earlier_attempts": earlier} if earlier else {})}, indent=2) + "\n",
     )

@@ -6,15 +6,18 @@ MLflow is an optional extra, imported only when ``logger=mlflow`` is chosen.
 
 from __future__ import annotations
 
+import csv
 import fcntl
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from typing_extensions import override
 
 from mlplab.errors import MlplabError
 
@@ -26,6 +29,45 @@ TAG_LIMIT = 5000  # characters MLflow keeps of a tag's value
 
 class TrackerError(MlplabError):
     """A logger cannot be set up as configured (a missing optional package, an unreachable store)."""
+
+
+class ResumableCSVLogger(CSVLogger):
+    """Lightning's CSVLogger as a run's metrics.csv needs it (``logger=csv``).
+
+    A resumed run appends to what its earlier part wrote; Lightning's would delete the file. Like TensorBoard's
+    ``purge_step``, the rows logged after the checkpoint it resumes from are left out: the resumed run logs them
+    again. The ``epoch`` column counts from 1, as everywhere in mlplab (Lightning logs its 0-based counter).
+    """
+
+    def __init__(self, *args: Any, purge_step: int | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._kept: tuple[list[str], list[dict[str, str]]] | None = None
+        path = Path(self.log_dir, ExperimentWriter.NAME_METRICS_FILE)
+        if purge_step is not None and path.is_file():
+            with path.open(newline="") as file:
+                reader = csv.DictReader(file)
+                rows = [row for row in reader if row.get("step") and int(float(row["step"])) < purge_step]
+                self._kept = (list(reader.fieldnames or []), rows)
+
+    @property
+    @override
+    def experiment(self) -> ExperimentWriter:
+        writer = super().experiment  # made at first use, when it removes an earlier metrics.csv
+        if self._kept is not None and isinstance(writer, ExperimentWriter):  # a data-parallel run's rank 0
+            keys, rows = self._kept
+            self._kept = None
+            with open(writer.metrics_file_path, "w", newline="") as file:
+                table = csv.DictWriter(file, fieldnames=keys)
+                table.writeheader()
+                table.writerows(rows)
+            writer.metrics_keys = keys  # later rows are appended under the same header (widened if they add keys)
+        return writer
+
+    @override
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        if "epoch" in metrics:
+            metrics = {**metrics, "epoch": int(metrics["epoch"]) + 1}
+        super().log_metrics(metrics, step)
 
 
 def mlflow_arguments(settings: dict[str, Any], run_dir: Path, experiment: str | None) -> dict[str, Any]:

@@ -149,7 +149,8 @@ def train(
         metrics.update(finished_metrics(history, trainer.global_step, best, run_dir))
         if resume_points.stopped_by:
             metrics["stopped_by"] = resume_points.stopped_by
-        if trainer.is_global_zero:
+        # A process whose claim was taken over leaves the folder's records to the new owner (mlplab.run.ownership).
+        if trainer.is_global_zero and not (resume_points.claim and resume_points.claim.lost.is_set()):
             write_metrics(run_dir, metrics)
             if metrics["status"] != "interrupted":  # an interrupted run gets its HParams row when it finishes
                 log_hparams(trainer.loggers, hparams or {}, metrics, trainer.global_step)

@@ -4,6 +4,8 @@ batches it needs (what fits in memory: mlplab.run.memory)."""
 from __future__ import annotations
 
 import inspect
+import logging
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,8 +20,12 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
 from mlplab.compat import RankCommandDDPStrategy
+from mlplab.data.datamodule import ImageDataModule
 from mlplab.errors import MlplabError, SettingError, closest, one_line
 from mlplab.run.checkpoints import AtomicCheckpointIO
+from mlplab.run.distributed import started_as_other_rank
+
+log = logging.getLogger(__name__)
 
 ACCELERATORS = ("auto", "cpu", "gpu")
 STRATEGIES = ("auto", "ddp")
@@ -177,9 +183,20 @@ def fast_bf16(on_gpu: bool, cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return any(flag in flags for flag in CPU_BF16_FLAGS)
 
 
+def trains_on_cpu(settings: TrainerSettings, gpu_index: int | None = None) -> bool:
+    """Whether Lightning trains the run on the CPU: accelerator=cpu, or auto on a machine without a GPU (CUDA, or
+    Apple's MPS, which Lightning's auto picks too)."""
+    if gpu_index is not None or settings.accelerator == "gpu":
+        return False
+    return settings.accelerator == "cpu" or not (torch.cuda.is_available() or torch.backends.mps.is_available())
+
+
 def resolved_precision(settings: TrainerSettings, gpu_index: int | None = None) -> str | int:
     """``trainer.precision``, with ``auto`` made ``bf16-mixed`` where the device multiplies bf16 natively (fp32
-    weights and optimizer, bf16 matrix multiplies) and ``32-true`` elsewhere."""
+    weights and optimizer, bf16 matrix multiplies) and ``32-true`` elsewhere; and ``16-mixed`` on the CPU made
+    ``bf16-mixed``, as Lightning would, but said in one line (note_cpu_choices), not among Lightning's many."""
+    if settings.precision in ("16-mixed", 16) and trains_on_cpu(settings, gpu_index):
+        return "bf16-mixed"
     if settings.precision != "auto":
         return settings.precision
     on_gpu = (
@@ -188,6 +205,30 @@ def resolved_precision(settings: TrainerSettings, gpu_index: int | None = None) 
         or (settings.accelerator == "auto" and torch.cuda.is_available())
     )
     return "bf16-mixed" if fast_bf16(on_gpu) else "32-true"
+
+
+def note_cpu_choices(settings: TrainerSettings, precision: str | int, gpu_index: int | None = None) -> None:
+    """One line for each way a CPU run differs from what its settings suggest: a precision changed for the CPU,
+    and data-parallel ranks more than the cores, which then share them (legitimate, to try data-parallel training,
+    but slower than one process)."""
+    if not trains_on_cpu(settings, gpu_index) or started_as_other_rank():  # rank 0 speaks for the run
+        return
+    if settings.precision not in ("auto", precision):
+        log.warning(
+            "trainer.precision=%s: Lightning has no float16 mixed precision on the CPU; training with %s",
+            settings.precision,
+            precision,
+        )
+    cores = len(os.sched_getaffinity(0))
+    shared = settings.data_parallel and isinstance(settings.devices, int) and settings.devices > cores
+    if shared and not SLURMEnvironment.detect():  # SLURM gives each rank (a task) cores of its own
+        log.warning(
+            "trainer.devices=%d: the %d data-parallel ranks share this machine's %d CPU cores, which makes "
+            "training slower than in one process",
+            settings.devices,
+            settings.devices,
+            cores,
+        )
 
 
 def build_trainer(
@@ -211,6 +252,7 @@ def build_trainer(
     arguments: dict[str, Any] = {key: value for key, value in vars(settings).items() if key != "options"}
     arguments |= settings.options
     arguments["precision"] = resolved_precision(settings, gpu_index)
+    note_cpu_choices(settings, arguments["precision"], gpu_index)
     if gpu_index is not None:
         arguments.update(accelerator="gpu", devices=[gpu_index])
     if settings.data_parallel:
@@ -271,8 +313,17 @@ def end_ranks(trainer: L.Trainer) -> None:
         trainer.strategy.end_ranks()
 
 
-def require_batches(settings: TrainerSettings, datamodule: L.LightningDataModule) -> None:
-    """Refuse a fraction of batches that rounds to none for this dataset (Lightning would stop with a traceback)."""
+def require_batches(settings: TrainerSettings, datamodule: ImageDataModule) -> None:
+    """Refuse a fraction of batches that rounds to none for this dataset (Lightning would stop with a traceback);
+    say so when a batch is larger than the training split, and every epoch one optimizer step."""
+    images, batch_size = len(datamodule.splits["train"]), datamodule.settings.batch_size
+    if batch_size > images and not started_as_other_rank():
+        log.warning(
+            "data.batch_size=%d is larger than the training split (%d images): each epoch is one batch of them all, "
+            "one optimizer step",
+            batch_size,
+            images,
+        )
     for stage in ("train", "val", "test"):
         limit = getattr(settings, f"limit_{stage}_batches")
         batches = len(getattr(datamodule, f"{stage}_dataloader")())

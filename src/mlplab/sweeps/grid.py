@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-import re
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -18,6 +17,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType
 from omegaconf import DictConfig, OmegaConf
 
+from mlplab.compat import derive_job_config
 from mlplab.errors import MlplabError
 from mlplab.sweeps.jobs import job_state
 
@@ -60,19 +60,13 @@ def sweep_overrides(params: dict[str, Any] | None, arguments: list[str]) -> list
     return [f"{key}={value}" for key, value in (params or {}).items()] + list(arguments)
 
 
-def override_dirname(overrides: list[Override], exclude_keys: list[str], item_sep: str, kv_sep: str) -> str:
-    """``hydra.job.override_dirname`` as Hydra computes it: the overrides' own text, sorted, the excluded left out
-    (tests/test_sweep.py compares the two)."""
-    lines = sorted(override.input_line for override in overrides if override.key_or_group not in exclude_keys)
-    return re.sub("=", kv_sep, item_sep.join(lines))
-
-
 class ComposedOnce:
     """A config loader that hands the launcher the job configs the sweeper already composed to check them.
 
     Jobs that differ from a composed one only in plain values (``seed=2``, ``model.width=[256,128]``) are derived
-    from it: a copy with those values set, as Hydra would set them after composing. Hydra's full composition
-    (defaults list, every YAML file) costs ~0.1 s a job; only jobs that choose other config groups pay it.
+    from it: a copy with those values set, as Hydra would set them after composing (mlplab.compat's
+    derive_job_config). Hydra's full composition (defaults list, every YAML file) costs ~0.1 s a job; only jobs
+    that choose other config groups pay it.
     """
 
     def __init__(self, loader: Any):
@@ -128,23 +122,6 @@ class ComposedOnce:
         if name.startswith("_"):  # unpickling (parallel launchers) looks up dunders before _loader exists
             raise AttributeError(name)
         return getattr(self._loader, name)
-
-
-def derive_job_config(
-    base: DictConfig, master_config: DictConfig, parsed: list[Override], values: list[Override]
-) -> DictConfig:
-    """The config of the job with overrides ``parsed`` from ``base``, a job that chose the same config groups and
-    set the same keys; ``values`` are the overrides among ``parsed`` that set a value."""
-    config = copy.deepcopy(base)
-    for override in values:
-        OmegaConf.update(config, override.key_or_group, override.value(), merge=True)
-    config.hydra.overrides.task = [override.input_line for override in parsed]
-    dirname = config.hydra.job.config.override_dirname
-    config.hydra.job.override_dirname = override_dirname(
-        parsed, list(dirname.exclude_keys), dirname.item_sep, dirname.kv_sep
-    )
-    OmegaConf.copy_cache(from_config=master_config, to_config=config)  # as Hydra's load_sweep_config does
-    return config
 
 
 def wait_for_other_processes(job_dirs: list[Path], poll_seconds: float = 1.0) -> None:

@@ -4,14 +4,10 @@ short."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import itertools
 import logging
 import os
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,128 +17,24 @@ import torch
 
 from mlplab.errors import one_line
 from mlplab.run.distributed import launched_rank, one_job_of_many
-from mlplab.run.records import CHECKPOINT_DIR, LAST_CHECKPOINT, read_metrics, write_metrics
+from mlplab.run.ownership import ClaimLostError, claim, running_on
+from mlplab.run.records import CHECKPOINT_DIR, LAST_CHECKPOINT, UnreadableRecordError, read_metrics, write_metrics
 from mlplab.run.train import ENVIRONMENT_ERRORS
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = ".lock"
 RETRIED = ("failed", "diverged")
 FINISHED = ("completed", "pruned")  # a job in either state is never trained again
-
-
-# A holder renews its claim every HEARTBEAT_SECONDS (the lock file's time); a claim not renewed for LEASE_SECONDS
-# is a dead holder's. That matters across hosts: there is no process to ask, and a network file system may keep a
-# dead host's lock for long (NFSv3's lock manager until the host returns).
-HEARTBEAT_SECONDS = 15.0
-LEASE_SECONDS = 120.0
-
-
-@contextmanager
-def claim(job_dir: Path, lock_name: str = LOCK_FILE) -> Iterator[bool]:
-    """Hold the job for this process while the block runs; yields False when another process holds it.
-
-    An flock rather than a marker file: the kernel drops it when its owner dies, SIGKILL included, so a crashed
-    sweep never leaves a job locked. The file names the holder for ``running_on`` and is renewed while held; one
-    whose lease ran out is taken over.
-    """
-    job_dir.mkdir(parents=True, exist_ok=True)
-    path = job_dir / lock_name
-    fd = _locked(path, os.O_RDWR | os.O_CREAT)
-    if fd is None and _expired(path):
-        fd = _take_over(path)
-    if fd is None:
-        yield False
-        return
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
-        with renewed(lambda: os.utime(fd)):
-            try:
-                yield True
-            finally:
-                os.ftruncate(fd, 0)
-    finally:
-        os.close(fd)
-
-
-def _locked(path: Path, flags: int) -> int | None:
-    """A descriptor of ``path`` holding its flock, or None if another process holds it."""
-    fd = os.open(path, flags, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def _expired(path: Path) -> bool:
-    try:
-        return time.time() - path.stat().st_mtime > LEASE_SECONDS
-    except FileNotFoundError:
-        return False
-
-
-def _take_over(path: Path) -> int | None:
-    """A fresh lock file in place of one whose holder stopped renewing it; None if another process was quicker."""
-    expired = path.with_name(f"{path.name}.expired.{socket.gethostname()}.{os.getpid()}")
-    try:
-        path.rename(expired)
-        fd = _locked(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
-    except (FileNotFoundError, FileExistsError):
-        return None
-    log.warning(
-        "Took over %s: its holder (%s) stopped renewing it %.0f s ago",
-        path.parent,
-        expired.read_text().strip() or "unknown",
-        time.time() - expired.stat().st_mtime,
-    )
-    expired.unlink(missing_ok=True)
-    return fd
-
-
-@contextmanager
-def renewed(renew: Callable[[], None]) -> Iterator[None]:
-    """Call ``renew`` every HEARTBEAT_SECONDS while the block runs: a claim's heartbeat. A renewal that fails (a
-    file system or database blip) is left to the next one, well within the lease."""
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(HEARTBEAT_SECONDS):
-            with contextlib.suppress(Exception):
-                renew()
-
-    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-
-
-def running_on(job_dir: Path) -> str | None:
-    """ "host pid" of the process working on the job now, if one is (for reports: reading never takes the lock)."""
-    path = job_dir / LOCK_FILE
-    try:
-        host, pid = path.read_text().split()
-    except (OSError, ValueError):
-        return None
-    if host != socket.gethostname():
-        return None if _expired(path) else f"{host} {pid}"  # no process to ask: the lease says
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return None  # died without releasing: SIGKILL, power loss
-    except PermissionError:
-        pass  # alive, someone else's
-    return f"{host} {pid}"
+UNREADABLE = "unreadable"  # a job whose metrics.json is damaged (job_state): never resumed, it starts over
 
 
 def job_state(job_dir: Path) -> str:
-    """completed | pruned | failed | diverged | running | interrupted | pending."""
-    status = read_metrics(job_dir).get("status")
+    """completed | pruned | failed | diverged | running | interrupted | pending, or UNREADABLE: a damaged
+    metrics.json, which its report names and its sweep starts over (mlplab.sweeps.job_records.claimed_metrics)."""
+    try:
+        status = read_metrics(job_dir).get("status")
+    except UnreadableRecordError:
+        return UNREADABLE
     if status in (*FINISHED, *RETRIED):
         return status
     if running_on(job_dir):
@@ -150,6 +42,13 @@ def job_state(job_dir: Path) -> str:
     if status or (job_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
         return "interrupted"
     return "pending"
+
+
+def held_elsewhere(job_dir: Path) -> str:
+    """Why a sweep skips a job another process holds: who holds it (a sweep's one line, as a run's refusal)."""
+    owner = running_on(job_dir)
+    host, _, pid = (owner or "").partition(" ")
+    return f"process {pid} on {host} is running it" if owner else "another process is running it"
 
 
 def prepare_attempt(job_dir: Path) -> Path | None:
@@ -167,9 +66,10 @@ def prepare_attempt(job_dir: Path) -> Path | None:
 
 
 def resume_point(job_dir: Path) -> Path | None:
-    """The checkpoint an unfinished job continues from: its last one, unless it failed or diverged (it starts over)."""
+    """The checkpoint an unfinished job continues from: its last one, unless it failed or diverged or its metrics.json
+    is damaged (it starts over)."""
     last = job_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
-    return last if last.is_file() and read_metrics(job_dir).get("status") not in RETRIED else None
+    return last if last.is_file() and job_state(job_dir) not in (*RETRIED, UNREADABLE) else None
 
 
 def threads_per_job(parallel_jobs: int | None) -> int | None:
@@ -215,7 +115,7 @@ def run_sweep_job(
         return done if done.get("status") in FINISHED else attempt(resume_point(job_dir), None)
     with claim(job_dir) as claimed:
         if not claimed:
-            log.info("Skipped: another process is running this job (%s)", job_dir)
+            log.info("Skipped %s: %s", job_dir, held_elsewhere(job_dir))
             return {"status": "running"}
         done = read_metrics(job_dir)
         if done.get("status") in FINISHED:
@@ -233,6 +133,9 @@ def run_sweep_job(
                 return attempt(resume_from, gpu)
             except (KeyboardInterrupt, SystemExit):
                 raise
+            except ClaimLostError as error:  # the job goes on in the process that took it over
+                log.warning("Job %s: %s", job_dir, error)
+                return {"status": "running"}
             except Exception as error:  # one job's failure is not the sweep's
                 log.error("Job failed: %s", one_line(error))
                 metrics = read_metrics(job_dir)

@@ -23,17 +23,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ModelSummary, ProgressBar
 
 from mlplab.data.datamodule import ImageDataModule
 from mlplab.model.backbones.mlp import MLP
-from mlplab.run.memory import RUN_OVERHEAD_BYTES, available_memory, planned_peak_bytes
+from mlplab.run.memory import RUN_OVERHEAD_BYTES, planned_peak_bytes
 from mlplab.run.records import MONITOR
 from mlplab.run.trainer import TrainerSettings
 from mlplab.sweeps.jobs import resume_point
 from mlplab.sweeps.stack_jobs import SEARCH, VIEWS, StackedJob
-from mlplab.sweeps.stack_run import in_a_stopped_stack, train_claimed
+from mlplab.sweeps.stack_run import in_a_stopped_stack, stack_memory, train_claimed
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +140,6 @@ def stack_capacity(job: StackedJob) -> int:
     datamodule.setup("fit")  # parsed once per process: the stack's own set-up finds it ready
     _, peak = planned_peak_bytes(config, datamodule.input_shape, datamodule.num_classes)
     per_job = peak - RUN_OVERHEAD_BYTES
-    on_gpu = config.trainer.accelerator == "gpu" or (config.trainer.accelerator == "auto" and torch.cuda.is_available())
-    free = torch.cuda.mem_get_info()[0] if on_gpu else available_memory() - RUN_OVERHEAD_BYTES
-    return max(1, int(free * 0.8) // per_job)  # a fifth kept back: the allocator's slack, the other jobs' views
+    free, _ = stack_memory(config.trainer)
+    # the run's overhead once; of the rest, a fifth kept back: the allocator's slack, the other jobs' views
+    return max(1, int((free - RUN_OVERHEAD_BYTES) * 0.8) // per_job)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from mlplab.data.datamodule import StackedDataModule
@@ -26,10 +27,12 @@ from mlplab.model.stacked_classifier import StackedClassifier
 from mlplab.run.checkpoints import CHECKPOINT_FLAGS, ResumePoints, StopRequested
 from mlplab.run.lightning_notes import quiet_lightning
 from mlplab.run.memory import RUN_OVERHEAD_BYTES, available_memory, resident_bytes
+from mlplab.run.ownership import claim
 from mlplab.run.records import CHECKPOINT_DIR, LAST_CHECKPOINT, read_metrics, write_metrics
 from mlplab.run.train import build_model
-from mlplab.run.trainer import build_trainer, require_batches
-from mlplab.sweeps.jobs import FINISHED, claim, prepare_attempt
+from mlplab.run.trainer import TrainerSettings, build_trainer, require_batches
+from mlplab.sweeps.job_records import claimed_metrics
+from mlplab.sweeps.jobs import FINISHED, held_elsewhere, prepare_attempt
 from mlplab.sweeps.stack_jobs import JobRecords, StackedJob
 
 log = logging.getLogger(__name__)
@@ -51,9 +54,9 @@ def train_claimed(jobs: Sequence[StackedJob], sweep_dir: Path) -> list[dict[str,
         ready = []
         for index, job in enumerate(jobs):
             if not claims.enter_context(claim(job.run_dir)):
-                log.info("Skipped: another process is running this job (%s)", job.run_dir)
+                log.info("Skipped %s: %s", job.run_dir, held_elsewhere(job.run_dir))
                 results[index] = {"status": "running"}
-            elif (done := read_metrics(job.run_dir)).get("status") in FINISHED:
+            elif (done := claimed_metrics(job.run_dir)).get("status") in FINISHED:  # a damaged one: failed
                 log.info("Done already: %s", job.run_dir)
                 results[index] = done
             else:
@@ -162,7 +165,7 @@ def train_stack(jobs: Sequence[StackedJob], group_dir: Path, resume_from: Path |
         model, estimate = build_model(job.config, datamodule, 1)
         models.append(model)
         estimates.append(estimate)
-    _require_stack_memory(estimates)
+    _require_stack_memory(estimates, first.trainer)
     log.info("Training %d jobs as one stack; its log and jobs: %s", len(jobs), group_dir)
     module = StackedClassifier(models)
     records = JobRecords(jobs, models, estimates, resume_from, group_dir / LOG_FILE)
@@ -199,14 +202,23 @@ def stack_peak_bytes(job_peaks: Sequence[int]) -> int:
     return RUN_OVERHEAD_BYTES + sum(peak - RUN_OVERHEAD_BYTES for peak in job_peaks)
 
 
-def _require_stack_memory(estimates: Sequence[int]) -> None:
+def stack_memory(trainer: TrainerSettings) -> tuple[int, str]:
+    """The memory a stack trains in, free now, and where it is: the GPU's when the stack trains on one, else this
+    machine's (what this process may still take). Both a stack's size (stack_plan.stack_capacity) and the check
+    before it trains go by it."""
+    if trainer.accelerator == "gpu" or (trainer.accelerator == "auto" and torch.cuda.is_available()):
+        return torch.cuda.mem_get_info()[0], "free on the GPU"
+    return available_memory(), "available"
+
+
+def _require_stack_memory(estimates: Sequence[int], trainer: TrainerSettings) -> None:
     """Refuse a stack whose jobs together would not fit in the memory free now (hydra.launcher.max_stack); its
     jobs then run one by one. ``estimates``: each job's build_model estimate (this process's memory and its peak)."""
     here = resident_bytes()
     needed = stack_peak_bytes([estimate - here for estimate in estimates])
-    available = available_memory()
+    available, where = stack_memory(trainer)
     if needed > available:
         raise MemoryError(
             f"{len(estimates)} stacked jobs need about {needed / 2**30:.1f} GiB and {available / 2**30:.1f} GiB "
-            "is available; set hydra.launcher.max_stack lower"
+            f"is {where}; set hydra.launcher.max_stack lower"
         )

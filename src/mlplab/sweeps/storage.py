@@ -5,9 +5,9 @@ Optuna is imported only when a storage is opened: a grid's summary asks ``StudyA
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import random
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,14 +61,8 @@ class StudyAddress:
 
     @property
     def shown(self) -> str:
-        """The location without a password, for logs and summaries."""
-        if not self.is_database:
-            return self.location
-        from sqlalchemy.engine import make_url
-
-        with contextlib.suppress(Exception):
-            return make_url(self.location).render_as_string(hide_password=True)
-        return self.location
+        """The location without a password, for logs, summaries and errors."""
+        return without_password(self.location) if self.is_database else self.location
 
     def open(self) -> optuna.storages.BaseStorage:
         """The storage, or one line on why it cannot be used (unreachable, missing driver, not a URL)."""
@@ -94,6 +88,12 @@ class StudyAddress:
 def _database(url: str, shown: str) -> optuna.storages.RDBStorage:
     import sqlalchemy.exc
 
+    password = PASSWORD.search(url)
+    if password and "@" in password.group(2):  # SQLAlchemy would take what follows its first "@" for the host
+        raise SearchError(
+            f"hydra.sweeper.storage={shown}: the password holds '@', which a URL must write as %40; better, leave "
+            "it out of the command line, which the sweep folder records (PostgreSQL reads PGPASSWORD or ~/.pgpass)"
+        )
     engine: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("postgresql"):
         engine["connect_args"] = {"connect_timeout": 10}  # an unreachable host fails in seconds, not minutes
@@ -111,13 +111,27 @@ def _database(url: str, shown: str) -> optuna.storages.RDBStorage:
             "sqlite:///FILE, postgresql+psycopg://USER@HOST:PORT/DB, mysql+pymysql://..., or a journal "
             "file's path"
         ) from None
-    except sqlalchemy.exc.ArgumentError as error:
-        raise SearchError(f"hydra.sweeper.storage={shown}: not a database URL ({error})") from None
+    except (sqlalchemy.exc.ArgumentError, ValueError) as error:  # ValueError: a port that is not a number
+        raise SearchError(
+            f"hydra.sweeper.storage={shown}: not a database URL ({without_password(str(error))})"
+        ) from None
     except sqlalchemy.exc.SQLAlchemyError as error:
         reason = str(getattr(error, "orig", None) or error).strip().splitlines()
         raise SearchError(
-            f"hydra.sweeper.storage={shown}: cannot use the database: {reason[0] if reason else error}"
+            f"hydra.sweeper.storage={shown}: cannot use the database: "
+            f"{without_password(reason[0] if reason else str(error))}"
         ) from None
+
+
+# The password of a URL (scheme://user:password@host): all up to the last "@", since a password typed as it is may
+# hold "@", "/" or a space, which SQLAlchemy then refuses or reads as part of the host; it is hidden all the same.
+PASSWORD = re.compile(r"(://[^:/@]*:)(.*)@")
+
+
+def without_password(text: str) -> str:
+    """``text`` with the password of any URL in it shown as ***, whether or not the URL is one SQLAlchemy parses:
+    a storage string appears in logs, summaries and errors, and is written to files."""
+    return PASSWORD.sub(r"\1***@", text)
 
 
 def _created_once(url: str, engine: dict[str, Any]) -> optuna.storages.RDBStorage:

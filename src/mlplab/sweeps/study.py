@@ -20,7 +20,7 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from mlplab.sweeps.jobs import LEASE_SECONDS, renewed
+from mlplab.run.ownership import LEASE_SECONDS, renewed
 from mlplab.sweeps.storage import SearchError, StudyAddress
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # mlplab prints what a search did; Optuna's INFO repeats it
@@ -221,4 +221,4 @@ def retry_cut_short(study: optuna.Study) -> list[int]:
 
 def kept_alive(trials: list[optuna.trial.Trial]) -> contextlib.AbstractContextManager:
     """Renew the trials' ``mlplab.alive`` while the block runs their jobs."""
-    return renewed(lambda: [trial.set_user_attr(ALIVE, time.time()) for trial in trials])
+    return renewed(lambda: [trial.set_user_attr(ALIVE, time.time()) for trial in trials], "the search's running trials")

@@ -4,60 +4,28 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import shlex
 import statistics
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from mlplab.files import write_text_atomically
-from mlplab.run.records import MONITOR, read_metrics
+from mlplab.run.config import COMMAND_KEYS
+from mlplab.run.records import MONITOR
 from mlplab.sweeps.grid import sweep_overrides
-from mlplab.sweeps.jobs import FINISHED, job_state
+from mlplab.sweeps.job_records import METRICS, collect_jobs
+from mlplab.sweeps.jobs import FINISHED, UNREADABLE
 from mlplab.sweeps.pareto import configurations, markdown_row, pareto_section, plot_pareto
-from mlplab.sweeps.slurm import scheduler_states
 from mlplab.sweeps.storage import StudyAddress
-
-SWEEP_JOBS_FILE = "jobs.json"  # written by the sweeper before the first job: lets a report list jobs not started yet
-METRICS = ("val/acc", "val/loss", "best_epoch", "test/acc", "test/loss", "epochs", "wall_seconds", "num_parameters")
-
-
-def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
-    """Every job of the sweep, listed or started, with its state, overrides and metrics."""
-    listed = json.loads((sweep_dir / SWEEP_JOBS_FILE).read_text()) if (sweep_dir / SWEEP_JOBS_FILE).is_file() else []
-    overrides = {sweep_dir / job["dir"]: job["overrides"] for job in listed}
-    for config in sorted(sweep_dir.glob("*/.hydra/overrides.yaml")):
-        overrides.setdefault(config.parent.parent, [str(o) for o in yaml.safe_load(config.read_text()) or []])
-    in_queue = scheduler_states(sweep_dir)  # a sweep submitted to SLURM: its jobs still queued or running there
-    jobs = []
-    for job_dir, job_overrides in overrides.items():
-        metrics = read_metrics(job_dir)
-        status, scheduled = job_state(job_dir), {}
-        if status not in FINISHED and tuple(job_overrides) in in_queue:
-            job_id, state = in_queue[tuple(job_overrides)]
-            status = "queued" if state == "PENDING" else state.lower()
-            scheduled = {"scheduler": f"SLURM job {job_id}"}
-        jobs.append(
-            {
-                "job": job_dir.name,
-                "status": status,
-                **scheduled,
-                "overrides": job_overrides,
-                "values": dict(override.lstrip("+~").partition("=")[::2] for override in job_overrides),
-                **{key: metrics[key] for key in METRICS if key in metrics},
-                "history": metrics.get("history", []),
-                "run_dir": str(job_dir),
-                "error": metrics.get("error", ""),
-            }
-        )
-    return jobs
 
 
 def swept_keys(jobs: list[dict[str, Any]]) -> list[str]:
-    """Keys whose value differs between jobs, in command-line order."""
+    """Keys whose value differs between jobs, in command-line order (unreadable jobs' values are not known)."""
+    jobs = [job for job in jobs if job["status"] != UNREADABLE]
     keys = list(dict.fromkeys(key for job in jobs for key in job["values"]))
     return [key for key in keys if len({job["values"].get(key) for job in jobs}) > 1]
 
@@ -77,6 +45,15 @@ def sweep_dimensions(sweep_dir: Path) -> list[str]:
     keys = [line.key_or_group for line in OverridesParser.create().parse_overrides(lines) if line.is_sweep_override()]
     seeds = sweeper.get("seeds_per_trial")
     return list(dict.fromkeys(keys + (["seed"] if isinstance(seeds, int) and seeds > 1 else [])))
+
+
+def changed_between_commands(jobs: list[dict[str, Any]], sweep_dir: Path) -> list[str]:
+    """Swept keys that the sweep's last command did not sweep (multirun.yaml): settings changed between the
+    commands that ran it, such as ``optimizer.lr=0.01`` added to a sweep first run without it."""
+    if not (sweep_dir / "multirun.yaml").is_file():
+        return []
+    dimensions = set(sweep_dimensions(sweep_dir)) | set(COMMAND_KEYS)
+    return [key for key in swept_keys(jobs) if key not in dimensions]
 
 
 def ranked(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -106,8 +83,9 @@ def write_csv(jobs: list[dict[str, Any]], path: Path) -> None:
         write_text_atomically(path, file.getvalue())
 
 
-def markdown(jobs: list[dict[str, Any]], title: str) -> str:
-    """The sweep as a markdown report: ranked table, seed aggregates, failures, unfinished jobs."""
+def markdown(jobs: list[dict[str, Any]], title: str, changed: Sequence[str] = ()) -> str:
+    """The sweep as a markdown report: ranked table, seed aggregates, failures, unfinished jobs. ``changed``: keys
+    that differ between the commands that ran the sweep (changed_between_commands)."""
     keys = swept_keys(jobs)
     counts = defaultdict(int)
     for job in jobs:
@@ -119,6 +97,12 @@ def markdown(jobs: list[dict[str, Any]], title: str) -> str:
         f"Ranked by best validation accuracy (`{MONITOR}`); test accuracy is shown, never used to choose.",
         "",
     ]
+    if changed:
+        lines[-1:-1] = [
+            f"Settings changed between the commands that ran this sweep: {', '.join(f'`{k}`' for k in changed)}. "
+            "Jobs of every setting are ranked together, the setting a column; where a job's command line left a key "
+            "out, its value is the one the job's own config recorded."
+        ]
     header = ["rank", *keys, "val/acc", "val/loss", "best epoch", "test/acc", "epochs", "seconds", "parameters", "job"]
     lines += [markdown_row(header), markdown_row(["---"] * len(header))]
     for rank, job in enumerate(ranked(jobs), start=1):
@@ -158,7 +142,11 @@ def markdown(jobs: list[dict[str, Any]], title: str) -> str:
         lines += ["", "## Failed", ""] + [
             f"- `{job['job']}`: {job['status']}: {job['error'] or 'no error recorded'}" for job in failed
         ]
-    unfinished = [job for job in jobs if job["status"] not in ("completed", "pruned", "failed", "diverged")]
+    unreadable = [job for job in jobs if job["status"] == UNREADABLE]
+    if unreadable:
+        lines += ["", "## Unreadable", ""] + [f"- `{job['job']}`: {job['error']}" for job in unreadable]
+    ended = ("completed", "pruned", "failed", "diverged", UNREADABLE)
+    unfinished = [job for job in jobs if job["status"] not in ended]
     if unfinished:
         lines += ["", "## Not finished", ""] + [
             f"- `{job['job']}`: {job['status']}" + (f" ({job['scheduler']})" if "scheduler" in job else "")
@@ -267,7 +255,7 @@ def write_summary(sweep_dir: Path, study: Any = None) -> tuple[list[dict[str, An
     markdown.
     ``study``: a search's open Optuna study (else found from the folder's multirun.yaml)."""
     jobs = collect_jobs(sweep_dir)
-    text = markdown(jobs, sweep_dir.name)
+    text = markdown(jobs, sweep_dir.name, changed_between_commands(jobs, sweep_dir))
     address = StudyAddress.of_sweep(sweep_dir)
     if address is not None:
         from mlplab.sweeps.search import search_summary  # Optuna, only for searches
