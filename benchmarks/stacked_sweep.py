@@ -6,13 +6,15 @@
     python benchmarks/stacked_sweep.py --device cuda --ks 1 4 8 16 32 --epochs 2 --alone-ks 1 4 8
     python benchmarks/stacked_sweep.py --quick                                  # synthetic data: checks the script
     python benchmarks/stacked_sweep.py --search 4 --ks 2 --epochs 2 --repeats 2   # a search: 4 trials of 2 seeds
+    python benchmarks/stacked_sweep.py --depths 1 2 --widths 64 128 256 512 --ks 2 --epochs 2 --repeats 2  # shapes
 
 Each sweep is a fresh mlplab-train process (imports and exit counted: that is what a user waits for), seeds
 1..K, default settings otherwise. Repeats are interleaved (stacked, then job by job, for each K in turn); the
 table gives medians. With ``--search N``, each sweep is instead an Optuna search of N trials over the learning rate
 (hydra.sweeper.seeds_per_trial=K, ``--trials-at-once`` trials asked together, no pruning, the same TPE seed both
 ways, so both run the same trials); the table adds trials per hour. ``--alone-ks`` limits the job-by-job sweeps to
-those K (on a GPU, 32 jobs one by one take long and say little: each job costs the same).
+those K (on a GPU, 32 jobs one by one take long and say little: each job costs the same). With ``--depths`` and
+``--widths``, each sweep is a shape sweep: every depth and width, each with seeds 1..K.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ def sweep(k: int, stacked: bool, args: argparse.Namespace, workdir: Path, data_d
     """One sweep of seeds 1..k; its wall time and its jobs' test accuracies."""
     sweep_dir = workdir / f"sweep-{number}-k{k}-{'stacked' if stacked else 'alone'}"
     seeds = [f"seed={','.join(map(str, range(1, k + 1)))}" if k > 1 else "seed=1"]
+    if args.depths or args.widths:
+        seeds += [f"model.depth={','.join(map(str, args.depths or [2]))}"]
+        seeds += [f"model.width={','.join(map(str, args.widths or [512]))}"]
     if args.search:
         seeds = [
             "hydra/sweeper=optuna",
@@ -82,11 +87,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--search", type=int, help="search this many trials of K seeds each instead of a seed sweep")
     parser.add_argument("--trials-at-once", type=int, default=2, help="with --search: trials asked together")
+    parser.add_argument("--depths", type=int, nargs="+", help="a shape sweep: these model.depth values")
+    parser.add_argument("--widths", type=int, nargs="+", help="a shape sweep: these model.width values")
     parser.add_argument("--quick", action="store_true", help="synthetic data, tiny network: checks the script runs")
     parser.add_argument("--output", type=Path, default=HERE / "results", help="folder for the JSON result")
     parser.add_argument("overrides", nargs="*", help="further mlplab-train overrides for every sweep")
     args = parser.parse_args()
     alone_ks = args.ks if args.alone_ks is None else args.alone_ks
+    shapes = len(args.depths or [2]) * len(args.widths or [512]) if args.depths or args.widths else 1
     runs: dict[tuple[int, bool], list[dict]] = {}
     with tempfile.TemporaryDirectory() as temporary:
         workdir = Path(temporary)
@@ -118,9 +126,10 @@ def main() -> None:
             row[name] = {
                 "wall_s": wall,
                 "walls_s": walls,
-                "jobs_per_minute": 60 * k * (args.search or 1) / wall,
+                "jobs": k * shapes * (args.search or 1),
+                "jobs_per_minute": 60 * k * shapes * (args.search or 1) / wall,
                 **({"trials_per_hour": 3600 * args.search / wall} if args.search else {}),
-                "epochs_per_second": k * (args.search or 1) * args.epochs / wall,
+                "epochs_per_second": k * shapes * (args.search or 1) * args.epochs / wall,
                 "test_acc": accuracies,
                 "test_acc_mean": statistics.mean(accuracies),
             }
@@ -166,6 +175,17 @@ def main() -> None:
         "repeats": args.repeats,
         "search_trials": args.search,
         "trials_at_once": args.trials_at_once if args.search else None,
+        "depths": args.depths,
+        "widths": args.widths,
+        "cpu_flags": sorted(
+            {
+                flag
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("flags")
+                for flag in line.split(":", 1)[1].split()
+            }
+            & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
+        ),
         "quick": args.quick,
         "overrides": args.overrides,
         "rows": rows,

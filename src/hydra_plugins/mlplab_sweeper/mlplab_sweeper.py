@@ -26,7 +26,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, read_write
 
 from hydra_plugins.mlplab_sweeper.search_loop import SearchLoop, SweepIncomplete, trial_state
-from mlplab.cli.compose import checked_job_config, checked_sweep_name
+from mlplab.cli.compose import SWEPT_KEYS_SETTING, checked_job_config, checked_sweep_name
 from mlplab.errors import MlplabError
 from mlplab.run.config import ConfigError
 from mlplab.run.ownership import claim
@@ -38,6 +38,7 @@ from mlplab.sweeps.grid import (
     grid_jobs,
     job_folder,
     sweep_overrides,
+    varied_keys,
     wait_for_other_processes,
 )
 from mlplab.sweeps.job_records import SWEEP_JOBS_FILE, claimed_metrics
@@ -98,6 +99,10 @@ class MlplabSweeper(SearchLoop, Sweeper):
         if self.config.get("sweep"):  # refused in one line here; from inside the resolver it would come wrapped
             checked_sweep_name(self.config.sweep)
         sweep_dir = Path(self.config.hydra.sweep.dir)  # resolved (and cached) before any job copies the cache
+        swept = varied_keys(params, arguments, self.seeds_per_trial)
+        if swept:  # each job's config, composed in whichever process, names its folder with these keys first
+            with read_write(self.config.hydra.overrides):
+                self.config.hydra.overrides.hydra.append(f"++{SWEPT_KEYS_SETTING}='{' '.join(swept)}'")
         if self.n_trials is not None:
             if not getattr(self.launcher, "wait", True):
                 raise ConfigError(
@@ -110,7 +115,8 @@ class MlplabSweeper(SearchLoop, Sweeper):
         jobs, text = write_summary(sweep_dir, self.study)
         print(text, end="")
         board = f"; TensorBoard: tensorboard --logdir {sweep_dir}" if has_event_files(sweep_dir) else ""
-        print(f"Summary: {sweep_dir / 'summary.md'} (also summary.csv, summary.png, pareto.png){board}")
+        pictures = ", pareto.png" if (sweep_dir / "pareto.png").is_file() else ""  # drawn for 2+ configurations
+        print(f"Summary: {sweep_dir / 'summary.md'} (also summary.csv, summary.png{pictures}){board}")
         unfinished = [job for job in jobs if job["status"] not in FINISHED]
         if not getattr(self.launcher, "wait", True):  # submitted to a cluster, to run there (hydra.launcher.wait)
             return

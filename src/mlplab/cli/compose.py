@@ -4,6 +4,7 @@ directory, the resolvers it interpolates, and one-line descriptions of what Hydr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.resources
 import os
@@ -28,12 +29,69 @@ CONFIG_DIR = str(importlib.resources.files("mlplab.conf"))
 hydra_plugins_listed()  # an editable install's plugins, which Hydra's scan would miss (mlplab.compat)
 
 
-def job_dirname(overrides: str) -> str:
-    """A sweep job's directory name from its overrides: one path component (no "/"), at most 150 characters."""
+# The sweep's own keys (space-separated), which its job folders name first: set by mlplab's sweeper, as an
+# environment setting of every job so that each job's config, composed in whichever process, has them.
+SWEPT_KEYS_SETTING = "hydra.job.env_set.MLPLAB_SWEPT_KEYS"
+MAX_DIRNAME = 150  # file names end at 255 bytes; a hash keeps longer ones apart
+
+
+def job_dirname(overrides: str, sweep_dir: str = "", swept: str = "") -> str:
+    """A sweep job's folder name from its overrides (Hydra's override_dirname: sorted, joined by ","): one path
+    component (no "/"), at most 150 characters. The ``swept`` keys come first, in their order, so that ``ls`` tells
+    the jobs apart (``seed=11,callbacks=default,...``). A folder of ``sweep_dir`` that holds the job already keeps
+    its name, whatever the order of its items: a sweep run again, or extended by another command, finds its jobs."""
     name = overrides.replace("/", "_") or "defaults"
-    if len(name) > 150:  # file names end at 255 bytes; the hash keeps long ones apart
-        name = f"{name[:140]}~{hashlib.sha1(overrides.encode()).hexdigest()[:8]}"
-    return name
+    items = _name_items(name)
+    leading = [item for key in swept.split() for item in items if _item_key(item) == key]
+    ordered = ",".join(leading + [item for item in items if item not in leading])
+    if len(name) > MAX_DIRNAME:
+        digest = hashlib.sha1(overrides.encode()).hexdigest()[:8]
+        name, ordered = f"{name[:140]}~{digest}", f"{ordered[:140]}~{digest}"
+    if not sweep_dir:
+        return ordered
+    for candidate in (ordered, name):  # name: as mlplab named job folders before it ordered their keys
+        if (Path(sweep_dir) / candidate).is_dir():
+            return candidate
+    return _folders_by_job(Path(sweep_dir)).get(_job_of(name), ordered)
+
+
+def _name_items(name: str) -> list[str]:
+    """A folder name's overrides (``a=1,b=[2,3]`` -> ``a=1``, ``b=[2,3]``): split at commas outside brackets and
+    quotes."""
+    items, depth, quote, start = [], 0, "", 0
+    for index, char in enumerate(name):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[{(":
+            depth += 1
+        elif char in "]})":
+            depth -= 1
+        elif char == "," and depth == 0:
+            items.append(name[start:index])
+            start = index + 1
+    return [*items, name[start:]]
+
+
+def _item_key(item: str) -> str:
+    return item.lstrip("+~").partition("=")[0]
+
+
+@functools.cache
+def _job_of(name: str) -> tuple[str, ...]:
+    """What a folder name says of its job, whatever its order: its items, or a long name's hash."""
+    long = len(name) == MAX_DIRNAME - 1 and re.fullmatch(r".*~[0-9a-f]{8}", name)
+    return (name[-8:],) if long else tuple(sorted(_name_items(name)))
+
+
+def _folders_by_job(sweep_dir: Path) -> dict[tuple[str, ...], str]:
+    """The sweep folder's job folders, by what their names say of their jobs."""
+    try:
+        names = [entry.name for entry in os.scandir(sweep_dir) if entry.is_dir() and not entry.name.startswith(".")]
+    except FileNotFoundError:  # a sweep's first command: no folder yet
+        return {}
+    return {_job_of(name): name for name in names}
 
 
 def sweep_name(name: str | None) -> str:

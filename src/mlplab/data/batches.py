@@ -5,21 +5,44 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from mlplab.data.datasets import Split
+
+# How an epoch's order comes from the run's seed: both numbers seed the generator together, so no two (seed, epoch)
+# pairs share an order. Runs of earlier versions seeded it with their sum, so seed s+1's epoch e was seed s's epoch
+# e+1; those resume with the orders they started with (the scheme is recorded in the checkpoint).
+SEED_AND_EPOCH = "seed-and-epoch"
+SEED_PLUS_EPOCH = "seed+epoch"
+
+
+def epoch_seed(seed: int, epoch: int, orders: str = SEED_AND_EPOCH) -> int:
+    """The generator seed of ``epoch``'s order for a run of ``seed``."""
+    if orders == SEED_PLUS_EPOCH:
+        return seed + epoch
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0])
 
 
 class ShardSampler:
     """Seeded order of the samples for one epoch; ``set_epoch`` reshuffles, as with DistributedSampler.
 
     Lightning calls ``set_epoch`` on a loader's ``sampler`` at the start of every training epoch. Every rank of a
-    data-parallel run draws the same order; ``shard_batches`` deals it out.
+    data-parallel run draws the same order; ``shard_batches`` deals it out. ``orders``: SEED_AND_EPOCH, or an
+    earlier version's SEED_PLUS_EPOCH.
     """
 
-    def __init__(self, num_samples: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1):
-        self.num_samples, self.shuffle, self.seed = num_samples, shuffle, seed
+    def __init__(
+        self,
+        num_samples: int,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        orders: str = SEED_AND_EPOCH,
+    ):
+        self.num_samples, self.shuffle, self.seed, self.orders = num_samples, shuffle, seed, orders
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
 
@@ -28,7 +51,8 @@ class ShardSampler:
 
     def order(self) -> Tensor:
         if self.shuffle:
-            return torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, self.orders))
+            return torch.randperm(self.num_samples, generator=generator)
         return torch.arange(self.num_samples)
 
 
@@ -106,8 +130,8 @@ class InMemoryBatches:
 class SeedSamplers:
     """The samplers of several runs of one split, each with its own seed; ``set_epoch`` sets all."""
 
-    def __init__(self, num_samples: int, seeds: Sequence[int]):
-        self.samplers = [ShardSampler(num_samples, True, seed) for seed in seeds]
+    def __init__(self, num_samples: int, seeds: Sequence[int], orders: str = SEED_AND_EPOCH):
+        self.samplers = [ShardSampler(num_samples, True, seed, orders=orders) for seed in seeds]
         self.num_samples, self.rank, self.world_size = num_samples, 0, 1
 
     @property
@@ -123,8 +147,8 @@ class StackedBatches(InMemoryBatches):
     """The training batches of K runs served together (a stacked sweep): step i gives each run its own i-th batch,
     in its own seed's order, as K x B images and labels."""
 
-    def __init__(self, split: Split, batch_size: int, seeds: Sequence[int]):
-        super().__init__(split, batch_size, SeedSamplers(len(split), seeds))  # type: ignore[arg-type]
+    def __init__(self, split: Split, batch_size: int, seeds: Sequence[int], orders: str = SEED_AND_EPOCH):
+        super().__init__(split, batch_size, SeedSamplers(len(split), seeds, orders))  # type: ignore[arg-type]
 
     def _batches(self) -> list[Tensor]:
         device = self.split.images.device

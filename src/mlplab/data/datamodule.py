@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from mlplab.data.batches import InMemoryBatches, ShardSampler, StackedBatches
+from mlplab.data.batches import SEED_AND_EPOCH, SEED_PLUS_EPOCH, InMemoryBatches, ShardSampler, StackedBatches
 from mlplab.data.datasets import DataError, ParsedDataset, Split, load_dataset, provide_files
 from mlplab.data.settings import DATA_DIR, USER_DATA, DataSettings
 from mlplab.data.user_data import load_image_folder, load_tensor_file, require_path
@@ -87,22 +87,35 @@ def channel_stats(images: Tensor) -> tuple[list[float], list[float]]:
     return means, stds
 
 
+def batch_orders_of(checkpoint: dict[str, Any] | None) -> str:
+    """How a run that starts now (None) or resumes from ``checkpoint`` draws its epochs' orders: as it started, so
+    that it continues exactly. Checkpoints of earlier versions record nothing; they drew from seed + epoch."""
+    if checkpoint is None:
+        return SEED_AND_EPOCH
+    return checkpoint["datamodule_hyper_parameters"].get("batch_orders", SEED_PLUS_EPOCH)
+
+
 class ImageDataModule(L.LightningDataModule):
     """A torchvision dataset as three in-memory splits: train, a seeded validation split of it, and test.
 
-    ``shuffle_seed`` orders the training batches of each epoch; ``data_dir`` is where the dataset's files live.
+    ``shuffle_seed`` orders the training batches of each epoch, drawn as ``batch_orders`` says (batch_orders_of);
+    ``data_dir`` is where the dataset's files live.
     """
 
     def __init__(
-        self, settings: DataSettings | None = None, data_dir: str | Path = DATA_DIR, shuffle_seed: int = 0
+        self,
+        settings: DataSettings | None = None,
+        data_dir: str | Path = DATA_DIR,
+        shuffle_seed: int = 0,
+        batch_orders: str = SEED_AND_EPOCH,
     ) -> None:
         settings = settings or DataSettings()
         super().__init__()
         # Plain values only, so the checkpoint records the data set-up and still loads with weights_only=True.
-        self.save_hyperparameters(
-            {**dataclasses.asdict(settings), "data_dir": str(data_dir), "shuffle_seed": shuffle_seed}, logger=False
-        )
+        hparams = {**dataclasses.asdict(settings), "data_dir": str(data_dir), "shuffle_seed": shuffle_seed}
+        self.save_hyperparameters({**hparams, "batch_orders": batch_orders}, logger=False)
         self.settings, self.data_dir, self.shuffle_seed = settings, Path(data_dir), shuffle_seed
+        self.batch_orders = batch_orders
         self.splits: dict[str, Split] = {}
         self.class_names: list[str] = []
         self.mean: list[float] = []
@@ -114,7 +127,8 @@ class ImageDataModule(L.LightningDataModule):
         values = dict(checkpoint["datamodule_hyper_parameters"])
         shuffle_seed = values.pop("shuffle_seed")
         values.pop("data_dir")
-        return cls(DataSettings(**values), data_dir, shuffle_seed)
+        values.pop("batch_orders", None)
+        return cls(DataSettings(**values), data_dir, shuffle_seed, batch_orders_of(checkpoint))
 
     @override
     def prepare_data(self) -> None:
@@ -146,7 +160,7 @@ class ImageDataModule(L.LightningDataModule):
     def _batches(self, key: str, shuffle: bool, batch_size: int) -> InMemoryBatches:
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         split = self.splits[key]
-        sampler = ShardSampler(len(split), shuffle, self.shuffle_seed, rank, world_size)
+        sampler = ShardSampler(len(split), shuffle, self.shuffle_seed, rank, world_size, self.batch_orders)
         return InMemoryBatches(split, batch_size, sampler)
 
     @override
@@ -174,10 +188,12 @@ class StackedDataModule(ImageDataModule):
     """The data of K runs that differ only in their seeds' batch order: training serves StackedBatches;
     validation and test batches are the same for all."""
 
-    def __init__(self, settings: DataSettings, data_dir: str | Path, seeds: Sequence[int]):
-        super().__init__(settings, data_dir, shuffle_seed=seeds[0])
+    def __init__(
+        self, settings: DataSettings, data_dir: str | Path, seeds: Sequence[int], batch_orders: str = SEED_AND_EPOCH
+    ):
+        super().__init__(settings, data_dir, shuffle_seed=seeds[0], batch_orders=batch_orders)
         self.seeds = list(seeds)
 
     @override
     def train_dataloader(self) -> StackedBatches:
-        return StackedBatches(self.splits["train"], self.settings.batch_size, self.seeds)
+        return StackedBatches(self.splits["train"], self.settings.batch_size, self.seeds, self.batch_orders)

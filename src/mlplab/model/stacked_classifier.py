@@ -1,5 +1,5 @@
-"""The engine of stacked sweeps, its Lightning module: K image classifiers of one shape (a stack's jobs, each as its
-single run builds it) trained together on the stacked network (mlplab.model.stacked_network).
+"""The engine of stacked sweeps, its Lightning module: K image classifiers (a stack's jobs, each as its single run
+builds it, of one shape or several) trained together on the stacked network (mlplab.model.stacked_network).
 
 Each step takes K batches (each job's own, in its seed's order), computes the K networks in one stacked pass,
 and steps each network with its own optimizer. Each network's epoch metrics, and the state of its single run
@@ -27,7 +27,7 @@ from mlplab.model.classifier import (
     normalized,
     optimizer_steps,
 )
-from mlplab.model.stacked_network import PerNetworkOptimizer, StackedMLP
+from mlplab.model.stacked_network import PerNetworkOptimizer, stacked_networks
 
 
 class StackedClassifier(L.LightningModule):
@@ -35,7 +35,7 @@ class StackedClassifier(L.LightningModule):
 
     def __init__(self, models: Sequence[ImageClassifier]):
         super().__init__()
-        self.stack = StackedMLP(
+        self.stack = stacked_networks(
             [backbone_from_dict(model.hparams["backbone"]) for model in models], [model.network for model in models]
         )
         self.optimizer_settings = [model.optimizer_settings for model in models]
@@ -105,13 +105,17 @@ class StackedClassifier(L.LightningModule):
             first = int((~finite[:, index]).nonzero()[0])
             step = self.global_step - len(outputs) + first + 1
             self.diverged[index] = divergence_message(float(outputs[first][0][index]), step, self.current_epoch + 1)
-            self.optimizers().optimizer.frozen.add(index)
+            self._leave(index)
 
     def prune(self, index: int, reason: str) -> None:
-        """Stop network ``index`` (a search pruned its trial): from now on it no longer steps. Its slice of the
-        stacked weights is still computed with the others' (the stack keeps its shape), at no gain to them."""
+        """Stop network ``index`` (a search pruned its trial): from the next step on it is no longer computed."""
         self.pruned[index] = reason
+        self._leave(index)
+
+    def _leave(self, index: int) -> None:
+        """Network ``index`` no longer steps nor is computed: the stack does the others' work only."""
         self.optimizers().optimizer.frozen.add(index)
+        self.stack.leave(index)
 
     def _epoch_metrics(self, stage: str) -> None:
         outputs = self._outputs[stage]
@@ -194,6 +198,8 @@ class StackedClassifier(L.LightningModule):
             ]
         self.diverged = dict(checkpoint.get("diverged", {}))
         self.pruned = dict(checkpoint.get("pruned", {}))
+        for index in {**self.diverged, **self.pruned}:  # they left the stack before it stopped (still frozen: the
+            self.stack.leave(index)  # optimizer's own state says so)
         self._schedule_states = checkpoint.get("schedules")
 
     def _step_schedules(self, interval: str, plateau: bool = False) -> None:

@@ -1,8 +1,8 @@
 """The engine of stacked sweeps, its network: K MLPs of one shape trained as one, their weights stacked along a
 leading dimension, each layer one batched matrix multiply (``torch.baddbmm``) for all K, and an optimizer step that
-applies each network's own numbers.
+applies each network's own numbers. MLPs of several shapes are one such network per shape (MixedStack).
 
-K networks that differ only in numbers (what may differ is stated in mlplab.sweeps.stack_plan) do the same
+K networks of one shape (what else may differ is stated in mlplab.sweeps.stack_plan) do the same
 computation, so K of them cost little more than one where a single network leaves the device idle. The stack is
 made from networks built as single runs build them (so the same initial weights for the same seed), and each can be
 taken out again as its own ``nn.Sequential`` state dict. The other parts: the Lightning module that trains a stack
@@ -57,24 +57,46 @@ class StackedMLP(nn.Module):
         )
         self.register_buffer("dropout", torch.tensor([backbone.dropout for backbone in backbones]))
         self.drops = any(backbone.dropout > 0 for backbone in backbones)  # known here: no device sync per step
+        # The networks still computed, once one has left the stack (a buffer: it moves to the device with them).
+        self.register_buffer("staying", None, persistent=False)
         self.activation = ACTIVATIONS[first.activation]()
         self.output_activation = None if first.output_activation == "none" else ACTIVATIONS[first.output_activation]()
 
     def forward(self, images: Tensor) -> Tensor:
-        hidden = images.flatten(2)
-        last = len(self.weights) - 1
-        for index, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+        if self.staying is None:
+            return self._computed(images.flatten(2), list(self.weights), list(self.biases), self.dropout)
+        # Only the networks still training: their slices taken out, their results put back among zeros.
+        index = self.staying
+        if len(index) == 0:  # every network of this shape has left (a MixedStack's): nothing to compute
+            return images.new_zeros(*images.shape[:2], self.biases[-1].shape[-1])
+        logits = self._computed(
+            images.index_select(0, index).flatten(2),
+            [weight.index_select(0, index) for weight in self.weights],
+            [bias.index_select(0, index) for bias in self.biases],
+            self.dropout.index_select(0, index),
+        )
+        return logits.new_zeros(images.shape[0], *logits.shape[1:]).index_copy(0, index, logits)
+
+    def _computed(self, hidden: Tensor, weights: list[Tensor], biases: list[Tensor], rates: Tensor) -> Tensor:
+        last = len(weights) - 1
+        for layer, (weight, bias) in enumerate(zip(weights, biases)):
             hidden = torch.baddbmm(bias.unsqueeze(1), hidden, weight)
-            if index < last:
-                hidden = self._dropped(self.activation(hidden))
+            if layer < last:
+                hidden = self._dropped(self.activation(hidden), rates)
         return hidden if self.output_activation is None else self.output_activation(hidden)
 
-    def _dropped(self, hidden: Tensor) -> Tensor:
+    def _dropped(self, hidden: Tensor, rates: Tensor) -> Tensor:
         """Each network's own dropout rate (inverted dropout, as ``nn.Dropout``)."""
         if not self.training or not self.drops:
             return hidden
-        keep = (1 - self.dropout).view(-1, 1, 1).to(hidden.dtype)
+        keep = (1 - rates).view(-1, 1, 1).to(hidden.dtype)
         return hidden * (torch.rand_like(hidden) < keep) / keep
+
+    def leave(self, index: int) -> None:
+        """Stop computing network ``index`` (pruned, diverged): from the next step the stack does only the other
+        networks' work. Its output rows are zeros from then on, and its weights stay as they were."""
+        staying = range(len(self.dropout)) if self.staying is None else self.staying.tolist()
+        self.staying = torch.tensor([k for k in staying if k != index], device=self.dropout.device)
 
     def network_parameters(self, index: int) -> list[Tensor]:
         """Network ``index``'s slices of the stacked parameters, in its single network's order (weight, bias, ...)."""
@@ -96,6 +118,71 @@ class StackedMLP(nn.Module):
         return state
 
 
+class MixedStack(nn.Module):
+    """K MLPs of several shapes (widths, depths, activations): the networks of each shape one StackedMLP, computed
+    one shape after another in the same step. Nothing is padded: each network does its own arithmetic, and what
+    a stack saves over K single runs (one training loop, one pass over the batches, one process) is shared by all.
+
+    The same interface as StackedMLP, network by network in the order given: ``forward`` maps K batches to K x B x
+    classes logits, and each network's parameters, gradients and single-network state are its shape's slices.
+    """
+
+    def __init__(self, backbones: Sequence[MLP], networks: Sequence[nn.Sequential]):
+        super().__init__()
+        members: dict[tuple, list[int]] = {}
+        for index, backbone in enumerate(backbones):
+            members.setdefault(network_shape(backbone), []).append(index)
+        self.members = list(members.values())  # per shape, its networks' indices in the stack
+        self.groups = nn.ModuleList(
+            StackedMLP([backbones[i] for i in indices], [networks[i] for i in indices]) for indices in self.members
+        )
+        self.place = {
+            index: (group, position)
+            for group, indices in enumerate(self.members)
+            for position, index in enumerate(indices)
+        }
+        # Each shape's networks side by side in the stack (the plan orders them so): slices, not gathers.
+        self.contiguous = all(indices == list(range(indices[0], indices[0] + len(indices))) for indices in self.members)
+        order = [index for indices in self.members for index in indices]
+        self.register_buffer("order", torch.tensor(order), persistent=False)
+        self.register_buffer("restore", torch.argsort(torch.tensor(order)), persistent=False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        if self.contiguous:
+            return torch.cat([group(images[i[0] : i[-1] + 1]) for group, i in zip(self.groups, self.members)])
+        ordered = images.index_select(0, self.order)
+        outputs, start = [], 0
+        for group, indices in zip(self.groups, self.members):
+            outputs.append(group(ordered[start : start + len(indices)]))
+            start += len(indices)
+        return torch.cat(outputs).index_select(0, self.restore)
+
+    def leave(self, index: int) -> None:
+        """Stop computing network ``index``; a shape none of whose networks is left is no longer computed."""
+        group, position = self.place[index]
+        self.groups[group].leave(position)
+
+    def network_parameters(self, index: int) -> list[Tensor]:
+        group, position = self.place[index]
+        return self.groups[group].network_parameters(position)
+
+    def network_gradients(self, index: int) -> list[Tensor | None]:
+        group, position = self.place[index]
+        return self.groups[group].network_gradients(position)
+
+    def network_state(self, index: int) -> dict[str, Tensor]:
+        group, position = self.place[index]
+        return self.groups[group].network_state(position)
+
+
+def stacked_networks(backbones: Sequence[MLP], networks: Sequence[nn.Sequential]) -> StackedMLP | MixedStack:
+    """The stacked network of K MLPs: one batched StackedMLP where they share a shape (the fast path, and the
+    checkpoint layout of earlier versions), else a MixedStack of one per shape."""
+    if len({network_shape(backbone) for backbone in backbones}) == 1:
+        return StackedMLP(backbones, networks)
+    return MixedStack(backbones, networks)
+
+
 class PerNetworkOptimizer(torch.optim.Optimizer):
     """Each network's own torch optimizer over its slices of the stacked parameters; ``step`` steps them all.
 
@@ -106,7 +193,9 @@ class PerNetworkOptimizer(torch.optim.Optimizer):
     A Lightning module can return it as its one optimizer: Lightning counts one step per batch, as for one run.
     """
 
-    def __init__(self, stack: StackedMLP, build: Sequence[Callable[[list[Tensor]], torch.optim.Optimizer]]):
+    def __init__(
+        self, stack: StackedMLP | MixedStack, build: Sequence[Callable[[list[Tensor]], torch.optim.Optimizer]]
+    ):
         super().__init__(list(stack.parameters()), {})
         self.stack = stack
         self.slices = [stack.network_parameters(index) for index in range(len(build))]

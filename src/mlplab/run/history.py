@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
-from mlplab.run.records import MONITOR
+from mlplab.model.classifier import EpochPredictions
+from mlplab.run.records import MONITOR, write_val_correct
+from mlplab.run.views.predictions import split_predictions
 
 
 class EpochHistory(Callback):
@@ -82,5 +85,36 @@ class EpochHistory(Callback):
         """The first epoch with the highest ``monitor`` value, as ModelCheckpoint keeps it."""
         if not self.epochs:
             return {}
-        best = max(self.epochs, key=lambda row: row.get(self.monitor, float("-inf")))
+        best = self._best_row()
         return {**{key: value for key, value in best.items() if key != "epoch"}, "best_epoch": best["epoch"]}
+
+    @property
+    def last_is_best(self) -> bool:
+        """Whether the latest validation is the run's best so far (the one best() reports)."""
+        return bool(self.epochs) and self._best_row() is self.epochs[-1]
+
+    def _best_row(self) -> dict[str, Any]:
+        return max(self.epochs, key=lambda row: row.get(self.monitor, float("-inf")))
+
+
+def record_val_correct(run_dir: Path, predictions: EpochPredictions) -> None:
+    """Write which validation images (in the split's order) the predictions got right: the best epoch's record."""
+    correct = (predictions.classes == predictions.labels).cpu().numpy()
+    write_val_correct(run_dir, correct, predictions.labels.cpu().numpy())
+
+
+class BestValCorrect(Callback):
+    """At each new best epoch (of ``history``, which must come first among the callbacks), records which validation
+    images it classified correctly (records.VAL_CORRECT_FILE): what a sweep's summary compares two jobs on. Rank 0
+    writes; every rank takes part in gathering a data-parallel run's predictions."""
+
+    def __init__(self, run_dir: Path, history: EpochHistory):
+        self.run_dir, self.history = run_dir, history
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or not self.history.last_is_best:
+            return
+        predictions = split_predictions(trainer, pl_module, "val")
+        if predictions is not None and trainer.is_global_zero:
+            record_val_correct(self.run_dir, predictions)

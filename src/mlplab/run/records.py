@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from mlplab.errors import MlplabError
-from mlplab.files import write_text_atomically
+from mlplab.files import write_atomically, write_text_atomically
 
 METRICS_FILE = "metrics.json"
+# Which validation images the run's best epoch so far classified correctly, and their labels (numpy's .npz): what a
+# sweep's summary pairs two jobs on (mlplab.sweeps.ties). Runs of earlier versions have none.
+VAL_CORRECT_FILE = "val_correct.npz"
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"  # where a run resumes from
 # The metric that picks a run's best epoch (its best.ckpt, metrics.json's val/* values) and ranks a sweep's jobs.
@@ -75,6 +80,23 @@ def read_metrics(run_dir: Path) -> dict[str, Any]:
     if not isinstance(metrics, dict):
         raise UnreadableRecordError(path, f"a JSON object was expected, found {type(metrics).__name__}")
     return metrics
+
+
+def write_val_correct(run_dir: Path, correct: np.ndarray, labels: np.ndarray) -> None:
+    """Record which validation images (in the split's order) the run's best epoch classified correctly."""
+    arrays = {"correct": np.packbits(correct.astype(bool)), "count": np.array(len(correct)), "labels": labels}
+    write_atomically(run_dir / VAL_CORRECT_FILE, lambda file: np.savez_compressed(file, **arrays))
+
+
+def read_val_correct(run_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """(correct, labels) as write_val_correct recorded them; None for a run without the file, or with a damaged one
+    (a summary then leaves the job's comparison out and says why)."""
+    try:
+        with np.load(run_dir / VAL_CORRECT_FILE) as saved:
+            count = int(saved["count"])
+            return np.unpackbits(saved["correct"], count=count).astype(bool), saved["labels"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None  # absent, or not a whole .npz: the same to a summary
 
 
 def find_checkpoint(run: str | Path, which: str = "best", key: str = "run") -> tuple[Path, Path]:

@@ -18,14 +18,14 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from mlplab.data.datamodule import ImageDataModule
+from mlplab.data.datamodule import ImageDataModule, batch_orders_of
 from mlplab.errors import SettingError, one_line
 from mlplab.model.backbones import count_parameters
 from mlplab.model.classifier import DivergedError, ImageClassifier
 from mlplab.run import provenance
-from mlplab.run.checkpoints import ResumePoints, StopRequested
+from mlplab.run.checkpoints import ResumePoints, StopRequested, read_checkpoint
 from mlplab.run.config import ConfigError, RunConfig
-from mlplab.run.history import EpochHistory
+from mlplab.run.history import BestValCorrect, EpochHistory
 from mlplab.run.lightning_notes import quiet_lightning
 from mlplab.run.memory import planned_peak_bytes, require_memory_for
 from mlplab.run.records import CHECKPOINT_DIR, MONITOR, has_event_files, write_metrics
@@ -100,9 +100,15 @@ def train(
     with quiet_lightning():
         # The history first: an epoch a callback ends the run after (a search's pruning) is recorded too.
         trainer = build_trainer(
-            config.trainer, run_dir, logger, [history, *(callbacks or []), resume_points], gpu_index, rank_command
+            config.trainer,
+            run_dir,
+            logger,
+            [history, BestValCorrect(run_dir, history), *(callbacks or []), resume_points],
+            gpu_index,
+            rank_command,
         )
-    datamodule = ImageDataModule(config.data, config.data_dir, shuffle_seed=config.seed)
+    orders = batch_orders_of(read_checkpoint(resume_from) if resume_from else None)  # as the run started
+    datamodule = ImageDataModule(config.data, config.data_dir, shuffle_seed=config.seed, batch_orders=orders)
     if trainer.is_global_zero:
         datamodule.prepare_data()
     datamodule.setup("fit")

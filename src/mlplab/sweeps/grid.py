@@ -60,6 +60,16 @@ def sweep_overrides(params: dict[str, Any] | None, arguments: list[str]) -> list
     return [f"{key}={value}" for key, value in (params or {}).items()] + list(arguments)
 
 
+def varied_keys(params: dict[str, Any] | None, arguments: list[str], seeds_per_trial: Any = 1) -> list[str]:
+    """The keys a sweep varies, in the order given: those its ``hydra.sweeper.params`` or command line sweep
+    (``a=1,2``, ``choice(...)``, ``range(...)``, ``interval(...)``), and ``seed`` when a search gives each trial
+    several seeds."""
+    lines = OverridesParser.create().parse_overrides(sweep_overrides(params, arguments))
+    keys = [line.key_or_group for line in lines if line.is_sweep_override()]
+    several_seeds = isinstance(seeds_per_trial, int) and seeds_per_trial > 1
+    return list(dict.fromkeys(keys + (["seed"] if several_seeds else [])))
+
+
 class ComposedOnce:
     """A config loader that hands the launcher the job configs the sweeper already composed to check them.
 

@@ -28,7 +28,17 @@ log = logging.getLogger(__name__)
 HYDRA_DIR = ".hydra"  # Hydra's record of a job, in its folder
 DAMAGED_SUFFIX = ".damaged"  # a damaged metrics.json is kept beside the new one under this suffix
 SWEEP_JOBS_FILE = "jobs.json"  # written by the sweeper before the first job: lets a report list jobs not started yet
-METRICS = ("val/acc", "val/loss", "best_epoch", "test/acc", "test/loss", "epochs", "wall_seconds", "num_parameters")
+METRICS = (
+    "val/acc",
+    "val/loss",
+    "best_epoch",
+    "test/acc",
+    "test/loss",
+    "epochs",
+    "wall_seconds",
+    "num_parameters",
+    "stacked_jobs",  # a stacked job's: how many jobs its stack trained together
+)
 _ABSENT = object()
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml where installed: a report reads every job's config
 
@@ -72,6 +82,7 @@ def _job(job_dir: Path, job_overrides: list[str] | None, in_queue: dict[tuple, t
         **scheduled,
         "values": override_values(job["overrides"]),
         **{key: metrics[key] for key in METRICS if key in metrics},
+        **({"seconds": metrics["wall_seconds"] / metrics.get("stacked_jobs", 1)} if "wall_seconds" in metrics else {}),
         "history": metrics.get("history", []),
         "error": metrics.get("error", ""),
     }

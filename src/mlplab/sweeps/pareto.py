@@ -11,8 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from mlplab.run.records import MONITOR
+from mlplab.sweeps.digits import setting, significant
 
-COSTS = {"num_parameters": "parameters", "wall_seconds": "seconds"}  # metrics.json key -> how a table names it
+# A job's cost (its summary row's key) -> how a table names it. Seconds: a stacked job's share of its stack's.
+COSTS = {"num_parameters": "parameters", "seconds": "seconds"}
+PARETO_PNG = "pareto.png"
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -66,9 +69,9 @@ def front_table(configs: list[dict[str, Any]], keys: list[str], cost: str) -> tu
     header = [*keys, *(["seeds"] if seeds else []), MONITOR + (" mean" if seeds else ""), COSTS[cost], "job"]
     rows = [
         [
-            *(config["values"][key] for key in keys),
+            *(setting(config["values"][key]) for key in keys),
             *([str(len(config["jobs"]))] if seeds else []),
-            f"{config[MONITOR]:.4f}",
+            significant(config[MONITOR]),
             _cost(config[cost], cost),
             "; ".join(f"`{job['job']}`" for job in config["jobs"]),
         ]
@@ -89,7 +92,7 @@ def pareto_section(jobs: list[dict[str, Any]], keys: list[str]) -> list[str]:
         "",
         f"No other configuration has a `{MONITOR}` at least as high with at most as many parameters (or seconds) "
         "and is better in one" + (" (means over each one's seeds)" if seeds else "") + ".",
-        "Pictured in `pareto.png`.",
+        f"Pictured in `{PARETO_PNG}`.",
     ]
     for cost, name in COSTS.items():
         header, rows = front_table(configs, keys, cost)
@@ -104,7 +107,7 @@ def markdown_row(cells: list[Any]) -> str:
 
 
 def _cost(value: float, cost: str) -> str:
-    return f"{value:.1f}" if cost == "wall_seconds" else f"{value:.0f}"
+    return significant(value) if cost == "seconds" else f"{value:.0f}"
 
 
 def plot_pareto(jobs: list[dict[str, Any]], configs: list[dict[str, Any]], keys: list[str], path: Path) -> None:

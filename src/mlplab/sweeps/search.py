@@ -4,7 +4,10 @@
 
 from __future__ import annotations
 
+import copy
+import math
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ from typing_extensions import override
 
 from mlplab.run.config import COMMAND_KEYS
 from mlplab.run.train import Pruned
+from mlplab.sweeps.digits import significant
 from mlplab.sweeps.storage import SearchError, StudyAddress
 from mlplab.sweeps.study import DUPLICATE_OF, RETRY_OF, counted, load_study
 
@@ -87,7 +91,8 @@ class ReportToStudy(Callback):
     A trial of several seeds (hydra.sweeper.seeds_per_trial) reports, at each epoch, the mean of the values its seeds
     have reported for that epoch so far: all of them when they train as one stack (each reports before any is
     judged), those that got there first when they train in parallel or one after another. Each seed's curve is
-    kept as a user attribute. When one seed is pruned the trial is, and its other seeds stop at their next epoch
+    kept as a user attribute. A seed is judged on the trial as it stood at the seed's epoch, though faster seeds may
+    have reported later ones. When one seed is pruned the trial is, and its other seeds stop at their next epoch
     (or before their first).
 
     Through the storage and pruner APIs, as ``Trial.report`` and ``Trial.should_prune`` do: the trial was asked
@@ -122,13 +127,10 @@ class ReportToStudy(Callback):
         if PRUNED_AFTER in trial.user_attrs:
             return trial.user_attrs[PRUNED_AFTER]
         if self.seeds_per_trial > 1:
-            values = [
-                curve[str(epoch)]
-                for key, curve in trial.user_attrs.items()
-                if key.startswith(SEED_CURVE) and str(epoch) in curve
-            ]
-            self.storage.set_trial_intermediate_value(self.trial_id, epoch, sum(values) / len(values))
-            trial = self.storage.get_trial(self.trial_id)
+            trial = self._set_epoch_mean(epoch)
+        # Optuna's pruners judge a trial's last reported epoch; a faster seed's later epochs are not this one's.
+        trial = copy.copy(trial)
+        trial.intermediate_values = {step: value for step, value in trial.intermediate_values.items() if step <= epoch}
         if not self.study.pruner.prune(self.study, trial):
             return None
         value = trial.intermediate_values[epoch]
@@ -140,6 +142,27 @@ class ReportToStudy(Callback):
         if self.seeds_per_trial > 1:
             self.storage.set_trial_user_attr(self.trial_id, PRUNED_AFTER, reason)
         return reason
+
+    def _set_epoch_mean(self, epoch: int) -> optuna.trial.FrozenTrial:
+        """Set the trial's value at ``epoch`` to the mean of its seeds' values at that epoch, and return the trial.
+
+        Read, then written: another seed's value may arrive in between, and its own write may land before this one.
+        So it is written again until a read after the write finds no new value: of seeds writing at once, the last
+        write holds them all.
+        """
+        written = None
+        while True:
+            trial = self.storage.get_trial(self.trial_id)
+            values = {
+                key: curve[str(epoch)]
+                for key, curve in trial.user_attrs.items()
+                if key.startswith(SEED_CURVE) and str(epoch) in curve
+            }
+            if values == written:
+                return trial
+            # fsum: the same mean whichever order the storage lists the seeds in
+            self.storage.set_trial_intermediate_value(self.trial_id, epoch, math.fsum(values.values()) / len(values))
+            written = values
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -160,8 +183,14 @@ class ReportToStudy(Callback):
             raise Pruned(reason)
 
 
-def search_summary(sweep_dir: Path, address: StudyAddress, study: optuna.Study | None = None) -> str:
-    """Markdown for a search's summary: its distinct trials, the best one and its command; draws ``search.png``."""
+def search_summary(
+    sweep_dir: Path,
+    address: StudyAddress,
+    study: optuna.Study | None = None,
+    tied_with: Callable[[str], str] | None = None,
+) -> str:
+    """Markdown for a search's summary: its distinct trials, the best one and its command; draws ``search.png``.
+    ``tied_with``: a job's folder name -> a line on which configurations are tied with that job's (ties.chosen_line)."""
     study = study or load_study(address)
     trials = study.get_trials(deepcopy=False)
     distinct = counted(study)
@@ -201,13 +230,14 @@ def search_summary(sweep_dir: Path, address: StudyAddress, study: optuna.Study |
         ]
         seeds = best.user_attrs.get("seed_values")
         where = (
-            f"objective {best.value:.4f} ± {best.user_attrs['std']:.4f} (mean ± std of {len(seeds)} seeds; its "
-            f"first seed's job: {best.user_attrs.get('job', '')})"
+            f"objective {significant(best.value)} ± {significant(best.user_attrs['std'])} (mean ± std of "
+            f"{len(seeds)} seeds; its first seed's job: {best.user_attrs.get('job', '')})"
             if seeds
-            else f"{best.user_attrs.get('job', '')}, objective {best.value:.4f}"
+            else f"{best.user_attrs.get('job', '')}, objective {significant(best.value)}"
         )
+        tied = tied_with(best.user_attrs.get("job", "")) if tied_with else ""
         lines += [
-            f"Best: trial {best.number}, {where}.",
+            f"Best: trial {best.number}, {where}." + (f" {tied}" if tied else ""),
             "",
             "Its command, ready to run:",
             "",

@@ -24,7 +24,7 @@ from mlplab.model.classifier import DivergedError, ImageClassifier
 from mlplab.model.stacked_classifier import StackedClassifier
 from mlplab.run import provenance
 from mlplab.run.checkpoints import read_checkpoint
-from mlplab.run.history import EpochHistory
+from mlplab.run.history import EpochHistory, record_val_correct
 from mlplab.run.lightning_notes import quiet_lightning
 from mlplab.run.records import CHECKPOINT_DIR, LAST_CHECKPOINT, MONITOR, read_metrics, write_metrics
 from mlplab.run.trackers import log_run_start
@@ -165,6 +165,8 @@ class JobRecords(Callback):
         for index in self.alive(pl_module):
             row = rows[index]
             self.histories[index].epochs.append({"epoch": epoch + 1, **row})
+            if self.histories[index].last_is_best:
+                record_val_correct(self.jobs[index].run_dir, pl_module.val_predictions[index])
             self._log(index, row, trainer)
             self._show(index, trainer, pl_module, "on_validation_end")
             for callback in self.checkpoints[index]:

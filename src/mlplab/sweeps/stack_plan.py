@@ -3,11 +3,13 @@ what they must share, in stacks as large as the memory holds. mlplab.sweeps.stac
 is mlplab.model.stacked_network and mlplab.model.stacked_classifier.
 
 What may differ within a stack (stack_group_key follows it; the README's Stacked sweeps says it to users):
-    Jobs stack when they differ only in numbers: seed, model.dropout, and the arguments of the optimizer and of the
-    scheduler that are numbers or flags (optimizer.lr, weight_decay, betas, nesterov, ...; scheduler.eta_min,
-    step_size, gamma, ...).
-    Everything else must be equal: the network's shape, the data and batch sizes, the epochs, the Trainer's
-    settings, the optimizer's and the scheduler's classes and their other settings (such as scheduler.interval).
+    Jobs stack when they differ only in their network and in numbers: the MLP's shape (model.depth, model.width,
+    per layer too, model.activation, model.output_activation), seed, model.dropout, and the arguments of the
+    optimizer and of the scheduler that are numbers or flags (optimizer.lr, weight_decay, betas, nesterov, ...;
+    scheduler.eta_min, step_size, gamma, ...). Networks of one shape are computed as one batched network, the
+    shapes one after another in the same step (mlplab.model.stacked_network).
+    Everything else must be equal: the data and batch sizes, the epochs, the Trainer's settings, the optimizer's
+    and the scheduler's classes and their other settings (such as scheduler.interval).
 
 Each stack's jobs end as a job-by-job sweep leaves them: metrics.json, provenance.json, their own checkpoints
 (mlplab-eval, mlplab-predict and resume= take them), TensorBoard curves, test views and HParams row. Jobs that
@@ -27,6 +29,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ModelSum
 
 from mlplab.data.datamodule import ImageDataModule
 from mlplab.model.backbones.mlp import MLP
+from mlplab.model.stacked_network import network_shape
 from mlplab.run.memory import RUN_OVERHEAD_BYTES, planned_peak_bytes
 from mlplab.run.records import MONITOR
 from mlplab.run.trainer import TrainerSettings
@@ -83,14 +86,19 @@ def alone_reason(job: StackedJob) -> str | None:
 
 def stack_group_key(config: Any) -> str:
     """The settings a stack's jobs share, as one string: jobs with equal keys may stack. Every setting but those
-    that may differ (this module's docstring): the seed, model.dropout, and the optimizer's and the scheduler's
-    numeric arguments."""
+    that may differ (this module's docstring): the network's shape and dropout, the seed, and the optimizer's and
+    the scheduler's numeric arguments."""
     settings = config.as_dict()
     settings.pop("seed")
-    settings["model"].pop("dropout")
+    for key in NETWORK_SETTINGS:
+        settings["model"].pop(key)
     for group in ("optimizer", "scheduler"):
         settings[group] = {key: value for key, value in settings[group].items() if not _is_number(value)}
     return json.dumps(settings, sort_keys=True, default=str)
+
+
+# What may differ between a stack's MLPs: each computes its own network (model.norm must be none, alone_reason).
+NETWORK_SETTINGS = ("depth", "width", "activation", "output_activation", "dropout")
 
 
 def _is_number(value: Any) -> bool:
@@ -117,7 +125,10 @@ def run_jobs(jobs: Sequence[StackedJob], sweep_dir: Path, max_stack: int | None 
         else:
             groups.setdefault(stack_group_key(job.config), []).append(index)
     for indices in groups.values():
-        size = max_stack or stack_capacity(jobs[indices[0]])
+        # A stack's networks of one shape side by side (one batched network each); as many as the largest allows.
+        shapes = {json.dumps(network_shape(jobs[index].config.model)): index for index in indices}
+        indices.sort(key=lambda index: json.dumps(network_shape(jobs[index].config.model)))
+        size = max_stack or min(stack_capacity(jobs[index]) for index in shapes.values())
         for start in range(0, len(indices), size):
             chunk = indices[start : start + size]
             if len(chunk) == 1:

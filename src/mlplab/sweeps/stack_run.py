@@ -21,10 +21,10 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from mlplab.data.datamodule import StackedDataModule
+from mlplab.data.datamodule import StackedDataModule, batch_orders_of
 from mlplab.errors import one_line
 from mlplab.model.stacked_classifier import StackedClassifier
-from mlplab.run.checkpoints import CHECKPOINT_FLAGS, ResumePoints, StopRequested
+from mlplab.run.checkpoints import CHECKPOINT_FLAGS, ResumePoints, StopRequested, read_checkpoint
 from mlplab.run.lightning_notes import quiet_lightning
 from mlplab.run.memory import RUN_OVERHEAD_BYTES, available_memory, resident_bytes
 from mlplab.run.ownership import claim
@@ -155,7 +155,8 @@ def train_stack(jobs: Sequence[StackedJob], group_dir: Path, resume_from: Path |
     """Train ``jobs`` (jobs that may stack: mlplab.sweeps.stack_plan) as one stack, then test each job's best
     checkpoint on its own; writes each job's records and returns each job's metrics.json content."""
     first = jobs[0].config
-    datamodule = StackedDataModule(first.data, first.data_dir, [job.config.seed for job in jobs])
+    orders = batch_orders_of(read_checkpoint(resume_from) if resume_from else None)  # as the stack started
+    datamodule = StackedDataModule(first.data, first.data_dir, [job.config.seed for job in jobs], orders)
     datamodule.prepare_data()
     datamodule.setup("fit")
     require_batches(first.trainer, datamodule)

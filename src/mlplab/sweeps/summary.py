@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import shlex
 import statistics
-from collections import defaultdict
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,14 @@ import yaml
 from mlplab.files import write_text_atomically
 from mlplab.run.config import COMMAND_KEYS
 from mlplab.run.records import MONITOR
-from mlplab.sweeps.grid import sweep_overrides
+from mlplab.sweeps.digits import setting, significant
+from mlplab.sweeps.grid import varied_keys
 from mlplab.sweeps.job_records import METRICS, collect_jobs
 from mlplab.sweeps.jobs import FINISHED, UNREADABLE
-from mlplab.sweeps.pareto import configurations, markdown_row, pareto_section, plot_pareto
+from mlplab.sweeps.pareto import PARETO_PNG, configurations, markdown_row, pareto_section, plot_pareto
 from mlplab.sweeps.storage import StudyAddress
+from mlplab.sweeps.summary_figure import plot
+from mlplab.sweeps.ties import Ties, chosen_line, compare_with
 
 
 def swept_keys(jobs: list[dict[str, Any]]) -> list[str]:
@@ -31,20 +35,15 @@ def swept_keys(jobs: list[dict[str, Any]]) -> list[str]:
 
 
 def sweep_dimensions(sweep_dir: Path) -> list[str]:
-    """The keys a sweep varies, in the order given: those its command line or ``hydra.sweeper.params`` sweep
-    (``a=1,2``, ``choice(...)``, ``range(...)``, ``interval(...)``), and ``seed`` when a search gives each trial
-    several seeds. From the multirun.yaml the sweeper writes before any job: a job's own overrides hold one value."""
+    """The keys a sweep varies, in the order given (grid.varied_keys), from the multirun.yaml the sweeper writes
+    before any job: a job's own overrides hold one value."""
     saved = sweep_dir / "multirun.yaml"
     hydra = (yaml.safe_load(saved.read_text()) or {}).get("hydra", {}) if saved.is_file() else {}
     if not hydra:
         return []
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     sweeper = hydra.get("sweeper") or {}
-    lines = sweep_overrides(sweeper.get("params"), (hydra.get("overrides") or {}).get("task") or [])
-    keys = [line.key_or_group for line in OverridesParser.create().parse_overrides(lines) if line.is_sweep_override()]
-    seeds = sweeper.get("seeds_per_trial")
-    return list(dict.fromkeys(keys + (["seed"] if isinstance(seeds, int) and seeds > 1 else [])))
+    task = (hydra.get("overrides") or {}).get("task") or []
+    return varied_keys(sweeper.get("params"), task, sweeper.get("seeds_per_trial"))
 
 
 def changed_between_commands(jobs: list[dict[str, Any]], sweep_dir: Path) -> list[str]:
@@ -84,57 +83,91 @@ def write_csv(jobs: list[dict[str, Any]], path: Path) -> None:
 
 
 def markdown(jobs: list[dict[str, Any]], title: str, changed: Sequence[str] = ()) -> str:
-    """The sweep as a markdown report: ranked table, seed aggregates, failures, unfinished jobs. ``changed``: keys
-    that differ between the commands that ran the sweep (changed_between_commands)."""
+    """The sweep as a markdown report: how many configurations are tied with the best, ranked table, seed
+    aggregates, failures, unfinished jobs. ``changed``: keys that differ between the commands that ran the sweep
+    (changed_between_commands)."""
     keys = swept_keys(jobs)
-    counts = defaultdict(int)
-    for job in jobs:
-        counts[job["status"]] += 1
+    configs = configurations(jobs, [key for key in keys if key != "seed"])
+    ties = compare_with(configs) if configs else None
+    over_seeds = any(len(config["jobs"]) > 1 for config in configs)
+    counts = Counter(job["status"] for job in jobs)
     lines = [
         f"# Sweep {title}",
         "",
         f"{len(jobs)} jobs: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + ".",
         f"Ranked by best validation accuracy (`{MONITOR}`); test accuracy is shown, never used to choose.",
-        "",
     ]
     if changed:
-        lines[-1:-1] = [
+        lines.append(
             f"Settings changed between the commands that ran this sweep: {', '.join(f'`{k}`' for k in changed)}. "
             "Jobs of every setting are ranked together, the setting a column; where a job's command line left a key "
             "out, its value is the one the job's own config recorded."
-        ]
-    header = ["rank", *keys, "val/acc", "val/loss", "best epoch", "test/acc", "epochs", "seconds", "parameters", "job"]
-    lines += [markdown_row(header), markdown_row(["---"] * len(header))]
-    for rank, job in enumerate(ranked(jobs), start=1):
-        lines.append(
-            markdown_row(
-                [
-                    f"{rank} (best)" if rank == 1 else str(rank),
-                    *(job["values"].get(k, "") for k in keys),
-                    _number(job.get("val/acc")),
-                    _number(job.get("val/loss")),
-                    job.get("best_epoch", ""),
-                    _number(job.get("test/acc")),
-                    job.get("epochs", ""),
-                    _number(job.get("wall_seconds"), 1),
-                    job.get("num_parameters", ""),
-                    job["job"],
-                ]
-            )
         )
+    lines += [*(ties.lines() if ties and len(configs) > 1 else []), ""]
+    lines += ranked_table(jobs, keys, None if over_seeds else _cells_by_job(configs, ties))
     if "seed" in keys:
-        lines += ["", "## Over seeds", "", *seed_table(jobs, [k for k in keys if k != "seed"])]
+        seed_keys = [key for key in keys if key != "seed"]
+        lines += ["", "## Over seeds", "", *seed_table(configs, seed_keys, ties if over_seeds else None)]
     lines += pareto_section(jobs, [k for k in keys if k != "seed"])
+    return "\n".join(lines + other_sections(jobs)) + "\n"
+
+
+def ranked_table(jobs: list[dict[str, Any]], keys: list[str], vs_best: dict[str, str] | None) -> list[str]:
+    """The completed jobs, best first; ``vs best``: each job's cell of that column (None: no such column)."""
+    header = ["rank", *keys, "val/acc", "val/loss", "best epoch", "test/acc", "epochs", "seconds", "parameters", "job"]
+    header += ["vs best"] if vs_best is not None else []
+    lines = [markdown_row(header), markdown_row(["---"] * len(header))]
+    for rank, job in enumerate(ranked(jobs), start=1):
+        row = [
+            f"{rank} (best)" if rank == 1 else str(rank),
+            *(setting(job["values"].get(k, "")) for k in keys),
+            significant(job.get("val/acc")),
+            significant(job.get("val/loss")),
+            job.get("best_epoch", ""),
+            significant(job.get("test/acc")),
+            job.get("epochs", ""),
+            _seconds(job),
+            job.get("num_parameters", ""),
+            job["job"],
+        ]
+        lines.append(markdown_row(row + ([vs_best.get(job["job"], "")] if vs_best is not None else [])))
+    if any(job.get("stacked_jobs", 1) > 1 for job in ranked(jobs)):
+        lines += ["", STACKED_SECONDS]
+    return lines
+
+
+STACKED_SECONDS = (
+    "A stacked job's seconds are its share of its stack's (the stack's wall time over the N jobs it trained "
+    "together, marked 1/N), here and in the Pareto front, so that jobs trained alone and stacked compare alike."
+)
+
+
+def _seconds(job: dict[str, Any]) -> str:
+    stacked = job.get("stacked_jobs", 1)
+    return significant(job.get("seconds")) + (f" (1/{stacked} of a stack)" if stacked > 1 else "")
+
+
+def _cells_by_job(configs: list[dict[str, Any]], ties: Ties | None) -> dict[str, str]:
+    """Each job's ``vs best`` cell: its configuration's."""
+    if ties is None:
+        return {}
+    return {job["job"]: ties.cell(index) for index, config in enumerate(configs) for job in config["jobs"]}
+
+
+def other_sections(jobs: list[dict[str, Any]]) -> list[str]:
+    """The commands that evaluate finished jobs (their folders relative to where the summary was written), and the
+    pruned, failed, unreadable and unfinished jobs."""
+    lines = []
     evaluable = [job for job in ranked(jobs) if job["status"] in FINISHED]
     if evaluable:
         lines += ["", "## Evaluate a job", "", "```"]
-        lines += [f"mlplab-eval run={shlex.quote(str(Path(job['run_dir']).absolute()))}" for job in evaluable]
+        lines += [f"mlplab-eval run={shlex.quote(os.path.relpath(job['run_dir']))}" for job in evaluable]
         lines += ["```"]
     pruned = [job for job in jobs if job["status"] == "pruned"]
     if pruned:
         lines += ["", "## Pruned", ""] + [
             f"- `{job['job']}`: stopped after {job.get('epochs', '?')} epochs, best val/acc "
-            f"{_number(job.get('val/acc'))}"
+            f"{significant(job.get('val/acc'))}"
             for job in pruned
         ]
     failed = [job for job in jobs if job["status"] in ("failed", "diverged")]
@@ -152,18 +185,21 @@ def markdown(jobs: list[dict[str, Any]], title: str, changed: Sequence[str] = ()
             f"- `{job['job']}`: {job['status']}" + (f" ({job['scheduler']})" if "scheduler" in job else "")
             for job in unfinished
         ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
-def seed_table(jobs: list[dict[str, Any]], keys: list[str]) -> list[str]:
-    """Mean and standard deviation over seeds of each configuration, best mean validation accuracy first."""
+def seed_table(configs: list[dict[str, Any]], keys: list[str], ties: Ties | None) -> list[str]:
+    """Mean and standard deviation over seeds of each configuration, best mean validation accuracy first; with
+    ``ties``, each one's ``vs best`` cell."""
     header = [*keys, "seeds", "val/acc mean", "val/acc std", "test/acc mean", "test/acc std"]
+    header += ["vs best"] if ties else []
     rows = []
-    for config in configurations(jobs, keys):
+    for index, config in enumerate(configs):
         val = [job["val/acc"] for job in config["jobs"]]
         test = [job["test/acc"] for job in config["jobs"] if "test/acc" in job]
         means = [statistics.fmean(val), _std(val), statistics.fmean(test) if test else None, _std(test)]
-        rows.append([*config["values"].values(), len(val), *map(_number, means)])
+        values = [setting(value) for value in config["values"].values()]
+        rows.append([*values, len(val), *map(significant, means), *([ties.cell(index)] if ties else [])])
     return [markdown_row(header), markdown_row(["---"] * len(header)), *map(markdown_row, rows)]
 
 
@@ -171,99 +207,24 @@ def _std(values: list[float]) -> float | None:
     return statistics.stdev(values) if len(values) > 1 else None
 
 
-def _number(value: Any, digits: int = 4) -> str:
-    return "" if value is None else f"{value:.{digits}f}"
-
-
-def plot(jobs: list[dict[str, Any]], path: Path, top: int = 5) -> None:
-    """best val/acc against each swept key (one line per value of a second key), and the top runs' curves."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    finished = ranked(jobs)
-    keys = [key for key in swept_keys(jobs) if key != "seed"]
-    panels = len(keys) + 1
-    columns = min(panels, 3)
-    rows = -(-panels // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 4 * rows), squeeze=False)
-    for axis, key in zip(axes.flat, keys):
-        others = [other for other in keys if other != key]
-        _plot_against(axis, finished, key, others[0] if others else None)
-    curves = axes.flat[len(keys)]
-    for job in finished[:top]:
-        history = [point for point in job["history"] if MONITOR in point]
-        label = " ".join(f"{key}={job['values'][key]}" for key in swept_keys(jobs) if key in job["values"])
-        curves.plot([p["epoch"] for p in history], [p[MONITOR] for p in history], marker="o", label=label or job["job"])
-    curves.set(title=f"{MONITOR} per epoch, top {min(top, len(finished))} runs", xlabel="epoch", ylabel=MONITOR)
-    curves.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    if finished:
-        curves.legend(fontsize=7)
-    for axis in list(axes.flat)[panels:]:
-        axis.axis("off")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
-def _plot_against(axis: Any, jobs: list[dict[str, Any]], key: str, line_key: str | None) -> None:
-    """Mean best val/acc per value of ``key`` (error bars: spread over the other keys and seeds)."""
-    values = sorted({job["values"][key] for job in jobs if key in job["values"]}, key=_sort_key)
-    numeric = all(_is_number(value) for value in values)
-    positions = {value: float(value) if numeric else index for index, value in enumerate(values)}
-    lines: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for job in jobs:
-        lines[job["values"].get(line_key, "") if line_key else "all"].append(job)
-    for label, members in sorted(lines.items(), key=lambda item: _sort_key(item[0])):
-        points = defaultdict(list)
-        for job in members:
-            points[job["values"].get(key)].append(job[MONITOR])
-        xs = [value for value in values if value in points]
-        axis.errorbar(
-            [positions[x] for x in xs],
-            [statistics.fmean(points[x]) for x in xs],
-            yerr=[_std(points[x]) or 0.0 for x in xs],
-            marker="o",
-            capsize=3,
-            label=f"{line_key}={label}" if line_key else None,
-        )
-    if numeric and values and float(values[0]) > 0 and float(values[-1]) / float(values[0]) >= 8:
-        axis.set_xscale("log", base=2)  # widths, batch sizes, learning rates: spaced by factors
-    axis.set_xticks(list(positions.values()), list(positions), rotation=20 if not numeric else 0)
-    axis.minorticks_off()
-    axis.set(title=f"best {MONITOR} by {key}", xlabel=key, ylabel=f"best {MONITOR} (mean ± sd of its jobs)")
-    if line_key and axis.get_legend_handles_labels()[0]:
-        axis.legend(fontsize=8)
-
-
-def _is_number(value: str) -> bool:
-    try:
-        float(value)
-    except ValueError:
-        return False
-    return True
-
-
-def _sort_key(value: str) -> tuple:
-    return (0, float(value), "") if _is_number(value) else (1, 0.0, value)
-
-
 def write_summary(sweep_dir: Path, study: Any = None) -> tuple[list[dict[str, Any]], str]:
-    """Write summary.csv, summary.md, summary.png and pareto.png into the sweep folder; returns the jobs and the
-    markdown.
+    """Write summary.csv, summary.md, summary.png and (with more than one configuration) pareto.png into the sweep
+    folder; returns the jobs and the markdown.
     ``study``: a search's open Optuna study (else found from the folder's multirun.yaml)."""
     jobs = collect_jobs(sweep_dir)
     text = markdown(jobs, sweep_dir.name, changed_between_commands(jobs, sweep_dir))
+    keys = [key for key in swept_keys(jobs) if key != "seed"]
+    configs = configurations(jobs, keys)
     address = StudyAddress.of_sweep(sweep_dir)
     if address is not None:
         from mlplab.sweeps.search import search_summary  # Optuna, only for searches
 
-        text += search_summary(sweep_dir, address, study)
+        text += search_summary(sweep_dir, address, study, lambda job: chosen_line(configs, job))
     write_csv(jobs, sweep_dir / "summary.csv")
     write_text_atomically(sweep_dir / "summary.md", text)
-    plot(jobs, sweep_dir / "summary.png")
-    keys = [key for key in swept_keys(jobs) if key != "seed"]
-    plot_pareto(jobs, configurations(jobs, keys), keys, sweep_dir / "pareto.png")
+    plot(ranked(jobs), swept_keys(jobs), sweep_dir / "summary.png")
+    if len(configs) > 1:
+        plot_pareto(jobs, configs, keys, sweep_dir / PARETO_PNG)
+    else:  # one configuration (a seed-only sweep) is no front; a picture of an earlier one would be out of date
+        (sweep_dir / PARETO_PNG).unlink(missing_ok=True)
     return jobs, text
