@@ -184,3 +184,16 @@ class RequeueOnce(Callback):
             import subprocess
 
             subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=True)  # SIGTERM follows
+
+
+class HoldAtStep(Callback):
+    """Waits after optimizer step ``step`` until the file ``until`` exists (at most 5 minutes): a test does what it
+    must while the run is certainly training, however busy the machine, then lets it go on."""
+
+    def __init__(self, step: int, until: str):
+        self.step, self.until = step, Path(until)
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        deadline = time.monotonic() + 300
+        while trainer.global_step == self.step and not self.until.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)

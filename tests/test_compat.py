@@ -288,3 +288,21 @@ def test_jobs_derived_from_a_composed_one_equal_hydras_own_composition():
                 HYDRA,
             )
         assert len(composed_once._bases) == 3  # the first job's shape, model=linear's and seed=6's: the rest derived
+
+
+def test_csv_logger_still_removes_metrics_csv_when_its_writer_is_made_and_keeps_its_header(tmp_path):
+    # mlplab.run.trackers.ResumableCSVLogger rewrites the rows a resumed run keeps after Lightning's writer removed
+    # the file, and hands the writer their header: update it if either changes.
+    from lightning.pytorch.loggers import CSVLogger
+
+    (tmp_path / "metrics.csv").write_text("epoch,step,val/acc\n0,9,0.5\n")
+    writer = CSVLogger(tmp_path, name="", version="").experiment
+    assert not (tmp_path / "metrics.csv").exists(), "update mlplab.run.trackers.ResumableCSVLogger"
+    assert writer.metrics_keys == [], "update mlplab.run.trackers.ResumableCSVLogger"
+    writer.metrics_keys = ["epoch", "step", "val/acc"]
+    writer.metrics = [{"epoch": 2, "step": 19, "val/acc": 0.6}]
+    (tmp_path / "metrics.csv").write_text("epoch,step,val/acc\n1,9,0.5\n")
+    writer.save()
+    assert (tmp_path / "metrics.csv").read_text().splitlines() == ["epoch,step,val/acc", "1,9,0.5", "2,19,0.6"], (
+        "update mlplab.run.trackers.ResumableCSVLogger"
+    )

@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from mlplab.run import ownership
 from mlplab.run.config import parse_run_config
 from mlplab.run.ownership import ClaimLostError, claim, held_claim, renewed
+from mlplab.run.trackers import ResumableCSVLogger
 from mlplab.run.train import train
 
 BIN = Path(sys.executable).parent
@@ -61,13 +62,17 @@ def training(pattern: str, cwd: Path, process: subprocess.Popen) -> Path:
 
 def validation_epochs(run_dir: Path) -> list[int]:
     """The epoch column of metrics.csv's validation rows, in file order."""
+    if not (run_dir / "metrics.csv").is_file():
+        return []
     with (run_dir / "metrics.csv").open(newline="") as file:
         return [int(row["epoch"]) for row in csv.DictReader(file) if row.get("val/acc")]
 
 
 def test_a_run_in_training_is_refused_to_a_resume_and_its_sweep_job_to_a_second_sweep(synthetic_data_dir, tmp_path):
-    run = start([*RUN, PACE], tmp_path, synthetic_data_dir)
-    sweep_args = ["-m", "sweep=twice", *RUN, "seed=7", PACE]
+    go = tmp_path / "go"  # both trainings wait at step 25 until the test has made its checks
+    hold = f"+callbacks.hold={{_target_:probes.HoldAtStep,step:25,until:'{go}'}}"
+    run = start([*RUN, hold], tmp_path, synthetic_data_dir)
+    sweep_args = ["-m", "sweep=twice", *RUN, "seed=7", hold]
     sweep = start(sweep_args, tmp_path, synthetic_data_dir)
     run_dir = training("outputs/runs/*", tmp_path, run)
     job_dir = training("outputs/sweeps/twice/*", tmp_path, sweep)
@@ -80,10 +85,22 @@ def test_a_run_in_training_is_refused_to_a_resume_and_its_sweep_job_to_a_second_
     )
     assert resumed.stderr.count("\n") == 1 and "Traceback" not in resumed.stderr
 
-    second = run_cli(["mlplab-train", *sweep_args], tmp_path, synthetic_data_dir)  # waits for the first, then sums up
-    output = second.stdout + second.stderr
-    assert f"Skipped {job_dir}: process {sweep.pid} on {socket.gethostname()} is running it" in output
-    assert second.returncode == 0, output[-3000:]
+    with (tmp_path / "second.log").open("w") as log:  # the second sweep waits for the first one's job to end
+        second = subprocess.Popen(
+            [str(BIN / "mlplab-train"), *sweep_args],
+            cwd=tmp_path,
+            env=cli_env(synthetic_data_dir),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        skipped = f"Skipped {job_dir}: process {sweep.pid} on {socket.gethostname()} is running it"
+        deadline = time.monotonic() + 120
+        while skipped not in (tmp_path / "second.log").read_text() and second.poll() is None:
+            assert time.monotonic() < deadline, (tmp_path / "second.log").read_text()[-3000:]
+            time.sleep(0.1)
+        go.touch()
+        assert second.wait(timeout=180) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    assert skipped in (tmp_path / "second.log").read_text()
 
     assert run.wait(timeout=120) == 0, run.stdout.read()[-3000:]
     assert sweep.wait(timeout=120) == 0, sweep.stdout.read()[-3000:]
@@ -125,7 +142,10 @@ def test_a_killed_owners_run_is_refused_within_its_lease_and_taken_over_and_resu
 ):
     run = start([*RUN, PACE], tmp_path, synthetic_data_dir)
     run_dir = training("outputs/runs/*", tmp_path, run)
-    time.sleep(6)  # into the second epoch (~5 s each): the CSV holds the first epoch's rows
+    deadline = time.monotonic() + 120
+    while validation_epochs(run_dir) != [1]:  # killed in the second epoch: the CSV holds the first's rows
+        assert time.monotonic() < deadline and run.poll() is None
+        time.sleep(0.05)
     run.send_signal(signal.SIGKILL)
     run.wait()
     assert (run_dir / ".lock").read_text() == f"{socket.gethostname()} {run.pid}\n"  # never released
@@ -152,6 +172,11 @@ def test_a_killed_owners_run_is_refused_within_its_lease_and_taken_over_and_resu
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "completed" and [row["epoch"] for row in metrics["history"]] == [1, 2, 3]
     assert validation_epochs(run_dir) == [1, 2, 3]  # the killed part's rows kept, none doubled
+    with (run_dir / "metrics.csv").open(newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [int(row["epoch"]) for row in rows if row.get("train/loss")] == [1, 2, 3]
+    steps = [int(row["step"]) for row in rows]
+    assert steps == sorted(steps)  # rows the killed part logged after its last checkpoint were left out
 
 
 def test_a_resumed_csv_run_keeps_every_epochs_row_counted_from_1(synthetic_data_dir, tmp_path):
@@ -206,7 +231,27 @@ def test_a_heartbeat_that_cannot_renew_is_logged(tmp_path, monkeypatch, caplog):
         raise OSError("Stale file handle")
 
     with caplog.at_level(logging.WARNING, logger="mlplab.run.ownership"), renewed(failing, "the claim on job"):
-        time.sleep(0.3)
+        deadline = time.monotonic() + 30
+        while "Could not renew" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
     assert "Could not renew the claim on job (Stale file handle); another process may take it over if this lasts " in (
         caplog.text
     )
+
+
+def test_a_run_of_an_earlier_version_resumed_keeps_its_csv_rows_counted_from_1(tmp_path):
+    # metrics.csv as mlplab wrote it before: Lightning's 0-based epochs; then a checkpoint at step 19 (epoch 2's end)
+    (tmp_path / "metrics.csv").write_text(
+        "epoch,step,train/loss,val/acc\n0,9,,0.5\n0,9,1.2,\n1,19,,0.6\n1,19,0.9,\n2,24,0.8,\n"
+    )
+    logger = ResumableCSVLogger(tmp_path, name="", version="", purge_step=20)
+    logger.log_metrics({"val/acc": 0.7, "epoch": 2}, step=29)
+    logger.save()
+    assert (tmp_path / "metrics.csv").read_text().splitlines() == [
+        "epoch,step,train/loss,val/acc",
+        "1,9,,0.5",
+        "1,9,1.2,",
+        "2,19,,0.6",
+        "2,19,0.9,",
+        "3,29,,0.7",
+    ]

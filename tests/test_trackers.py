@@ -81,6 +81,10 @@ def test_tensorboard_and_mlflow_together_and_a_resume_continues_the_mlflow_run(s
         r["val/acc"] for r in history
     ]
     assert len(history) == 2
+    val_steps = [p.step for p in store(tmp_path).get_metric_history(run.info.run_id, "val/acc")]
+    assert val_steps == sorted(set(val_steps))  # each epoch once, in order: the resume neither doubled nor lost one
+    epochs = {p.value for p in store(tmp_path).get_metric_history(run.info.run_id, "epoch")}
+    assert epochs == {1.0, 2.0}  # counted from 1, as in metrics.json and metrics.csv
 
     provenance = json.loads((run_dir / "provenance.json").read_text())
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()

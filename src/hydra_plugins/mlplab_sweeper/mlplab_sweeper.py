@@ -29,7 +29,6 @@ from hydra_plugins.mlplab_sweeper.search_loop import SearchLoop, SweepIncomplete
 from mlplab.cli.compose import SWEPT_KEYS_SETTING, checked_job_config, checked_sweep_name
 from mlplab.errors import MlplabError
 from mlplab.run.config import ConfigError
-from mlplab.run.ownership import claim
 from mlplab.run.records import has_event_files
 from mlplab.sweeps.grid import (
     ComposedOnce,
@@ -41,8 +40,8 @@ from mlplab.sweeps.grid import (
     varied_keys,
     wait_for_other_processes,
 )
-from mlplab.sweeps.job_records import SWEEP_JOBS_FILE, claimed_metrics
-from mlplab.sweeps.jobs import FINISHED, UNREADABLE, job_state
+from mlplab.sweeps.job_records import SWEEP_JOBS_FILE
+from mlplab.sweeps.jobs import FINISHED, job_state
 from mlplab.sweeps.settings import check_settings
 from mlplab.sweeps.summary import write_summary
 
@@ -155,11 +154,6 @@ class MlplabSweeper(SearchLoop, Sweeper):
         todo = [job for job in jobs if job not in done]
         held = f"; its folder also holds {earlier} job{'s' * (earlier > 1)} of earlier commands" if earlier else ""
         log.info("Sweep %s: %d jobs, %d done already, %d to run%s", sweep_dir, len(jobs), len(done), len(todo), held)
-        for job in todo:
-            if states[job.dir] == UNREADABLE:  # its metrics.json is damaged: it starts over, as a failed job does
-                with claim(job.dir) as holding:
-                    if holding:
-                        claimed_metrics(job.dir)
         log.info("Resume or extend it with the same command and sweep=%s", sweep_dir.name)
         batch_size = self.max_batch_size or max(len(todo), 1)
         for start in range(0, len(todo), batch_size):

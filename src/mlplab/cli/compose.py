@@ -37,12 +37,13 @@ MAX_DIRNAME = 150  # file names end at 255 bytes; a hash keeps longer ones apart
 
 def job_dirname(overrides: str, sweep_dir: str = "", swept: str = "") -> str:
     """A sweep job's folder name from its overrides (Hydra's override_dirname: sorted, joined by ","): one path
-    component (no "/"), at most 150 characters. The ``swept`` keys come first, in their order, so that ``ls`` tells
-    the jobs apart (``seed=11,callbacks=default,...``). A folder of ``sweep_dir`` that holds the job already keeps
-    its name, whatever the order of its items: a sweep run again, or extended by another command, finds its jobs."""
+    component (no "/"), at most 150 characters. The ``swept`` keys come first (sorted: the same name from any
+    command that sweeps them), so that ``ls`` tells the jobs apart (``seed=11,callbacks=default,...``). A folder
+    of ``sweep_dir`` that holds the job already keeps its name, whatever the order of its items: a sweep run
+    again, or extended by another command, finds its jobs."""
     name = overrides.replace("/", "_") or "defaults"
     items = _name_items(name)
-    leading = [item for key in swept.split() for item in items if _item_key(item) == key]
+    leading = [item for key in sorted(swept.split()) for item in items if _item_key(item) == key]
     ordered = ",".join(leading + [item for item in items if item not in leading])
     if len(name) > MAX_DIRNAME:
         digest = hashlib.sha1(overrides.encode()).hexdigest()[:8]

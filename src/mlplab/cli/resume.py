@@ -16,6 +16,7 @@ from mlplab.files import write_text_atomically
 from mlplab.run import provenance
 from mlplab.run.checkpoints import read_checkpoint
 from mlplab.run.config import CLASS_SECTIONS, NON_EXPERIMENT_KEYS, RESUMABLE_KEYS, SECTIONS, ConfigError
+from mlplab.run.ownership import refusal, running_on
 from mlplab.run.records import find_checkpoint, read_yaml_record
 
 # overrides.yaml cannot be removed as other records can: the resumed run is composed from it.
@@ -40,6 +41,8 @@ def check_resume(args: list[str]) -> None:
     if any(arg in ("-m", "--multirun") for arg in args):
         raise ConfigError("resume= continues one run; to resume a sweep, run the same -m command again")
     run_dir, checkpoint = find_checkpoint(resumes[-1].split("=", 1)[1].strip("'\""), "last", key="resume")
+    if running_on(run_dir):  # refused before Hydra writes a line in its log (the task claims it for good)
+        raise refusal(run_dir)
     # What the resumed run reads, refused here if damaged or unsafe: once Hydra starts, it writes into the folder.
     read_checkpoint(checkpoint)
     recorded_overrides(run_dir)

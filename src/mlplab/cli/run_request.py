@@ -64,11 +64,12 @@ def _task(cfg: DictConfig, describe: bool) -> Any:
     # Ended here, not raised: Hydra would add a line of its own ("Error executing job with overrides") to the one.
     try:
         with contextlib.ExitStack() as held:
+            # A single run or resume= holds its folder before mlplab reads or writes in it (a refusal here leaves
+            # the folder to its owner, whatever it holds); a sweep's job is claimed by the sweep
+            # (mlplab.sweeps.jobs), a data-parallel run's other ranks by its first.
+            if hydra_config.mode == RunMode.RUN and not started_as_other_rank():
+                held.enter_context(owned(run_dir))
             with discarded_if_refused(run_dir):
-                # A single run or resume= holds its folder before anything reads or writes in it; a sweep's job is
-                # claimed by the sweep (mlplab.sweeps.jobs), a data-parallel run's other ranks by its first.
-                if hydra_config.mode == RunMode.RUN and not started_as_other_rank():
-                    held.enter_context(owned(run_dir))
                 request = RunRequest.of(cfg, hydra_config, run_dir)
             if describe:
                 return request.stacked_job(hydra_config)

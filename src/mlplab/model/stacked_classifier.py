@@ -71,9 +71,11 @@ class StackedClassifier(L.LightningModule):
         return flat.view(labels.shape).mean(1)
 
     @override
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         images, labels = batch
         logits = self(images)
+        if not logits.requires_grad:  # every network has left the stack (the epoch ends without them): no step
+            return None
         losses = self._losses(logits, labels, self.label_smoothing)
         self._outputs["train"].append((losses.detach(), logits.detach().argmax(dim=2), labels))
         # Free on the CPU: a diverged network stops before this step reaches it.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing_extensions import override
 from mlplab.compat import validates_next
 from mlplab.errors import MlplabError, SettingError, first_sentence, one_line
 from mlplab.files import write_atomically
-from mlplab.run.ownership import ClaimLostError, held_claim
+from mlplab.run.ownership import Claim, ClaimLostError, held_claim
 from mlplab.run.records import CHECKPOINT_DIR, LAST_CHECKPOINT
 
 # What both of a run's ModelCheckpoints are given (conf/callbacks/checkpoint/plain.yaml holds the same flags, and
@@ -129,12 +130,13 @@ class ResumePoints(Callback):
     finished epoch without a checkpoint. A second signal stops at once.
     """
 
-    def __init__(self, run_dir: Path, every_n_steps: int = EVERY_N_STEPS):
+    def __init__(self, run_dir: Path, every_n_steps: int = EVERY_N_STEPS, claims: Sequence[Claim | None] = ()):
         self.path = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
         self.every_n_steps = every_n_steps
         self.stopped_by: str | None = None  # this process's signal, or another rank's (then "SIGTERM")
-        # The run folder's claim (mlplab.run.ownership): once another process has taken it over, this one stops.
-        self.claim = held_claim(run_dir)
+        # The run folder's claim (mlplab.run.ownership), or a stack's jobs' (``claims``): once another process has
+        # taken one over, this one stops.
+        self.claims = [claim for claim in (claims or [held_claim(run_dir)]) if claim is not None]
         self._signalled = False  # whether this process itself got a signal: its second one stops at once
         self._previous_handlers: dict[int, Any] = {}
 
@@ -155,6 +157,10 @@ class ResumePoints(Callback):
         signals = [signal.SIGINT, signal.SIGTERM, *filter(None, [requeue_signal()])]
         self._previous_handlers = {signum: signal.signal(signum, self._request_stop) for signum in signals}
 
+    def lost_claim(self) -> Claim | None:
+        """A claim of this run's (or stack's jobs') that another process has taken over, if any."""
+        return next((claim for claim in self.claims if claim.lost.is_set()), None)
+
     def _request_stop(self, signum: int, frame: Any) -> None:
         if self._signalled:
             raise KeyboardInterrupt
@@ -173,10 +179,11 @@ class ResumePoints(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         stop = self._stop_requested(trainer)
-        if self.claim is not None and self.claim.lost.is_set():
-            # Another process trains here now, from the last checkpoint, and writes the folder's files: this one
+        lost = self.lost_claim()
+        if lost is not None:
+            # Another process trains there now, from the last checkpoint, and writes the folder's files: this one
             # writes nothing more (a checkpoint written now would race the new owner's writes of the same file).
-            raise ClaimLostError(self.claim.path.parent, trainer.global_step)
+            raise ClaimLostError(lost.path.parent, trainer.global_step)
         if validates_next(trainer):  # on_validation_end stops, and the epoch's checkpoints follow it
             return
         if stop or (self.every_n_steps and trainer.global_step % self.every_n_steps == 0):

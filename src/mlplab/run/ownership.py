@@ -5,8 +5,9 @@ A claim is an flock on ``<folder>/.lock`` rather than a marker file: the kernel 
 included, so a crashed run never leaves its folder locked on this host. The file names the holder and is renewed
 while held (a heartbeat); a claim not renewed for LEASE_SECONDS is a dead holder's and is taken over. That matters
 across hosts: there is no process to ask, and a network file system may keep a dead host's lock for long (NFSv3's
-lock manager until the host returns). A holder whose claim was taken over learns it at its next heartbeat and stops
-at its next step (``lost``), rather than train beside the new owner.
+lock manager until the host returns). A holder on this host is never taken over: its flock is held only while it
+lives. A holder whose claim was taken over learns it at its next heartbeat and stops at its next step (``lost``),
+rather than train beside the new owner.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def claim(folder: Path, lock_name: str = LOCK_FILE) -> Iterator[Claim | None]:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / lock_name
     fd = _locked(path, os.O_RDWR | os.O_CREAT)
-    if fd is None and _expired(path):
+    if fd is None and _expired(path) and not _on_this_host(path):  # here, a held flock means a live holder
         fd = _take_over(path)
     if fd is None:
         yield None
@@ -115,14 +116,19 @@ def owned(run_dir: Path) -> Iterator[Claim]:
     """Claim a run's folder for this process, or refuse in one line naming the process that holds it."""
     with claim(run_dir) as held:
         if held is None:
-            host, _, pid = (holder(run_dir / LOCK_FILE) or "? ?").partition(" ")
-            stop = f"kill {pid}" if host == socket.gethostname() else f"stop it on {host}"
-            raise RunOwnedError(
-                f"{run_dir} is being trained by process {pid} on {host}; wait for it to end, or stop it ({stop}) "
-                "and run this command again to continue from its last checkpoint (a holder that stops renewing its "
-                f"claim is taken over after {LEASE_SECONDS:.0f} s)"
-            )
+            raise refusal(run_dir)
         yield held
+
+
+def refusal(run_dir: Path) -> RunOwnedError:
+    """Why a second process may not train in ``run_dir``: who holds it, and how to wait or take over."""
+    host, _, pid = (holder(run_dir / LOCK_FILE) or "? ?").partition(" ")
+    stop = f"kill {pid}" if host == socket.gethostname() else f"stop it on {host}"
+    return RunOwnedError(
+        f"{run_dir} is being trained by process {pid} on {host}; wait for it to end, or stop it ({stop}) and run "
+        "this command again to continue from its last checkpoint (a holder on another host that stops renewing its "
+        f"claim is taken over after {LEASE_SECONDS:.0f} s)"
+    )
 
 
 def _locked(path: Path, flags: int) -> int | None:
@@ -134,6 +140,12 @@ def _locked(path: Path, flags: int) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+def _on_this_host(path: Path) -> bool:
+    """Whether the lock file names a holder on this host: one this host's kernel would have let go of if it died
+    (a process stopped with Ctrl-Z or SIGSTOP renews nothing, and is still the owner)."""
+    return (holder(path) or "").partition(" ")[0] == socket.gethostname()
 
 
 def _expired(path: Path) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import io
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from typing_extensions import override
 
 from mlplab.errors import MlplabError
+from mlplab.files import write_text_atomically
 
 MLFLOW_HINT = "logger=mlflow needs MLflow, an optional extra: pip install 'mlplab[mlflow]'"
 DEFAULT_EXPERIMENT = "mlplab"  # single runs; a sweep's jobs go to an experiment named after the sweep
@@ -31,12 +33,27 @@ class TrackerError(MlplabError):
     """A logger cannot be set up as configured (a missing optional package, an unreachable store)."""
 
 
-class ResumableCSVLogger(CSVLogger):
-    """Lightning's CSVLogger as a run's metrics.csv needs it (``logger=csv``).
+class EpochsFromOne(Logger):
+    """A logger whose ``epoch`` values count from 1, as everywhere in mlplab (Lightning logs its 0-based counter
+    with each row of metrics): the CSV file's column and MLflow's metric."""
+
+    @override
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        if "epoch" in metrics:
+            metrics = {**metrics, "epoch": int(metrics["epoch"]) + 1}
+        super().log_metrics(metrics, step)
+
+
+class RunMLFlowLogger(EpochsFromOne, MLFlowLogger):
+    """Lightning's MLFlowLogger, with epochs counted from 1 (``logger=mlflow``)."""
+
+
+class ResumableCSVLogger(EpochsFromOne, CSVLogger):
+    """Lightning's CSVLogger as a run's metrics.csv needs it (``logger=csv``), epochs counted from 1.
 
     A resumed run appends to what its earlier part wrote; Lightning's would delete the file. Like TensorBoard's
     ``purge_step``, the rows logged after the checkpoint it resumes from are left out: the resumed run logs them
-    again. The ``epoch`` column counts from 1, as everywhere in mlplab (Lightning logs its 0-based counter).
+    again.
     """
 
     def __init__(self, *args: Any, purge_step: int | None = None, **kwargs: Any):
@@ -47,7 +64,9 @@ class ResumableCSVLogger(CSVLogger):
             with path.open(newline="") as file:
                 reader = csv.DictReader(file)
                 rows = [row for row in reader if row.get("step") and int(float(row["step"])) < purge_step]
-                self._kept = (list(reader.fieldnames or []), rows)
+            if any(row.get("epoch") == "0" for row in rows):  # an earlier version's rows: Lightning's 0-based count
+                rows = [{**row, "epoch": str(int(row["epoch"]) + 1)} if row.get("epoch") else row for row in rows]
+            self._kept = (list(reader.fieldnames or []), rows)
 
     @property
     @override
@@ -56,18 +75,13 @@ class ResumableCSVLogger(CSVLogger):
         if self._kept is not None and isinstance(writer, ExperimentWriter):  # a data-parallel run's rank 0
             keys, rows = self._kept
             self._kept = None
-            with open(writer.metrics_file_path, "w", newline="") as file:
-                table = csv.DictWriter(file, fieldnames=keys)
-                table.writeheader()
-                table.writerows(rows)
+            text = io.StringIO(newline="")
+            table = csv.DictWriter(text, fieldnames=keys)
+            table.writeheader()
+            table.writerows(rows)
+            write_text_atomically(Path(writer.metrics_file_path), text.getvalue())
             writer.metrics_keys = keys  # later rows are appended under the same header (widened if they add keys)
         return writer
-
-    @override
-    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        if "epoch" in metrics:
-            metrics = {**metrics, "epoch": int(metrics["epoch"]) + 1}
-        super().log_metrics(metrics, step)
 
 
 def mlflow_arguments(settings: dict[str, Any], run_dir: Path, experiment: str | None) -> dict[str, Any]:

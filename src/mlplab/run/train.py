@@ -156,7 +156,7 @@ def train(
         if resume_points.stopped_by:
             metrics["stopped_by"] = resume_points.stopped_by
         # A process whose claim was taken over leaves the folder's records to the new owner (mlplab.run.ownership).
-        if trainer.is_global_zero and not (resume_points.claim and resume_points.claim.lost.is_set()):
+        if trainer.is_global_zero and resume_points.lost_claim() is None:
             write_metrics(run_dir, metrics)
             if metrics["status"] != "interrupted":  # an interrupted run gets its HParams row when it finishes
                 log_hparams(trainer.loggers, hparams or {}, metrics, trainer.global_step)

@@ -19,14 +19,13 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mlplab.errors import one_line
-from mlplab.run.records import UnreadableRecordError, read_metrics, write_metrics
+from mlplab.run.records import UnreadableRecordError, read_metrics
 from mlplab.sweeps.jobs import FINISHED, UNREADABLE, job_state
 from mlplab.sweeps.slurm import scheduler_states
 
 log = logging.getLogger(__name__)
 
 HYDRA_DIR = ".hydra"  # Hydra's record of a job, in its folder
-DAMAGED_SUFFIX = ".damaged"  # a damaged metrics.json is kept beside the new one under this suffix
 SWEEP_JOBS_FILE = "jobs.json"  # written by the sweeper before the first job: lets a report list jobs not started yet
 METRICS = (
     "val/acc",
@@ -102,7 +101,7 @@ def read_overrides(job_dir: Path) -> list[str]:
     return [str(override) for override in overrides]
 
 
-def recorded_config(job_dir: Path) -> DictConfig | None:
+def job_config(job_dir: Path) -> DictConfig | None:
     """The job's config as Hydra recorded it, its chosen config groups under ``hydra.runtime.choices`` as in a
     composed config; None for a job that has not started. UnreadableRecordError when a record is damaged."""
     path = job_dir / HYDRA_DIR / "config.yaml"
@@ -118,7 +117,7 @@ def recorded_config(job_dir: Path) -> DictConfig | None:
 def recorded_values(job_dir: Path, keys: list[str]) -> dict[str, str]:
     """Each of ``keys`` that the job's recorded config has, with its value there (value_text); {} for a job that has
     not started. UnreadableRecordError when a record is damaged."""
-    config = recorded_config(job_dir)
+    config = job_config(job_dir)
     values = {key: value_text(config, key) for key in keys} if config is not None else {}
     return {key: value for key, value in values.items() if value is not None}
 
@@ -138,22 +137,6 @@ def value_text(config: DictConfig, key: str) -> str | None:
     if isinstance(value, bool) or value is None:
         return json.dumps(value)  # true, false, null: as Hydra reads them
     return json.dumps(value, separators=(",", ":")) if isinstance(value, (list, dict)) else str(value)
-
-
-def claimed_metrics(job_dir: Path) -> dict[str, Any]:
-    """The metrics.json of a job this process holds. A damaged one makes the job a failed one, to start over: without
-    its status, a job whose checkpoints must not be resumed (failed, diverged) looks like one cut short. The damaged
-    file stays beside the new record, and one line names it."""
-    try:
-        return read_metrics(job_dir)
-    except UnreadableRecordError as error:
-        damaged = error.path
-    kept = damaged.with_name(damaged.name + DAMAGED_SUFFIX)
-    damaged.replace(kept)
-    metrics = {"status": "failed", "error": f"{damaged.name} was damaged (kept as {kept.name}); the job starts over"}
-    write_metrics(job_dir, metrics)
-    log.warning("%s is damaged; the job starts over, as a failed job does (the file kept as %s)", damaged, kept.name)
-    return metrics
 
 
 def _read_yaml(path: Path) -> Any:

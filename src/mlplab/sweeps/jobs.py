@@ -25,12 +25,13 @@ log = logging.getLogger(__name__)
 
 RETRIED = ("failed", "diverged")
 FINISHED = ("completed", "pruned")  # a job in either state is never trained again
+DAMAGED_SUFFIX = ".damaged"  # a damaged metrics.json is kept beside the new one under this suffix
 UNREADABLE = "unreadable"  # a job whose metrics.json is damaged (job_state): never resumed, it starts over
 
 
 def job_state(job_dir: Path) -> str:
     """completed | pruned | failed | diverged | running | interrupted | pending, or UNREADABLE: a damaged
-    metrics.json, which its report names and its sweep starts over (mlplab.sweeps.job_records.claimed_metrics)."""
+    metrics.json, which its report names and its sweep starts over (claimed_metrics)."""
     try:
         status = read_metrics(job_dir).get("status")
     except UnreadableRecordError:
@@ -42,6 +43,22 @@ def job_state(job_dir: Path) -> str:
     if status or (job_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
         return "interrupted"
     return "pending"
+
+
+def claimed_metrics(job_dir: Path) -> dict[str, Any]:
+    """The metrics.json of a job this process holds. A damaged one makes the job a failed one, to start over: without
+    its status, a job whose checkpoints must not be resumed (failed, diverged) looks like one cut short. The damaged
+    file stays beside the new record, and one line names it."""
+    try:
+        return read_metrics(job_dir)
+    except UnreadableRecordError as error:
+        damaged = error.path
+    kept = damaged.with_name(damaged.name + DAMAGED_SUFFIX)
+    damaged.replace(kept)
+    metrics = {"status": "failed", "error": f"{damaged.name} was damaged (kept as {kept.name}); the job starts over"}
+    write_metrics(job_dir, metrics)
+    log.warning("%s is damaged; the job starts over, as a failed job does (the file kept as %s)", damaged, kept.name)
+    return metrics
 
 
 def held_elsewhere(job_dir: Path) -> str:
@@ -117,7 +134,7 @@ def run_sweep_job(
         if not claimed:
             log.info("Skipped %s: %s", job_dir, held_elsewhere(job_dir))
             return {"status": "running"}
-        done = read_metrics(job_dir)
+        done = claimed_metrics(job_dir)  # a damaged one: the job starts over
         if done.get("status") in FINISHED:
             log.info("Done already: %s", job_dir)
             return done

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from mlplab.run.config import NON_EXPERIMENT_KEYS
 from mlplab.run.records import UnreadableRecordError
-from mlplab.sweeps.job_records import HYDRA_DIR, override_values, read_overrides, recorded_config, value_text
+from mlplab.sweeps.job_records import HYDRA_DIR, job_config, override_values, read_overrides, value_text
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def check_settings(sweep_dir: Path, now: list[tuple[str, list[str], DictConfig]]
     earlier = []
     for folder in others:
         with contextlib.suppress(UnreadableRecordError):
-            earlier.append((read_overrides(folder), recorded_config(folder)))
+            earlier.append((read_overrides(folder), job_config(folder)))
     if earlier:
         every = [overrides for overrides, _ in earlier] + [overrides for _, overrides, _ in now]
         keys = list(dict.fromkeys(key for overrides in every for key in override_values(overrides)))

@@ -277,6 +277,8 @@ class JobRecords(Callback):
             if index not in self.ended:
                 log.warning("Job %s diverged and leaves the stack: %s", self.jobs[index].run_dir.name, reason)
                 self._end(index, trainer, {"status": "diverged", "error": f"{DivergedError.__name__}: {reason}"})
+        if module.diverged and not any(self.alive(module)):  # a stack left with no job stops
+            trainer.should_stop = True
 
     def _end(self, index: int, trainer: L.Trainer, how: dict[str, Any]) -> None:
         """Write job ``index``'s final records, ended as ``how`` says, before the stack's end."""

@@ -122,8 +122,8 @@ def run_jobs(jobs: Sequence[StackedJob], sweep_dir: Path, max_stack: int | None 
         if reason:
             log.info("Job %s runs on its own: %s", job.run_dir.name, reason)
             results[index] = job.train_alone()
-        else:
-            groups.setdefault(stack_group_key(job.config), []).append(index)
+        else:  # a stopped stack's jobs stack again as they were, to resume it (one of an earlier version too)
+            groups.setdefault(in_a_stopped_stack(sweep_dir, job) or stack_group_key(job.config), []).append(index)
     for indices in groups.values():
         # A stack's networks of one shape side by side (one batched network each); as many as the largest allows.
         shapes = {json.dumps(network_shape(jobs[index].config.model)): index for index in indices}

@@ -27,12 +27,11 @@ from mlplab.model.stacked_classifier import StackedClassifier
 from mlplab.run.checkpoints import CHECKPOINT_FLAGS, ResumePoints, StopRequested, read_checkpoint
 from mlplab.run.lightning_notes import quiet_lightning
 from mlplab.run.memory import RUN_OVERHEAD_BYTES, available_memory, resident_bytes
-from mlplab.run.ownership import claim
+from mlplab.run.ownership import ClaimLostError, claim, held_claim
 from mlplab.run.records import CHECKPOINT_DIR, LAST_CHECKPOINT, read_metrics, write_metrics
 from mlplab.run.train import build_model
 from mlplab.run.trainer import TrainerSettings, build_trainer, require_batches
-from mlplab.sweeps.job_records import claimed_metrics
-from mlplab.sweeps.jobs import FINISHED, held_elsewhere, prepare_attempt
+from mlplab.sweeps.jobs import FINISHED, claimed_metrics, held_elsewhere, prepare_attempt
 from mlplab.sweeps.stack_jobs import JobRecords, StackedJob
 
 log = logging.getLogger(__name__)
@@ -86,13 +85,14 @@ def stack_dir(sweep_dir: Path, jobs: Sequence[StackedJob]) -> Path:
     return sweep_dir / STACKS_DIR / hashlib.sha1("\n".join(names).encode()).hexdigest()[:12]
 
 
-def in_a_stopped_stack(sweep_dir: Path, job: StackedJob) -> bool:
-    """Whether a stack that holds this job left a checkpoint (so the job resumes as part of that stack)."""
-    return any(
-        job.run_dir.name in json.loads((path.parent.parent / STACK_JOBS_FILE).read_text())
-        for path in (sweep_dir / STACKS_DIR).glob(f"*/{CHECKPOINT_DIR}/{LAST_CHECKPOINT}")
-        if (path.parent.parent / STACK_JOBS_FILE).is_file()
-    )
+def in_a_stopped_stack(sweep_dir: Path, job: StackedJob) -> str | None:
+    """The folder name of a stack that holds this job and left a checkpoint (the job resumes as part of it), or
+    None."""
+    for path in (sweep_dir / STACKS_DIR).glob(f"*/{CHECKPOINT_DIR}/{LAST_CHECKPOINT}"):
+        names = path.parent.parent / STACK_JOBS_FILE
+        if names.is_file() and job.run_dir.name in json.loads(names.read_text()):
+            return path.parent.parent.name
+    return None
 
 
 @contextlib.contextmanager
@@ -125,6 +125,9 @@ def _train_or_fall_back(jobs: Sequence[StackedJob], group_dir: Path) -> list[dic
         return list(train_stack(jobs, group_dir, resume_from))
     except (KeyboardInterrupt, SystemExit):
         raise
+    except ClaimLostError as error:  # the stack stops; its checkpoint stays for the jobs still this sweep's
+        log.warning("Stack of %d jobs: %s", len(jobs), error)
+        return [{"status": "running"} for _ in jobs]
     except Exception as error:
         resumed = isinstance(error, RESUMED_ERRORS)
         if resumed:
@@ -170,7 +173,7 @@ def train_stack(jobs: Sequence[StackedJob], group_dir: Path, resume_from: Path |
     log.info("Training %d jobs as one stack; its log and jobs: %s", len(jobs), group_dir)
     module = StackedClassifier(models)
     records = JobRecords(jobs, models, estimates, resume_from, group_dir / LOG_FILE)
-    resume_points = ResumePoints(group_dir, first.checkpoint.every_n_steps)
+    resume_points = ResumePoints(group_dir, first.checkpoint.every_n_steps, [held_claim(job.run_dir) for job in jobs])
     with quiet_lightning():
         callbacks = [records, resume_points, _stack_last_checkpoint(group_dir)]
         trainer = build_trainer(first.trainer, group_dir, False, callbacks)
@@ -180,7 +183,8 @@ def train_stack(jobs: Sequence[StackedJob], group_dir: Path, resume_from: Path |
         if resume_points.stopped_by:  # a signal during validation: the epoch ended with its checkpoints
             raise StopRequested
     except BaseException as error:
-        records.stopped(trainer, error, resume_points.stopped_by)
+        if not isinstance(error, ClaimLostError):  # else a job's records are another process's now
+            records.stopped(trainer, error, resume_points.stopped_by)
         raise
     results = [records.finish(index, trainer) for index in range(len(jobs))]
     for path in (group_dir / CHECKPOINT_DIR).glob("*.ckpt"):  # every job has its own now
