@@ -191,6 +191,9 @@ def test_a_resumed_csv_run_keeps_every_epochs_row_counted_from_1(synthetic_data_
     with (run_dir / "metrics.csv").open(newline="") as file:
         rows = [row for row in csv.DictReader(file) if row.get("val/acc")]
     assert [float(row["val/acc"]) for row in rows] == [pytest.approx(epoch["val/acc"]) for epoch in history]
+    with (run_dir / "metrics.csv").open(newline="") as file:
+        tested = [row["epoch"] for row in csv.DictReader(file) if row.get("test/acc")]
+    assert tested == ["2", "4"]  # each test after training, at the last epoch trained: the first part's kept
 
 
 class TakenOverAtStep(Callback):

@@ -8,10 +8,10 @@ from conftest import SYNTHETIC_RUN, composed
 from omegaconf import OmegaConf
 
 from mlplab.cli.instantiate import build_callbacks
-from mlplab.run import trainer
+from mlplab.run import precision
 from mlplab.run.config import parse_run_config
+from mlplab.run.precision import fast_bf16
 from mlplab.run.train import train
-from mlplab.run.trainer import fast_bf16
 
 
 def run(data_dir, run_dir, *overrides):
@@ -57,7 +57,7 @@ def test_precision_auto_is_bf16_mixed_where_the_cpu_multiplies_bf16_and_is_recor
     native, chosen, synthetic_data_dir, tmp_path, monkeypatch
 ):
     # Whether this CPU multiplies bf16 natively (read from its flags: the test below); both answers tried here.
-    monkeypatch.setattr(trainer, "fast_bf16", lambda on_gpu: native)
+    monkeypatch.setattr(precision, "fast_bf16", lambda on_gpu: native)
     metrics = run(synthetic_data_dir, tmp_path / "run", "trainer.precision=auto")
     assert metrics["status"] == "completed" and metrics["precision"] == chosen
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["precision"] == chosen

@@ -35,11 +35,12 @@ class TrackerError(MlplabError):
 
 class EpochsFromOne(Logger):
     """A logger whose ``epoch`` values count from 1, as everywhere in mlplab (Lightning logs its 0-based counter
-    with each row of metrics): the CSV file's column and MLflow's metric."""
+    with each row of metrics): the CSV file's column and MLflow's metric. A test after training already has the
+    number of epochs trained, which is the last one's, counted from 1."""
 
     @override
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        if "epoch" in metrics:
+        if "epoch" in metrics and not any(key.startswith("test/") for key in metrics):
             metrics = {**metrics, "epoch": int(metrics["epoch"]) + 1}
         super().log_metrics(metrics, step)
 
