@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -239,6 +240,30 @@ def stopped_and_resumed(data_dir, folder: Path, overrides, stop_after: int) -> d
     returns the resumed run's last.ckpt contents."""
     train_in_process(data_dir, folder, overrides, stop_after=stop_after)
     return train_in_process(data_dir, folder, overrides, resume_from=folder / "checkpoints" / "last.ckpt")
+
+
+def hold_as_a_dead_host_would(lock: Path, age_seconds: float) -> subprocess.Popen:
+    """A process holding the lock file's flock (as a network file system keeps a dead host's) that names another
+    host and has not renewed it for ``age_seconds``."""
+    lock.write_text("another-host 4242\n")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
+                import fcntl, os, time
+                fd = os.open({str(lock)!r}, os.O_RDWR)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                os.utime(fd, (time.time() - {age_seconds}, time.time() - {age_seconds}))
+                print("held", flush=True)
+                time.sleep(600)
+            """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    return holder
 
 
 @contextlib.contextmanager

@@ -4,13 +4,11 @@ taken over and a waiting process does not wait for ever (a sweep shared over a n
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
+from conftest import hold_as_a_dead_host_would
 
 import mlplab.run.ownership as ownership
 import mlplab.sweeps.jobs as jobs
@@ -56,24 +54,7 @@ def dead_hosts_lock(tmp_path):
     """A lock file whose flock is still held (as a network file system may keep a dead host's) but not renewed."""
     job = tmp_path / "job"
     lock = stale_claim_of_another_host(job, age_seconds=ownership.LEASE_SECONDS + 30)
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            textwrap.dedent(f"""
-        import fcntl, os, sys, time
-        fd = os.open({str(lock)!r}, os.O_RDWR)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        then = time.time() - {ownership.LEASE_SECONDS + 30}
-        os.utime(fd, (then, then))
-        print("held", flush=True)
-        time.sleep(600)
-    """),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert holder.stdout.readline().strip() == "held"
+    holder = hold_as_a_dead_host_would(lock, age_seconds=ownership.LEASE_SECONDS + 30)
     yield job
     holder.kill()
     holder.wait()

@@ -10,12 +10,11 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
-from conftest import SYNTHETIC_RUN, cli_env, composed, run_cli
+from conftest import SYNTHETIC_RUN, cli_env, composed, hold_as_a_dead_host_would, run_cli
 from lightning.pytorch import Callback
 from omegaconf import OmegaConf
 
@@ -111,30 +110,6 @@ def test_a_run_in_training_is_refused_to_a_resume_and_its_sweep_job_to_a_second_
         assert {p.name for p in (folder / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
         assert "earlier_attempts" not in json.loads((folder / "provenance.json").read_text())  # trained once
     assert (run_dir / ".lock").read_text() == ""  # released
-
-
-def hold_as_a_dead_host_would(lock: Path, age_seconds: float) -> subprocess.Popen:
-    """A process holding the lock file's flock (as a network file system keeps a dead host's) that names another
-    host and has not renewed it for ``age_seconds``."""
-    lock.write_text("another-host 4242\n")
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            textwrap.dedent(f"""
-                import fcntl, os, time
-                fd = os.open({str(lock)!r}, os.O_RDWR)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                os.utime(fd, (time.time() - {age_seconds}, time.time() - {age_seconds}))
-                print("held", flush=True)
-                time.sleep(600)
-            """),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert holder.stdout.readline().strip() == "held"
-    return holder
 
 
 def test_a_killed_owners_run_is_refused_within_its_lease_and_taken_over_and_resumed_after_it(
