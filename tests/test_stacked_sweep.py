@@ -164,7 +164,9 @@ def test_a_diverging_job_leaves_the_stack_and_the_others_go_on(forked_cli, synth
 
 def test_a_killed_stack_resumes_every_job_exactly(forked_cli, synthetic_data_dir, tmp_path):
     exact = [
-        "seed=1,2,3",
+        "seed=1,2",
+        "model.width=8,16",  # two shapes in the stack
+        "model.dropout=0.2",
         "trainer.deterministic=true",
         "trainer.max_epochs=3",
         "checkpoint.every_n_steps=3",
@@ -173,6 +175,7 @@ def test_a_killed_stack_resumes_every_job_exactly(forked_cli, synthetic_data_dir
     ]
     code, output, whole = sweep(forked_cli, tmp_path, synthetic_data_dir, "whole", *exact)
     assert code == 0, output[-3000:]
+    assert "Training 4 jobs as one stack" in output
     code, output, killed = sweep(
         forked_cli,
         tmp_path,
