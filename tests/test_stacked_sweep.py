@@ -311,3 +311,16 @@ def test_jobs_of_several_depths_and_widths_train_as_one_stack_as_each_trains_alo
         assert a["state_dict"].keys() == b["state_dict"].keys()
         for key, value in b["state_dict"].items():
             torch.testing.assert_close(a["state_dict"][key], value, rtol=1e-4, atol=1e-5)
+    # a job of another shape than the first's: its folder evaluates, predicts and resumes as an ordinary run's
+    (job,) = [job for name, job in jobs(stacked).items() if name.startswith("model.depth=2,model.width=32,")]
+    result = run_cli(["mlplab-eval", f"run='{job}'", "format=json"], tmp_path, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["test/acc"] == pytest.approx(json.loads(result.stdout)["recorded test/acc"])
+    result = run_cli(["mlplab-predict", f"run='{job}'", "inputs=test"], tmp_path, synthetic_data_dir)
+    assert result.returncode == 0 and result.stdout.startswith("200 test predictions"), result.stderr[-2000:]
+    assert len((job / "predictions_test.csv").read_text().splitlines()) == 201  # a header and one row per image
+    code, output = forked_cli.run(
+        [f"resume='{job}'", "trainer.max_epochs=3", f"paths.data_dir={synthetic_data_dir}"], tmp_path
+    )
+    assert code == 0, output[-3000:]
+    assert json.loads((job / "metrics.json").read_text())["epochs"] == 3
