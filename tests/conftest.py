@@ -62,6 +62,19 @@ def cli_env(data_dir: Path | None = None) -> dict[str, str]:
     return env
 
 
+def start_train(args: list[str], cwd: Path, data_dir: Path, merged: bool = False) -> subprocess.Popen:
+    """The installed mlplab-train in a process of its own, running while the test acts on it (signals, a second
+    process); ``merged``: stderr into stdout."""
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlplab-train"), *args],
+        cwd=cwd,
+        env=cli_env(data_dir),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merged else subprocess.PIPE,
+    )
+
+
 def composed(overrides: list[str] | tuple[str, ...] = (), config_name: str = "train", hydra: bool = False) -> Any:
     """The config mlplab's command line composes from ``overrides`` (with Hydra's own part if ``hydra``)."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SYNTHETIC_RUN, cli_env, composed, hold_as_a_dead_host_would, run_cli
+from conftest import SYNTHETIC_RUN, cli_env, composed, hold_as_a_dead_host_would, run_cli, start_train
 from lightning.pytorch import Callback
 from omegaconf import OmegaConf
 
@@ -38,14 +38,7 @@ PACE = "+callbacks.pace={_target_:probes.PaceSteps,seconds:0.1,until_resumed:tru
 
 
 def start(args: list[str], cwd: Path, data_dir: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [str(BIN / "mlplab-train"), *args],
-        cwd=cwd,
-        env=cli_env(data_dir),
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    return start_train(args, cwd, data_dir, merged=True)
 
 
 def training(pattern: str, cwd: Path, process: subprocess.Popen) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SYNTHETIC_RUN, cli_env, run_cli, single_run_dir
+from conftest import SYNTHETIC_RUN, run_cli, single_run_dir, start_train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 BIN = Path(sys.executable).parent
@@ -30,14 +30,7 @@ PACED_RUN = [*RUN, "+callbacks.pace={_target_:probes.PaceSteps,seconds:0.01}"]
 
 
 def start(args: list[str], cwd: Path, data_dir: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [str(BIN / "mlplab-train"), *args],
-        cwd=cwd,
-        env=cli_env(data_dir),
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    return start_train(args, cwd, data_dir)
 
 
 def saved_step(checkpoint: Path) -> int:

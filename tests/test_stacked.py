@@ -35,6 +35,21 @@ def batches(steps: int, size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor
     ]
 
 
+def train_alone_and_stacked(alone, optimizers, stacked, optimizer: PerNetworkOptimizer, steps: int) -> None:
+    """``steps`` steps on the same batches: each network alone with its own optimizer, and the stack."""
+    for images, labels in batches(steps):
+        for k, (network, single) in enumerate(zip(alone, optimizers)):
+            single.zero_grad()
+            F.cross_entropy(network(images[k]), labels[k]).backward()
+            single.step()
+        optimizer.zero_grad()
+        logits = stacked(images)
+        # the sum of the networks' own losses: each network's gradient is its own loss's
+        losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+        losses.view(len(alone), -1).mean(1).sum().backward()
+        optimizer.step()
+
+
 def test_a_stack_computes_what_each_network_computes_alone():
     backbones = [MLP(depth=2, width=[32, 16], activation="gelu")] * 3
     alone = networks(backbones)
@@ -88,16 +103,7 @@ def test_each_network_of_a_stack_trains_as_it_would_alone_with_its_own_numbers(n
     optimizer = PerNetworkOptimizer(
         stacked, [functools.partial(optimizer_class, **arguments, **shared) for arguments in per_network]
     )
-    for images, labels in batches(20):
-        for k, (network, single) in enumerate(zip(alone, optimizers)):
-            single.zero_grad()
-            F.cross_entropy(network(images[k]), labels[k]).backward()
-            single.step()
-        optimizer.zero_grad()
-        logits = stacked(images)
-        # the sum of the networks' own losses: each network's gradient is its own loss's
-        F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(3, -1).mean(1).sum().backward()
-        optimizer.step()
+    train_alone_and_stacked(alone, optimizers, stacked, optimizer, steps=20)
     for k, network in enumerate(alone):
         for key, value in network.state_dict().items():
             torch.testing.assert_close(stacked.network_state(k)[key], value, rtol=1e-4, atol=1e-6)
@@ -173,15 +179,7 @@ def test_networks_of_several_shapes_stack_and_each_trains_as_it_would_alone(orde
     optimizer = PerNetworkOptimizer(
         stacked, [functools.partial(torch.optim.Adam, **arguments) for arguments in settings]
     )
-    for images, labels in batches(10):
-        for k, (network, single) in enumerate(zip(alone, optimizers)):
-            single.zero_grad()
-            F.cross_entropy(network(images[k]), labels[k]).backward()
-            single.step()
-        optimizer.zero_grad()
-        logits = stacked(images)
-        F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(3, -1).mean(1).sum().backward()
-        optimizer.step()
+    train_alone_and_stacked(alone, optimizers, stacked, optimizer, steps=10)
     for k, network in enumerate(alone):
         assert stacked.network_state(k).keys() == network.state_dict().keys()
         for key, value in network.state_dict().items():
