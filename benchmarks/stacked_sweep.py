@@ -7,6 +7,7 @@
     python benchmarks/stacked_sweep.py --quick                                  # synthetic data: checks the script
     python benchmarks/stacked_sweep.py --search 4 --ks 2 --epochs 2 --repeats 2   # a search: 4 trials of 2 seeds
     python benchmarks/stacked_sweep.py --depths 1 2 --widths 64 128 256 512 --ks 2 --epochs 2 --repeats 2  # shapes
+    python benchmarks/stacked_sweep.py --depths 1 2 --widths 64 128 256 512 --ks 2 --epochs 2 --repeats 2 --bare
 
 Each sweep is a fresh mlplab-train process (imports and exit counted: that is what a user waits for), seeds
 1..K, default settings otherwise. Repeats are interleaved (stacked, then job by job, for each K in turn); the
@@ -14,7 +15,9 @@ table gives medians. With ``--search N``, each sweep is instead an Optuna search
 (hydra.sweeper.seeds_per_trial=K, ``--trials-at-once`` trials asked together, no pruning, the same TPE seed both
 ways, so both run the same trials); the table adds trials per hour. ``--alone-ks`` limits the job-by-job sweeps to
 those K (on a GPU, 32 jobs one by one take long and say little: each job costs the same). With ``--depths`` and
-``--widths``, each sweep is a shape sweep: every depth and width, each with seeds 1..K.
+``--widths``, each sweep is a shape sweep: every depth and width, each with seeds 1..K. With ``--bare``, the same
+networks also train in the simplest loop that trains them together (benchmarks/bare_stack.py, a process of its own,
+interleaved with the sweeps): the floor a stacked sweep could reach, with none of mlplab's records.
 """
 
 from __future__ import annotations
@@ -78,6 +81,16 @@ def sweep(k: int, stacked: bool, args: argparse.Namespace, workdir: Path, data_d
     return {"wall_s": wall, "test_acc": [job["test/acc"] for job in metrics]}
 
 
+def bare(k: int, args: argparse.Namespace, data_dir: Path) -> dict:
+    """benchmarks/bare_stack.py on the same networks and data: its wall time and its networks' test accuracies."""
+    command = [sys.executable, str(HERE / "bare_stack.py"), "--data-dir", str(data_dir / "FashionMNIST" / "raw")]
+    command += ["--depths", *map(str, args.depths or [2]), "--widths", *map(str, args.widths or [512])]
+    command += ["--seeds", *map(str, range(1, k + 1)), "--epochs", str(args.epochs)]
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return {"wall_s": time.perf_counter() - started, **json.loads(result.stdout.splitlines()[-1])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -89,6 +102,7 @@ def main() -> None:
     parser.add_argument("--trials-at-once", type=int, default=2, help="with --search: trials asked together")
     parser.add_argument("--depths", type=int, nargs="+", help="a shape sweep: these model.depth values")
     parser.add_argument("--widths", type=int, nargs="+", help="a shape sweep: these model.width values")
+    parser.add_argument("--bare", action="store_true", help="also time the simplest loop (benchmarks/bare_stack.py)")
     parser.add_argument("--quick", action="store_true", help="synthetic data, tiny network: checks the script runs")
     parser.add_argument("--output", type=Path, default=HERE / "results", help="folder for the JSON result")
     parser.add_argument("overrides", nargs="*", help="further mlplab-train overrides for every sweep")
@@ -110,6 +124,8 @@ def main() -> None:
                     if stacked or k in alone_ks:
                         number += 1
                         runs.setdefault((k, stacked), []).append(sweep(k, stacked, args, workdir, data_dir, number))
+                if args.bare and not args.search:
+                    runs.setdefault((k, "bare"), []).append(bare(k, args, data_dir))
     rows = []
     print(
         f"{'K':>3} {'stacked s':>10} {'job by job s':>13} {'ratio':>6} {'jobs/min stacked':>17} "
@@ -138,6 +154,11 @@ def main() -> None:
             row["mean_abs_test_acc_difference"] = statistics.mean(
                 abs(a - b) for a, b in zip(row["stacked"]["test_acc"], row["alone"]["test_acc"])
             )
+        if (k, "bare") in runs:
+            walls = [run["wall_s"] for run in runs[(k, "bare")]]
+            row["bare"] = {"wall_s": statistics.median(walls), "walls_s": walls, **runs[(k, "bare")][-1]}
+            if "alone" in row:
+                row["bare"]["ratio"] = row["bare"]["wall_s"] / row["alone"]["wall_s"]
         rows.append(row)
         alone = row.get("alone", {})
         print(
@@ -146,6 +167,12 @@ def main() -> None:
             f"{alone.get('jobs_per_minute', float('nan')):>15.1f} {row['stacked']['epochs_per_second']:>17.2f} "
             f"{row['stacked']['test_acc_mean']:>17.4f} {alone.get('test_acc_mean', float('nan')):>15.4f}"
         )
+        if "bare" in row:
+            print(
+                f"    the simplest loop (benchmarks/bare_stack.py): {row['bare']['wall_s']:.1f} s, "
+                f"ratio {row['bare'].get('ratio', float('nan')):.2f} to job by job, of which training "
+                f"{row['bare']['train_s']:.1f} s"
+            )
         if args.search:
             print(
                 f"    a search of {args.search} trials of {k} seeds: {row['stacked']['trials_per_hour']:.1f} "

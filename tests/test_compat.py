@@ -12,6 +12,8 @@ import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
+from mlplab.compat import adams_stepped_together
+
 LIGHTNING = f"lightning {version('lightning')}"
 HYDRA = f"hydra-core {version('hydra-core')}"
 
@@ -306,3 +308,54 @@ def test_csv_logger_still_removes_metrics_csv_when_its_writer_is_made_and_keeps_
     assert (tmp_path / "metrics.csv").read_text().splitlines() == ["epoch,step,val/acc", "1,9,0.5", "2,19,0.6"], (
         "update mlplab.run.trackers.ResumableCSVLogger"
     )
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda params, lr: torch.optim.Adam(params, lr=lr, fused=True),
+        lambda params, lr: torch.optim.Adam(params, lr=lr, foreach=True, weight_decay=0.01),
+        lambda params, lr: torch.optim.AdamW(params, lr=lr, amsgrad=True, foreach=False),
+    ],
+    ids=["fused Adam", "foreach Adam", "AdamW amsgrad"],
+)
+def test_adams_stepped_together_step_as_each_adam_steps_alone(make):
+    """If torch changes Adam's functional form or its state's names, update compat.adams_stepped_together."""
+    torch.manual_seed(0)
+    tensors = [[torch.randn(5, 3), torch.randn(3)] for _ in range(3)]
+    alone = [[tensor.clone().requires_grad_() for tensor in network] for network in tensors]
+    together = [[tensor.clone().requires_grad_() for tensor in network] for network in tensors]
+    lrs = [0.1, 0.1, 0.01]  # two of one setting, one of another: two calls
+    alone_optimizers = [make(params, lr) for params, lr in zip(alone, lrs)]
+    together_optimizers = [make(params, lr) for params, lr in zip(together, lrs)]
+    assert not adams_stepped_together(together_optimizers)  # no state yet: step one by one
+    for step in range(4):
+        grads = [[torch.randn_like(tensor) for tensor in network] for network in tensors]
+        for params_alone, params_together, network_grads in zip(alone, together, grads):
+            for a, b, grad in zip(params_alone, params_together, network_grads):
+                a.grad, b.grad = grad.clone(), grad.clone()
+        for optimizer in alone_optimizers:
+            optimizer.step()
+        if step == 0:
+            for optimizer in together_optimizers:
+                optimizer.step()
+        else:
+            assert adams_stepped_together(together_optimizers)
+    for network_alone, network_together in zip(alone, together):
+        for a, b in zip(network_alone, network_together):
+            assert torch.equal(a, b)
+    for optimizer_alone, optimizer_together in zip(alone_optimizers, together_optimizers):
+        for state_alone, state_together in zip(
+            optimizer_alone.state_dict()["state"].values(), optimizer_together.state_dict()["state"].values()
+        ):
+            assert state_alone.keys() == state_together.keys()
+            assert all(torch.equal(state_alone[key], state_together[key]) for key in state_alone)
+            assert float(state_together["step"]) == 4.0
+
+
+def test_adams_stepped_together_leaves_other_optimizers_to_step_alone():
+    params = [torch.zeros(2, requires_grad=True)]
+    params[0].grad = torch.ones(2)
+    sgd = torch.optim.SGD(params, lr=0.1)
+    assert not adams_stepped_together([sgd])
+    assert torch.equal(params[0].detach(), torch.zeros(2))

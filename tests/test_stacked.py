@@ -189,6 +189,58 @@ def test_networks_of_several_shapes_stack_and_each_trains_as_it_would_alone(orde
     torch.testing.assert_close(stacked.eval()(images), expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("norm", ["batch", "layer"])
+def test_normalised_networks_stack_and_each_trains_as_it_would_alone(norm):
+    # Networks of one norm are one batched network; with dropout, without, and beside an unnormalised shape.
+    shapes = [MLP(depth=2, width=16, norm=norm), MLP(depth=2, width=16, norm=norm, dropout=0.2), MLP(depth=1, width=8)]
+    alone = networks(shapes)
+    stacked = stacked_networks(shapes, networks(shapes))
+    # SGD: the gradient of a Linear's bias before batch norm is zero but for rounding, which Adam would scale up to
+    # full steps of either sign, alone as in the stack.
+    settings = OPTIMIZERS["sgd"][1]
+    optimizers = [torch.optim.SGD(network.parameters(), **arguments) for network, arguments in zip(alone, settings)]
+    optimizer = PerNetworkOptimizer(
+        stacked, [functools.partial(torch.optim.SGD, **arguments) for arguments in settings]
+    )
+    torch.manual_seed(5)  # dropout: the stack draws its own masks, so network 1 is compared by its statistics only
+    train_alone_and_stacked(alone, optimizers, stacked, optimizer, steps=10)
+    names = {
+        "batch": ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"],
+        "layer": ["weight", "bias"],
+    }
+    for k in (0, 2):
+        assert stacked.network_state(k).keys() == alone[k].state_dict().keys()
+        for key, value in alone[k].state_dict().items():
+            torch.testing.assert_close(stacked.network_state(k)[key], value, rtol=1e-4, atol=1e-6)
+    assert sorted(key for key in stacked.network_state(1) if key.startswith("2.")) == sorted(
+        f"2.{n}" for n in names[norm]
+    )
+    if norm == "batch":
+        assert stacked.network_state(0)["2.num_batches_tracked"].item() == 10
+    images, _ = batches(1)[0]
+    expected = torch.stack([network.eval()(images[k]) for k, network in enumerate(alone)])
+    torch.testing.assert_close(stacked.eval()(images)[0], expected[0], rtol=1e-4, atol=1e-6)
+
+
+def test_a_normalised_network_that_leaves_keeps_its_statistics_while_the_others_go_on():
+    shapes = [MLP(depth=1, width=16, norm="batch")] * 3
+    alone = networks(shapes)
+    stacked = StackedMLP(shapes, networks(shapes)).train()
+    images, _ = batches(1)[0]
+    stacked(images)
+    before = stacked.network_state(1)
+    stacked.leave(1)
+    stacked(images + 1)
+    after = [stacked.network_state(k) for k in range(3)]
+    for key in ("2.running_mean", "2.running_var", "2.num_batches_tracked"):
+        assert torch.equal(after[1][key], before[key])  # network 1 left: its statistics stay
+    assert after[0]["2.num_batches_tracked"].item() == after[2]["2.num_batches_tracked"].item() == 2
+    single = alone[2].train()
+    single(images[2])
+    single(images[2] + 1)
+    torch.testing.assert_close(after[2]["2.running_mean"], single.state_dict()["2.running_mean"])
+
+
 def step_flops(stacked: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> int:
     """The floating-point operations of one training step's forward and backward passes, as torch counts them."""
     from torch.utils.flop_counter import FlopCounterMode

@@ -27,6 +27,13 @@ Hydra has no public way to finish such a config as it finishes a composed one: `
 values, ``hydra.overrides.task``, ``hydra.job.override_dirname`` (Hydra's own ``get_overrides_dirname``) and the
 resolver cache (``OmegaConf.copy_cache``) as ``load_sweep_config`` does.
 
+torch (2.14): a stacked sweep steps each network's own optimizer, and K optimizers' ``step()`` calls cost K times
+torch's per-call bookkeeping (about 0.3 ms each on a 2-core CPU: 16 networks spent 4 s of a 30 s stack there).
+torch has no public way to step several Adams as one. ``adams_stepped_together`` hands the tensors of all the
+Adams (and AdamWs) with equal settings to one call of torch's functional ``torch.optim.adam.adam``, which
+``Adam.step`` itself calls: the same arithmetic for each element, in one kernel call. It reads each optimizer's
+state by Adam's own keys (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``).
+
 setuptools (editable installs): pyproject.toml maps the package ``mlplab.conf`` to the top-level ``conf/``, and
 ``pip install -e .`` then serves the packages through an import finder whose namespace entries pkgutil cannot list.
 Hydra finds its plugins by listing ``hydra_plugins`` with pkgutil, so it would not see mlplab's sweeper and launcher;
@@ -49,6 +56,7 @@ from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from lightning.pytorch.loops.progress import _ReadyCompletedTracker, _SchedulerProgress
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from torch.optim.adam import adam as functional_adam
 from typing_extensions import override
 
 if TYPE_CHECKING:  # Hydra is imported where a sweep derives a job's config, not by every run
@@ -144,6 +152,53 @@ class RankCommandDDPStrategy(DDPStrategy):
         """Called when the job is over, however it ended, by the process that started the other ranks."""
         if isinstance(self._launcher, RankLauncher):
             self._launcher.end_ranks(wait_seconds)
+
+
+def adams_stepped_together(optimizers: Sequence[torch.optim.Optimizer]) -> bool:
+    """Step ``optimizers`` as each one's ``step()`` would, those with equal settings in one call of torch's
+    functional Adam. Only where each is a torch.optim.Adam (AdamW included) with one parameter group whose
+    parameters all have gradients and state (so after each one's first step); else nothing is stepped and the
+    answer is False: step them one by one."""
+    together: dict[str, tuple[dict[str, Any], list[list[torch.Tensor]]]] = {}
+    for optimizer in optimizers:
+        if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW) or len(optimizer.param_groups) != 1:
+            return False
+        group = optimizer.param_groups[0]
+        if group["differentiable"] or any(torch.is_tensor(value) for value in (group["lr"], *group["betas"])):
+            return False
+        if getattr(optimizer, "grad_scale", None) is not None or getattr(optimizer, "found_inf", None) is not None:
+            return False
+        settings = repr(sorted((name, value) for name, value in group.items() if name != "params"))
+        lists = together.setdefault(settings, (group, [[], [], [], [], [], []]))[1]
+        for param in group["params"]:
+            state = optimizer.state.get(param)
+            if param.grad is None or not state or param.grad.is_sparse or torch.is_complex(param):
+                return False
+            lists[0].append(param)
+            lists[1].append(param.grad)
+            lists[2].append(state["exp_avg"])
+            lists[3].append(state["exp_avg_sq"])
+            if group["amsgrad"]:
+                lists[4].append(state["max_exp_avg_sq"])
+            lists[5].append(state["step"])
+    with torch.no_grad():
+        for group, lists in together.values():  # as Adam.step calls it for one group
+            functional_adam(
+                *lists,
+                amsgrad=group["amsgrad"],
+                beta1=group["betas"][0],
+                beta2=group["betas"][1],
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                maximize=group["maximize"],
+                foreach=group["foreach"],
+                capturable=group["capturable"],
+                differentiable=False,
+                fused=group["fused"],
+                decoupled_weight_decay=group["decoupled_weight_decay"],
+            )
+    return True
 
 
 def validates_next(trainer: Any) -> bool:

@@ -41,7 +41,7 @@ class StackedClassifier(L.LightningModule):
         self.optimizer_settings = [model.optimizer_settings for model in models]
         self.schedule_settings = [model.schedule_settings for model in models]
         self.max_epochs = models[0].hparams["max_epochs"]
-        self.label_smoothing = models[0].hparams["label_smoothing"]  # the same for every job of a stack
+        self.label_smoothing = [model.hparams["label_smoothing"] for model in models]  # each job's training loss's
         # Per network, its schedule's Lightning config (built with the optimizers), or None for a constant rate.
         self.schedules: list[dict[str, Any] | None] = []
         self._schedule_states: list[dict[str, Any] | None] | None = None  # a resumed stack's, until they exist
@@ -65,10 +65,20 @@ class StackedClassifier(L.LightningModule):
         """K x B x C x H x W uint8 images (one batch per network) -> K x B x classes logits."""
         return self.stack(self.normalize(images))
 
-    def _losses(self, logits: Tensor, labels: Tensor, smoothing: float = 0.0) -> Tensor:
-        """Each network's mean loss over its batch (labels K x B); ``smoothing``: the training loss's."""
-        flat = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none", label_smoothing=smoothing)
-        return flat.view(labels.shape).mean(1)
+    def _losses(self, logits: Tensor, labels: Tensor, smoothing: float | Sequence[float] = 0.0) -> Tensor:
+        """Each network's mean loss over its batch (labels K x B); ``smoothing``: the training loss's, one for all
+        or each network's own (the networks of each value in one cross-entropy, as their single runs compute it)."""
+        values = set(smoothing) if isinstance(smoothing, Sequence) else {smoothing}
+        if len(values) == 1:
+            flat = F.cross_entropy(
+                logits.flatten(0, 1), labels.flatten(), reduction="none", label_smoothing=values.pop()
+            )
+            return flat.view(labels.shape).mean(1)
+        losses = logits.new_empty(labels.shape[0])
+        for value in values:
+            index = torch.tensor([k for k, own in enumerate(smoothing) if own == value], device=logits.device)
+            losses = losses.index_copy(0, index, self._losses(logits[index], labels[index], value))
+        return losses
 
     @override
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:

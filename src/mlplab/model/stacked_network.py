@@ -16,9 +16,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mlplab.compat import adams_stepped_together
 from mlplab.model.backbones.mlp import ACTIVATIONS, MLP
+
+NORM_LAYERS = (nn.BatchNorm1d, nn.LayerNorm)  # mlplab.model.backbones.mlp.NORMS
+BATCH_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")  # nn.BatchNorm1d's buffers
 
 
 class StackError(ValueError):
@@ -26,8 +31,9 @@ class StackError(ValueError):
 
 
 def network_shape(backbone: MLP) -> tuple:
-    """What must be equal for MLPs to stack: their layers' widths and activations (dropout may differ)."""
-    return (tuple(backbone.widths), backbone.activation, backbone.output_activation)
+    """What must be equal for MLPs to stack as one batched network: their layers' widths, normalisation and
+    activations (dropout may differ)."""
+    return (tuple(backbone.widths), backbone.norm, backbone.activation, backbone.output_activation)
 
 
 class StackedMLP(nn.Module):
@@ -40,10 +46,15 @@ class StackedMLP(nn.Module):
             raise StackError(f"networks of different shapes do not stack: {sorted(map(str, shapes))}")
         first = backbones[0]
         linears = [[module for module in network if isinstance(module, nn.Linear)] for network in networks]
-        # Per network, the names of its Linear layers ("1", "3", ...): its state dict's keys. Its own: an MLP without
-        # dropout has no Dropout layers, so its layers are numbered otherwise than one with dropout.
+        norms = [[module for module in network if isinstance(module, NORM_LAYERS)] for network in networks]
+        # Per network, the names of its Linear and norm layers ("1", "3", ...): its state dict's keys. Its own: an
+        # MLP without dropout has no Dropout layers, so its layers are numbered otherwise than one with dropout.
         self.layer_names = [
             [name for name, module in network.named_children() if isinstance(module, nn.Linear)] for network in networks
+        ]
+        self.norm_names = [
+            [name for name, module in network.named_children() if isinstance(module, NORM_LAYERS)]
+            for network in networks
         ]
         # Stored as K x in x out, each network's weight transposed: batched multiplies with a contiguous right-hand
         # side are about a quarter faster on the CPU (benchmarks/stacked_engine.py); optimizers work element-wise,
@@ -55,6 +66,21 @@ class StackedMLP(nn.Module):
         self.biases = nn.ParameterList(
             nn.Parameter(torch.stack([layers[i].bias.detach() for layers in linears])) for i in range(len(linears[0]))
         )
+        # Each hidden layer's normalisation (model.norm): its scale and shift per network, K x width, and batch
+        # norm's running statistics per network (K x width, and K batches counted).
+        self.norm = first.norm
+        self.norm_layer = norms[0][0] if norms[0] else None  # its eps and momentum (equal for all: one shape)
+        self.norm_weights = nn.ParameterList(
+            nn.Parameter(torch.stack([layers[i].weight.detach() for layers in norms])) for i in range(len(norms[0]))
+        )
+        self.norm_biases = nn.ParameterList(
+            nn.Parameter(torch.stack([layers[i].bias.detach() for layers in norms])) for i in range(len(norms[0]))
+        )
+        for i in range(len(norms[0]) if first.norm == "batch" else 0):
+            for statistic in BATCH_STATISTICS:
+                self.register_buffer(
+                    f"{statistic}_{i}", torch.stack([getattr(layers[i], statistic) for layers in norms])
+                )
         self.register_buffer("dropout", torch.tensor([backbone.dropout for backbone in backbones]))
         self.drops = any(backbone.dropout > 0 for backbone in backbones)  # known here: no device sync per step
         # The networks still computed, once one has left the stack (a buffer: it moves to the device with them).
@@ -64,26 +90,57 @@ class StackedMLP(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         if self.staying is None:
-            return self._computed(images.flatten(2), list(self.weights), list(self.biases), self.dropout)
+            return self._computed(images.flatten(2), None)
         # Only the networks still training: their slices taken out, their results put back among zeros.
         index = self.staying
         if len(index) == 0:  # every network of this shape has left (a MixedStack's): nothing to compute
             return images.new_zeros(*images.shape[:2], self.biases[-1].shape[-1])
-        logits = self._computed(
-            images.index_select(0, index).flatten(2),
-            [weight.index_select(0, index) for weight in self.weights],
-            [bias.index_select(0, index) for bias in self.biases],
-            self.dropout.index_select(0, index),
-        )
+        logits = self._computed(images.index_select(0, index).flatten(2), index)
         return logits.new_zeros(images.shape[0], *logits.shape[1:]).index_copy(0, index, logits)
 
-    def _computed(self, hidden: Tensor, weights: list[Tensor], biases: list[Tensor], rates: Tensor) -> Tensor:
-        last = len(weights) - 1
-        for layer, (weight, bias) in enumerate(zip(weights, biases)):
-            hidden = torch.baddbmm(bias.unsqueeze(1), hidden, weight)
+    def _computed(self, hidden: Tensor, index: Tensor | None) -> Tensor:
+        """The networks' logits (``index``: those still computed, None for all)."""
+
+        def taken(tensor: Tensor) -> Tensor:
+            return tensor if index is None else tensor.index_select(0, index)
+
+        last = len(self.weights) - 1
+        rates = taken(self.dropout)
+        for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            hidden = torch.baddbmm(taken(bias).unsqueeze(1), hidden, taken(weight))
             if layer < last:
+                if self.norm != "none":
+                    hidden = self._normalised(hidden, layer, index, taken)
                 hidden = self._dropped(self.activation(hidden), rates)
         return hidden if self.output_activation is None else self.output_activation(hidden)
+
+    def _normalised(self, hidden: Tensor, layer: int, index: Tensor | None, taken: Callable) -> Tensor:
+        """Hidden layer ``layer``'s normalisation, each network's own (K x B x width), as its norm layer computes it."""
+        scale, shift = taken(self.norm_weights[layer]).unsqueeze(1), taken(self.norm_biases[layer]).unsqueeze(1)
+        if self.norm == "layer":
+            return F.layer_norm(hidden, hidden.shape[-1:], eps=self.norm_layer.eps) * scale + shift
+        # Batch norm: each network's features are channels of their own; statistics over its batch only.
+        means, variances, counts = (getattr(self, f"{statistic}_{layer}") for statistic in BATCH_STATISTICS)
+        mean, variance = taken(means), taken(variances)
+        k, batch, width = hidden.shape
+        normed = F.batch_norm(
+            hidden.transpose(0, 1).reshape(batch, k * width),
+            mean.view(-1),
+            variance.view(-1),
+            training=self.training,
+            momentum=self.norm_layer.momentum,
+            eps=self.norm_layer.eps,
+        )
+        if self.training:  # the running statistics F.batch_norm updated, back in place, and one batch more counted
+            with torch.no_grad():
+                if index is not None:
+                    means.index_copy_(0, index, mean)
+                    variances.index_copy_(0, index, variance)
+                if index is None:
+                    counts.add_(1)
+                else:
+                    counts.index_add_(0, index, torch.ones_like(index))
+        return normed.view(batch, k, width).transpose(0, 1) * scale + shift
 
     def _dropped(self, hidden: Tensor, rates: Tensor) -> Tensor:
         """Each network's own dropout rate (inverted dropout, as ``nn.Dropout``)."""
@@ -98,16 +155,24 @@ class StackedMLP(nn.Module):
         staying = range(len(self.dropout)) if self.staying is None else self.staying.tolist()
         self.staying = torch.tensor([k for k in staying if k != index], device=self.dropout.device)
 
+    def _parameters_in_order(self) -> list[Tensor]:
+        """The stacked parameters in a single network's order: each layer's weight and bias, then its norm's."""
+        ordered = []
+        for layer, pair in enumerate(zip(self.weights, self.biases)):
+            ordered += pair
+            if layer < len(self.norm_weights):
+                ordered += [self.norm_weights[layer], self.norm_biases[layer]]
+        return ordered
+
     def network_parameters(self, index: int) -> list[Tensor]:
         """Network ``index``'s slices of the stacked parameters, in its single network's order (weight, bias, ...)."""
-        return [tensor.detach()[index] for pair in zip(self.weights, self.biases) for tensor in pair]
+        return [tensor.detach()[index] for tensor in self._parameters_in_order()]
 
-    def network_gradients(self, index: int) -> list[Tensor | None]:
-        return [
-            None if tensor.grad is None else tensor.grad[index]
-            for pair in zip(self.weights, self.biases)
-            for tensor in pair
-        ]
+    def gradients(self) -> list[list[Tensor | None]]:
+        """Per network, its slices of the stacked gradients, in its single network's order."""
+        size = len(self.dropout)
+        slices = [[None] * size if t.grad is None else t.grad.unbind(0) for t in self._parameters_in_order()]
+        return [list(network) for network in zip(*slices)]
 
     def network_state(self, index: int) -> dict[str, Tensor]:
         """Network ``index`` as the single ``nn.Sequential`` its backbone builds would hold it."""
@@ -115,6 +180,12 @@ class StackedMLP(nn.Module):
         for name, weight, bias in zip(self.layer_names[index], self.weights, self.biases):
             state[f"{name}.weight"] = weight[index].detach().T.contiguous()
             state[f"{name}.bias"] = bias[index].detach().clone()
+        for layer, (name, weight, bias) in enumerate(zip(self.norm_names[index], self.norm_weights, self.norm_biases)):
+            state[f"{name}.weight"] = weight[index].detach().clone()
+            state[f"{name}.bias"] = bias[index].detach().clone()
+            if self.norm == "batch":
+                for statistic in BATCH_STATISTICS:
+                    state[f"{name}.{statistic}"] = getattr(self, f"{statistic}_{layer}")[index].clone()
         return state
 
 
@@ -166,9 +237,9 @@ class MixedStack(nn.Module):
         group, position = self.place[index]
         return self.groups[group].network_parameters(position)
 
-    def network_gradients(self, index: int) -> list[Tensor | None]:
-        group, position = self.place[index]
-        return self.groups[group].network_gradients(position)
+    def gradients(self) -> list[list[Tensor | None]]:
+        by_group = [group.gradients() for group in self.groups]
+        return [by_group[group][position] for group, position in (self.place[i] for i in range(len(self.place)))]
 
     def network_state(self, index: int) -> dict[str, Tensor]:
         group, position = self.place[index]
@@ -201,6 +272,7 @@ class PerNetworkOptimizer(torch.optim.Optimizer):
         self.slices = [stack.network_parameters(index) for index in range(len(build))]
         self.networks = [make(slices) for make, slices in zip(build, self.slices)]
         self.frozen: set[int] = set()  # networks that no longer step (diverged, pruned)
+        self.stepped_each = False  # each network's optimizer has stepped once here (its state made, its schedule told)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for param in self.stack.parameters():
@@ -212,12 +284,17 @@ class PerNetworkOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for index, (optimizer, slices) in enumerate(zip(self.networks, self.slices)):
-            if index in self.frozen:
-                continue
-            for view, grad in zip(slices, self.stack.network_gradients(index)):
-                view.grad = grad
-            optimizer.step()
+        stepping = []
+        for index, (optimizer, slices, grads) in enumerate(zip(self.networks, self.slices, self.stack.gradients())):
+            if index not in self.frozen:
+                for view, grad in zip(slices, grads):
+                    view.grad = grad
+                stepping.append(optimizer)
+        # Adams with equal settings in one call (the same arithmetic); the first step, and others, one by one.
+        if not (self.stepped_each and adams_stepped_together(stepping)):
+            for optimizer in stepping:
+                optimizer.step()
+            self.stepped_each = True
         return loss
 
     def state_dict(self) -> dict[str, Any]:

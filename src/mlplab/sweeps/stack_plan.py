@@ -4,12 +4,12 @@ is mlplab.model.stacked_network and mlplab.model.stacked_classifier.
 
 What may differ within a stack (stack_group_key follows it; the README's Stacked sweeps says it to users):
     Jobs stack when they differ only in their network and in numbers: the MLP's shape (model.depth, model.width,
-    per layer too, model.activation, model.output_activation), seed, model.dropout, and the arguments of the
-    optimizer and of the scheduler that are numbers or flags (optimizer.lr, weight_decay, betas, nesterov, ...;
-    scheduler.eta_min, step_size, gamma, ...). Networks of one shape are computed as one batched network, the
-    shapes one after another in the same step (mlplab.model.stacked_network).
-    Everything else must be equal: the data and batch sizes, the epochs, the Trainer's settings, the optimizer's
-    and the scheduler's classes and their other settings (such as scheduler.interval).
+    per layer too, model.norm, model.activation, model.output_activation), seed, model.dropout, label_smoothing,
+    the optimizer's arguments that are numbers or flags (optimizer.lr, weight_decay, betas, nesterov, ...), and the
+    learning-rate schedule (each network steps its own). Networks of one shape are computed as one batched network,
+    the shapes one after another in the same step (mlplab.model.stacked_network).
+    Everything else must be equal: the data and batch sizes, the epochs, the Trainer's settings, the callbacks, and
+    the optimizer's class and its other settings.
 
 Each stack's jobs end as a job-by-job sweep leaves them: metrics.json, provenance.json, their own checkpoints
 (mlplab-eval, mlplab-predict and resume= take them), TensorBoard curves, test views and HParams row. Jobs that
@@ -58,8 +58,6 @@ def alone_reason(job: StackedJob) -> str | None:
     config = job.config
     if not isinstance(config.model, MLP):
         return f"model.family={config.model.as_dict()['family']}: only MLPs stack"
-    if config.model.norm != "none":
-        return f"model.norm={config.model.norm}: the stacked engine has no normalisation layers"
     if config.trainer.data_parallel:
         return "a data-parallel job (trainer=ddp) has its devices to itself"
     if config.optimizer.target not in {f"torch.optim.{name}" for name in ELEMENTWISE_OPTIMIZERS}:
@@ -86,19 +84,20 @@ def alone_reason(job: StackedJob) -> str | None:
 
 def stack_group_key(config: Any) -> str:
     """The settings a stack's jobs share, as one string: jobs with equal keys may stack. Every setting but those
-    that may differ (this module's docstring): the network's shape and dropout, the seed, and the optimizer's and
-    the scheduler's numeric arguments."""
+    that may differ (this module's docstring): the network's shape and dropout, the seed, label smoothing, the
+    optimizer's numeric arguments and the schedule."""
     settings = config.as_dict()
     settings.pop("seed")
+    settings.pop("label_smoothing")
+    settings.pop("scheduler")
     for key in NETWORK_SETTINGS:
         settings["model"].pop(key)
-    for group in ("optimizer", "scheduler"):
-        settings[group] = {key: value for key, value in settings[group].items() if not _is_number(value)}
+    settings["optimizer"] = {key: value for key, value in settings["optimizer"].items() if not _is_number(value)}
     return json.dumps(settings, sort_keys=True, default=str)
 
 
-# What may differ between a stack's MLPs: each computes its own network (model.norm must be none, alone_reason).
-NETWORK_SETTINGS = ("depth", "width", "activation", "output_activation", "dropout")
+# What may differ between a stack's MLPs: each computes its own network.
+NETWORK_SETTINGS = ("depth", "width", "norm", "activation", "output_activation", "dropout")
 
 
 def _is_number(value: Any) -> bool:
