@@ -8,7 +8,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 # data.system_dir of data=fashion_mnist, read from its one place (conf/data/fashion_mnist.yaml)
 FASHION_MNIST_SYSTEM_DIR := $(shell sed -n 's/^system_dir: *\([^ ]*\).*/\1/p' conf/data/fashion_mnist.yaml)
 
-.PHONY: setup data train test bench clean
+.PHONY: setup data train test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,12 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The edit loop: every module's tests but the slow ones (marked slow: real servers, clusters, data-parallel ranks,
+# full sweeps and searches; tests/README.md says which and why), in at most 3 minutes.
+test-fast: setup
+	$(BIN)/ruff check .
+	$(BIN)/pytest -n 2 --dist worksteal -m "not slow" --durations=10
 
 # Speed against a bare PyTorch loop (several minutes); the table is printed and saved under benchmarks/results/.
 bench: setup data

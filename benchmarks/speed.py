@@ -47,6 +47,7 @@ from mlplab.data.datasets import DataUnavailableError, load_dataset, provide_fil
 from mlplab.data.synthetic import write_mnist_like
 from mlplab.model.backbones.mlp import MLP
 from mlplab.run.config import parse_run_config
+from mlplab.run.precision import CPU_BF16_FLAGS, fast_bf16
 from mlplab.run.train import train
 
 HERE = Path(__file__).resolve().parent
@@ -62,7 +63,16 @@ BF16 = "bare loop, bf16 autocast"
 
 
 def bare_loop_names(args: argparse.Namespace) -> tuple[str, ...]:
-    return BARE_LOOPS if args.precision == "32-true" else (*BARE_LOOPS, BF16)
+    """The bare loops timed beside mlplab; the bf16 one only where bf16 is native (else both would be emulated)."""
+    if args.precision == "32-true":
+        return BARE_LOOPS
+    if not fast_bf16(args.device == "cuda"):
+        print(
+            f"bf16 is not native here (no {' or '.join(CPU_BF16_FLAGS)}): no bf16 comparison; "
+            "mlplab's runs still use --precision"
+        )
+        return BARE_LOOPS
+    return (*BARE_LOOPS, BF16)
 
 
 def main() -> None:
@@ -119,6 +129,7 @@ def parse_args() -> argparse.Namespace:
         args.batch_sizes, args.repeats, args.timed_epochs = [64], 1, 2
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible")
+    args.bare_loops = bare_loop_names(args)
     return args
 
 
@@ -160,7 +171,7 @@ def run_overrides(args: argparse.Namespace, data_dir: Path, batch_size: int) -> 
 
 def bench_epochs(args, data_dir: Path, workdir: Path) -> dict:
     """Bare loop and mlplab alternate epoch by epoch in one process; the classic pipeline runs between repeats."""
-    names = [*bare_loop_names(args), "mlplab"] + ([] if args.no_classic else ["torchvision DataLoader"])
+    names = [*args.bare_loops, "mlplab"] + ([] if args.no_classic else ["torchvision DataLoader"])
     samples: dict[int, dict[str, list[float]]] = {bs: {name: [] for name in names} for bs in args.batch_sizes}
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     for repeat in range(args.repeats):
@@ -339,7 +350,7 @@ def time_bare_and_mlplab(
     run_dir = Path(tempfile.mkdtemp(prefix="mlplab-run-", dir=workdir))
     bare_loops = {
         name: BareLoop(args, data_dir, batch_size, fused=name != "bare loop", bf16=name == BF16)
-        for name in bare_loop_names(args)
+        for name in args.bare_loops
     }
     alternate = AlternateWithBareLoop(bare_loops, args.device)
     with contextlib.redirect_stdout(io.StringIO()):  # the test table Lightning prints
@@ -412,6 +423,7 @@ def bench_startup(args, data_dir: Path, workdir: Path) -> dict:
         if not probe.is_file():
             raise RuntimeError(f"mlplab-train did not reach a first step: {result.stderr[-2000:]}")
         startups.append(float(probe.read_text()) - started)
+    answers = time_answers(args, workdir)
     import_s, startup_s = statistics.median(imports), statistics.median(startups)
     print(
         f"\nStart-up: mlplab-train to first optimizer step {startup_s:.2f} s "
@@ -425,7 +437,47 @@ def bench_startup(args, data_dir: Path, workdir: Path) -> dict:
         "difference_seconds": startup_s - import_s,
         "first_step_samples": startups,
         "import_samples": imports,
+        "answers": answers,
     }
+
+
+def time_answers(args, workdir: Path) -> dict:
+    """Whole commands that train nothing (help, a refusal, a dry run, a report), next to the imports they would
+    otherwise wait for, interleaved; medians of wall seconds, each a fresh process."""
+    sweep_dir = workdir / "report-sweep"  # a finished sweep of four jobs, as mlplab-report reads one
+    listing = []
+    for seed in range(1, 5):
+        job = sweep_dir / f"seed={seed}"
+        job.mkdir(parents=True, exist_ok=True)
+        metrics = {"status": "completed", "val/acc": 0.85 + seed / 100, "test/acc": 0.85, "epochs": 2, "best_epoch": 2}
+        (job / "metrics.json").write_text(json.dumps(metrics))
+        listing.append({"overrides": [f"seed={seed}"], "dir": job.name})
+    (sweep_dir / "jobs.json").write_text(json.dumps(listing))
+    commands = {
+        "python -c 'import torch'": [sys.executable, "-c", "import torch"],
+        "python -c 'import lightning'": [sys.executable, "-c", "import lightning"],
+        "mlplab-train --help": [str(BIN / "mlplab-train"), "--help"],
+        "mlplab-train model.width=abc (refused)": [str(BIN / "mlplab-train"), "model.width=abc"],
+        "mlplab-train -m seed=1..8 dry_run=true": [
+            str(BIN / "mlplab-train"),
+            "-m",
+            "seed=1,2,3,4,5,6,7,8",
+            "dry_run=true",
+            "sweep=dry",
+        ],
+        "mlplab-report <sweep of 4 jobs>": [str(BIN / "mlplab-report"), str(sweep_dir)],
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(args.repeats if args.quick else args.repeats + 2):
+        for name, command in commands.items():
+            started = time.perf_counter()
+            subprocess.run(command, cwd=workdir, capture_output=True, check=False)
+            seconds[name].append(time.perf_counter() - started)
+    medians = {name: statistics.median(values) for name, values in seconds.items()}
+    print("\nAnswers without training (whole commands, median wall seconds, interleaved):")
+    for name, median in medians.items():
+        print(f"  {name:<45} {median:6.2f} s   ({', '.join(f'{v:.2f}' for v in seconds[name])})")
+    return {"median_seconds": medians, "samples": seconds}
 
 
 def bench_sweep(args, data_dir: Path, workdir: Path) -> dict:
@@ -502,8 +554,16 @@ def machine(device: str) -> dict:
         ),
         platform.processor(),
     )
+    flags = {
+        flag
+        for line in Path("/proc/cpuinfo").read_text().splitlines()
+        if line.startswith("flags")
+        for flag in line.split(":", 1)[1].split()
+    }
     info = {
         "cpu": cpu,
+        "cpu_flags": sorted(flags & {"avx2", "avx512f", *CPU_BF16_FLAGS, "amx_tile"}),
+        "native_bf16": fast_bf16(device == "cuda"),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),

@@ -46,17 +46,29 @@ class SignalAtStep(Callback):
 
 class PaceSteps(Callback):
     """Sleeps after each optimizer step, so that a test's signal from outside lands where the test means it to;
-    with ``until_resumed``, only until the run is stopped: a resumed run goes at its own pace."""
+    with ``until_resumed``, only until the run is stopped: a resumed run goes at its own pace. With ``marker``, the
+    pause says what happens in it, for a test to wait on: ``<marker>.paused`` once it began, ``<marker>.stopping``
+    once the run heard a signal (its ResumePoints' ``stopped_by``)."""
 
-    def __init__(self, seconds: float, until_resumed: bool = False):
+    def __init__(self, seconds: float, until_resumed: bool = False, marker: str | None = None):
         self.seconds, self.until_resumed, self.pacing = seconds, until_resumed, True
+        self.marker = marker
 
     def on_train_start(self, trainer, *args) -> None:
         self.pacing = not (self.until_resumed and trainer.ckpt_path)
 
-    def on_train_batch_end(self, *args) -> None:
-        if self.pacing:
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if not self.pacing:
+            return
+        if self.marker is None:
             time.sleep(self.seconds)
+            return
+        Path(f"{self.marker}.paused").touch()
+        end = time.monotonic() + self.seconds
+        while time.monotonic() < end:
+            if any(getattr(callback, "stopped_by", None) for callback in trainer.callbacks):
+                Path(f"{self.marker}.stopping").touch()
+            time.sleep(0.02)
 
 
 def fingerprint(image) -> str:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import SYNTHETIC_RUN, run_cli, single_run_dir
 
-from mlplab.run.trainer import TrainerSettings, build_trainer
+from mlplab.run.settings import TrainerSettings
+from mlplab.run.trainer import build_trainer
 
 REMEDY = "restore it from a copy, or remove it and run the command again"
 CHECKPOINT_REMEDY = "restore it from a copy, or give another checkpoint of the run"

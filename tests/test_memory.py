@@ -84,7 +84,7 @@ def test_the_estimate_covers_the_peak_that_was_killed():
 def test_a_stack_on_a_gpu_needs_the_gpus_free_memory_not_the_machines(monkeypatch):
     import torch
 
-    from mlplab.run.trainer import TrainerSettings
+    from mlplab.run.settings import TrainerSettings
     from mlplab.sweeps import stack_run
 
     gib = 2**30

@@ -40,6 +40,15 @@ def saved_step(checkpoint: Path) -> int:
         return -1
 
 
+def wait_for_file(path: Path, process: subprocess.Popen, seconds: float = 120) -> None:
+    """Block until ``path`` exists (what the run does next is then certain), at most ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert process.poll() is None, f"the run ended before {path.name}: {process.communicate()[1][-2000:]}"
+        assert time.monotonic() < deadline, f"no {path.name} within {seconds} s"
+        time.sleep(0.05)
+
+
 def wait_for_step(cwd: Path, step: int, process: subprocess.Popen) -> Path:
     """Block until the run's last.ckpt was saved at ``step`` or later (mid-epoch 2 for steps above 250)."""
     deadline = time.monotonic() + 240
@@ -253,13 +262,12 @@ def test_a_read_only_place_for_runs_is_one_clear_line(synthetic_data_dir, tmp_pa
 
 def test_a_second_signal_stops_at_once(synthetic_data_dir, tmp_path):
     # Steps of 20 s: one signal waits for the step to end (seconds away); a second must not.
-    process = start([*RUN, "+callbacks.pace={_target_:probes.PaceSteps,seconds:20}"], tmp_path, synthetic_data_dir)
-    deadline = time.monotonic() + 120
-    while not list((tmp_path / "outputs" / "runs").glob("*/metrics.json")) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(3)  # training under way: inside the first step's pause
+    marker = tmp_path / "pace"
+    pace = f"+callbacks.pace={{_target_:probes.PaceSteps,seconds:20,marker:'{marker}'}}"
+    process = start([*RUN, pace], tmp_path, synthetic_data_dir)
+    wait_for_file(Path(f"{marker}.paused"), process)  # training under way: inside the first step's pause
     process.send_signal(signal.SIGINT)
-    time.sleep(0.5)
+    wait_for_file(Path(f"{marker}.stopping"), process)  # the first signal heard
     second = time.monotonic()
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)

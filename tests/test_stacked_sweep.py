@@ -96,8 +96,8 @@ def test_each_stacked_job_ends_as_it_does_in_a_job_by_job_sweep(forked_cli, synt
 @pytest.mark.parametrize(
     "override, reason",
     [
-        ("callbacks=ema", "callback EMAWeights acts on one run's training"),
-        ("callbacks=swa", "callback SWAWeights acts on one run's training"),
+        ("callbacks=ema", "weight averaging (EMAWeights): a stack does not keep each job's average"),
+        ("callbacks=swa", "weight averaging (SWAWeights): a stack does not keep each job's average"),
     ],
 )
 def test_regularised_jobs_run_on_their_own_saying_why(override, reason, forked_cli, synthetic_data_dir, tmp_path):

@@ -50,108 +50,126 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
-from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
-from lightning.pytorch.loops.progress import _ReadyCompletedTracker, _SchedulerProgress
-from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
-from torch.optim.adam import adam as functional_adam
-from typing_extensions import override
-
 if TYPE_CHECKING:  # Hydra is imported where a sweep derives a job's config, not by every run
+    import torch
     from hydra.core.override_parser.types import Override
     from omegaconf import DictConfig
 
-
-class RankObserver(_ChildProcessObserver):
-    """Lightning's watch over the other ranks; ``release`` ends it, for when this process stops the ranks itself
-    (a failed or interrupted job): a sweep then goes on to its next job instead of being killed with it."""
-
-    released = False
-
-    def release(self) -> None:
-        self.released = True
-
-    @override
-    def _run(self) -> bool:  # called in a loop by the watch thread; True ends the watch
-        return self.released or super()._run()
+# Made on first use (``__getattr__``): importing this module imports neither Lightning nor torch, so that the
+# commands that need neither (help, refusals, dry runs, mlplab-report) answer without their seconds of imports.
+LIGHTNING_CLASSES = ("RankObserver", "RankLauncher", "RankCommandDDPStrategy")
 
 
-class RankLauncher(_SubprocessScriptLauncher):
-    """Starts the other local ranks with ``command``; the environment tells each which rank it is."""
-
-    def __init__(self, cluster_environment: Any, num_processes: int, num_nodes: int, command: Sequence[str]):
-        super().__init__(cluster_environment, num_processes, num_nodes)
-        self.command = list(command)
-        self.observer: RankObserver | None = None
-
-    @override
-    def launch(self, function: Any, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
-        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
-        if not self.cluster_environment.creates_processes_externally:
-            self._call_children_scripts()
-            self.observer = RankObserver(main_pid=os.getpid(), child_processes=self.procs)
-            self.observer.start()
-            _set_num_threads_if_needed(num_processes=self.num_processes)  # shares the CPU threads out among ranks
-        elif "OMP_NUM_THREADS" not in os.environ and os.environ.get("SLURM_CPUS_PER_TASK"):
-            torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))  # a SLURM task: the cores it was given
-        return function(*args, **kwargs)
-
-    @override
-    def kill(self, signum: Any) -> None:
-        if self.observer is not None:
-            self.observer.release()
-        super().kill(signum)
-
-    def end_ranks(self, wait_seconds: float) -> None:
-        """Let the other ranks finish (up to ``wait_seconds``), then kill what is left; this process lives on."""
-        if self.observer is not None:
-            self.observer.release()
-        for process in self.procs:
-            try:
-                process.wait(timeout=wait_seconds)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-    @override
-    def _call_children_scripts(self) -> None:
-        self._check_can_spawn_children()
-        self.procs = []
-        # What Lightning's own launcher sets (lightning/pytorch/strategies/launchers/subprocess_script.py).
-        os.environ["MASTER_ADDR"] = self.cluster_environment.main_address
-        os.environ["MASTER_PORT"] = str(self.cluster_environment.main_port)
-        os.environ["NODE_RANK"] = str(self.cluster_environment.node_rank())
-        os.environ["LOCAL_RANK"] = str(self.cluster_environment.local_rank())
-        os.environ["WORLD_SIZE"] = str(self.num_processes * self.num_nodes)
-        for local_rank in range(1, self.num_processes):
-            self.procs.append(subprocess.Popen(self.command, env={**os.environ, "LOCAL_RANK": str(local_rank)}))
+def __getattr__(name: str) -> Any:
+    if name in LIGHTNING_CLASSES:
+        globals().update(_lightning_classes())
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class RankCommandDDPStrategy(DDPStrategy):
-    """DDP whose extra processes run ``rank_command``; without one, Lightning's own behaviour."""
+def _lightning_classes() -> dict[str, type]:
+    """The data-parallel launcher's pieces, built on Lightning's private classes (see the module's docstring)."""
+    import torch
+    from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+    from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
+    from lightning.pytorch.strategies import DDPStrategy
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+    from typing_extensions import override
 
-    def __init__(self, rank_command: Sequence[str] | None = None, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.rank_command = rank_command
+    class RankObserver(_ChildProcessObserver):
+        """Lightning's watch over the other ranks; ``release`` ends it, for when this process stops the ranks itself
+        (a failed or interrupted job): a sweep then goes on to its next job instead of being killed with it."""
 
-    @override
-    def _configure_launcher(self) -> None:
-        if self.rank_command is None:
-            return super()._configure_launcher()
-        self._launcher = RankLauncher(self.cluster_environment, self.num_processes, self.num_nodes, self.rank_command)
+        released = False
 
-    @override
-    def on_exception(self, exception: BaseException) -> None:
-        # Rank 0 failed (diverged, a bad file): the other ranks would wait in the next collective forever.
-        super().on_exception(exception)
-        self.end_ranks(wait_seconds=0)
+        def release(self) -> None:
+            self.released = True
 
-    def end_ranks(self, wait_seconds: float = 60) -> None:
-        """Called when the job is over, however it ended, by the process that started the other ranks."""
-        if isinstance(self._launcher, RankLauncher):
-            self._launcher.end_ranks(wait_seconds)
+        @override
+        def _run(self) -> bool:  # called in a loop by the watch thread; True ends the watch
+            return self.released or super()._run()
+
+    class RankLauncher(_SubprocessScriptLauncher):
+        """Starts the other local ranks with ``command``; the environment tells each which rank it is."""
+
+        def __init__(self, cluster_environment: Any, num_processes: int, num_nodes: int, command: Sequence[str]):
+            super().__init__(cluster_environment, num_processes, num_nodes)
+            self.command = list(command)
+            self.observer: RankObserver | None = None
+
+        @override
+        def launch(self, function: Any, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
+            self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
+            if not self.cluster_environment.creates_processes_externally:
+                self._call_children_scripts()
+                self.observer = RankObserver(main_pid=os.getpid(), child_processes=self.procs)
+                self.observer.start()
+                _set_num_threads_if_needed(num_processes=self.num_processes)  # shares the CPU threads out among ranks
+            elif "OMP_NUM_THREADS" not in os.environ and os.environ.get("SLURM_CPUS_PER_TASK"):
+                torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))  # a SLURM task: the cores it was given
+            return function(*args, **kwargs)
+
+        @override
+        def kill(self, signum: Any) -> None:
+            if self.observer is not None:
+                self.observer.release()
+            super().kill(signum)
+
+        def end_ranks(self, wait_seconds: float) -> None:
+            """Let the other ranks finish (up to ``wait_seconds``), then kill what is left; this process lives on."""
+            if self.observer is not None:
+                self.observer.release()
+            for process in self.procs:
+                try:
+                    process.wait(timeout=wait_seconds)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+        @override
+        def _call_children_scripts(self) -> None:
+            self._check_can_spawn_children()
+            self.procs = []
+            # What Lightning's own launcher sets (lightning/pytorch/strategies/launchers/subprocess_script.py).
+            os.environ["MASTER_ADDR"] = self.cluster_environment.main_address
+            os.environ["MASTER_PORT"] = str(self.cluster_environment.main_port)
+            os.environ["NODE_RANK"] = str(self.cluster_environment.node_rank())
+            os.environ["LOCAL_RANK"] = str(self.cluster_environment.local_rank())
+            os.environ["WORLD_SIZE"] = str(self.num_processes * self.num_nodes)
+            for local_rank in range(1, self.num_processes):
+                self.procs.append(subprocess.Popen(self.command, env={**os.environ, "LOCAL_RANK": str(local_rank)}))
+
+    class RankCommandDDPStrategy(DDPStrategy):
+        """DDP whose extra processes run ``rank_command``; without one, Lightning's own behaviour."""
+
+        def __init__(self, rank_command: Sequence[str] | None = None, **kwargs: Any):
+            super().__init__(**kwargs)
+            self.rank_command = rank_command
+
+        @override
+        def _configure_launcher(self) -> None:
+            if self.rank_command is None:
+                return super()._configure_launcher()
+            self._launcher = RankLauncher(
+                self.cluster_environment, self.num_processes, self.num_nodes, self.rank_command
+            )
+
+        @override
+        def on_exception(self, exception: BaseException) -> None:
+            # Rank 0 failed (diverged, a bad file): the other ranks would wait in the next collective forever.
+            super().on_exception(exception)
+            self.end_ranks(wait_seconds=0)
+
+        def end_ranks(self, wait_seconds: float = 60) -> None:
+            """Called when the job is over, however it ended, by the process that started the other ranks."""
+            if isinstance(self._launcher, RankLauncher):
+                self._launcher.end_ranks(wait_seconds)
+
+    return {
+        "RankObserver": RankObserver,
+        "RankLauncher": RankLauncher,
+        "RankCommandDDPStrategy": RankCommandDDPStrategy,
+    }
 
 
 def adams_stepped_together(optimizers: Sequence[torch.optim.Optimizer]) -> bool:
@@ -159,6 +177,9 @@ def adams_stepped_together(optimizers: Sequence[torch.optim.Optimizer]) -> bool:
     functional Adam. Only where each is a torch.optim.Adam (AdamW included) with one parameter group whose
     parameters all have gradients and state (so after each one's first step); else nothing is stepped and the
     answer is False: step them one by one."""
+    import torch
+    from torch.optim.adam import adam as functional_adam
+
     together: dict[str, tuple[dict[str, Any], list[list[torch.Tensor]]]] = {}
     for optimizer in optimizers:
         if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW) or len(optimizer.param_groups) != 1:
@@ -212,6 +233,8 @@ def loops_with_schedule_steps(loops: dict[str, Any], steps: int, steps_this_epoc
     """A checkpoint's loop state (``loops``) as Lightning writes it for a run whose one learning-rate schedule has
     stepped ``steps`` times, ``steps_this_epoch`` of them in the current epoch (None: once per training batch of
     this epoch so far, a schedule stepped after every batch)."""
+    from lightning.pytorch.loops.progress import _ReadyCompletedTracker, _SchedulerProgress
+
     fit_loop = dict(loops["fit_loop"])
     if steps_this_epoch is None:
         steps_this_epoch = fit_loop["epoch_loop.batch_progress"]["current"]["ready"]

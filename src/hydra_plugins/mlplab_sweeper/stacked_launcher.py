@@ -18,10 +18,8 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
-from mlplab.cli.run_request import describe_stacked_job
 from mlplab.run.config import ConfigError
 from mlplab.run.stopping import stopped
-from mlplab.sweeps.stack_plan import run_jobs
 
 
 class StackedLauncher(Launcher):
@@ -38,6 +36,9 @@ class StackedLauncher(Launcher):
                 f"hydra.launcher.max_stack must be null (as many as memory holds) or an integer >= 1, "
                 f"got {self.max_stack!r}"
             )
+        from mlplab.cli.run_request import describe_stacked_job  # a run's imports: Hydra imports plugins for --help
+        from mlplab.sweeps.stack_plan import run_jobs
+
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         sweep_dir = Path(self.config.hydra.sweep.dir)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from mlplab.run.config import COMMAND_KEYS
 
+TRAIN = "mlplab-train"  # the training command's name, as users type it
+
 
 def override_key(override: str) -> str:
     """``model.width`` of ``model.width=64``, ``+model.width=64`` or ``~model.width``."""

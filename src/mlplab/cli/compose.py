@@ -18,10 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mlplab.compat import hydra_plugins_listed
-from mlplab.model.backbones import backbone_class
 from mlplab.run.config import CLASS_SECTIONS, NON_EXPERIMENT_KEYS, SECTIONS, ConfigError, RunConfig, parse_run_config
 from mlplab.run.records import MONITOR, MONITOR_MODE, find_checkpoint
-from mlplab.run.trainer import check_trainer_option, require_accelerator
+from mlplab.run.settings import check_trainer_option, require_accelerator
 
 # The configs: conf/ in a checkout, installed as the package mlplab.conf (a wheel carries them); users add their own
 # with --config-dir.
@@ -200,6 +199,8 @@ def _fields_of(section: str) -> list[str]:
     if section in SECTIONS:
         return [f.name for f in dataclasses.fields(SECTIONS[section])]
     if section == "model":
+        from mlplab.model.backbones import backbone_class  # the families' modules import torch
+
         # The default family's first: its settings are the ones most users mean.
         families = sorted(
             {OmegaConf.load(p).get("family", "mlp") for p in Path(CONFIG_DIR, "model").glob("*.yaml")},

@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import lightning as L
 from omegaconf import DictConfig
 
 from mlplab.cli.compose import CONFIG_DIR
 from mlplab.cli.failure import console_main, exit_for
-from mlplab.data.datamodule import ImageDataModule
 from mlplab.errors import MlplabError
-from mlplab.model.classifier import ImageClassifier
-from mlplab.run.checkpoints import read_checkpoint
 from mlplab.run.config import ConfigError
 from mlplab.run.lightning_notes import ignore_lightning_warnings, quiet_lightning
 from mlplab.run.records import find_checkpoint, read_metrics, read_yaml_record
-from mlplab.run.trainer import ACCELERATORS, require_accelerator
+from mlplab.run.settings import ACCELERATORS, require_accelerator
+
+if TYPE_CHECKING:  # imported where a checkpoint is loaded: Lightning, torchmetrics and torchvision (not for --help)
+    from mlplab.data.datamodule import ImageDataModule
+    from mlplab.model.classifier import ImageClassifier
 
 
 def main() -> None:
@@ -59,6 +59,8 @@ def hydra_main(cfg: DictConfig) -> dict[str, Any]:
 
 def evaluate(checkpoint: Path, data_dir: Path, accelerator: str = "auto") -> dict[str, float]:
     """Test metrics of a checkpoint on its dataset's official test split, with the data set-up it trained with."""
+    import lightning as L
+
     require_accelerator(accelerator, "accelerator", "use accelerator=cpu or accelerator=auto")
     model, datamodule = load_model(checkpoint), load_data(checkpoint, data_dir)
     ignore_lightning_warnings()
@@ -77,11 +79,17 @@ def evaluate(checkpoint: Path, data_dir: Path, accelerator: str = "auto") -> dic
 
 def load_model(checkpoint: Path) -> ImageClassifier:
     """The trained model of a checkpoint, in evaluation mode, on the CPU; refuses a damaged or unsafe file."""
+    from mlplab.model.classifier import ImageClassifier
+    from mlplab.run.checkpoints import read_checkpoint
+
     return ImageClassifier.from_checkpoint(read_checkpoint(checkpoint))
 
 
 def load_data(checkpoint: Path, data_dir: Path) -> ImageDataModule:
     """The data module a checkpoint trained with, its files provided; only the data's location is this machine's."""
+    from mlplab.data.datamodule import ImageDataModule
+    from mlplab.run.checkpoints import read_checkpoint
+
     datamodule = ImageDataModule.from_checkpoint(read_checkpoint(checkpoint), data_dir)
     datamodule.prepare_data()
     return datamodule

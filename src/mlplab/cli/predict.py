@@ -7,7 +7,7 @@ import glob
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 import torch
@@ -19,9 +19,11 @@ from mlplab.cli.evaluate import load_data, load_model
 from mlplab.cli.failure import console_main, exit_for
 from mlplab.data.images import read_image
 from mlplab.errors import MlplabError
-from mlplab.model.classifier import ImageClassifier
 from mlplab.run.config import ConfigError
 from mlplab.run.records import find_checkpoint
+
+if TYPE_CHECKING:  # Lightning's: imported with the checkpoint (mlplab.cli.evaluate.load_model), not for --help
+    from mlplab.model.classifier import ImageClassifier
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 TEST_CSV = "predictions_test.csv"

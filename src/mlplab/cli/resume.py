@@ -13,8 +13,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from mlplab.cli.command_line import override_key, quoted
 from mlplab.earlier_versions import upgraded_override, upgraded_section
 from mlplab.files import write_text_atomically
-from mlplab.run import provenance
-from mlplab.run.checkpoints import read_checkpoint
 from mlplab.run.config import CLASS_SECTIONS, NON_EXPERIMENT_KEYS, RESUMABLE_KEYS, SECTIONS, ConfigError
 from mlplab.run.ownership import refusal, running_on
 from mlplab.run.records import find_checkpoint, read_yaml_record
@@ -38,6 +36,9 @@ def check_resume(args: list[str]) -> None:
     resumes = [arg for arg in args if arg.startswith("resume=")]
     if not resumes:
         return
+    from mlplab.run import provenance  # torch and Lightning: only for a command that resumes
+    from mlplab.run.checkpoints import read_checkpoint
+
     if any(arg in ("-m", "--multirun") for arg in args):
         raise ConfigError("resume= continues one run; to resume a sweep, run the same -m command again")
     run_dir, checkpoint = find_checkpoint(resumes[-1].split("=", 1)[1].strip("'\""), "last", key="resume")

@@ -13,19 +13,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import configure_log
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mlplab.cli.command_line import rank_command
+from mlplab.cli.command_line import TRAIN, rank_command
 from mlplab.cli.compose import validated
 from mlplab.cli.failure import exit_for
-from mlplab.cli.instantiate import build_callbacks, build_logger
 from mlplab.cli.resume import resumed_config
 from mlplab.errors import MlplabError, one_line
 from mlplab.run.config import NON_EXPERIMENT_KEYS, RunConfig
@@ -34,14 +32,14 @@ from mlplab.run.lightning_notes import ignore_lightning_warnings
 from mlplab.run.ownership import LOCK_FILE, owned
 from mlplab.run.records import find_checkpoint
 from mlplab.run.stopping import Stopped, stopped
-from mlplab.run.train import train
 from mlplab.run.views.hparams import run_hparams
 from mlplab.sweeps.jobs import run_sweep_job
-from mlplab.sweeps.stack_jobs import StackedJob
 from mlplab.sweeps.summary import sweep_dimensions
 
+if TYPE_CHECKING:
+    from mlplab.sweeps.stack_jobs import StackedJob
+
 log = logging.getLogger(__name__)
-TOOL = "mlplab-train"
 task_started = False  # whether Hydra got as far as a task function (mlplab-train's errors before it are Hydra's)
 
 
@@ -79,7 +77,7 @@ def _task(cfg: DictConfig, describe: bool) -> Any:
             with discarded_if_refused(run_dir):
                 return request.train_run()
     except (MlplabError, Stopped) as error:
-        exit_for(TOOL, error)
+        exit_for(TRAIN, error)
 
 
 @dataclass
@@ -106,6 +104,9 @@ class RunRequest:
             cfg, overrides = resumed_config(cfg, overrides)
             resume_from = find_checkpoint(cfg.resume, "last")[1]
         config = validated(cfg)
+        # What a run needs beyond its checked settings (torch, Lightning), imported once nothing refused them.
+        from mlplab.cli.instantiate import build_callbacks, build_logger
+
         callbacks = build_callbacks(cfg.callbacks)
         if hydra_config.mode != RunMode.RUN and cfg.get("trial") is not None:
             # A trial of a search: reports its epochs to the study. Optuna is imported only where a search runs.
@@ -121,7 +122,7 @@ class RunRequest:
         swept = sweep_dimensions(Path(hydra_config.sweep.dir)) if sweep else []  # HParams shows them first
         hparams = run_hparams(config, command_line_values(overrides, groups=set(hydra_config.runtime.choices)), swept)
         experiment = Path(hydra_config.sweep.dir).name if sweep else None
-        command = [TOOL, *overrides] if sweep else [TOOL, *sys.argv[1:]]
+        command = [TRAIN, *overrides] if sweep else [TRAIN, *sys.argv[1:]]
         config_dirs = [
             source.path.removeprefix("file://")
             for source in hydra_config.runtime.config_sources
@@ -150,13 +151,15 @@ class RunRequest:
         except OSError as error:  # an unwritable run directory, a full disk: the last complete checkpoint stays
             raise RunWriteError(
                 f"could not write the run's files ({one_line(error)}); free space or choose a "
-                f"writable place (hydra.run.dir=...), then resume: {TOOL} resume="
+                f"writable place (hydra.run.dir=...), then resume: {TRAIN} resume="
                 f"{shlex.quote(str(self.run_dir))}"
             ) from None
         except (KeyboardInterrupt, SystemExit):
             raise stopped(self.run_dir) from None
 
     def train_sweep_job(self, hydra_config: DictConfig) -> dict[str, Any]:
+        import torch
+
         one_device = self.config.trainer.accelerator != "cpu" and self.config.trainer.devices == 1
         try:
             return run_sweep_job(
@@ -170,6 +173,8 @@ class RunRequest:
             raise stopped(self.run_dir, sweep=True) from None
 
     def stacked_job(self, hydra_config: DictConfig) -> StackedJob:
+        from mlplab.sweeps.stack_jobs import StackedJob
+
         def train_alone() -> dict[str, Any]:
             configure_log(hydra_config.job_logging, hydra_config.verbose)  # into the job's own log file again
             return self.train_sweep_job(hydra_config)
@@ -187,11 +192,15 @@ class RunRequest:
     def logger_for(self, resume_from: Path | None) -> Any:
         """The run's logger(s) for an attempt from ``resume_from``: a sweep job learns where it resumes from (the
         logger's purge step) only once it holds the job."""
+        from mlplab.cli.instantiate import build_logger
+
         if resume_from == self.resume_from:
             return self.logger
         return build_logger(self.cfg.logger, self.run_dir, resume_from, self.experiment)
 
     def train_attempt(self, resume_from: Path | None, gpu_index: int | None) -> dict[str, Any]:
+        from mlplab.run.train import train
+
         return train(
             self.config,
             self.run_dir,

@@ -2,16 +2,20 @@
 data-parallel rank) trains through ``mlplab.run.train.train``.
 
     main -> hydra_main -> run_request.train_task (every run, sweep job and rank) -> RunRequest -> train
+
+What a run needs (torch, Lightning, torchvision) is imported with run_request, once Hydra has composed a config to
+run: --help and what Hydra or the resume check refuse answer without it.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
-from mlplab.cli import run_request
+from mlplab.cli.command_line import TRAIN
 from mlplab.cli.compose import CONFIG_DIR
 from mlplab.cli.failure import console_main
 from mlplab.cli.resume import check_resume
@@ -19,11 +23,19 @@ from mlplab.cli.resume import check_resume
 
 def main() -> None:
     """Console script: every problem the user can fix ends as one line and an exit status (exit_for)."""
-    console_main(run_request.TOOL, hydra_main, check_resume, lambda: run_request.task_started)
+    console_main(TRAIN, hydra_main, check_resume, task_started)
+
+
+def task_started() -> bool:
+    """Whether Hydra got as far as the task function (which imported run_request)."""
+    run_request = sys.modules.get("mlplab.cli.run_request")
+    return bool(run_request and run_request.task_started)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def hydra_main(cfg: DictConfig) -> dict[str, Any]:
+    from mlplab.cli import run_request
+
     return run_request.train_task(cfg)
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torchvision import datasets
 
+from mlplab.data.settings import DATASETS
 from mlplab.errors import MlplabError, one_line
 from mlplab.files import write_atomically
 
@@ -35,30 +36,6 @@ class DataUnavailableError(DataError):
 
 class DataDamagedError(DataUnavailableError):
     """A dataset file is truncated, corrupted, or not the file it should be; the message names it."""
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    title: str
-    dataset_class: type[datasets.VisionDataset]
-
-    def raw_files(self, data_dir: Path) -> list[Path]:
-        """The files torchvision's parser reads, under ``data_dir``."""
-        cls = self.dataset_class
-        if issubclass(cls, datasets.MNIST):
-            raw = data_dir / cls.__name__ / "raw"
-            return [raw / Path(name).stem for name, _ in cls.resources]
-        base = data_dir / cls.base_folder
-        names = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
-        return [base / name for name in names]
-
-
-DATASETS: dict[str, DatasetSpec] = {
-    "fashion_mnist": DatasetSpec("Fashion-MNIST", datasets.FashionMNIST),
-    "mnist": DatasetSpec("MNIST", datasets.MNIST),
-    "kmnist": DatasetSpec("KMNIST", datasets.KMNIST),
-    "cifar10": DatasetSpec("CIFAR-10", datasets.CIFAR10),
-}
 
 
 def provide_files(name: str, data_dir: Path, system_dir: Path | None = None, download: bool = True) -> str:

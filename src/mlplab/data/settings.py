@@ -3,9 +3,45 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from mlplab.data.datasets import DATASETS
 from mlplab.errors import SettingError
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A built-in dataset: its title, and the torchvision class that fetches and parses it (``class_name`` in
+    ``torchvision.datasets``, imported only where the data is loaded: settings are checked without torchvision)."""
+
+    title: str
+    class_name: str
+
+    @property
+    def dataset_class(self) -> Any:
+        from torchvision import datasets
+
+        return getattr(datasets, self.class_name)
+
+    def raw_files(self, data_dir: Path) -> list[Path]:
+        """The files torchvision's parser reads, under ``data_dir``."""
+        from torchvision import datasets
+
+        cls = self.dataset_class
+        if issubclass(cls, datasets.MNIST):
+            raw = data_dir / cls.__name__ / "raw"
+            return [raw / Path(name).stem for name, _ in cls.resources]
+        base = data_dir / cls.base_folder
+        names = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+        return [base / name for name in names]
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "fashion_mnist": DatasetSpec("Fashion-MNIST", "FashionMNIST"),
+    "mnist": DatasetSpec("MNIST", "MNIST"),
+    "kmnist": DatasetSpec("KMNIST", "KMNIST"),
+    "cifar10": DatasetSpec("CIFAR-10", "CIFAR10"),
+}
 
 # A user's own data: ``data=folder`` (images in class folders) and ``data=tensors`` (a .pt or .npz file).
 USER_DATA = ("folder", "tensors")

@@ -6,7 +6,6 @@ import os
 import pickle
 import signal
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,29 +15,15 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
 from mlplab.compat import validates_next
-from mlplab.errors import MlplabError, SettingError, first_sentence, one_line
+from mlplab.errors import MlplabError, first_sentence, one_line
 from mlplab.files import write_atomically
 from mlplab.run.ownership import Claim, ClaimLostError, held_claim
 from mlplab.run.records import CHECKPOINT_DIR, LAST_CHECKPOINT
+from mlplab.run.settings import EVERY_N_STEPS
 
 # What both of a run's ModelCheckpoints are given (conf/callbacks/checkpoint/plain.yaml holds the same flags, and
 # tests/test_config.py checks that they agree): one file each, under a plain name, overwritten in place.
 CHECKPOINT_FLAGS: dict[str, Any] = {"save_top_k": 1, "auto_insert_metric_name": False, "enable_version_counter": False}
-EVERY_N_STEPS = 500  # checkpoint.every_n_steps unless given
-
-
-@dataclass(frozen=True)
-class CheckpointSettings:
-    """The settings of ``checkpoint``: how often ``checkpoints/last.ckpt`` is written within an epoch."""
-
-    every_n_steps: int = EVERY_N_STEPS  # 0: only at epoch ends
-
-    def __post_init__(self) -> None:
-        if self.every_n_steps < 0:
-            raise SettingError(
-                "every_n_steps",
-                f"every_n_steps must be an integer >= 0 (0: only at epoch ends), got {self.every_n_steps}",
-            )
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

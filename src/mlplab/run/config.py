@@ -18,10 +18,11 @@ from typing import Any
 
 from mlplab.data.settings import DATA_DIR, DataSettings
 from mlplab.errors import MlplabError, SettingError
-from mlplab.model.backbones import Backbone, backbone_class
-from mlplab.model.optim import OptimizerSettings, ScheduleSettings
-from mlplab.run.checkpoints import CheckpointSettings
-from mlplab.run.trainer import TrainerSettings
+from mlplab.run.settings import CheckpointSettings, TrainerSettings
+
+if typing.TYPE_CHECKING:  # imported where a config is parsed: their modules import torch
+    from mlplab.model.backbones import Backbone
+    from mlplab.model.optim import OptimizerSettings, ScheduleSettings
 
 # Keys that steer the command (name or list a sweep, resume a run, a search's trial and objective), not settings of
 # a run.
@@ -74,8 +75,17 @@ class RunConfig:
 
 
 SECTIONS = {"data": DataSettings, "trainer": TrainerSettings, "checkpoint": CheckpointSettings}
-# Groups that are a class and its keyword arguments: any key the class takes.
-CLASS_SECTIONS = {"optimizer": OptimizerSettings, "scheduler": ScheduleSettings}
+# Groups that are a class and its keyword arguments: any key the class takes (class_section).
+CLASS_SECTIONS = ("optimizer", "scheduler")
+
+
+def class_section(name: str) -> type:
+    """The settings class of a CLASS_SECTIONS group (mlplab.model.optim, imported here: it imports torch)."""
+    from mlplab.model.optim import OptimizerSettings, ScheduleSettings
+
+    return {"optimizer": OptimizerSettings, "scheduler": ScheduleSettings}[name]
+
+
 # Groups of third-party objects (built by the entry point from their _target_), and where things are.
 OPEN_GROUPS = ("logger", "callbacks")
 
@@ -102,7 +112,7 @@ def parse_run_config(raw: dict[str, Any]) -> RunConfig:
         name: parse_section(name, cls, raw.get(name) or {}) for name, cls in SECTIONS.items() if name != "trainer"
     }
     sections["trainer"] = parse_trainer(raw.get("trainer") or {})
-    sections |= {name: parse_class_section(name, cls, raw.get(name) or {}) for name, cls in CLASS_SECTIONS.items()}
+    sections |= {name: parse_class_section(name, class_section(name), raw.get(name) or {}) for name in CLASS_SECTIONS}
     try:
         sections["scheduler"].check_with(sections["optimizer"])
     except ValueError as error:
@@ -113,6 +123,8 @@ def parse_run_config(raw: dict[str, Any]) -> RunConfig:
 
 def parse_model(values: dict[str, Any]) -> Backbone:
     _require(isinstance(values, dict), f"model must be a group of keys, got {values!r}")
+    from mlplab.model.backbones import backbone_class  # the families' modules import torch
+
     settings = dict(values)
     family = settings.pop("family", "mlp")
     try:

@@ -12,9 +12,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import torch
-import torch.distributed
-
 
 def launched_rank() -> int:
     """This process's rank where the cluster started one process per rank (SLURM tasks); else 0."""
@@ -39,6 +36,9 @@ def one_job_of_many() -> Iterator[None]:
     """Leave the process as it was for the next job of a sweep: a second data-parallel job must start its own
     ranks and process group, not find the last job's (its ranks have exited), and a one-process job after it gets
     the CPU threads back."""
+    import torch  # here, not above: commands that only check settings read this module's rank variables
+    import torch.distributed
+
     saved = {name: os.environ.get(name) for name in LAUNCH_VARIABLES}
     threads = torch.get_num_threads()
     try:

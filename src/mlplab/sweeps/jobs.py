@@ -13,13 +13,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from mlplab.errors import one_line
 from mlplab.run.distributed import launched_rank, one_job_of_many
 from mlplab.run.ownership import ClaimLostError, claim, running_on
 from mlplab.run.records import CHECKPOINT_DIR, LAST_CHECKPOINT, UnreadableRecordError, read_metrics, write_metrics
-from mlplab.run.train import ENVIRONMENT_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +124,10 @@ def run_sweep_job(
     A job that fails or diverges is recorded in its metrics.json and the sweep goes on; the sweeper reports it.
     ``gpu_count``: GPUs the job may choose from (one-device jobs on a machine with several).
     """
+    import torch  # a sweep's jobs train: this module itself is read by commands that only check or report
+
+    from mlplab.run.train import ENVIRONMENT_ERRORS
+
     if launched_rank() > 0:  # one of the job's SLURM tasks, not its first: rank 0 holds the job and writes
         done = read_metrics(job_dir)  # a job finished already (requeued after its end): rank 0 trains nothing
         return done if done.get("status") in FINISHED else attempt(resume_point(job_dir), None)

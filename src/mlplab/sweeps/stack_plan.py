@@ -25,14 +25,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ModelSummary, ProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ModelSummary, ProgressBar, WeightAveraging
 
 from mlplab.data.datamodule import ImageDataModule
 from mlplab.model.backbones.mlp import MLP
 from mlplab.model.stacked_network import network_shape
 from mlplab.run.memory import RUN_OVERHEAD_BYTES, planned_peak_bytes
 from mlplab.run.records import MONITOR
-from mlplab.run.trainer import TrainerSettings
+from mlplab.run.settings import TrainerSettings
 from mlplab.sweeps.jobs import resume_point
 from mlplab.sweeps.stack_jobs import SEARCH, VIEWS, StackedJob
 from mlplab.sweeps.stack_run import in_a_stopped_stack, stack_memory, train_claimed
@@ -75,6 +75,11 @@ def alone_reason(job: StackedJob) -> str | None:
                 return "callbacks.model_checkpoint: a stack keeps one best (by val/acc) and one last checkpoint per job"
         elif isinstance(callback, EarlyStopping):
             return "callbacks.early_stopping stops each job on its own"
+        elif isinstance(callback, WeightAveraging):
+            return (
+                f"weight averaging ({type(callback).__name__}): a stack does not keep each job's average for its "
+                "validation, checkpoints and test"
+            )
         elif not isinstance(callback, (ProgressBar, ModelSummary)) and not type(callback).__module__.startswith(
             (VIEWS, SEARCH)  # a search's report: each job's, by JobRecords
         ):

@@ -29,8 +29,9 @@ from mlplab.run.lightning_notes import quiet_lightning
 from mlplab.run.memory import RUN_OVERHEAD_BYTES, available_memory, resident_bytes
 from mlplab.run.ownership import ClaimLostError, claim, held_claim
 from mlplab.run.records import CHECKPOINT_DIR, LAST_CHECKPOINT, read_metrics, write_metrics
+from mlplab.run.settings import TrainerSettings
 from mlplab.run.train import build_model
-from mlplab.run.trainer import TrainerSettings, build_trainer, require_batches
+from mlplab.run.trainer import build_trainer, require_batches
 from mlplab.sweeps.jobs import FINISHED, claimed_metrics, held_elsewhere, prepare_attempt
 from mlplab.sweeps.stack_jobs import JobRecords, StackedJob
 
