@@ -363,8 +363,7 @@ def test_the_default_run_is_the_dataclasses_defaults(monkeypatch):
     from mlplab.data.settings import DATA_DIR, DataSettings
     from mlplab.model.backbones.mlp import MLP
     from mlplab.model.optim import OptimizerSettings, ScheduleSettings
-    from mlplab.run.settings import CheckpointSettings
-    from mlplab.run.settings import TrainerSettings
+    from mlplab.run.settings import CheckpointSettings, TrainerSettings
 
     config = parsed()
     # Where Debian's package puts Fashion-MNIST is a fact of this machine's kind, given by the config alone (the
