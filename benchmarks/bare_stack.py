@@ -4,12 +4,12 @@
     python benchmarks/bare_stack.py --depths 1 2 --widths 64 128 256 512 --seeds 1 2 --epochs 2
 
 Plain PyTorch, no Lightning, no records: read Fashion-MNIST with torchvision's parsers, split off 5,000 validation
-images, then per step one batch per seed (the networks of a seed share it), each network's forward pass (networks
-that read the same batch have their first layers concatenated into one matrix multiply, the cheapest way to compute
-them), one backward pass, and one fused Adam step over every network's parameters. Each epoch ends with validation,
-the run with a test of each network's last weights. Prints the seconds spent after the imports, and those of the
-whole process come from the caller (benchmarks/stacked_sweep.py --bare times this script as a subprocess, beside
-mlplab's stacked and job-by-job sweeps of the same jobs).
+images (``--val-size``), then per step one batch per seed (the networks of a seed share it), each network's forward
+pass (networks that read the same batch have their first layers concatenated into one matrix multiply, the cheapest
+way to compute them), one backward pass, and one fused Adam step over every network's parameters. Each epoch ends
+with validation, the run with a test of each network's last weights. Prints the seconds spent after the imports, and
+those of the whole process come from the caller (benchmarks/stacked_sweep.py --bare times this script as a
+subprocess, beside mlplab's stacked and job-by-job sweeps of the same jobs).
 """
 
 from __future__ import annotations
@@ -60,12 +60,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1])
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--val-size", type=int, default=5000, help="training images held out for validation")
     args = parser.parse_args()
     started = time.perf_counter()
     images, labels = load(args.data_dir, train=True)
     test_images, test_labels = load(args.data_dir, train=False)
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-    val, train = order[:5000], order[5000:]
+    val, train = order[: args.val_size], order[args.val_size :]
     scale = 1 / (255 * 0.3530)
 
     def normalized(batch: torch.Tensor) -> torch.Tensor:

@@ -209,3 +209,14 @@ class HoldAtStep(Callback):
         deadline = time.monotonic() + 300
         while trainer.global_step == self.step and not self.until.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+class PruneTrials:
+    """An Optuna pruner that prunes the trials numbered ``numbers`` once they reported epoch ``after`` (and no
+    other): a test decides which of a search's trials leave their stack, and when."""
+
+    def __init__(self, numbers: list[int], after: int):
+        self.numbers, self.after = set(numbers), after
+
+    def prune(self, study, trial) -> bool:
+        return trial.number in self.numbers and trial.last_step is not None and trial.last_step >= self.after

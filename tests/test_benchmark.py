@@ -10,8 +10,10 @@ import pytest
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
 STACKED = BENCHMARK.with_name("stacked_engine.py")
+BARE_STACK = BENCHMARK.with_name("bare_stack.py")
 
 
+@pytest.mark.slow
 def test_quick_benchmark_writes_every_part(tmp_path):
     result = subprocess.run(
         [sys.executable, str(BENCHMARK), "--quick", "--output", str(tmp_path)],
@@ -31,8 +33,20 @@ def test_quick_benchmark_writes_every_part(tmp_path):
     assert report["memory"]["peak_rss_mb"] > 0
     assert report["machine"]["cores"] >= 1 and "torch" in report["machine"]["packages"]
     assert "ratio" in result.stdout and "Start-up" in result.stdout
+    answers = report["startup"]["answers"]["median_seconds"]
+    assert set(answers) == {
+        "python -c 'import torch'",
+        "python -c 'import lightning'",
+        "mlplab-train --help",
+        "mlplab-train model.width=abc (refused)",
+        "mlplab-train -m seed=1..8 dry_run=true",
+        "mlplab-report <sweep of 4 jobs>",
+    }
+    assert all(seconds > 0 for seconds in answers.values())
+    assert set(report["machine"]["cpu_flags"]) <= {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
 
 
+@pytest.mark.slow
 def test_stacked_engine_benchmark_writes_its_table(tmp_path):
     result = subprocess.run(
         [sys.executable, str(STACKED), "--ks", "1", "2", "--steps", "2", "--repeats", "1", "--output", str(tmp_path)],
@@ -47,6 +61,7 @@ def test_stacked_engine_benchmark_writes_its_table(tmp_path):
     assert [row["k"] for row in rows] == [1, 2] and all(row["stacked_s"] > 0 and row["ratio"] > 0 for row in rows)
 
 
+@pytest.mark.slow
 def test_stacked_sweep_benchmark_writes_its_table(tmp_path):
     # stacked only (--alone-ks with none): tests/test_stacked_sweep.py compares stacked and job-by-job sweeps
     result = subprocess.run(
@@ -90,5 +105,18 @@ def test_each_benchmark_answers_help_without_running(script, tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_simplest_stacked_loop_trains_every_network_it_is_given(tmp_path):
+    from mlplab.data.synthetic import write_mnist_like
+
+    write_mnist_like(tmp_path / "raw")
+    command = [sys.executable, str(BARE_STACK), "--data-dir", str(tmp_path / "raw"), "--val-size", "100"]
+    command += ["--depths", "1", "2", "--widths", "8", "16", "--seeds", "1", "2", "--epochs", "2", "--batch-size", "50"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["networks"] == 8 and len(report["val_acc"]) == len(report["test_acc"]) == 8
+    assert all(0 <= acc <= 1 for acc in report["test_acc"]) and max(report["test_acc"]) > 0.3  # it learned
+
+
 def test_every_benchmark_is_checked():
-    assert len([p for p in BENCHMARK.parent.glob("*.py") if p.name != "startup_probe.py"]) == 7
+    assert len([p for p in BENCHMARK.parent.glob("*.py") if p.name != "startup_probe.py"]) == 8

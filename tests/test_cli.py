@@ -29,6 +29,7 @@ def trained_run(synthetic_data_dir, tmp_path_factory) -> Path:
     return single_run_dir(cwd)
 
 
+@pytest.mark.slow
 def test_train_writes_config_events_checkpoints_and_metrics(trained_run):
     config = (trained_run / ".hydra" / "config.yaml").read_text()
     assert "width: 64" in config
@@ -48,6 +49,7 @@ def test_train_writes_config_events_checkpoints_and_metrics(trained_run):
     assert metrics["wall_seconds"] > 0 and metrics["best_checkpoint"] == "checkpoints/best.ckpt"
 
 
+@pytest.mark.slow
 def test_a_run_prints_no_lightning_notes_a_user_cannot_act_on(synthetic_data_dir, tmp_path):
     # bf16-mixed as trainer.precision=auto picks it on a bf16 CPU or GPU: the model summary would remark on it
     args = [*SYNTHETIC_RUN, "trainer.limit_train_batches=2", "trainer.precision=bf16-mixed"]
@@ -64,6 +66,7 @@ def test_a_run_prints_no_lightning_notes_a_user_cannot_act_on(synthetic_data_dir
 @pytest.mark.parametrize(
     "precision, dtype", [("bf16-true", torch.bfloat16), ("64-true", torch.float64), ("16-true", torch.float16)]
 )
+@pytest.mark.slow
 def test_every_offered_true_precision_trains_and_evaluates(precision, dtype, synthetic_data_dir, tmp_path):
     result = run_cli(
         [
@@ -89,6 +92,7 @@ def test_every_offered_true_precision_trains_and_evaluates(precision, dtype, syn
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_progress_off_a_terminal_is_one_line_per_epoch(synthetic_data_dir, tmp_path):
     args = [arg for arg in SYNTHETIC_RUN if not arg.startswith("callbacks.progress_bar")]
     result = run_cli(["mlplab-train", *args, "trainer.max_epochs=3"], tmp_path, synthetic_data_dir)  # output: pipes
@@ -99,6 +103,7 @@ def test_progress_off_a_terminal_is_one_line_per_epoch(synthetic_data_dir, tmp_p
     assert all("train/loss" in line and "val/acc" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_plain_values_and_loads_without_hydra(trained_run):
     checkpoint = trained_run / "checkpoints" / "best.ckpt"
     state = torch.load(checkpoint, weights_only=True)
@@ -118,6 +123,7 @@ def test_checkpoint_holds_plain_values_and_loads_without_hydra(trained_run):
     assert int(result.stdout.split()[-1]) == json.loads((trained_run / "metrics.json").read_text())["num_parameters"]
 
 
+@pytest.mark.slow
 def test_eval_reproduces_the_recorded_test_accuracy(trained_run, synthetic_data_dir, tmp_path):
     result = run_cli(
         ["mlplab-eval", f"run={trained_run}", "format=json", "accelerator=cpu"], tmp_path, synthetic_data_dir
@@ -145,6 +151,7 @@ def test_checkpoint_records_the_data_setup_eval_rebuilds(trained_run):
     assert state["datamodule_hyper_parameters"]["val_size"] == 100
 
 
+@pytest.mark.slow
 def test_runs_started_in_the_same_second_get_their_own_directories(forked_cli, synthetic_data_dir, tmp_path):
     # The default run directory with its time part pinned: the two runs surely share that second.
     default = OmegaConf.to_container(composed(hydra=True).hydra.run)["dir"]  # unresolved
@@ -197,6 +204,7 @@ if not torch.cuda.is_available():
     BAD_INPUTS.append(("trainer=gpu", "trainer.accelerator=gpu", "trainer=cpu"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override, key, allowed", BAD_INPUTS, ids=[o for o, _, _ in BAD_INPUTS])
 def test_bad_input_is_one_clear_message_and_no_training(
     override, key, allowed, forked_cli, synthetic_data_dir, tmp_path
@@ -212,6 +220,7 @@ def test_bad_input_is_one_clear_message_and_no_training(
     assert not list(tmp_path.glob("outputs/runs/*"))  # no training started, and no empty run directory left
 
 
+@pytest.mark.slow
 def test_missing_dataset_says_where_it_looked_and_how_to_provide_it(tmp_path):
     empty = tmp_path / "empty-data"
     result = run_cli(["mlplab-train", *SYNTHETIC_RUN, f"data.system_dir={tmp_path / 'no-package'}"], tmp_path, empty)
@@ -221,6 +230,7 @@ def test_missing_dataset_says_where_it_looked_and_how_to_provide_it(tmp_path):
     assert "dataset-fashion-mnist" in message[0]
 
 
+@pytest.mark.slow
 def test_help_lists_groups_options_and_examples(tmp_path):
     result = run_cli(["mlplab-train", "--help"], tmp_path)
     assert result.returncode == 0
@@ -240,6 +250,7 @@ def test_help_lists_groups_options_and_examples(tmp_path):
     assert module_help.returncode == 0 and "model: article, cnn, linear, mlp" in module_help.stdout
 
 
+@pytest.mark.slow
 def test_diverging_run_stops_at_the_step_with_a_hint_and_keeps_no_nan_weights(synthetic_data_dir, tmp_path):
     result = run_cli(
         ["mlplab-train", *SYNTHETIC_RUN, "optimizer.lr=1e30", "trainer.max_epochs=3"], tmp_path, synthetic_data_dir

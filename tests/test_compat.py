@@ -251,6 +251,7 @@ def test_loops_with_schedule_steps_writes_the_loop_state_lightning_saves(interva
             )
 
 
+@pytest.mark.slow
 def test_jobs_derived_from_a_composed_one_equal_hydras_own_composition():
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra

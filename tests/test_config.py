@@ -212,6 +212,7 @@ VALUES = st.one_of(  # plausible values as often as wild ones, so that both path
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
+@pytest.mark.slow
 @given(key=st.sampled_from(USER_KEYS), value=VALUES)
 def test_any_value_on_the_command_line_trains_or_is_refused_naming_the_key(
     key, value, forked_cli, synthetic_data_dir, tmp_path

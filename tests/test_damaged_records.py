@@ -56,6 +56,7 @@ def the_one_error_line(result, tool: str) -> str:
         (".hydra/config.yaml", lambda path: path.write_text("trainer: {limit_test_batches: [1,\n")),
     ],
 )
+@pytest.mark.slow
 def test_eval_refuses_a_run_with_a_damaged_record_in_one_line(
     record, damage, finished_run, synthetic_data_dir, tmp_path
 ):
@@ -76,6 +77,7 @@ def test_eval_refuses_a_run_with_a_damaged_record_in_one_line(
         ("mlplab-train", ["resume={run}", "trainer.max_epochs=2"]),
     ],
 )
+@pytest.mark.slow
 def test_a_checkpoint_cut_short_is_one_complete_sentence_with_the_remedy(
     tool, args, finished_run, synthetic_data_dir, tmp_path
 ):
@@ -97,6 +99,7 @@ def test_a_checkpoint_cut_short_is_one_complete_sentence_with_the_remedy(
         (".hydra/overrides.yaml", lambda path: path.write_text("- model.width=16\n- [trainer=cpu\n"), "restore it"),
     ],
 )
+@pytest.mark.slow
 def test_resume_refuses_a_damaged_record_and_leaves_the_run_as_it_was(
     record, damage, remedy, finished_run, synthetic_data_dir, tmp_path
 ):
@@ -111,6 +114,7 @@ def test_resume_refuses_a_damaged_record_and_leaves_the_run_as_it_was(
     assert [path.name for path in (tmp_path / "outputs" / "runs").iterdir()] == [run.name]  # no new run either
 
 
+@pytest.mark.slow
 def test_resume_of_a_run_that_is_not_there_names_resume(synthetic_data_dir, tmp_path):
     result = run_cli(["mlplab-train", "resume=outputs/runs/nope"], tmp_path, synthetic_data_dir)
     assert result.returncode == 2
@@ -127,6 +131,7 @@ def test_report_on_a_folder_that_is_not_there_says_so(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_a_cpu_run_says_in_one_line_each_what_it_does_otherwise_than_asked(synthetic_data_dir, tmp_path):
     # 16-mixed, which Lightning runs as bf16-mixed on the CPU; a batch of 1000 from the 500 training images
     args = [*SYNTHETIC_RUN, "model.width=16", "trainer.precision=16-mixed", "data.batch_size=1000", "logger=none"]

@@ -263,6 +263,7 @@ DAMAGES = {  # file -> (how it is damaged, what the message must say)
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", DAMAGES)
 def test_damaged_dataset_files_are_named_with_the_remedy(damage, tmp_path):
     from conftest import SYNTHETIC_RUN, run_cli

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import SYNTHETIC_RUN, cli_env
 
@@ -69,6 +70,7 @@ def test_a_disk_full_at_the_first_checkpoint_is_one_line(synthetic_data_dir, tmp
         assert not list(run_dir.rglob("*.partial"))  # no half-written checkpoint left behind
 
 
+@pytest.mark.slow
 def test_a_sweep_job_the_environment_stopped_resumes_instead_of_starting_over(synthetic_data_dir, tmp_path):
     marker = tmp_path / "failed-once"
     args = [
@@ -112,6 +114,7 @@ except OSError as error:
 """
 
 
+@pytest.mark.slow
 def test_a_checkpoint_write_the_disk_cannot_hold_leaves_the_previous_one_loadable(tmp_path):
     with small_place(tmp_path) as (folder, preexec):
         path = folder / "checkpoints" / "last.ckpt"

@@ -60,6 +60,7 @@ def text(events: EventAccumulator, tag: str) -> str:
     return event.tensor_proto.string_val[0].decode()
 
 
+@pytest.mark.slow
 def test_every_view_is_in_the_event_files(events):
     tags = events.Tags()
     assert len(events.Images("val/confusion_matrix")) == 2  # after each epoch
@@ -81,6 +82,7 @@ def test_every_view_is_in_the_event_files(events):
     assert lr[0] == pytest.approx(3e-5) and lr[1] < lr[0]  # the cosine schedule, epoch by epoch
 
 
+@pytest.mark.slow
 def test_confusion_matrix_and_per_class_accuracy_equal_the_test_predictions(events, test_predictions, run):
     expected = np.zeros((10, 10), dtype=int)  # counted here, from mlplab-predict's independent pass
     for row in test_predictions:
@@ -123,6 +125,7 @@ def test_misclassified_grid_shows_the_most_confident_mistakes(events, test_predi
     assert places == sorted(places, key=lambda place: (place[0], place[1]))  # reading order
 
 
+@pytest.mark.slow
 def test_histograms_are_off_by_default(synthetic_data_dir, tmp_path):
     result = run_cli(["mlplab-train", *SYNTHETIC_RUN], tmp_path, synthetic_data_dir)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -146,6 +149,7 @@ def test_tensorboard_server_lists_the_images(run):
     assert wanted <= set(tags["."])
 
 
+@pytest.mark.slow
 def test_predict_reads_images_as_the_dataset_has_them(run, synthetic_data_dir, tmp_path):
     checkpoint = run / "checkpoints" / "best.ckpt"
     model, data = load_model(checkpoint), load_data(checkpoint, synthetic_data_dir)
@@ -183,6 +187,7 @@ def test_predict_on_the_test_set_agrees_with_the_recorded_test_accuracy(test_pre
     assert float(row["probability"]) == pytest.approx(max(float(row[f"p_{name}"]) for name in CLASSES))
 
 
+@pytest.mark.slow
 def test_predict_takes_a_glob_and_the_last_checkpoint(run, synthetic_data_dir, tmp_path):
     data = load_data(run / "checkpoints" / "last.ckpt", synthetic_data_dir)
     data.setup("test")
@@ -210,6 +215,7 @@ def png_claiming(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+@pytest.mark.slow
 def test_a_decompression_bomb_is_reported_and_the_other_images_are_predicted(run, synthetic_data_dir, tmp_path):
     checkpoint = run / "checkpoints" / "best.ckpt"
     data = load_data(checkpoint, synthetic_data_dir)
@@ -225,6 +231,7 @@ def test_a_decompression_bomb_is_reported_and_the_other_images_are_predicted(run
     assert line.startswith(f"mlplab-predict: {tmp_path / 'b_bomb.png'}: cannot read it as an image")
 
 
+@pytest.mark.slow
 def test_predict_refuses_bad_input_in_one_line(run, tmp_path):
     for args, needle in [
         ([f"run={run}", f"inputs={tmp_path / 'nothing.png'}"], "does not exist"),

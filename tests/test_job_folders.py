@@ -6,12 +6,14 @@ import json
 import re
 import shlex
 
+import pytest
 from conftest import SYNTHETIC_RUN, run_cli
 
 from mlplab.cli.command_line import paths_as_values
 from mlplab.cli.compose import job_dirname
 
 
+@pytest.mark.slow
 def test_the_summarys_eval_command_evaluates_the_job_as_pasted(forked_cli, synthetic_data_dir, tmp_path):
     data = f"paths.data_dir={synthetic_data_dir}"
     sweep = ["-m", "seed=1,2", *SYNTHETIC_RUN, "trainer.limit_test_batches=1", data, "hydra.sweep.dir=sweep"]

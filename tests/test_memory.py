@@ -48,12 +48,14 @@ def peak_and_estimate(tmp_path: Path, data_dir: Path, *overrides: str) -> tuple[
     ],
     ids=" ".join,
 )
+@pytest.mark.slow
 def test_the_estimate_is_at_or_above_the_measured_peak(overrides, synthetic_data_dir, tmp_path):
     peak, estimate = peak_and_estimate(tmp_path, synthetic_data_dir, *overrides)
     assert estimate >= peak, f"estimated {estimate >> 20} MB, measured {peak >> 20} MB"
     assert estimate <= 1.6 * peak, f"estimated {estimate >> 20} MB for a measured {peak >> 20} MB: too cautious to use"
 
 
+@pytest.mark.slow
 def test_a_network_that_does_not_fit_is_refused_with_what_is_available(synthetic_data_dir, tmp_path):
     # 100000 x 100000: 10 billion parameters, hundreds of GB to train; no machine here has that free
     result = subprocess.run(

@@ -20,6 +20,7 @@ def old_run(tmp_path) -> Path:
     return Path(shutil.copytree(OLD_RUN, tmp_path / "run-0.1.0"))
 
 
+@pytest.mark.slow
 def test_old_checkpoint_evaluates_to_its_recorded_metrics(old_run, synthetic_data_dir, tmp_path):
     result = run_cli(["mlplab-eval", f"run={old_run}", "format=json", "accelerator=cpu"], tmp_path, synthetic_data_dir)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -64,6 +65,7 @@ def test_old_run_resumes_where_it_stopped_and_keeps_its_record(old_run, syntheti
     assert not (tmp_path / "outputs").exists()  # nothing written anywhere else
 
 
+@pytest.mark.slow
 def test_a_run_that_named_its_optimizer_and_schedule_resumes(synthetic_data_dir, tmp_path):
     """The version before this one named the optimizer and schedule (``optimizer.name``, ``scheduler.min_lr``) in
     its checkpoints and overrides; made here from a run of this version, rewritten as that version wrote it."""
@@ -104,6 +106,7 @@ def test_a_run_that_named_its_optimizer_and_schedule_resumes(synthetic_data_dir,
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_its_recorded_experiment_when_a_default_has_changed_since(synthetic_data_dir, tmp_path):
     """A run from when data.val_size was 120 by default (it is 5000 now): its overrides do not name it, its recorded
     config does."""

@@ -60,6 +60,7 @@ def validation_epochs(run_dir: Path) -> list[int]:
         return [int(row["epoch"]) for row in csv.DictReader(file) if row.get("val/acc")]
 
 
+@pytest.mark.slow
 def test_a_run_in_training_is_refused_to_a_resume_and_its_sweep_job_to_a_second_sweep(synthetic_data_dir, tmp_path):
     go = tmp_path / "go"  # both trainings wait at step 25 until the test has made its checks
     hold = f"+callbacks.hold={{_target_:probes.HoldAtStep,step:25,until:'{go}'}}"
@@ -105,6 +106,7 @@ def test_a_run_in_training_is_refused_to_a_resume_and_its_sweep_job_to_a_second_
     assert (run_dir / ".lock").read_text() == ""  # released
 
 
+@pytest.mark.slow
 def test_a_killed_owners_run_is_refused_within_its_lease_and_taken_over_and_resumed_after_it(
     synthetic_data_dir, tmp_path
 ):
@@ -147,6 +149,7 @@ def test_a_killed_owners_run_is_refused_within_its_lease_and_taken_over_and_resu
     assert steps == sorted(steps)  # rows the killed part logged after its last checkpoint were left out
 
 
+@pytest.mark.slow
 def test_a_resumed_csv_run_keeps_every_epochs_row_counted_from_1(synthetic_data_dir, tmp_path):
     args = [*SYNTHETIC_RUN, "model.width=8", "logger=csv"]
     first = run_cli(["mlplab-train", *args, "trainer.max_epochs=2"], tmp_path, synthetic_data_dir)

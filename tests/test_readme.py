@@ -298,6 +298,7 @@ def case(command: Command):
     return pytest.param(command, id=command.text)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [case(command) for command in COMMANDS])
 def test_readme_command(command: Command, project: Project):
     how = plan(command)

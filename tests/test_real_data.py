@@ -22,6 +22,7 @@ def require_real_data() -> None:
         pytest.skip(absent)
 
 
+@pytest.mark.slow
 @pytest.mark.real_data
 def test_one_epoch_of_the_default_network_learns_fashion_mnist(tmp_path):
     require_real_data()
@@ -39,6 +40,7 @@ def test_one_epoch_of_the_default_network_learns_fashion_mnist(tmp_path):
     assert metrics["test/acc"] >= 0.80, metrics
 
 
+@pytest.mark.slow
 @pytest.mark.real_data
 def test_fashion_mnist_test_images_as_png_files_train_with_data_folder_and_predict_by_folder_name(tmp_path):
     require_real_data()

@@ -94,6 +94,7 @@ def uninterrupted(synthetic_data_dir, tmp_path_factory) -> Path:
     return single_run_dir(cwd)
 
 
+@pytest.mark.slow
 def test_ctrl_c_mid_epoch_then_the_printed_command_resumes_it_exactly(uninterrupted, synthetic_data_dir, tmp_path):
     with_progress_lines = [override for override in PACED_RUN if override != "callbacks.progress_bar=null"]
     process = start(with_progress_lines, tmp_path, synthetic_data_dir)
@@ -119,6 +120,7 @@ def test_ctrl_c_mid_epoch_then_the_printed_command_resumes_it_exactly(uninterrup
     assert "exists and is not empty" not in resumed.stderr
 
 
+@pytest.mark.slow
 def test_killed_twice_and_resumed_twice_ends_as_the_uninterrupted_run(uninterrupted, synthetic_data_dir, tmp_path):
     process = start(PACED_RUN, tmp_path, synthetic_data_dir)
     run_dir = wait_for_step(tmp_path, STEPS_PER_EPOCH + 50, process)
@@ -143,6 +145,7 @@ def test_killed_twice_and_resumed_twice_ends_as_the_uninterrupted_run(uninterrup
     "signal_name, epoch, during",
     [("SIGTERM", 1, "validation"), ("SIGINT", 2, "validation"), ("SIGTERM", 2, "last step")],
 )
+@pytest.mark.slow
 def test_a_signal_during_validation_or_an_epochs_last_step_stops_once_the_epoch_is_validated_and_resumes_exactly(
     signal_name, epoch, during, uninterrupted, synthetic_data_dir, tmp_path
 ):
@@ -168,6 +171,7 @@ def test_a_signal_during_validation_or_an_epochs_last_step_stops_once_the_epoch_
     assert_same_run(run_dir, uninterrupted)
 
 
+@pytest.mark.slow
 def test_resume_refuses_changes_to_the_experiment_but_may_train_longer(uninterrupted, synthetic_data_dir, tmp_path):
     def records() -> dict[Path, int]:  # all but .lock, which a resume holds while it checks (mlplab.run.ownership)
         return {p: p.stat().st_mtime_ns for p in uninterrupted.rglob("*") if p.is_file() and p.name != ".lock"}
@@ -192,6 +196,7 @@ class CodeOnLoad:
         return open, (self.marker, "w")
 
 
+@pytest.mark.slow
 def test_checkpoints_that_would_run_code_or_are_damaged_are_refused(uninterrupted, synthetic_data_dir, tmp_path):
     marker = tmp_path / "code-ran"
     crafted = tmp_path / "crafted" / "checkpoints" / "last.ckpt"
@@ -219,6 +224,7 @@ def test_checkpoints_that_would_run_code_or_are_damaged_are_refused(uninterrupte
         )
 
 
+@pytest.mark.slow
 def test_an_unwritable_checkpoint_folder_is_one_clear_line(synthetic_data_dir, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -231,6 +237,7 @@ def test_an_unwritable_checkpoint_folder_is_one_clear_line(synthetic_data_dir, t
     assert metrics["status"] == "interrupted" and "checkpoints" in metrics["error"]  # resumable, not failed
 
 
+@pytest.mark.slow
 def test_killed_right_after_an_epoch_ends_resumes_without_doubled_points(uninterrupted, synthetic_data_dir, tmp_path):
     args = [*PACED_RUN, "checkpoint.every_n_steps=0"]  # only the checkpoints written when an epoch ends
     process = start(args, tmp_path, synthetic_data_dir)
@@ -260,6 +267,7 @@ def test_a_read_only_place_for_runs_is_one_clear_line(synthetic_data_dir, tmp_pa
     assert elsewhere.returncode == 2 and "hydra.run.dir=<a writable path>" in elsewhere.stderr
 
 
+@pytest.mark.slow
 def test_a_second_signal_stops_at_once(synthetic_data_dir, tmp_path):
     # Steps of 20 s: one signal waits for the step to end (seconds away); a second must not.
     marker = tmp_path / "pace"

@@ -72,6 +72,7 @@ def ddp_run(synthetic_data_dir, tmp_path_factory) -> tuple[Path, Path, Path]:
     return cwd, cwd / "outputs" / "runs", records
 
 
+@pytest.mark.slow
 def test_ddp_run_has_one_directory_written_by_rank_zero(ddp_run):
     cwd, runs, _ = ddp_run
     (run_dir,) = runs.iterdir()  # not one per rank
@@ -92,6 +93,7 @@ def test_ddp_run_has_one_directory_written_by_rank_zero(ddp_run):
     assert len(events.Scalars("test/acc")) == 1
 
 
+@pytest.mark.slow
 def test_ddp_test_accuracy_is_the_whole_test_set_evaluated_in_one_process(ddp_run, synthetic_data_dir):
     _, runs, _ = ddp_run
     (run_dir,) = runs.iterdir()
@@ -120,6 +122,7 @@ def test_ddp_ranks_share_each_epoch_every_training_sample_once(ddp_run, syntheti
     assert Counter(seen[0] + seen[1]) == expected  # the whole training split, nothing twice
 
 
+@pytest.mark.slow
 def test_ddp_sweep_has_one_directory_per_job_and_a_summary(synthetic_data_dir, tmp_path):
     # two jobs in this process; one job in a process of submitit's, which has no command line of its own to re-run
     for launcher, seeds in (([], ["1", "2"]), (["hydra/launcher=submitit_local"], ["1"])):
@@ -156,6 +159,7 @@ def start_paced_run(cwd: Path, data_dir: Path, checkpoints: str, stderr: int) ->
     )
 
 
+@pytest.mark.slow
 def test_killed_ddp_run_resumes_and_completes(synthetic_data_dir, tmp_path):
     process = start_paced_run(tmp_path, synthetic_data_dir, "checkpoint.every_n_steps=4", stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -184,6 +188,7 @@ def rank_processes(parent: int) -> list[int]:
     return [int(pid) for pid in children if b"mlplab.cli.rank" in Path(f"/proc/{pid}/cmdline").read_bytes()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rank", [0, 1])
 def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(rank, synthetic_data_dir, tmp_path):
     process = start_paced_run(tmp_path, synthetic_data_dir, "checkpoint.every_n_steps=0", stderr=subprocess.PIPE)
@@ -203,6 +208,7 @@ def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(rank, synthetic_
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_a_failing_ddp_job_does_not_end_the_sweep(synthetic_data_dir, tmp_path):
     result = run_cli(
         ["mlplab-train", "-m", *RUN, "optimizer.lr=1e30,1e-3", "sweep=mixed"], tmp_path, synthetic_data_dir

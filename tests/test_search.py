@@ -44,6 +44,7 @@ def search(args: list[str], cwd: Path, data_dir: Path) -> subprocess.CompletedPr
     return result
 
 
+@pytest.mark.slow
 def test_a_search_runs_its_trials_and_the_summary_matches_the_jobs(synthetic_data_dir, tmp_path):
     result = search(TWO_PARAMETERS, tmp_path, synthetic_data_dir)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -65,6 +66,7 @@ def test_a_search_runs_its_trials_and_the_summary_matches_the_jobs(synthetic_dat
     assert "sweep=" not in command and "trial=" not in command
 
 
+@pytest.mark.slow
 def test_diverging_trials_fail_and_the_search_goes_on_to_a_sane_best(synthetic_data_dir, tmp_path):
     result = search(
         [
@@ -84,6 +86,7 @@ def test_diverging_trials_fail_and_the_search_goes_on_to_a_sane_best(synthetic_d
     assert "## Failed" in (sweep_dir / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_hopeless_search_stops_with_a_clear_message(synthetic_data_dir, tmp_path):
     result = search(["optimizer.lr=interval(1e30, 2e30)"], tmp_path, synthetic_data_dir)
     assert result.returncode == 1
@@ -91,6 +94,7 @@ def test_a_hopeless_search_stops_with_a_clear_message(synthetic_data_dir, tmp_pa
     assert "4 of 6 trials failed" in line and "max_failure_ratio=0.5" in line and "diverged" in line.lower()
 
 
+@pytest.mark.slow
 def test_clearly_worse_trials_are_pruned_early(synthetic_data_dir, tmp_path):
     result = search(
         [
@@ -121,6 +125,7 @@ def test_clearly_worse_trials_are_pruned_early(synthetic_data_dir, tmp_path):
         assert f"`{trial.user_attrs['job']}`: stopped after" in summary
 
 
+@pytest.mark.slow
 def test_two_parallel_workers_share_the_study_without_duplicates(synthetic_data_dir, tmp_path):
     result = search([*TWO_PARAMETERS, "hydra/launcher=parallel"], tmp_path, synthetic_data_dir)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -155,6 +160,7 @@ def test_a_sampled_config_that_is_invalid_is_a_failed_trial_and_the_search_goes_
     assert all(t.state.name == "COMPLETE" and t.params["model.dropout"] < 1 for t in trials if t not in failed)
 
 
+@pytest.mark.slow
 def test_a_failing_trial_is_told_failed_with_its_error_and_the_search_goes_on(synthetic_data_dir, tmp_path):
     result = search(
         [
@@ -183,6 +189,7 @@ def test_a_failing_trial_is_told_failed_with_its_error_and_the_search_goes_on(sy
     assert "## Failed" in (sweep_dir / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_search_without_dimensions_or_with_a_sweep_it_cannot_sample_is_refused(synthetic_data_dir, tmp_path):
     result = search(["model.width=16"], tmp_path, synthetic_data_dir)
     assert result.returncode == 2 and "no dimensions" in result.stderr
@@ -191,6 +198,7 @@ def test_a_search_without_dimensions_or_with_a_sweep_it_cannot_sample_is_refused
     assert result.returncode == 2 and "model.activation" in line and "not a search dimension" in line
 
 
+@pytest.mark.slow
 def test_the_preset_runs_as_a_search_whose_trials_report_each_epoch(synthetic_data_dir, tmp_path):
     args = [
         "hparams_search=fmnist_mlp",
@@ -213,6 +221,7 @@ def test_the_preset_runs_as_a_search_whose_trials_report_each_epoch(synthetic_da
         assert "hparams_search" not in trial.user_attrs["job"]
 
 
+@pytest.mark.slow
 def test_a_search_out_of_time_stops_asking_and_continues_when_run_again(synthetic_data_dir, tmp_path):
     result = search([*TWO_PARAMETERS, "hydra.sweeper.timeout=0.001"], tmp_path, synthetic_data_dir)
     assert result.returncode == 0, result.stderr[-3000:]

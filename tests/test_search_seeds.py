@@ -36,6 +36,7 @@ def metrics(job: Path) -> dict:
     return json.loads((job / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_a_trial_scores_the_mean_of_its_seeds_job_by_job_and_stacked(forked_cli, synthetic_data_dir, tmp_path):
     space = ["hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", "trainer.max_epochs=2"]
     space.append("optimizer.lr=choice(0.001, 0.0003)")
@@ -68,6 +69,7 @@ def test_a_trial_scores_the_mean_of_its_seeds_job_by_job_and_stacked(forked_cli,
     assert "## Over seeds" in summary and "(mean ± std of 2 seeds" in summary
 
 
+@pytest.mark.slow
 def test_a_pruned_trial_leaves_the_stack_and_the_other_trial_finishes(forked_cli, synthetic_data_dir, tmp_path):
     args = ["hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", "trainer.max_epochs=3", *THRESHOLD]
     sweep_dir, output = search(
@@ -96,6 +98,7 @@ def test_a_pruned_trial_leaves_the_stack_and_the_other_trial_finishes(forked_cli
         assert recorded["status"] == "completed" and recorded["epochs"] == 3 and "test/acc" in recorded
 
 
+@pytest.mark.slow
 def test_seeds_of_a_trial_one_after_another_stop_once_one_is_pruned(forked_cli, synthetic_data_dir, tmp_path):
     args = ["hydra.sweeper.n_trials=1", "trainer.max_epochs=3", *THRESHOLD, "optimizer.lr=choice(0.00001)"]
     sweep_dir, _ = search(forked_cli, tmp_path, synthetic_data_dir, "serial", *args)
@@ -125,3 +128,20 @@ def test_bad_seed_settings_get_one_line(forked_cli, synthetic_data_dir, tmp_path
     )
     assert code == 2 and message in output and "Traceback" not in output, output[-2000:]
     assert not list((tmp_path / "outputs" / "sweeps").glob("*/*/metrics.json"))  # nothing trained
+
+
+def test_the_first_job_of_a_stack_trains_on_when_every_other_is_pruned(forked_cli, synthetic_data_dir, tmp_path):
+    # Four one-seed trials as one stack; the pruner (tests/probes.py) prunes trials 1 to 3 after epoch 2. The first
+    # job (trial 0) was once taken for "no job left", and its stack stopped there with it "completed".
+    prune = ["hydra.sweeper.pruner._target_=probes.PruneTrials", "+hydra.sweeper.pruner.numbers=[1,2,3]"]
+    args = ["hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=4", "hydra.sweeper.seeds_per_trial=1"]
+    args += ["~hydra.sweeper.pruner.n_startup_trials", "~hydra.sweeper.pruner.n_warmup_steps", *prune]
+    args += ["+hydra.sweeper.pruner.after=2", "trainer.max_epochs=4", "optimizer.lr=interval(0.001, 0.01)"]
+    sweep_dir, output = search(forked_cli, tmp_path, synthetic_data_dir, "first", *args, "hydra/launcher=stacked")
+    assert "Training 4 jobs as one stack" in output and output.count("is pruned and leaves the stack") == 3
+    states = {trial.number: trial.state.name for trial in study_of(sweep_dir).trials}
+    assert states == {0: "COMPLETE", 1: "PRUNED", 2: "PRUNED", 3: "PRUNED"}
+    jobs = [job for job in sweep_dir.iterdir() if job.joinpath(".hydra/overrides.yaml").is_file()]
+    (first,) = [job for job in jobs if "- trial=0" in job.joinpath(".hydra/overrides.yaml").read_text()]
+    recorded = metrics(first)
+    assert recorded["status"] == "completed" and recorded["epochs"] == 4 and recorded["step"] == 40

@@ -47,6 +47,7 @@ def queue(cluster, format: str = "%i %T") -> str:
     return subprocess.run(command, capture_output=True, text=True, env=env).stdout.strip()
 
 
+@pytest.mark.slow
 def test_a_request_the_cluster_cannot_satisfy_is_one_line_and_nothing_is_submitted(
     forked_cli, cluster, synthetic_data_dir, tmp_path
 ):
@@ -95,6 +96,7 @@ def job_of(sweep_dir: Path, seed: int) -> Path:
     return job
 
 
+@pytest.mark.slow
 def test_a_cpu_sweep_runs_as_one_job_array_whose_preempted_and_time_limited_jobs_resume_to_uninterrupted_weights(
     forked_cli, cluster, synthetic_data_dir, tmp_path
 ):
@@ -149,6 +151,7 @@ def test_a_cpu_sweep_runs_as_one_job_array_whose_preempted_and_time_limited_jobs
                 assert torch.equal(ours["optimizer_states"][0]["state"][index][name], value), (seed, index, name)
 
 
+@pytest.mark.slow
 def test_a_search_runs_its_trials_as_slurm_jobs_that_report_and_are_pruned(
     forked_cli, cluster, synthetic_data_dir, tmp_path
 ):
@@ -180,6 +183,7 @@ def test_a_search_runs_its_trials_as_slurm_jobs_that_report_and_are_pruned(
     assert trials[0.00001].state.name == "PRUNED" and sorted(trials[0.00001].intermediate_values) == [1]
 
 
+@pytest.mark.slow
 def test_a_stacked_sweep_runs_as_one_slurm_job(forked_cli, cluster, synthetic_data_dir, tmp_path):
     code, out, err = submit(
         forked_cli,
@@ -199,6 +203,7 @@ def test_a_stacked_sweep_runs_as_one_slurm_job(forked_cli, cluster, synthetic_da
     assert "3 jobs: 3 completed." in (sweep_dir / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_submit_and_return_then_a_cancelled_job_is_interrupted_and_the_same_command_resumes_only_it(
     forked_cli, cluster, synthetic_data_dir, tmp_path
 ):
@@ -248,6 +253,7 @@ def test_submit_and_return_then_a_cancelled_job_is_interrupted_and_the_same_comm
     assert "sweep stopped by SIGTERM" in logs and "Resuming from" in logs  # the cancelled attempt, then the new
 
 
+@pytest.mark.slow
 def test_a_data_parallel_job_runs_as_two_slurm_tasks_and_tests_as_one_process_evaluates_its_best_checkpoint(
     forked_cli, cluster, synthetic_data_dir, tmp_path
 ):
@@ -283,6 +289,7 @@ def test_a_data_parallel_job_runs_as_two_slurm_tasks_and_tests_as_one_process_ev
     assert recorded["test/loss"] == pytest.approx(single["test/loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_the_readmes_search_over_many_nodes_shares_one_postgresql_study(synthetic_data_dir, cluster, tmp_path):
     """README's sbatch line as it is, shrunk to this cluster: two search processes (one CPU each), small trials."""
     readme = (Path(__file__).parent.parent / "README.md").read_text()

@@ -44,6 +44,7 @@ def scalars(job: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: sorted(points) for tag, points in found.items()}
 
 
+@pytest.mark.slow
 def test_each_stacked_job_ends_as_it_does_in_a_job_by_job_sweep(forked_cli, synthetic_data_dir, tmp_path):
     # per job: its seed's weights and batches, its own rate, and its own schedule of that rate
     grid = ["seed=1,2", "optimizer.lr=0.01,0.002", "scheduler=cosine"]
@@ -100,6 +101,7 @@ def test_each_stacked_job_ends_as_it_does_in_a_job_by_job_sweep(forked_cli, synt
         ("callbacks=swa", "weight averaging (SWAWeights): a stack does not keep each job's average"),
     ],
 )
+@pytest.mark.slow
 def test_regularised_jobs_run_on_their_own_saying_why(override, reason, forked_cli, synthetic_data_dir, tmp_path):
     code, output, swept = sweep(
         forked_cli, tmp_path, synthetic_data_dir, "own", "seed=1,2", override, "hydra/launcher=stacked"
@@ -110,6 +112,7 @@ def test_regularised_jobs_run_on_their_own_saying_why(override, reason, forked_c
         assert json.loads((job / "metrics.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_jobs_that_cannot_stack_run_on_their_own_saying_why(forked_cli, synthetic_data_dir, tmp_path):
     code, output, swept = sweep(
         forked_cli,
@@ -131,6 +134,7 @@ def test_jobs_that_cannot_stack_run_on_their_own_saying_why(forked_cli, syntheti
     assert sorted(stacked) == sorted(name for name in jobs(swept) if "gradient_clip_val=null" in name)
 
 
+@pytest.mark.slow
 def test_a_diverging_job_leaves_the_stack_and_the_others_go_on(forked_cli, synthetic_data_dir, tmp_path):
     code, output, swept = sweep(
         forked_cli,
@@ -158,6 +162,7 @@ def test_a_diverging_job_leaves_the_stack_and_the_others_go_on(forked_cli, synth
             assert metrics["status"] == "completed" and metrics["epochs"] == 2
 
 
+@pytest.mark.slow
 def test_a_killed_stack_resumes_every_job_exactly(forked_cli, synthetic_data_dir, tmp_path):
     exact = [
         "seed=1,2",
@@ -198,6 +203,7 @@ def test_a_killed_stack_resumes_every_job_exactly(forked_cli, synthetic_data_dir
         assert histories[0] == histories[1]
 
 
+@pytest.mark.slow
 def test_max_stack_splits_a_group_and_is_checked(forked_cli, synthetic_data_dir, tmp_path):
     code, output, swept = sweep(
         forked_cli,
@@ -229,6 +235,7 @@ def test_max_stack_splits_a_group_and_is_checked(forked_cli, synthetic_data_dir,
     assert "Traceback" not in output
 
 
+@pytest.mark.slow
 def test_jobs_that_differ_in_dropout_and_the_schedules_numbers_stack_and_each_loads_alone(
     forked_cli, synthetic_data_dir, tmp_path
 ):
@@ -287,6 +294,7 @@ def test_a_stack_that_fails_runs_its_jobs_one_by_one(forked_cli, synthetic_data_
     assert not list((swept / ".stacks").glob("*/checkpoints/*.ckpt"))  # nothing left to resume as a stack
 
 
+@pytest.mark.slow
 def test_jobs_of_several_depths_and_widths_train_as_one_stack_as_each_trains_alone(
     forked_cli, synthetic_data_dir, tmp_path
 ):
@@ -322,6 +330,7 @@ def test_jobs_of_several_depths_and_widths_train_as_one_stack_as_each_trains_alo
     assert json.loads((job / "metrics.json").read_text())["epochs"] == 3
 
 
+@pytest.mark.slow
 def test_jobs_of_other_norms_smoothing_and_schedules_stack_and_each_ends_as_it_does_alone(
     forked_cli, synthetic_data_dir, tmp_path
 ):

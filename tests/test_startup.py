@@ -38,6 +38,7 @@ def imported(tool: str, module: str, args: list[str], cwd) -> tuple[subprocess.C
         ("mlplab-predict", "predict", "predict is powered by Hydra."),
     ],
 )
+@pytest.mark.slow
 def test_help_answers_without_lightning(tool, module, text, tmp_path):
     result, libraries = imported(tool, module, ["--help"], tmp_path)
     assert result.returncode == 0 and text in result.stdout, result.stderr[-2000:]
@@ -52,6 +53,7 @@ def test_help_answers_without_lightning(tool, module, text, tmp_path):
         (["model.nosuch=1"], "model.nosuch"),  # refused by Hydra: not in the config
     ],
 )
+@pytest.mark.slow
 def test_a_refused_value_answers_without_lightning(args, message, tmp_path):
     result, libraries = imported("mlplab-train", "train", args, tmp_path)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
@@ -59,6 +61,7 @@ def test_a_refused_value_answers_without_lightning(args, message, tmp_path):
     assert not (tmp_path / "outputs" / "runs").exists() or not any((tmp_path / "outputs" / "runs").iterdir())
 
 
+@pytest.mark.slow
 def test_a_dry_run_of_a_sweep_answers_without_lightning(tmp_path):
     args = ["-m", "seed=1,2,3,4,5,6,7,8", "dry_run=true", "sweep=dry"]
     result, libraries = imported("mlplab-train", "train", args, tmp_path)

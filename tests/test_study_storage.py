@@ -38,6 +38,7 @@ def jobs_in_summary(sweep_dir: Path) -> list[str]:
         return [row["job"] for row in csv.DictReader(file)]
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_sweep_folder_and_its_journal(forked_cli, synthetic_data_dir, tmp_path):
     slow = ["data.batch_size=10", "+callbacks.pace={_target_:probes.PaceSteps,seconds:0.01}"]
     args = [
@@ -62,6 +63,7 @@ def test_two_processes_share_one_sweep_folder_and_its_journal(forked_cli, synthe
     assert sorted(jobs_in_summary(sweep_dir)) == sorted(t.user_attrs["job"] for t in trials)
 
 
+@pytest.mark.slow
 def test_a_search_kept_in_sqlite_continues_from_it(forked_cli, synthetic_data_dir, tmp_path):
     url = f"sqlite:///{tmp_path / 'studies.db'}"
     args = [f"hydra.sweeper.storage={url}", "sweep=lite", *SPACE]
@@ -76,6 +78,7 @@ def test_a_search_kept_in_sqlite_continues_from_it(forked_cli, synthetic_data_di
     assert f"in `{url}`: 2 distinct trials" in (sweep_dir / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_study_that_cannot_be_used_is_refused_with_one_line_and_left_as_it_was(
     forked_cli, synthetic_data_dir, tmp_path
 ):
@@ -106,6 +109,7 @@ def test_a_study_that_cannot_be_used_is_refused_with_one_line_and_left_as_it_was
         assert sorted(p.name for p in sweep_dir.iterdir()) == folders  # nothing trained
 
 
+@pytest.mark.slow
 def test_a_database_password_is_shown_masked_wherever_the_storage_is_shown(forked_cli, synthetic_data_dir, tmp_path):
     # The README keeps the password out of the URL (~/.pgpass); given in it all the same, it is *** in the log and
     # the summary, and in the one line refusing a URL that SQLAlchemy would misread or cannot read at all.
@@ -131,6 +135,7 @@ def test_a_database_password_is_shown_masked_wherever_the_storage_is_shown(forke
             assert "Traceback" not in output and "mlplab:***@" in errors[0] and "ter2" not in output
 
 
+@pytest.mark.slow
 def test_a_search_config_shaped_like_lightning_hydra_templates_runs_as_it_is(forked_cli, synthetic_data_dir, tmp_path):
     # configs/hparams_search/mnist_optuna.yaml of lightning-hydra-template, with mlplab's model keys
     (tmp_path / "conf" / "hparams_search").mkdir(parents=True)
@@ -190,6 +195,7 @@ def test_a_failure_limit_by_the_stable_plugins_name_stops_the_search(forked_cli,
     assert code == 1 and "2 of 6 trials failed" in line and "max_failure_rate=0.2" in line
 
 
+@pytest.mark.slow
 def test_optuna_dashboard_reads_the_search(forked_cli, synthetic_data_dir, tmp_path):
     dashboard = BIN / "optuna-dashboard"
     if not dashboard.exists() and not shutil.which("optuna-dashboard"):

@@ -83,6 +83,7 @@ def grid(synthetic_data_dir, tmp_path_factory) -> Path:
     return cwd / "outputs" / "sweeps" / "grid"
 
 
+@pytest.mark.slow
 def test_grid_sweep_gives_one_folder_per_job_and_a_summary_of_them(grid):
     jobs = job_dirs(grid)
     shapes = set()
@@ -266,6 +267,7 @@ def test_tensorboard_server_shows_one_hparams_row_per_job(grid, tmp_path):
     assert set(runs) == set(jobs) and all("val/acc" in tags for tags in runs.values())  # curves under job names
 
 
+@pytest.mark.slow
 def test_parallel_launcher_gives_the_same_results_as_one_process(grid, synthetic_data_dir, tmp_path):
     two_cores = sorted(os.sched_getaffinity(0))[:2]  # the sweep sees 2 cores on any machine: 1 thread per job of 2
     result = subprocess.run(
@@ -297,6 +299,7 @@ def test_parallel_launcher_gives_the_same_results_as_one_process(grid, synthetic
             assert float(row[key]) == pytest.approx(float(sequential_rows[job][key]), rel=1e-4), (job, key)
 
 
+@pytest.mark.slow
 def test_failing_and_diverging_jobs_are_recorded_and_the_sweep_goes_on(synthetic_data_dir, tmp_path):
     # data.val_size=100000 fails when the data is split (more than the 600 training images); lr=1e30 diverges.
     args = ["model.width=16", "optimizer.lr=0.001,1e30", "data.val_size=100,100000", "sweep=mixed"]
@@ -321,6 +324,7 @@ def test_failing_and_diverging_jobs_are_recorded_and_the_sweep_goes_on(synthetic
     assert (jobs[False, True] / "train.log").read_text().count("Job failed: train/loss became nan") == 2
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_where_it_stopped(synthetic_data_dir, tmp_path):
     args = [*SLOW_JOBS, "seed=1,2,3", "sweep=killed"]
     sweep_dir = tmp_path / "outputs" / "sweeps" / "killed"
@@ -353,6 +357,7 @@ def test_killed_sweep_resumes_where_it_stopped(synthetic_data_dir, tmp_path):
     assert len(summary_rows(sweep_dir)) == 3
 
 
+@pytest.mark.slow
 def test_over_seeds_table_averages_each_configuration(synthetic_data_dir, tmp_path):
     result = sweep(
         ["model.width=16,32", "seed=1,2", "optimizer.lr=0.0003", "sweep=seeds"], tmp_path, synthetic_data_dir
@@ -380,6 +385,7 @@ def test_over_seeds_table_averages_each_configuration(synthetic_data_dir, tmp_pa
         assert [name for name, differs in columns if differs] == ["model.width", "seed"]
 
 
+@pytest.mark.slow
 def test_two_processes_on_one_sweep_train_each_job_once(forked_cli, synthetic_data_dir, tmp_path):
     args = ["-m", *SYNTHETIC_RUN, f"paths.data_dir={synthetic_data_dir}", *SLOW_JOBS, "seed=1,2,3,4", "sweep=shared"]
     # Two processes on 2 cores: one thread each (conftest.py), as the README says (2 x 2 spinning threads run 20x

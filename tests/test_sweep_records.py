@@ -54,6 +54,7 @@ def test_a_sweep_name_that_is_a_path_is_refused_in_one_line_and_nothing_is_writt
     assert list(tmp_path.iterdir()) == []  # no outputs/, no ./etc
 
 
+@pytest.mark.slow
 def test_a_sweep_run_again_with_another_fixed_setting_says_so_before_training_and_fills_every_value(
     twice, synthetic_data_dir
 ):
@@ -125,6 +126,7 @@ def test_report_lists_a_job_with_a_damaged_record_as_unreadable_and_summarises_t
     assert "## Unreadable" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_sweep_run_again_starts_a_job_with_a_damaged_metrics_json_over_and_says_so(
     twice, synthetic_data_dir, tmp_path
 ):

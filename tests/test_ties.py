@@ -89,6 +89,7 @@ def test_a_run_records_which_validation_images_its_best_epoch_classified_correct
     assert correct.mean() == pytest.approx(metrics["val/acc"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_a_stacked_sweep_records_each_jobs_correctness_and_its_share_of_the_stack(synthetic_data_dir, tmp_path):
     args = ["mlplab-train", "-m", *SYNTHETIC_RUN, "model.width=8", "trainer.max_epochs=2", "seed=1,2"]
     result = run_cli([*args, "hydra/launcher=stacked", "hydra.sweep.dir=sweep"], tmp_path, synthetic_data_dir)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import SYNTHETIC_RUN, cli_env, run_cli
 from mlflow.tracking import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -60,6 +61,7 @@ def test_each_job_of_a_sweep_is_an_mlflow_run_in_the_sweeps_experiment(synthetic
         assert not [p for p in job_dir.iterdir() if p.is_dir() and p.name.isdigit()]
 
 
+@pytest.mark.slow
 def test_tensorboard_and_mlflow_together_and_a_resume_continues_the_mlflow_run(synthetic_data_dir, tmp_path):
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)  # the user's own project, in git
     subprocess.run(
@@ -105,6 +107,7 @@ def test_tensorboard_and_mlflow_together_and_a_resume_continues_the_mlflow_run(s
     assert head in text and "versions.lightning" in text
 
 
+@pytest.mark.slow
 def test_logger_mlflow_without_mlflow_says_how_to_install_it(synthetic_data_dir, tmp_path):
     fake = tmp_path / "no-mlflow" / "mlflow"
     fake.mkdir(parents=True)

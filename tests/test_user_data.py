@@ -41,6 +41,7 @@ def settings(path, **values) -> DataSettings:
     return DataSettings(**{"name": "folder", "path": str(path), "val_size": 5, **values})
 
 
+@pytest.mark.slow
 def test_a_folder_of_pngs_trains_and_predicts_with_its_class_names(tmp_path):
     folder = write_folder(tmp_path / "clothes")
     result = run_cli(
@@ -69,6 +70,7 @@ def test_a_folder_of_pngs_trains_and_predicts_with_its_class_names(tmp_path):
     assert row["class"] == "shirt"
 
 
+@pytest.mark.slow
 def test_a_folder_of_a_few_hundred_images_trains_with_the_default_split(tmp_path):
     """The built-in sets' 5,000 validation images are more than such a folder has; a user's data defaults to a
     tenth of its training images instead."""
@@ -200,6 +202,7 @@ BAD = [  # (data overrides, what the one line must say)
 ]
 
 
+@pytest.mark.slow
 def test_bad_data_is_one_line_naming_what_is_wrong(forked_cli, tmp_path):
     bad_folders(tmp_path)
     for overrides, expected in BAD:

@@ -13,7 +13,7 @@ from mlplab.cli.compose import CONFIG_DIR
 from mlplab.cli.failure import console_main, exit_for
 from mlplab.errors import MlplabError
 from mlplab.run.config import ConfigError
-from mlplab.run.lightning_notes import ignore_lightning_warnings, quiet_lightning
+from mlplab.run.lightning_notes import ignore_lightning_warnings, lightning_console_logging, quiet_lightning
 from mlplab.run.records import find_checkpoint, read_metrics, read_yaml_record
 from mlplab.run.settings import ACCELERATORS, require_accelerator
 
@@ -29,6 +29,7 @@ def main() -> None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def hydra_main(cfg: DictConfig) -> dict[str, Any]:
+    lightning_console_logging()  # before Lightning is imported
     try:
         if cfg.checkpoint not in ("best", "last"):
             raise ConfigError(f"checkpoint must be best or last, got {cfg.checkpoint!r}")

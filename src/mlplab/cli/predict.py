@@ -20,6 +20,7 @@ from mlplab.cli.failure import console_main, exit_for
 from mlplab.data.images import read_image
 from mlplab.errors import MlplabError
 from mlplab.run.config import ConfigError
+from mlplab.run.lightning_notes import lightning_console_logging
 from mlplab.run.records import find_checkpoint
 
 if TYPE_CHECKING:  # Lightning's: imported with the checkpoint (mlplab.cli.evaluate.load_model), not for --help
@@ -36,6 +37,7 @@ def main() -> None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
 def hydra_main(cfg: DictConfig) -> None:
+    lightning_console_logging()  # before Lightning is imported
     try:
         if cfg.format not in ("table", "json"):
             raise ConfigError(f"format must be table or json, got {cfg.format!r}")

@@ -28,7 +28,7 @@ from mlplab.cli.resume import resumed_config
 from mlplab.errors import MlplabError, one_line
 from mlplab.run.config import NON_EXPERIMENT_KEYS, RunConfig
 from mlplab.run.distributed import started_as_other_rank
-from mlplab.run.lightning_notes import ignore_lightning_warnings
+from mlplab.run.lightning_notes import ignore_lightning_warnings, lightning_console_logging
 from mlplab.run.ownership import LOCK_FILE, owned
 from mlplab.run.records import find_checkpoint
 from mlplab.run.stopping import Stopped, stopped
@@ -57,6 +57,7 @@ def _task(cfg: DictConfig, describe: bool) -> Any:
     global task_started
     task_started = True
     ignore_lightning_warnings()
+    lightning_console_logging()
     hydra_config = HydraConfig.get()
     run_dir = Path(hydra_config.runtime.output_dir)
     # Ended here, not raised: Hydra would add a line of its own ("Error executing job with overrides") to the one.

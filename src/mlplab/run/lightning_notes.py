@@ -4,6 +4,7 @@ trainer works, the warnings wherever an entry point runs Lightning."""
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,6 +44,25 @@ WARNINGS = (
     r"Precision .* is not supported by the model summary",
     r"The `srun` command is available on your system but is not used",
 )
+
+
+LIGHTNING_CONSOLES = ("lightning.pytorch", "lightning.fabric")
+
+
+def lightning_console_logging() -> None:
+    """Lightning's log lines on the console as ever, each once. Imported into a process whose root logger has no
+    handler yet, Lightning gives each of these loggers a console handler of its own and stops it propagating;
+    imported later (an entry point imports it once Hydra has set up logging, so that help and refusals answer
+    without it), its lines would also reach its package logger's console handler and Hydra's. Called before that
+    import, this sets them up as Lightning would have."""
+    if "lightning" in sys.modules or not logging.getLogger().hasHandlers():
+        return  # Lightning did it already, or will do it itself
+    for name in LIGHTNING_CONSOLES:
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        if not logger.handlers:
+            logger.addHandler(logging.StreamHandler())
+        logger.propagate = False
 
 
 def ignore_lightning_warnings() -> None:

@@ -112,6 +112,10 @@ class JobRecords(Callback):
         stopped = self.ended | module.diverged.keys() | module.pruned.keys()
         return (index for index in range(len(self.jobs)) if index not in stopped)
 
+    def any_alive(self, module: StackedClassifier) -> bool:
+        """Whether a job still trains (job 0 among them: ``any`` of the indices would not count it)."""
+        return next(self.alive(module), None) is not None
+
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: StackedClassifier) -> None:
         for index in self.alive(pl_module):
@@ -205,7 +209,7 @@ class JobRecords(Callback):
                 log.info("Job %s is pruned and leaves the stack: %s", self.jobs[index].run_dir.name, reason)
                 module.prune(index, reason)
                 self._end(index, trainer, {**self.histories[index].best(), "status": "pruned", "pruned": reason})
-        if not any(self.alive(module)):
+        if not self.any_alive(module):
             trainer.should_stop = True
 
     @override
@@ -277,7 +281,7 @@ class JobRecords(Callback):
             if index not in self.ended:
                 log.warning("Job %s diverged and leaves the stack: %s", self.jobs[index].run_dir.name, reason)
                 self._end(index, trainer, {"status": "diverged", "error": f"{DivergedError.__name__}: {reason}"})
-        if module.diverged and not any(self.alive(module)):  # a stack left with no job stops
+        if module.diverged and not self.any_alive(module):  # a stack left with no job stops
             trainer.should_stop = True
 
     def _end(self, index: int, trainer: L.Trainer, how: dict[str, Any]) -> None:
