@@ -156,7 +156,7 @@ def main() -> None:
             )
         if (k, "bare") in runs:
             walls = [run["wall_s"] for run in runs[(k, "bare")]]
-            row["bare"] = {"wall_s": statistics.median(walls), "walls_s": walls, **runs[(k, "bare")][-1]}
+            row["bare"] = {**runs[(k, "bare")][-1], "wall_s": statistics.median(walls), "walls_s": walls}
             if "alone" in row:
                 row["bare"]["ratio"] = row["bare"]["wall_s"] / row["alone"]["wall_s"]
         rows.append(row)

@@ -108,6 +108,9 @@ def parse_run_config(raw: dict[str, Any]) -> RunConfig:
         _require(key == "data_dir", f"paths.{key}: unknown key; allowed: data_dir")
     data_dir = paths.get("data_dir", DATA_DIR)
     _require(isinstance(data_dir, str), f"paths.data_dir must be a string, got {data_dir!r}")
+    # The optimizer's check comes last: it steps an example optimizer, whose construction imports torch's compiler
+    # (about 1.5 s), so a refused value elsewhere is answered without it.
+    model = parse_model(raw.get("model") or {})
     sections = {
         name: parse_section(name, cls, raw.get(name) or {}) for name, cls in SECTIONS.items() if name != "trainer"
     }
@@ -117,7 +120,6 @@ def parse_run_config(raw: dict[str, Any]) -> RunConfig:
         sections["scheduler"].check_with(sections["optimizer"])
     except ValueError as error:
         raise ConfigError(_within("scheduler", error)) from None
-    model = parse_model(raw.get("model") or {})
     return RunConfig(seed=seed, data_dir=data_dir, model=model, label_smoothing=float(smoothing), **sections)
 
 
