@@ -43,7 +43,7 @@ def test_quick_benchmark_writes_every_part(tmp_path):
         "mlplab-report <sweep of 4 jobs>",
     }
     assert all(seconds > 0 for seconds in answers.values())
-    assert set(report["machine"]["cpu_flags"]) <= {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
+    assert isinstance(report["machine"]["native_bf16"], bool) and isinstance(report["machine"]["cpu_flags"], list)
 
 
 @pytest.mark.slow

@@ -130,6 +130,7 @@ def test_bad_seed_settings_get_one_line(forked_cli, synthetic_data_dir, tmp_path
     assert not list((tmp_path / "outputs" / "sweeps").glob("*/*/metrics.json"))  # nothing trained
 
 
+@pytest.mark.slow
 def test_the_first_job_of_a_stack_trains_on_when_every_other_is_pruned(forked_cli, synthetic_data_dir, tmp_path):
     # Four one-seed trials as one stack; the pruner (tests/probes.py) prunes trials 1 to 3 after epoch 2. The first
     # job (trial 0) was once taken for "no job left", and its stack stopped there with it "completed".

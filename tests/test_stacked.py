@@ -79,6 +79,8 @@ OPTIMIZERS = {
         [{"lr": 1e-3, "weight_decay": 0.0}, {"lr": 3e-3, "weight_decay": 0.1}, {"lr": 1e-2, "weight_decay": 0.01}],
         {"fused": True},
     ),
+    # equal settings: from the second step, one call of torch's functional Adam for all (compat.adams_stepped_together)
+    "fused adam, equal settings": (torch.optim.Adam, [{"lr": 3e-3}] * 3, {"fused": True}),
     "sgd": (
         torch.optim.SGD,
         [
@@ -202,7 +204,7 @@ def test_normalised_networks_stack_and_each_trains_as_it_would_alone(norm):
     optimizer = PerNetworkOptimizer(
         stacked, [functools.partial(torch.optim.SGD, **arguments) for arguments in settings]
     )
-    torch.manual_seed(5)  # dropout: the stack draws its own masks, so network 1 is compared by its statistics only
+    torch.manual_seed(5)  # dropout: the stack draws its own masks, so network 1 is compared by its layers' names only
     train_alone_and_stacked(alone, optimizers, stacked, optimizer, steps=10)
     names = {
         "batch": ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"],
@@ -253,20 +255,24 @@ def step_flops(stacked: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
     return counter.get_total_flops()
 
 
+@pytest.mark.parametrize("optimizer_class", [torch.optim.SGD, functools.partial(torch.optim.Adam, fused=True)])
 @pytest.mark.parametrize("shapes", ["one shape", "two shapes"])
-def test_a_network_that_leaves_the_stack_is_no_longer_computed_and_the_others_train_on(shapes):
+def test_a_network_that_leaves_the_stack_is_no_longer_computed_and_the_others_train_on(shapes, optimizer_class):
     backbones = [MLP(depth=1, width=64)] * 4
     if shapes == "two shapes":
         backbones = [MLP(depth=1, width=64), MLP(depth=2, width=32), MLP(depth=1, width=64), MLP(depth=2, width=32)]
     torch.manual_seed(0)
     built = [backbone.build(SHAPE, CLASSES) for backbone in backbones]
     stacked = stacked_networks(backbones, built)
-    optimizer = PerNetworkOptimizer(stacked, [functools.partial(torch.optim.SGD, lr=0.1)] * 4)
+    optimizer = PerNetworkOptimizer(stacked, [functools.partial(optimizer_class, lr=0.1)] * 4)
     generator = torch.Generator().manual_seed(1)
     images, labels = (
         torch.randn(4, 16, *SHAPE, generator=generator),
         torch.randint(0, CLASSES, (4, 16), generator=generator),
     )
+    step_flops(stacked, images, labels)
+    optimizer.step()  # a first step, one optimizer after another; equal Adams step in one call from the next
+    optimizer.zero_grad()
     four = step_flops(stacked, images, labels)
     optimizer.zero_grad()
     stacked.leave(1)  # as a search's pruner or a divergence takes network 1 out after an epoch

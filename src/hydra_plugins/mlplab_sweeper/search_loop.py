@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from mlplab.cli.compose import checked_job_config
 from mlplab.errors import MlplabError
+from mlplab.run.lightning_notes import lightning_console_logging
 from mlplab.run.records import read_metrics
 from mlplab.run.stopping import Stopped
 from mlplab.sweeps.grid import SweepError, job_folder
@@ -46,6 +47,7 @@ class SearchLoop:
     jobs_run_here: bool
 
     def _search(self, sweep_dir: Path, params: dict[str, Any] | None, arguments: list[str]) -> None:
+        lightning_console_logging()  # before mlplab.sweeps.search imports Lightning
         from mlplab.sweeps.sampling import GRID_SAMPLER, DistinctSampler
         from mlplab.sweeps.search import parse_params
         from mlplab.sweeps.storage import StudyAddress

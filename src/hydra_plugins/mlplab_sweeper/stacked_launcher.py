@@ -19,6 +19,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
 from mlplab.run.config import ConfigError
+from mlplab.run.lightning_notes import lightning_console_logging
 from mlplab.run.stopping import stopped
 
 
@@ -36,6 +37,7 @@ class StackedLauncher(Launcher):
                 f"hydra.launcher.max_stack must be null (as many as memory holds) or an integer >= 1, "
                 f"got {self.max_stack!r}"
             )
+        lightning_console_logging()  # before stack_plan imports Lightning
         from mlplab.cli.run_request import describe_stacked_job  # a run's imports: Hydra imports plugins for --help
         from mlplab.sweeps.stack_plan import run_jobs
 

@@ -3,8 +3,8 @@ data-parallel rank) trains through ``mlplab.run.train.train``.
 
     main -> hydra_main -> run_request.train_task (every run, sweep job and rank) -> RunRequest -> train
 
-What a run needs (torch, Lightning, torchvision) is imported with run_request, once Hydra has composed a config to
-run: --help and what Hydra or the resume check refuse answer without it.
+What a run needs (torch, Lightning, torchvision) is imported where the run starts (run_request's functions), once
+Hydra has composed a config and mlplab has checked it: --help and refusals answer without it.
 """
 
 from __future__ import annotations

@@ -69,7 +69,9 @@ class StackedMLP(nn.Module):
         # Each hidden layer's normalisation (model.norm): its scale and shift per network, K x width, and batch
         # norm's running statistics per network (K x width, and K batches counted).
         self.norm = first.norm
-        self.norm_layer = norms[0][0] if norms[0] else None  # its eps and momentum (equal for all: one shape)
+        # Its eps and momentum (equal for all: one shape), as numbers: the layer itself stays its network's.
+        self.norm_eps = norms[0][0].eps if norms[0] else 0.0
+        self.norm_momentum = norms[0][0].momentum if norms[0] and first.norm == "batch" else None
         self.norm_weights = nn.ParameterList(
             nn.Parameter(torch.stack([layers[i].weight.detach() for layers in norms])) for i in range(len(norms[0]))
         )
@@ -118,7 +120,7 @@ class StackedMLP(nn.Module):
         """Hidden layer ``layer``'s normalisation, each network's own (K x B x width), as its norm layer computes it."""
         scale, shift = taken(self.norm_weights[layer]).unsqueeze(1), taken(self.norm_biases[layer]).unsqueeze(1)
         if self.norm == "layer":
-            return F.layer_norm(hidden, hidden.shape[-1:], eps=self.norm_layer.eps) * scale + shift
+            return F.layer_norm(hidden, hidden.shape[-1:], eps=self.norm_eps) * scale + shift
         # Batch norm: each network's features are channels of their own; statistics over its batch only.
         means, variances, counts = (getattr(self, f"{statistic}_{layer}") for statistic in BATCH_STATISTICS)
         mean, variance = taken(means), taken(variances)
@@ -128,8 +130,8 @@ class StackedMLP(nn.Module):
             mean.view(-1),
             variance.view(-1),
             training=self.training,
-            momentum=self.norm_layer.momentum,
-            eps=self.norm_layer.eps,
+            momentum=self.norm_momentum,
+            eps=self.norm_eps,
         )
         if self.training:  # the running statistics F.batch_norm updated, back in place, and one batch more counted
             with torch.no_grad():

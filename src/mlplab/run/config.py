@@ -108,8 +108,8 @@ def parse_run_config(raw: dict[str, Any]) -> RunConfig:
         _require(key == "data_dir", f"paths.{key}: unknown key; allowed: data_dir")
     data_dir = paths.get("data_dir", DATA_DIR)
     _require(isinstance(data_dir, str), f"paths.data_dir must be a string, got {data_dir!r}")
-    # The optimizer's check comes last: it steps an example optimizer, whose construction imports torch's compiler
-    # (about 1.5 s), so a refused value elsewhere is answered without it.
+    # The model first, the optimizer after the other groups: the optimizer's check steps an example optimizer, whose
+    # construction imports torch's compiler (about 1.5 s), so a refused model or data value is answered without it.
     model = parse_model(raw.get("model") or {})
     sections = {
         name: parse_section(name, cls, raw.get(name) or {}) for name, cls in SECTIONS.items() if name != "trainer"

@@ -1,6 +1,6 @@
 """Where and in what precision a run trains, as Lightning will do it: ``trainer.precision=auto`` resolved for the
 device, and one line for each way a CPU run differs from what its settings suggest. ``settings``: the run's
-mlplab.run.trainer.TrainerSettings (which builds the Trainer from them, so not imported here)."""
+mlplab.run.settings.TrainerSettings (mlplab.run.trainer builds the Trainer from them)."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ class Stopped(KeyboardInterrupt):
 
 def stopped(run_dir: Path, sweep: bool = False) -> Stopped:
     """How to continue a run (or sweep) a signal stopped, with the shell's exit status for that signal."""
-    from mlplab.run.checkpoints import checkpoint_step  # torch reads it; this module's Stopped is imported by all
+    from mlplab.run.checkpoints import checkpoint_step  # Lightning's module; this one's Stopped is imported by all
 
     metrics = read_metrics(run_dir)
     stopped_by = metrics.get("stopped_by") or "SIGINT"  # not recorded: Ctrl-C outside training (e.g. testing)

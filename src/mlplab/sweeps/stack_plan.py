@@ -8,8 +8,9 @@ What may differ within a stack (stack_group_key follows it; the README's Stacked
     the optimizer's arguments that are numbers or flags (optimizer.lr, weight_decay, betas, nesterov, ...), and the
     learning-rate schedule (each network steps its own). Networks of one shape are computed as one batched network,
     the shapes one after another in the same step (mlplab.model.stacked_network).
-    Everything else must be equal: the data and batch sizes, the epochs, the Trainer's settings, the callbacks, and
-    the optimizer's class and its other settings.
+    Everything else must be equal: the data and batch sizes, the epochs, the Trainer's settings, and the optimizer's
+    class and its other settings. Each job keeps its own views; a callback that acts on training makes its job run
+    alone (alone_reason).
 
 Each stack's jobs end as a job-by-job sweep leaves them: metrics.json, provenance.json, their own checkpoints
 (mlplab-eval, mlplab-predict and resume= take them), TensorBoard curves, test views and HParams row. Jobs that
