@@ -294,27 +294,34 @@ def test_a_stack_that_fails_runs_its_jobs_one_by_one(forked_cli, synthetic_data_
     assert not list((swept / ".stacks").glob("*/checkpoints/*.ckpt"))  # nothing left to resume as a stack
 
 
+def stacked_and_alone(forked_cli, tmp_path: Path, data_dir: Path, grid: list[str], count: int) -> Path:
+    """The ``grid`` sweep as one stack of ``count`` jobs and job by job; checks that each stacked job ends as the
+    same job alone (records, weights, schedules); returns the stacked sweep's folder."""
+    code, output, stacked = sweep(forked_cli, tmp_path, data_dir, "stacked", *grid, "hydra/launcher=stacked")
+    assert code == 0, output[-3000:]
+    assert f"Training {count} jobs as one stack" in output and "runs on its own" not in output
+    code, alone_output, alone = sweep(forked_cli, tmp_path, data_dir, "alone", *grid)
+    assert code == 0, alone_output[-3000:]
+    assert jobs(stacked).keys() == jobs(alone).keys() and len(jobs(alone)) == count
+    for name, job in jobs(stacked).items():
+        mine, theirs = (json.loads((folder / "metrics.json").read_text()) for folder in (job, alone / name))
+        assert mine["status"] == theirs["status"] == "completed" and mine["stacked_jobs"] == count
+        assert mine["num_parameters"] == theirs["num_parameters"]
+        for key in ("val/acc", "test/acc", "best_epoch", "epochs", "step"):
+            assert mine[key] == pytest.approx(theirs[key], abs=1e-4), (name, key)
+        a, b = (torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True) for folder in (job, alone / name))
+        assert a["state_dict"].keys() == b["state_dict"].keys() and a["lr_schedulers"] == b["lr_schedulers"]
+        for key, value in b["state_dict"].items():
+            torch.testing.assert_close(a["state_dict"][key], value, rtol=1e-4, atol=1e-5)
+    return stacked
+
+
 @pytest.mark.slow
 def test_jobs_of_several_depths_and_widths_train_as_one_stack_as_each_trains_alone(
     forked_cli, synthetic_data_dir, tmp_path
 ):
     grid = ["model.depth=1,2", "model.width=8,16,32", "model.dropout=0.0"]
-    code, output, stacked = sweep(forked_cli, tmp_path, synthetic_data_dir, "stacked", *grid, "hydra/launcher=stacked")
-    assert code == 0, output[-3000:]
-    assert "Training 6 jobs as one stack" in output
-    code, output, alone = sweep(forked_cli, tmp_path, synthetic_data_dir, "alone", *grid)
-    assert code == 0, output[-3000:]
-    assert jobs(stacked).keys() == jobs(alone).keys() and len(jobs(alone)) == 6
-    for name, job in jobs(stacked).items():
-        mine, theirs = (json.loads((folder / "metrics.json").read_text()) for folder in (job, alone / name))
-        assert mine["status"] == theirs["status"] == "completed" and mine["stacked_jobs"] == 6
-        assert mine["num_parameters"] == theirs["num_parameters"]
-        for key in ("val/acc", "test/acc", "best_epoch", "epochs", "step"):
-            assert mine[key] == pytest.approx(theirs[key], abs=1e-4), (name, key)
-        a, b = (torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True) for folder in (job, alone / name))
-        assert a["state_dict"].keys() == b["state_dict"].keys()
-        for key, value in b["state_dict"].items():
-            torch.testing.assert_close(a["state_dict"][key], value, rtol=1e-4, atol=1e-5)
+    stacked = stacked_and_alone(forked_cli, tmp_path, synthetic_data_dir, grid, 6)
     # a job of another shape than the first's: its folder evaluates, predicts and resumes as an ordinary run's
     (job,) = [job for name, job in jobs(stacked).items() if name.startswith("model.depth=2,model.width=32,")]
     result = run_cli(["mlplab-eval", f"run='{job}'", "format=json"], tmp_path, synthetic_data_dir)
@@ -337,21 +344,9 @@ def test_jobs_of_other_norms_smoothing_and_schedules_stack_and_each_ends_as_it_d
     # SGD: before batch norm a Linear's bias has no gradient but rounding, which Adam would turn into full steps.
     grid = ["model.norm=batch,layer", "label_smoothing=0.0,0.1", "scheduler=cosine,step", "optimizer=sgd"]
     grid += ["optimizer.lr=0.05"]
-    code, output, stacked = sweep(forked_cli, tmp_path, synthetic_data_dir, "stacked", *grid, "hydra/launcher=stacked")
-    assert code == 0, output[-3000:]
-    assert "Training 8 jobs as one stack" in output and "runs on its own" not in output
-    code, output, alone = sweep(forked_cli, tmp_path, synthetic_data_dir, "alone", *grid)
-    assert code == 0, output[-3000:]
-    assert jobs(stacked).keys() == jobs(alone).keys() and len(jobs(alone)) == 8
+    stacked = stacked_and_alone(forked_cli, tmp_path, synthetic_data_dir, grid, 8)
     for name, job in jobs(stacked).items():
-        mine, theirs = (json.loads((folder / "metrics.json").read_text()) for folder in (job, alone / name))
-        assert mine["status"] == theirs["status"] == "completed" and mine["stacked_jobs"] == 8
-        for key in ("val/acc", "test/acc", "best_epoch", "epochs", "step"):
-            assert mine[key] == pytest.approx(theirs[key], abs=1e-4), (name, key)
-        a, b = (torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True) for folder in (job, alone / name))
-        assert a["state_dict"].keys() == b["state_dict"].keys() and a["lr_schedulers"] == b["lr_schedulers"]
-        for key, value in b["state_dict"].items():
-            torch.testing.assert_close(a["state_dict"][key], value, rtol=1e-4, atol=1e-5)
+        a = torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)
         if "model.norm=batch" in name:  # the running statistics of 2 epochs of 10 batches
             assert a["state_dict"]["network.2.num_batches_tracked"].item() == 20
             assert a["state_dict"]["network.2.running_var"].shape == (16,)
