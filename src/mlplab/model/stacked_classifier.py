@@ -51,10 +51,10 @@ class StackedClassifier(L.LightningModule):
         # Per network, why it stopped: a diverged or pruned one no longer steps, and its records end there.
         self.diverged: dict[int, str] = {}
         self.pruned: dict[int, str] = {}  # by a search's pruner (mlplab.sweeps.search)
-        self._outputs: dict[str, list[tuple[Tensor, ...]]] = {"train": [], "val": []}
+        self._outputs: dict[str, list[tuple[Tensor, ...]]] = {"train": [], "val": [], "test": []}
         # Per stage, each network's loss and accuracy over the last finished epoch.
         self.epoch_metrics: dict[str, list[dict[str, float]]] = {}
-        self.val_predictions: list[EpochPredictions] = []  # per network, the last validation's
+        self.predictions: dict[str, list[EpochPredictions]] = {}  # per stage (val, test), each network's last
 
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 images, standardised as each job's single run does (the same statistics for all: the same data)."""
@@ -95,12 +95,19 @@ class StackedClassifier(L.LightningModule):
 
     @override
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        images, labels = batch  # the same validation batch for every network
+        self._evaluation_step(batch, "val")
+
+    @override
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluation_step(batch, "test")
+
+    def _evaluation_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
+        images, labels = batch  # the same batch for every network
         hidden = self.normalize(images)
         logits = self.stack(hidden.unsqueeze(0).expand(self.size, *hidden.shape))
         stacked_labels = labels.unsqueeze(0).expand(self.size, -1)
         confidences, classes = logits.softmax(dim=2).max(dim=2)
-        self._outputs["val"].append((self._losses(logits, stacked_labels), classes, stacked_labels, confidences))
+        self._outputs[stage].append((self._losses(logits, stacked_labels), classes, stacked_labels, confidences))
 
     def check_finite_loss(self) -> None:
         """Mark each network whose training loss this epoch became NaN or infinite as diverged: from then on it
@@ -136,7 +143,7 @@ class StackedClassifier(L.LightningModule):
         losses, predictions, labels, *confidences = zip(*outputs)
         if confidences:  # for the views: each network's predictions over the split
             split_labels = torch.cat([batch[0] for batch in labels])
-            self.val_predictions = [
+            self.predictions[stage] = [
                 EpochPredictions(classes, split_labels, confidence)
                 for classes, confidence in zip(torch.cat(predictions, dim=1), torch.cat(confidences[0], dim=1))
             ]
@@ -169,6 +176,10 @@ class StackedClassifier(L.LightningModule):
         self._epoch_metrics("val")
         if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
             self._step_schedules("epoch", plateau=True)
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self._epoch_metrics("test")
 
     def epoch_outputs(self, index: int) -> dict[str, Any] | None:
         """Network ``index``'s training outputs of the epoch so far, as its single run's checkpoint keeps them

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shlex
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,10 +119,11 @@ class JobRecords(Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: StackedClassifier) -> None:
+        process = provenance.collect([], trainer.strategy.root_device)  # one process runs every job of the stack
         for index in self.alive(pl_module):
             job = self.jobs[index]
             write_metrics(job.run_dir, self._started(index, trainer))
-            record = provenance.collect(job.command, trainer.strategy.root_device)
+            record = {**process, "command": shlex.join(job.command)}
             provenance.write(job.run_dir, record)
             log_run_start(self.loggers[index], job.config.as_dict(), record, first_attempt=self.resume_from is None)
             # The job's views (mlplab.run.views) see its own trainer: its loggers, at the stack's step and epoch.
@@ -138,7 +140,7 @@ class JobRecords(Callback):
         model = self.models[index]
         model.network.load_state_dict(module.stack.network_state(index))
         if hook == "on_validation_end":
-            model.epoch_predictions["val"] = module.val_predictions[index]
+            model.epoch_predictions["val"] = module.predictions["val"][index]
         for view in views:
             getattr(view, hook)(view_trainer, model)
 
@@ -170,7 +172,7 @@ class JobRecords(Callback):
             row = rows[index]
             self.histories[index].epochs.append({"epoch": epoch + 1, **row})
             if self.histories[index].last_is_best:
-                record_val_correct(self.jobs[index].run_dir, pl_module.val_predictions[index])
+                record_val_correct(self.jobs[index].run_dir, pl_module.predictions["val"][index])
             self._log(index, row, trainer)
             self._show(index, trainer, pl_module, "on_validation_end")
             for callback in self.checkpoints[index]:
@@ -323,24 +325,44 @@ class JobRecords(Callback):
                         {**self._started(index, trainer), **self._record(index, trainer), "status": status, **how},
                     )
 
-    def finish(self, index: int, trainer: L.Trainer) -> dict[str, Any]:
-        """Test job ``index``'s best checkpoint as its single run does, and write its final records."""
-        job = self.jobs[index]
-        if index in self.ended:
-            return read_metrics(job.run_dir)
-        metrics = {**self._started(index, trainer), **self.histories[index].best(), **self._record(index, trainer)}
-        best = job.run_dir / metrics["best_checkpoint"] if "best_checkpoint" in metrics else None
-        model = ImageClassifier.from_checkpoint(read_checkpoint(best or job.run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT))
-        tester = self.views[index][0]  # logs the test at the run's last step and epoch, as after its own fit
-        tester.fit_loop.load_state_dict(trainer.fit_loop.state_dict())
-        with quiet_lightning():
-            # The stack's data: its test split is every job's, and already where the stack trained.
-            (tested,) = tester.test(model, datamodule=trainer.datamodule, verbose=False)
-        metrics.update({key: value for key, value in tested.items() if key.startswith("test/")})
-        metrics["status"] = "completed"
-        write_metrics(job.run_dir, metrics)
-        log_hparams(self.loggers[index], job.hparams, metrics, trainer.global_step)
-        for logger in self.loggers[index]:
-            logger.finalize("success")
-        report(job.run_dir, metrics)
-        return metrics
+    def finish(self, trainer: L.Trainer) -> list[dict[str, Any]]:
+        """Test each job's best checkpoint, as its single run does but all in one stacked pass over the test split,
+        and write each job's final records; returns each job's metrics."""
+        testing = [index for index in range(len(self.jobs)) if index not in self.ended]
+        metrics, models = {}, {}
+        for index in testing:
+            job = self.jobs[index]
+            metrics[index] = {
+                **self._started(index, trainer),
+                **self.histories[index].best(),
+                **self._record(index, trainer),
+            }
+            best = metrics[index].get("best_checkpoint")
+            path = job.run_dir / best if best else job.run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+            models[index] = ImageClassifier.from_checkpoint(read_checkpoint(path))
+        if testing:
+            tested = StackedClassifier([models[index] for index in testing])
+            with quiet_lightning():
+                tester = build_trainer(self.jobs[0].config.trainer, self.log_file.parent, False, [])
+                # The stack's data: its test split is every job's, and already where the stack trained.
+                tester.test(tested, datamodule=trainer.datamodule, verbose=False)
+        for position, index in enumerate(testing):
+            model, row = models[index], tested.epoch_metrics["test"][position]
+            model.epoch_predictions["test"] = tested.predictions["test"][position]
+            # Logged and shown by the job's own trainer at the run's last step and epoch, as after its own fit.
+            view_trainer, views = self.views[index]
+            view_trainer.fit_loop.load_state_dict(trainer.fit_loop.state_dict())
+            view_trainer.datamodule = trainer.datamodule  # the misclassified test images' source
+            for logger in self.loggers[index]:
+                logger.log_metrics({**row, "epoch": view_trainer.current_epoch}, trainer.global_step)
+            for view in views:
+                view.on_test_end(view_trainer, model)
+            metrics[index] |= {**row, "status": "completed"}
+            write_metrics(self.jobs[index].run_dir, metrics[index])
+            log_hparams(self.loggers[index], self.jobs[index].hparams, metrics[index], trainer.global_step)
+            for logger in self.loggers[index]:
+                logger.finalize("success")
+            report(self.jobs[index].run_dir, metrics[index])
+        return [
+            metrics[index] if index in metrics else read_metrics(job.run_dir) for index, job in enumerate(self.jobs)
+        ]

@@ -187,7 +187,7 @@ def train_stack(jobs: Sequence[StackedJob], group_dir: Path, resume_from: Path |
         if not isinstance(error, ClaimLostError):  # else a job's records are another process's now
             records.stopped(trainer, error, resume_points.stopped_by)
         raise
-    results = [records.finish(index, trainer) for index in range(len(jobs))]
+    results = records.finish(trainer)
     for path in (group_dir / CHECKPOINT_DIR).glob("*.ckpt"):  # every job has its own now
         path.unlink()
     return results
