@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[test,mlflow,postgres,dashboard]'  # the suite exercises the optional extras too
+	$(BIN)/pip install --quiet -e '.[test,mlflow,wandb,postgres,dashboard]'  # the suite exercises the optional extras too
 	touch $@
 
 # Fashion-MNIST offline: the Debian package, when this machine has apt and we may use it.

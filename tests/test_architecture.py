@@ -18,7 +18,17 @@ LAYERS = [
     ("model and data", ("mlplab.model", "mlplab.data")),
     ("shared", ("mlplab.errors", "mlplab.files", "mlplab.compat", "mlplab")),
 ]
-LIBRARIES = ("hydra", "lightning", "torch", "optuna", "omegaconf", "tensorboard", "torchvision", "torchmetrics")
+LIBRARIES = (
+    "hydra",
+    "lightning",
+    "torch",
+    "optuna",
+    "omegaconf",
+    "tensorboard",
+    "torchvision",
+    "torchmetrics",
+    "wandb",
+)
 COMPAT = "mlplab.compat"
 
 

@@ -239,7 +239,7 @@ def test_help_lists_groups_options_and_examples(tmp_path):
         "data: cifar10, fashion_mnist, folder, kmnist, mnist, tensors",
         "optimizer: adam, adamw, sgd",
         "scheduler: cosine, none, onecycle, plateau, step, warmup_cosine",
-        "logger: csv, mlflow, none, tensorboard, tensorboard_mlflow",
+        "logger: csv, mlflow, none, tensorboard, tensorboard_mlflow, tensorboard_wandb, wandb",
         "trainer: auto, cpu, ddp, default, gpu",
         "mlplab-train -m",
     ):

@@ -111,10 +111,10 @@ def test_every_option_composes_and_sets_its_values(group):
             assert actual == value, (path.stem, key)
 
 
-@pytest.mark.parametrize("option", ["tensorboard", "csv", "none"])
+@pytest.mark.parametrize("option", ["tensorboard", "csv", "wandb", "none"])
 def test_every_logger_option_is_the_logger_it_names(option):
     logger = composed([f"logger={option}"]).logger
-    expected = {"tensorboard": "TensorBoardLogger", "csv": "CSVLogger"}.get(option)
+    expected = {"tensorboard": "TensorBoardLogger", "csv": "CSVLogger", "wandb": "WandbLogger"}.get(option)
     assert logger.get("_target_", "").endswith(expected) if expected else not logger
 
 

@@ -89,6 +89,8 @@ COVERED_ELSEWHERE = {
     "hydra/launcher=parallel": "test_sweep.py::test_parallel_launcher_gives_the_same_results_as_one_process",
     "trainer=ddp": "test_scale_out.py::test_ddp_run_has_one_directory_written_by_rank_zero",
 }
+# Commands that need an optional extra (pyproject.toml): skipped, with the reason, where it is not installed.
+NEEDS_EXTRA = {"logger=wandb": ("wandb", "logger=wandb needs W&B, an optional extra: pip install 'mlplab[wandb]'")}
 # Exit statuses other than 0 that the README itself promises, with where it says so.
 EXPECTED_STATUS = {
     # docs/predict-example holds one file that is no image: reported, the others predicted, exit status 1.
@@ -272,12 +274,19 @@ def project(synthetic_data_dir, tmp_path_factory):
     (folder / "docs").mkdir()
     (folder / "docs" / "predict-example").symlink_to(REPOSITORY / "docs" / "predict-example")
     write_user_data(folder)
-    before = os.environ.get("MLPLAB_DATA_DIR")
-    os.environ["MLPLAB_DATA_DIR"] = str(data_dir)  # the forked commands' parent takes its environment from here
+    # The forked commands' parent takes its environment from here: the data, and W&B's own folders (logger=wandb)
+    # in the project rather than the user's home.
+    settings = {"MLPLAB_DATA_DIR": str(data_dir)}
+    settings |= {
+        name: str(folder / "wandb-home" / name) for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR")
+    }
+    before = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     try:
         cli = ForkedCli()
     finally:
-        os.environ.pop("MLPLAB_DATA_DIR") if before is None else os.environ.update(MLPLAB_DATA_DIR=before)
+        for name, value in before.items():
+            os.environ.pop(name) if value is None else os.environ.update({name: value})
     yield Project(folder, data_dir, cli)
     cli.close()
 
@@ -304,6 +313,9 @@ def test_readme_command(command: Command, project: Project):
     how = plan(command)
     if how.how == "elsewhere":
         return  # test_tests_covering_commands_elsewhere_exist checks that the covering test is there
+    for marker, (module, reason) in NEEDS_EXTRA.items():
+        if marker in command.args:
+            pytest.importorskip(module, reason=reason)
     for line in command.setup:
         subprocess.run(["bash", "-c", line], cwd=project.folder, check=True)
     args = project.resolve(how.args)

@@ -138,7 +138,7 @@ class RunRequest:
             callbacks,
             hparams,
             resume_from,
-            build_logger(cfg.logger, run_dir, resume_from, experiment),
+            build_logger(cfg.logger, run_dir, resume_from, experiment, cfg.get("trial")),
             experiment,
             command,
             config_dirs,
@@ -197,7 +197,7 @@ class RunRequest:
 
         if resume_from == self.resume_from:
             return self.logger
-        return build_logger(self.cfg.logger, self.run_dir, resume_from, self.experiment)
+        return build_logger(self.cfg.logger, self.run_dir, resume_from, self.experiment, self.cfg.get("trial"))
 
     def train_attempt(self, resume_from: Path | None, gpu_index: int | None) -> dict[str, Any]:
         from mlplab.run.train import train

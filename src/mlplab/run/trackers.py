@@ -1,5 +1,6 @@
 """The run's loggers beyond Lightning's curves: its config, provenance, final metrics and images go to each
-tracker it logs to (TensorBoard, MLflow, CSV), and MLflow's store and run are set up the way a run of mlplab uses it.
+tracker it logs to (TensorBoard, MLflow, W&B, CSV), and MLflow's store and run are set up the way a run of mlplab
+uses it (W&B's: mlplab.run.wandb_tracker).
 
 MLflow is an optional extra, imported only when ``logger=mlflow`` is chosen.
 """
@@ -12,11 +13,12 @@ import io
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from typing_extensions import override
 
@@ -157,7 +159,7 @@ def _quiet(*names: str) -> Iterator[None]:
 
 def log_run_start(loggers: list[Logger], config: dict[str, Any], record: dict[str, Any], first_attempt: bool) -> None:
     """The run's settings (``model.width``: one param each; logged once, so a resume cannot contradict them) and its
-    provenance (TensorBoard's Text tab, MLflow's tags)."""
+    provenance (TensorBoard's Text tab, MLflow's tags, W&B's summary)."""
     tags = {key: "" if value is None else str(value) for key, value in _flattened(record).items()}
     for logger in loggers:
         if first_attempt:
@@ -168,20 +170,41 @@ def log_run_start(loggers: list[Logger], config: dict[str, Any], record: dict[st
         elif isinstance(logger, MLFlowLogger):
             for key, value in tags.items():
                 logger.experiment.set_tag(logger.run_id, f"mlplab.{key}", value[:TAG_LIMIT])
+        elif isinstance(logger, WandbLogger):  # the latest attempt's, as MLflow's tags
+            logger.experiment.summary["provenance"] = record
 
 
 def image_writer(loggers: list[Logger]) -> Callable[[str, np.ndarray, int], None] | None:
     """Writes an H x W x C uint8 image under a tag: to TensorBoard's Images tab, or, without TensorBoard, to
-    MLflow as a PNG artifact ``<tag>/step_<step>.png``; None when the run has neither."""
-    for logger in loggers:
-        if isinstance(logger, TensorBoardLogger):
-            return lambda tag, image, step: logger.experiment.add_image(tag, image, step, dataformats="HWC")
-    for logger in loggers:
-        if isinstance(logger, MLFlowLogger):
-            return lambda tag, image, step: logger.experiment.log_image(
-                logger.run_id, image, artifact_file=f"{tag}/step_{step:06d}.png"
-            )
-    return None
+    MLflow as a PNG artifact ``<tag>/step_<step>.png``; and to W&B's media when the run logs to W&B. None when
+    the run has none of them."""
+    tensorboard = next((logger for logger in loggers if isinstance(logger, TensorBoardLogger)), None)
+    mlflow = next((logger for logger in loggers if isinstance(logger, MLFlowLogger)), None)
+    writers = [partial(_to_wandb, logger) for logger in loggers if isinstance(logger, WandbLogger)]
+    if tensorboard is not None:
+        writers.append(partial(_to_tensorboard, tensorboard))
+    elif mlflow is not None:
+        writers.append(partial(_to_mlflow, mlflow))
+    if not writers:
+        return None
+
+    def write(tag: str, image: np.ndarray, step: int) -> None:
+        for writer in writers:
+            writer(tag, image, step)
+
+    return write
+
+
+def _to_tensorboard(logger: TensorBoardLogger, tag: str, image: np.ndarray, step: int) -> None:
+    logger.experiment.add_image(tag, image, step, dataformats="HWC")
+
+
+def _to_mlflow(logger: MLFlowLogger, tag: str, image: np.ndarray, step: int) -> None:
+    logger.experiment.log_image(logger.run_id, image, artifact_file=f"{tag}/step_{step:06d}.png")
+
+
+def _to_wandb(logger: WandbLogger, tag: str, image: np.ndarray, step: int) -> None:
+    logger.log_image(tag, [image], step)
 
 
 def _flattened(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -32,6 +32,7 @@ from mlplab.run.records import CHECKPOINT_DIR, MONITOR, has_event_files, write_m
 from mlplab.run.trackers import log_run_start
 from mlplab.run.trainer import build_trainer, end_ranks, require_batches
 from mlplab.run.views.hparams import log_hparams
+from mlplab.run.wandb_tracker import end_wandb_runs
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,7 @@ def train(
             write_metrics(run_dir, metrics)
             if metrics["status"] != "interrupted":  # an interrupted run gets its HParams row when it finishes
                 log_hparams(trainer.loggers, hparams or {}, metrics, trainer.global_step)
+        end_wandb_runs(trainer.loggers, metrics["status"])  # those log_hparams did not end: an interrupted run's
         end_ranks(trainer)
     if trainer.is_global_zero:
         report(run_dir, metrics)

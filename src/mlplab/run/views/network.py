@@ -9,6 +9,7 @@ import lightning as L
 import torch
 import yaml
 from lightning.pytorch import Callback
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
@@ -51,7 +52,8 @@ class WeightHistograms(Callback):
 
 
 class ModelDescription(Callback):
-    """The network's graph (Graphs tab) and, in the Text tab, its layers with parameter counts and the run's config.
+    """The network's graph (Graphs tab) and, in the Text tab, its layers with parameter counts and the run's config;
+    to W&B, the layers as a table (``run/architecture``).
 
     ``config`` is the run's resolved config (conf/callbacks/default.yaml fills it in). Written once, when a run
     starts; a resumed run has them already.
@@ -63,10 +65,15 @@ class ModelDescription(Callback):
     @override
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        writer = tensorboard_writer(trainer)
-        if writer is None or trainer.ckpt_path:
+        if trainer.ckpt_path:
             return
         network = pl_module.network
+        for logger in trainer.loggers:  # W&B: the layer table as a table of text
+            if isinstance(logger, WandbLogger):
+                logger.log_text("run/architecture", ARCHITECTURE_COLUMNS, architecture_rows(network), step=0)
+        writer = tensorboard_writer(trainer)
+        if writer is None:
+            return
         writer.add_text("run/architecture", architecture_markdown(network), 0)
         if self.config:
             # Indented four spaces: Markdown shows it as a code block, line breaks kept.
@@ -80,12 +87,21 @@ class ModelDescription(Callback):
                 writer.add_graph(network, example)
 
 
+ARCHITECTURE_COLUMNS = ["#", "layer", "parameters"]
+
+
+def architecture_rows(network: torch.nn.Module) -> list[list[str]]:
+    """The network's layers with their parameter counts, then its total: one row each, as text."""
+    rows = [[name, str(layer), f"{count_parameters(layer):,}"] for name, layer in network.named_children()]
+    return [*rows, ["", "total", f"{count_parameters(network):,}"]]
+
+
 def architecture_markdown(network: torch.nn.Module) -> str:
     """A Markdown table of the network's layers with their output sizes and parameter counts, then its total."""
+    *layers, (_, _, total) = architecture_rows(network)
     rows = ["| # | layer | parameters |", "|---|---|---:|"]
-    for name, layer in network.named_children():
-        rows.append(f"| {name} | `{layer}` | {count_parameters(layer):,} |")
-    rows.append(f"| | **total** | **{count_parameters(network):,}** |")
+    rows += [f"| {name} | `{layer}` | {parameters} |" for name, layer, parameters in layers]
+    rows.append(f"| | **total** | **{total}** |")
     return "\n".join(rows)
 
 
