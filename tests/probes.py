@@ -10,8 +10,10 @@ import threading
 import time
 from pathlib import Path
 
+import torch
 from hydra.experimental.callback import Callback as HydraCallback
 from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import Checkpoint
 
 
 class StopAfterOneStep(Callback):
@@ -104,6 +106,33 @@ class FailOnceWithOSError(Callback):
         if trainer.current_epoch == self.epoch and not os.path.exists(self.marker):
             open(self.marker, "w").close()
             raise OSError(28, "No space left on device")
+
+
+class KillAtEpochEnd(Checkpoint):
+    """The machine losing the run, once, right after epoch ``epoch`` (counting from 1) ended: its views drawn, its
+    metrics logged, its checkpoints handed to the background writer. A Checkpoint callback, listed after the run's
+    own, so that Lightning calls it after them. SIGKILL: nothing of the run's own runs after it. ``marker`` records
+    that it happened. ``written``: only once the background writer has put the epoch's last.ckpt on disk."""
+
+    def __init__(self, epoch: int, marker: str, written: bool = False):
+        self.epoch, self.marker, self.written = epoch, marker, written
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch + 1 != self.epoch or os.path.exists(self.marker):
+            return
+        last = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+        deadline = time.monotonic() + 60
+        while self.written and time.monotonic() < deadline and _saved_step(last) != trainer.global_step:
+            time.sleep(0.01)
+        open(self.marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _saved_step(checkpoint: Path) -> int | None:
+    try:
+        return torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"]
+    except (OSError, RuntimeError, EOFError, KeyError):
+        return None
 
 
 class RaiseAtStart(Callback):

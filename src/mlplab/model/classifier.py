@@ -158,11 +158,20 @@ class ImageClassifier(L.LightningModule):
         self.epoch_predictions[stage] = epoch
         metrics["loss"].update(torch.stack(losses), weight=sizes)
         metrics["acc"].update(epoch.classes, epoch.labels)
-        for name, metric in metrics.items():
-            # compute() combines every rank's state; logged as a number, Lightning does not sum it again
-            self.log(f"{stage}/{name}", metric.compute().item())
+        # compute() combines every rank's state; logged as a number, Lightning does not sum it again
+        values = {f"{stage}/{name}": metric.compute().item() for name, metric in metrics.items()}
+        for metric in metrics.values():
             metric.reset()
         outputs.clear()
+        # Lightning sends an epoch's training metrics to the loggers after the epoch's checkpoint is written: a run
+        # killed between the two would resume after the epoch without them. So they reach the loggers here, before
+        # it, at the step and with the epoch Lightning would log them at.
+        now = stage == "train" and bool(self.loggers)
+        for key, value in values.items():
+            self.log(key, value, **({"logger": False} if now else {}))  # still for callbacks and the progress line
+        for logger in self.loggers if now else []:
+            logger.log_metrics({**values, "epoch": self.current_epoch}, step=self.global_step - 1)
+            logger.save()
 
     @override
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:

@@ -227,6 +227,7 @@ class JobRecords(Callback):
     def _log(self, index: int, row: dict[str, float], trainer: L.Trainer) -> None:
         for logger in self.loggers[index]:  # at the step and with the epoch Lightning gives a run's epoch metrics
             logger.log_metrics({**row, "epoch": trainer.current_epoch}, step=trainer.global_step - 1)
+            logger.save()  # on disk before the epoch's checkpoint, as a single run's (ImageClassifier._log_epoch)
 
     @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: StackedClassifier, checkpoint: dict[str, Any]) -> None:
