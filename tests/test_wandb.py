@@ -165,6 +165,25 @@ def test_a_sweeps_jobs_are_wandb_runs_in_one_group_named_after_the_sweep(
 
 
 @pytest.mark.slow
+def test_the_jobs_of_a_stack_that_failed_start_over_as_new_wandb_runs(wandb_installed, synthetic_data_dir, tmp_path):
+    args = ["-m", *SMALL, "logger=wandb", "model.width=4,8", "sweep=widths", "hydra/launcher=stacked"]
+    args += ["trainer.max_epochs=2", "+hydra.callbacks.break_stacks._target_=probes.BreakStacks"]
+    result = train(args, tmp_path, synthetic_data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "its jobs run one by one" in result.stdout + result.stderr
+    jobs = [path for path in (tmp_path / "outputs" / "sweeps" / "widths").iterdir() if path.is_dir()]
+    recorded = {json.loads((job / RECORD_FILE).read_text())["id"] for job in jobs if not job.name.startswith(".")}
+    runs = wandb_runs(tmp_path)
+    assert len(recorded) == 2 and len(runs) == 4 and recorded <= runs.keys()
+    for run_id, (part,) in runs.items():
+        if run_id in recorded:  # each job on its own, from its start: every epoch, completed
+            assert [row["epoch"] for row in part.epochs()] == [1, 2]
+            assert part.summary["status"] == "completed" and part.exit_code == 0
+        else:  # the stack's attempt, ended as failed rather than left open for the job's second attempt
+            assert part.epochs() == [] and part.summary["status"] == "failed" and part.exit_code == 1
+
+
+@pytest.mark.slow
 def test_a_searchs_trials_are_wandb_runs_with_their_trial_number_and_seed_in_their_config(
     wandb_installed, synthetic_data_dir, tmp_path
 ):

@@ -96,6 +96,7 @@ class RunRequest:
     experiment: str | None  # a sweep job's: the sweep's name
     command: list[str]  # what provenance.json records: the command typed, or for a sweep job the run it is
     config_dirs: list[str]  # the user's own (--config-dir), which the ranks of a data-parallel run need too
+    logger_given: bool = False  # whether ``logger`` went to an attempt already (logger_for)
 
     @classmethod
     def of(cls, cfg: DictConfig, hydra_config: DictConfig, run_dir: Path) -> RunRequest:
@@ -192,10 +193,12 @@ class RunRequest:
 
     def logger_for(self, resume_from: Path | None) -> Any:
         """The run's logger(s) for an attempt from ``resume_from``: a sweep job learns where it resumes from (the
-        logger's purge step) only once it holds the job."""
+        logger's purge step) only once it holds the job. Those built with the request serve its first attempt
+        only: a stacked job whose stack failed starts over with loggers of its own (a new W&B run)."""
         from mlplab.cli.instantiate import build_logger
 
-        if resume_from == self.resume_from:
+        if resume_from == self.resume_from and not self.logger_given:
+            self.logger_given = True
             return self.logger
         return build_logger(self.cfg.logger, self.run_dir, resume_from, self.experiment, self.cfg.get("trial"))
 

@@ -116,6 +116,8 @@ class ImageClassifier(L.LightningModule):
         self._epoch_outputs: dict[str, list[tuple[Tensor, ...]]] = {stage: [] for stage in STAGES}
         # Per stage, the last finished epoch's predictions, for the views that inspect them (mlplab.run.views).
         self.epoch_predictions: dict[str, EpochPredictions] = {}
+        # What callbacks add to this epoch's row of training metrics (the LearningRate view: train/lr).
+        self.train_row: dict[str, float] = {}
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict[str, Any]) -> ImageClassifier:
@@ -163,6 +165,9 @@ class ImageClassifier(L.LightningModule):
         for metric in metrics.values():
             metric.reset()
         outputs.clear()
+        if stage == "train":
+            values |= self.train_row
+            self.train_row = {}
         # Lightning sends an epoch's training metrics to the loggers after the epoch's checkpoint is written: a run
         # killed between the two would resume after the epoch without them. So they reach the loggers here, before
         # it, at the step and with the epoch Lightning would log them at.

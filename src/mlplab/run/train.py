@@ -161,7 +161,7 @@ def train(
             write_metrics(run_dir, metrics)
             if metrics["status"] != "interrupted":  # an interrupted run gets its HParams row when it finishes
                 log_hparams(trainer.loggers, hparams or {}, metrics, trainer.global_step)
-        end_wandb_runs(trainer.loggers, metrics["status"])  # those log_hparams did not end: an interrupted run's
+        end_wandb_runs(trainer.loggers, metrics["status"])  # W&B's run ends with the run's last record
         end_ranks(trainer)
     if trainer.is_global_zero:
         report(run_dir, metrics)

@@ -52,24 +52,24 @@ class StepRowsWandbLogger(WandbLogger):
         kwargs.setdefault("reinit", "create_new")
         super().__init__(**kwargs)  # offline left False: Lightning's would set WANDB_MODE for the whole process
         self._run_dir = Path(run_dir) if run_dir else None
-        self._run: Any = None  # the W&B run, once started
         self._row: int | None = None  # the step of the history row being written
-        self._ended = False
+        self._started = self._ended = False  # whether the W&B run started, and ended
 
     @property
     @override
     @rank_zero_experiment
     def experiment(self) -> Any:
-        if self._run is None:
-            if self.save_dir:
-                Path(self.save_dir).mkdir(parents=True, exist_ok=True)
-            self._run = super().experiment
-            if self._run_dir is not None:
-                run = self._run
-                record = {"id": run.id, "project": run.project, "entity": run.entity, "dir": str(self.save_dir)}
-                record |= {"group": run.group, "job_type": run.job_type}
-                write_text_atomically(self._run_dir / RECORD_FILE, json.dumps(record, indent=1) + "\n")
-        return self._run
+        if self._started:
+            return super().experiment
+        if self.save_dir:
+            Path(self.save_dir).mkdir(parents=True, exist_ok=True)
+        run = super().experiment
+        self._started = True
+        if self._run_dir is not None:
+            record = {"id": run.id, "project": run.project, "entity": run.entity, "dir": str(self.save_dir)}
+            record |= {"group": run.group, "job_type": run.job_type}
+            write_text_atomically(self._run_dir / RECORD_FILE, json.dumps(record, indent=1) + "\n")
+        return run
 
     @override
     @rank_zero_only
@@ -97,11 +97,11 @@ class StepRowsWandbLogger(WandbLogger):
     @rank_zero_only
     def end(self, status: str) -> None:
         """End the W&B run, if it started: mlplab's ``status`` in its summary, failed unless completed or pruned."""
-        if self._run is None or self._ended:
+        if not self._started or self._ended:
             return
         self._ended = True
-        self._run.summary["status"] = status
-        self._run.finish(exit_code=0 if status in ENDED_WELL else 1)
+        self.experiment.summary["status"] = status
+        self.experiment.finish(exit_code=0 if status in ENDED_WELL else 1)
 
 
 class RunWandbLogger(EpochsFromOne, StepRowsWandbLogger):

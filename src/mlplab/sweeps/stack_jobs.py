@@ -33,6 +33,7 @@ from mlplab.run.train import finished_metrics, report, status_of
 from mlplab.run.trainer import build_trainer
 from mlplab.run.views.hparams import log_hparams
 from mlplab.run.views.network import LearningRate
+from mlplab.run.wandb_tracker import end_wandb_runs
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ class JobRecords(Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: StackedClassifier) -> None:
         for history in self.histories:
             history.on_train_epoch_start(trainer, pl_module)
-        # The LearningRate view logs a scheduled run's rate at each epoch's start, with the epoch's train metrics.
+        # A scheduled run's rate as the epoch starts, logged with the epoch's train metrics (LearningRate's, alone).
         self.epoch_lr = {
             index: pl_module.schedules[index]["scheduler"].optimizer.param_groups[0]["lr"]
             for index in self.alive(pl_module)
@@ -294,6 +295,7 @@ class JobRecords(Callback):
         metrics = {**self._started(index, trainer), **self._record(index, trainer), **how}
         write_metrics(job.run_dir, metrics)
         log_hparams(self.loggers[index], job.hparams, metrics, trainer.global_step)
+        end_wandb_runs(self.loggers[index], metrics["status"])
 
     def _record(self, index: int, trainer: L.Trainer) -> dict[str, Any]:
         best = next(
@@ -325,6 +327,7 @@ class JobRecords(Callback):
                         job.run_dir,
                         {**self._started(index, trainer), **self._record(index, trainer), "status": status, **how},
                     )
+                end_wandb_runs(self.loggers[index], status)  # resumed, the run goes on; started over, a new one
 
     def finish(self, trainer: L.Trainer) -> list[dict[str, Any]]:
         """Test each job's best checkpoint, as its single run does but all in one stacked pass over the test split,
@@ -361,6 +364,7 @@ class JobRecords(Callback):
             metrics[index] |= {**row, "status": "completed"}
             write_metrics(self.jobs[index].run_dir, metrics[index])
             log_hparams(self.loggers[index], self.jobs[index].hparams, metrics[index], trainer.global_step)
+            end_wandb_runs(self.loggers[index], "completed")
             for logger in self.loggers[index]:
                 logger.finalize("success")
             report(self.jobs[index].run_dir, metrics[index])

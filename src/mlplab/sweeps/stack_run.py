@@ -157,7 +157,7 @@ def _described(error: BaseException) -> str:
 
 def train_stack(jobs: Sequence[StackedJob], group_dir: Path, resume_from: Path | None = None) -> list[dict[str, Any]]:
     """Train ``jobs`` (jobs that may stack: mlplab.sweeps.stack_plan) as one stack, then test each job's best
-    checkpoint on its own; writes each job's records and returns each job's metrics.json content."""
+    checkpoint, all in one stacked pass; writes each job's records and returns each job's metrics.json content."""
     first = jobs[0].config
     orders = batch_orders_of(read_checkpoint(resume_from) if resume_from else None)  # as the stack started
     datamodule = StackedDataModule(first.data, first.data_dir, [job.config.seed for job in jobs], orders)

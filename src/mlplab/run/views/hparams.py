@@ -96,11 +96,9 @@ def log_hparams(loggers: list[Any], hparams: dict[str, Any], metrics: dict[str, 
     Lightning's ``log_hyperparams`` would log the metrics at step 0 under their curve's own tag; torch's
     ``SummaryWriter.add_hparams`` would make a timestamped sub-run. Neither is what a sweep table needs. This is
     what ``add_hparams`` writes, into an event file of the run's own directory, which TensorBoard reads as part of it.
-    W&B's run gets the final metrics in its summary too (the last value of each), with the status, and ends.
+    W&B's run gets the final metrics in its summary too (the last value of each).
     """
     from lightning.pytorch.loggers import TensorBoardLogger
-
-    from mlplab.run.wandb_tracker import end_wandb_runs
 
     finals = {tag: float(metrics[key]) for key, tag in FINAL_METRICS.items() if key in metrics}
     for logger in loggers:
@@ -108,7 +106,6 @@ def log_hparams(loggers: list[Any], hparams: dict[str, Any], metrics: dict[str, 
             _write_session(logger, hparams, metrics, finals, step)
         elif finals:
             logger.log_metrics(finals, step)
-    end_wandb_runs(loggers, metrics.get("status", ""))  # the run's last record: its W&B run ends with it
 
 
 def _write_session(

@@ -106,18 +106,11 @@ def architecture_markdown(network: torch.nn.Module) -> str:
 
 
 class LearningRate(Callback):
-    """``train/lr``, the learning rate of each epoch, when a schedule changes it: logged with the epoch's training
-    metrics, at their step, before the epoch's checkpoint is written (as they are: ImageClassifier._log_epoch)."""
-
-    def __init__(self) -> None:
-        self.rate: float | None = None
+    """``train/lr``, the learning rate of each epoch, when a schedule changes it: read as the epoch starts, logged in
+    the epoch's row of training metrics (ImageClassifier.train_row)."""
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Read as the epoch starts: the schedule may step before the epoch's end.
-        self.rate = trainer.optimizers[0].param_groups[0]["lr"] if trainer.lr_scheduler_configs else None
-
-    @override
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        for logger in trainer.loggers if self.rate is not None else []:
-            logger.log_metrics({"train/lr": self.rate}, step=trainer.global_step - 1)
+        if trainer.lr_scheduler_configs:
+            pl_module.train_row["train/lr"] = trainer.optimizers[0].param_groups[0]["lr"]
